@@ -1,0 +1,1 @@
+//! The control plane (arrives with the control-plane issue).

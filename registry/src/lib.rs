@@ -1,0 +1,1 @@
+//! The OCI registry (arrives with the registry issue).

@@ -1,0 +1,405 @@
+//! One task in one sandbox: a fresh `Store` with its own WASI context that
+//! grants only what the [`TaskSpec`] grants, a memory limiter, a fuel
+//! budget and a wall-clock deadline; then the run, and the mapping of how
+//! it ended to an [`Outcome`].
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::artifact::{Artifact, Prepared};
+use crate::limits::{Limits, MemoryLimiter};
+use crate::logs::{LogBuffer, LogStream, Stream};
+use crate::outcome::{Outcome, StopCode};
+
+/// A host directory made visible to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirGrant {
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// Where the guest sees it (an absolute guest path such as `/data`).
+    pub guest: String,
+    /// Whether the guest may only read.
+    pub read_only: bool,
+}
+
+impl DirGrant {
+    /// Parses the CLI form `HOST[:GUEST][:ro]`; the guest path defaults to
+    /// the host path, as in `wasmtime run --dir`.
+    pub fn parse(text: &str) -> crate::Result<DirGrant> {
+        let (rest, read_only) = match text.strip_suffix(":ro") {
+            Some(rest) => (rest, true),
+            None => (text, false),
+        };
+        let (host, guest) = match rest.split_once(':') {
+            Some((host, guest)) => (host, guest),
+            None => (rest, rest),
+        };
+        if host.is_empty() || guest.is_empty() {
+            return Err(crate::Error::InvalidInput(format!(
+                "invalid directory grant {text:?}: expected HOST[:GUEST][:ro]"
+            )));
+        }
+        Ok(DirGrant {
+            host: host.into(),
+            guest: guest.into(),
+            read_only,
+        })
+    }
+}
+
+/// Where the guest's standard streams go.
+#[derive(Debug, Clone)]
+pub enum Stdio {
+    /// Into a bounded, followable [`LogBuffer`]; stdin is empty.
+    Capture(Arc<LogBuffer>),
+    /// The host process's own stdin, stdout and stderr (for `wharf run`).
+    Inherit,
+}
+
+/// Everything a task is granted and limited to. Nothing else reaches the
+/// guest: no environment, no files, no network.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// `argv[0]` as the guest sees it.
+    pub program: String,
+    /// Arguments after `argv[0]`.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+    /// Pre-opened directories.
+    pub dirs: Vec<DirGrant>,
+    /// Fuel, memory and time limits.
+    pub limits: Limits,
+    /// Where output goes.
+    pub stdio: Stdio,
+}
+
+impl TaskSpec {
+    /// A spec that grants nothing and captures output into `logs`.
+    pub fn new(logs: Arc<LogBuffer>) -> Self {
+        TaskSpec {
+            program: "main.wasm".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            dirs: Vec::new(),
+            limits: Limits::default(),
+            stdio: Stdio::Capture(logs),
+        }
+    }
+}
+
+/// Asks a task to stop; the task ends with `UserStopped` (or another stop
+/// code its owner chooses, such as `ScaledDown`).
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    stopped: AtomicBool,
+    notify: Notify,
+}
+
+impl StopSignal {
+    /// A signal that has not fired.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Fires the signal. Idempotent.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Whether [`stop`](Self::stop) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the signal fires.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_stopped() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub(crate) struct P1State {
+    pub(crate) wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+}
+
+pub(crate) struct P2State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+}
+
+impl WasiView for P2State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+trait HasLimiter: Send + 'static {
+    fn limiter(&mut self) -> &mut MemoryLimiter;
+}
+
+impl HasLimiter for P1State {
+    fn limiter(&mut self) -> &mut MemoryLimiter {
+        &mut self.limiter
+    }
+}
+
+impl HasLimiter for P2State {
+    fn limiter(&mut self) -> &mut MemoryLimiter {
+        &mut self.limiter
+    }
+}
+
+fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
+    let mut b = WasiCtxBuilder::new();
+    b.arg(&spec.program).args(&spec.args).envs(&spec.env);
+    // Closed by default: no network, even if a later WASI default changes.
+    b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    for dir in &spec.dirs {
+        let perms = if dir.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        b.preopened_dir(&dir.host, &dir.guest, perms)
+            .map_err(|e| format!("cannot grant directory {}: {e:#}", dir.host.display()))?;
+    }
+    match &spec.stdio {
+        Stdio::Capture(logs) => {
+            b.stdout(LogStream::new(logs.clone(), Stream::Stdout));
+            b.stderr(LogStream::new(logs.clone(), Stream::Stderr));
+        }
+        Stdio::Inherit => {
+            b.inherit_stdio();
+        }
+    }
+    Ok(b)
+}
+
+fn new_store<T: HasLimiter>(engine: &Engine, state: T, fuel: Option<u64>) -> Store<T> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| s.limiter());
+    if engine.get_consume_fuel() {
+        store
+            .set_fuel(fuel.unwrap_or(u64::MAX))
+            .expect("fuel is enabled on this engine");
+    }
+    // A busy guest yields to the scheduler at every epoch tick, which is
+    // where a timeout or stop (raced against the run below) takes effect.
+    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    store.set_epoch_deadline(1);
+    store
+}
+
+/// How the supervised run ended.
+enum Ended<T> {
+    Finished(T),
+    TimedOut,
+    Stopped,
+}
+
+async fn supervise<F: Future>(run: F, timeout: Option<Duration>, stop: &StopSignal) -> Ended<F::Output> {
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        result = run => Ended::Finished(result),
+        () = stop.wait() => Ended::Stopped,
+        () = deadline => Ended::TimedOut,
+    }
+}
+
+/// A failure, and whether guest code had started running.
+enum Failure {
+    Start(wasmtime::Error),
+    Run(wasmtime::Error),
+}
+
+/// Runs one task to its end. Never panics on guest behaviour; every way a
+/// task can end is an [`Outcome`].
+pub(crate) async fn run(
+    engine: &Engine,
+    max_memory: u64,
+    artifact: &Artifact,
+    spec: &TaskSpec,
+    stop: &StopSignal,
+) -> Outcome {
+    let memory_limit = match spec.limits.memory {
+        Some(m) if m > max_memory => {
+            return Outcome::not_started(
+                StopCode::FailedToStart,
+                format!("memory limit of {m} bytes exceeds this node's maximum of {max_memory} bytes"),
+            );
+        }
+        Some(m) => m,
+        None => max_memory,
+    };
+    let builder = match wasi_builder(spec) {
+        Ok(b) => b,
+        Err(message) => return Outcome::not_started(StopCode::FailedToStart, message),
+    };
+    let started = Instant::now();
+    let limiter = MemoryLimiter::new(memory_limit);
+    let fuel = spec.limits.fuel;
+    match &artifact.prepared {
+        Prepared::P1(pre) => {
+            let mut builder = builder;
+            let state = P1State {
+                wasi: builder.build_p1(),
+                limiter,
+            };
+            let mut store = new_store(engine, state, fuel);
+            let ended = supervise(
+                async {
+                    let instance = pre.instantiate_async(&mut store).await.map_err(Failure::Start)?;
+                    let start = instance
+                        .get_typed_func::<(), ()>(&mut store, "_start")
+                        .map_err(Failure::Start)?;
+                    start.call_async(&mut store, ()).await.map_err(Failure::Run)
+                },
+                spec.limits.timeout,
+                stop,
+            )
+            .await;
+            let limiter = &store.data().limiter;
+            let (peak, denied) = (limiter.peak(), limiter.denied());
+            finish(ended, &store, fuel, peak, denied, started, spec.limits.timeout)
+        }
+        Prepared::P2(pre) => {
+            let mut builder = builder;
+            let state = P2State {
+                wasi: builder.build(),
+                table: ResourceTable::new(),
+                limiter,
+            };
+            let mut store = new_store(engine, state, fuel);
+            let ended = supervise(
+                async {
+                    let command = pre.instantiate_async(&mut store).await.map_err(Failure::Start)?;
+                    match command.wasi_cli_run().call_run(&mut store).await {
+                        Ok(Ok(())) => Ok(()),
+                        // `run` returning `err` is how a component says
+                        // "exit code 1" without the exit interface.
+                        Ok(Err(())) => Err(Failure::Run(I32Exit(1).into())),
+                        Err(e) => Err(Failure::Run(e)),
+                    }
+                },
+                spec.limits.timeout,
+                stop,
+            )
+            .await;
+            let limiter = &store.data().limiter;
+            let (peak, denied) = (limiter.peak(), limiter.denied());
+            finish(ended, &store, fuel, peak, denied, started, spec.limits.timeout)
+        }
+    }
+}
+
+fn finish<T>(
+    ended: Ended<Result<(), Failure>>,
+    store: &Store<T>,
+    fuel: Option<u64>,
+    peak_memory_bytes: u64,
+    memory_denied: bool,
+    started: Instant,
+    timeout: Option<Duration>,
+) -> Outcome {
+    let duration_ms = started.elapsed().as_secs_f64() * 1_000.0;
+    let fuel_consumed = match store.get_fuel() {
+        Ok(left) => fuel.unwrap_or(u64::MAX) - left,
+        Err(_) => 0,
+    };
+    let (stop_code, exit_code, message) = match ended {
+        Ended::Finished(Ok(())) => (StopCode::Completed, Some(0), String::new()),
+        Ended::Finished(Err(failure)) => classify(failure, memory_denied),
+        Ended::TimedOut => (
+            StopCode::Timeout,
+            None,
+            format!("stopped after the {} timeout", human_duration(timeout.unwrap_or_default())),
+        ),
+        Ended::Stopped => (StopCode::UserStopped, None, "stopped on request".into()),
+    };
+    Outcome {
+        stop_code,
+        exit_code,
+        fuel_consumed,
+        duration_ms,
+        peak_memory_bytes,
+        message,
+    }
+}
+
+fn human_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+const MEMORY_DENIED: &str = "a memory grow was denied: the task reached its memory limit";
+
+/// Maps an error to a stop code by its type, never by its message.
+fn classify(failure: Failure, memory_denied: bool) -> (StopCode, Option<i32>, String) {
+    let (error, started) = match failure {
+        Failure::Start(e) => (e, false),
+        Failure::Run(e) => (e, true),
+    };
+    if let Some(I32Exit(code)) = error.downcast_ref::<I32Exit>() {
+        return match (*code, memory_denied) {
+            (0, _) => (StopCode::Completed, Some(0), String::new()),
+            (code, true) => (StopCode::MemoryLimit, Some(code), format!("{MEMORY_DENIED}; then it exited with code {code}")),
+            (code, false) => (StopCode::NonZeroExit, Some(code), format!("exited with code {code}")),
+        };
+    }
+    let trap = error.downcast_ref::<Trap>().copied();
+    if memory_denied {
+        let then = match trap {
+            Some(t) => format!("; then it stopped with {t}"),
+            None => String::new(),
+        };
+        return (StopCode::MemoryLimit, None, format!("{MEMORY_DENIED}{then}"));
+    }
+    match trap {
+        Some(Trap::OutOfFuel) => (StopCode::OutOfFuel, None, "the task used up its fuel budget".into()),
+        Some(Trap::Interrupt) => (StopCode::Timeout, None, "interrupted".into()),
+        Some(trap) => {
+            let place = error
+                .downcast_ref::<wasmtime::WasmBacktrace>()
+                .and_then(|bt| bt.frames().first().and_then(|f| f.func_name().map(str::to_owned)));
+            let message = match place {
+                Some(func) => format!("{trap} (in function `{func}`)"),
+                None => trap.to_string(),
+            };
+            (StopCode::Trap, None, message)
+        }
+        None if !started => (StopCode::FailedToStart, None, format!("cannot instantiate: {error:#}")),
+        None => (StopCode::Trap, None, format!("host error: {error:#}")),
+    }
+}

@@ -1,0 +1,54 @@
+//! The `wharf` binary: parses the command line, installs the tracing
+//! subscriber, reads the environment, and hands validated values to the
+//! library crates. No logic of its own beyond that.
+
+mod paths;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Amazon ECR + ECS for WebAssembly, in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "wharf", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a Wasm module or component once, locally, in a limited sandbox
+    /// (like `wasmtime run`).
+    Run(run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::main(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("wharf: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Logs go to stderr, at `warn` unless `WHARF_LOG` (or `RUST_LOG`) says
+/// otherwise, so a guest's own output stays clean.
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("WHARF_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,183 @@
+//! `wharf run`: one task, locally, with the limits Wharf tasks have
+//! everywhere; stdio passes through and the process exits with the guest's
+//! exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use wharf_runtime::{
+    DirGrant, Limits, Outcome, Runtime, RuntimeConfig, Stdio, StopCode, StopSignal, TaskSpec,
+};
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Fuel budget (about one unit per Wasm instruction); default unlimited.
+    #[arg(long, value_parser = parse_fuel)]
+    fuel: Option<u64>,
+    /// Memory limit over all the guest's memories, e.g. 64MiB or 1GiB;
+    /// default 1GiB.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Wall-clock limit, e.g. 500ms, 5s, 2m; default none.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Environment variable for the guest: K=V, or K to pass the host's
+    /// value. The guest sees no others.
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Directory for the guest: HOST[:GUEST][:ro]. The guest sees no others.
+    #[arg(long = "dir", value_name = "HOST[:GUEST][:ro]", value_parser = parse_dir)]
+    dirs: Vec<DirGrant>,
+    /// Print a one-line summary to stderr when the task ends.
+    #[arg(long)]
+    stats: bool,
+    /// Write the outcome as one JSON object to FILE.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Data directory (compile cache).
+    #[arg(long, env = "WHARF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The .wasm (or .wat) file to run.
+    file: PathBuf,
+    /// Arguments for the guest (after `--`).
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+fn parse_fuel(text: &str) -> Result<u64, String> {
+    text.replace('_', "")
+        .parse()
+        .map_err(|_| format!("invalid fuel {text:?}: expected a whole number"))
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    wharf_runtime::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    wharf_runtime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn parse_dir(text: &str) -> Result<DirGrant, String> {
+    DirGrant::parse(text).map_err(|e| e.to_string())
+}
+
+/// What `wharf run` exits with when the guest did not choose an exit code.
+fn exit_status(outcome: &Outcome) -> u8 {
+    match outcome.stop_code {
+        StopCode::Completed => 0,
+        StopCode::NonZeroExit => match outcome.exit_code {
+            Some(code @ 1..=255) => code as u8,
+            _ => 1,
+        },
+        // The conventions of `timeout(1)`, shells and `wasmtime run`.
+        StopCode::Timeout => 124,
+        StopCode::FailedToStart => 126,
+        StopCode::UserStopped | StopCode::ScaledDown | StopCode::NodeLost => 130,
+        StopCode::OutOfFuel | StopCode::MemoryLimit | StopCode::Trap => 134,
+    }
+}
+
+pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
+    let env = args
+        .env
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => std::env::var(kv)
+                .map(|v| (kv.clone(), v))
+                .with_context(|| format!("--env {kv}: the host has no variable {kv} to pass")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
+    let config = RuntimeConfig {
+        // One task: a small pool, sized for the memory asked for.
+        max_instances: 2,
+        max_task_memory: args.memory.unwrap_or(0).max(RuntimeConfig::default().max_task_memory),
+        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
+        ..RuntimeConfig::default()
+    };
+    let program = args
+        .file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "main.wasm".into());
+    let spec = TaskSpec {
+        program,
+        args: args.args.clone(),
+        env,
+        dirs: args.dirs.clone(),
+        limits: Limits {
+            fuel: args.fuel,
+            memory: args.memory,
+            timeout: args.timeout,
+        },
+        stdio: Stdio::Inherit,
+    };
+
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let runtime = Runtime::new(config).context("failed to start the wasm runtime")?;
+    let (outcome, source) = match runtime.load_file(&args.file) {
+        Ok(loaded) => {
+            let stop = StopSignal::new();
+            let outcome = tokio.block_on(async {
+                let ctrl_c = {
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        if tokio::signal::ctrl_c().await.is_ok() {
+                            stop.stop();
+                        }
+                    })
+                };
+                let outcome = runtime.run_with_stop(&loaded.artifact, &spec, &stop).await;
+                ctrl_c.abort();
+                outcome
+            });
+            (outcome, Some(loaded))
+        }
+        Err(error) => (Outcome::not_started(StopCode::FailedToStart, error.to_string()), None),
+    };
+
+    if !matches!(outcome.stop_code, StopCode::Completed | StopCode::NonZeroExit) {
+        eprintln!("wharf: {}: {}", outcome.stop_code, outcome.message);
+    }
+    if args.stats {
+        eprintln!(
+            "wharf: {} exit={} fuel={} duration={:.3}ms peak_memory={} artifact={}",
+            outcome.stop_code,
+            outcome.exit_code.map_or("-".into(), |c| c.to_string()),
+            outcome.fuel_consumed,
+            outcome.duration_ms,
+            outcome.peak_memory_bytes,
+            source.as_ref().map_or("-".into(), |l| serde_json::to_value(l.source).unwrap().as_str().unwrap_or("-").to_owned()),
+        );
+    }
+    if let Some(path) = &args.report {
+        let mut report = serde_json::to_value(&outcome).expect("outcome serializes");
+        if let Some(loaded) = &source {
+            report["digest"] = loaded.artifact.digest().into();
+            report["kind"] = serde_json::to_value(loaded.artifact.kind()).expect("kind serializes");
+            report["artifact_source"] = serde_json::to_value(loaded.source).expect("source serializes");
+        }
+        if let Some(rss) = host_max_rss_bytes() {
+            report["host_max_rss_bytes"] = rss.into();
+        }
+        std::fs::write(path, format!("{report}\n"))
+            .with_context(|| format!("failed to write the report to {}", path.display()))?;
+    }
+    Ok(ExitCode::from(exit_status(&outcome)))
+}
+
+/// The peak resident memory of this process (Linux `VmHWM`), so a report
+/// shows what running the guest cost the host.
+fn host_max_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

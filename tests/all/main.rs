@@ -1,0 +1,5 @@
+//! End-to-end tests of the `wharf` binary.
+
+mod run;
+mod samples;
+mod support;
