@@ -13,7 +13,8 @@ pub(crate) fn data_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(xdg).join("wharf"));
     }
-    let home = std::env::var_os("HOME").context("cannot find a data directory: set --data-dir, WHARF_DATA_DIR or HOME")?;
+    let home = std::env::var_os("HOME")
+        .context("cannot find a data directory: set --data-dir, WHARF_DATA_DIR or HOME")?;
     Ok(PathBuf::from(home).join(".local/share/wharf"))
 }
 

@@ -95,7 +95,10 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
     let config = RuntimeConfig {
         // One task: a small pool, sized for the memory asked for.
         max_instances: 2,
-        max_task_memory: args.memory.unwrap_or(0).max(RuntimeConfig::default().max_task_memory),
+        max_task_memory: args
+            .memory
+            .unwrap_or(0)
+            .max(RuntimeConfig::default().max_task_memory),
         cache_dir: Some(crate::paths::compile_cache(&data_dir)),
         ..RuntimeConfig::default()
     };
@@ -140,10 +143,16 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
             });
             (outcome, Some(loaded))
         }
-        Err(error) => (Outcome::not_started(StopCode::FailedToStart, error.to_string()), None),
+        Err(error) => (
+            Outcome::not_started(StopCode::FailedToStart, error.to_string()),
+            None,
+        ),
     };
 
-    if !matches!(outcome.stop_code, StopCode::Completed | StopCode::NonZeroExit) {
+    if !matches!(
+        outcome.stop_code,
+        StopCode::Completed | StopCode::NonZeroExit
+    ) {
         eprintln!("wharf: {}: {}", outcome.stop_code, outcome.message);
     }
     if args.stats {
@@ -154,7 +163,13 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
             outcome.fuel_consumed,
             outcome.duration_ms,
             outcome.peak_memory_bytes,
-            source.as_ref().map_or("-".into(), |l| serde_json::to_value(l.source).unwrap().as_str().unwrap_or("-").to_owned()),
+            source
+                .as_ref()
+                .map_or("-".into(), |l| serde_json::to_value(l.source)
+                    .unwrap()
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned()),
         );
     }
     if let Some(path) = &args.report {
@@ -162,7 +177,8 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         if let Some(loaded) = &source {
             report["digest"] = loaded.artifact.digest().into();
             report["kind"] = serde_json::to_value(loaded.artifact.kind()).expect("kind serializes");
-            report["artifact_source"] = serde_json::to_value(loaded.source).expect("source serializes");
+            report["artifact_source"] =
+                serde_json::to_value(loaded.source).expect("source serializes");
         }
         if let Some(rss) = host_max_rss_bytes() {
             report["host_max_rss_bytes"] = rss.into();

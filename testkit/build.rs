@@ -12,7 +12,10 @@ fn main() {
     let target_dir = out_dir.join("samples-target");
 
     let names = sample_names(&samples);
-    println!("cargo:rerun-if-changed={}", samples.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        samples.join("Cargo.toml").display()
+    );
     println!("cargo:rerun-if-changed={}", samples.join("wat").display());
     for name in &names {
         println!("cargo:rerun-if-changed={}", samples.join(name).display());

@@ -112,20 +112,28 @@ pub(crate) fn load(
     }
     let binary = to_binary(bytes)?;
     let (prepared, source) = if wasmparser::Parser::is_component(&binary) {
-        let (component, source) = compile(cache, &digest, &binary, |b| Component::new(engine, b), |p| {
-            #[allow(unsafe_code)]
-            // SAFETY: the file is precompiled code that this module wrote
-            // (temporary file, fsync, rename) into Wharf's own cache
-            // directory under the engine's compatibility hash; wasmtime
-            // checks the header and engine settings again. Whoever can
-            // write there can already replace the Wharf binary.
-            unsafe {
-                Component::deserialize_file(engine, p)
-            }
-        }, Component::serialize)?;
-        let pre = linkers.p2.instantiate_pre(&component).map_err(|e| {
-            Error::Unsupported(format!("cannot link the component: {e:#}"))
-        })?;
+        let (component, source) = compile(
+            cache,
+            &digest,
+            &binary,
+            |b| Component::new(engine, b),
+            |p| {
+                #[allow(unsafe_code)]
+                // SAFETY: the file is precompiled code that this module wrote
+                // (temporary file, fsync, rename) into Wharf's own cache
+                // directory under the engine's compatibility hash; wasmtime
+                // checks the header and engine settings again. Whoever can
+                // write there can already replace the Wharf binary.
+                unsafe {
+                    Component::deserialize_file(engine, p)
+                }
+            },
+            Component::serialize,
+        )?;
+        let pre = linkers
+            .p2
+            .instantiate_pre(&component)
+            .map_err(|e| Error::Unsupported(format!("cannot link the component: {e:#}")))?;
         let command = CommandPre::new(pre).map_err(|e| {
             Error::Unsupported(format!(
                 "the component does not export wasi:cli/run, so it is not a command \
@@ -134,13 +142,20 @@ pub(crate) fn load(
         })?;
         (Prepared::P2(command), source)
     } else if wasmparser::Parser::is_core_wasm(&binary) {
-        let (module, source) = compile(cache, &digest, &binary, |b| Module::new(engine, b), |p| {
-            #[allow(unsafe_code)]
-            // SAFETY: as for components above: our own cache file.
-            unsafe {
-                Module::deserialize_file(engine, p)
-            }
-        }, Module::serialize)?;
+        let (module, source) = compile(
+            cache,
+            &digest,
+            &binary,
+            |b| Module::new(engine, b),
+            |p| {
+                #[allow(unsafe_code)]
+                // SAFETY: as for components above: our own cache file.
+                unsafe {
+                    Module::deserialize_file(engine, p)
+                }
+            },
+            Module::serialize,
+        )?;
         match module.get_export("_start") {
             Some(ExternType::Func(_)) => {}
             _ => {
@@ -194,12 +209,15 @@ fn compile<T>(
             }
         }
     }
-    let code = compile(binary).map_err(|e| Error::Invalid(format!("invalid WebAssembly: {e:#}")))?;
+    let code =
+        compile(binary).map_err(|e| Error::Invalid(format!("invalid WebAssembly: {e:#}")))?;
     cache.counters.compiled.fetch_add(1, Ordering::Relaxed);
     if path.is_some() {
         match serialize(&code) {
             Ok(bytes) => cache.store(digest, &bytes),
-            Err(error) => tracing::warn!(error = %format!("{error:#}"), "cannot serialize compiled artifact"),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "cannot serialize compiled artifact")
+            }
         }
     }
     Ok((code, ArtifactSource::Compiled))

@@ -122,8 +122,8 @@ pub(crate) fn build(config: &RuntimeConfig) -> Result<(Engine, Allocator)> {
             ),
         }
     }
-    let engine = Engine::new(&base_config(config))
-        .map_err(|e| crate::Error::Engine(format!("{e:#}")))?;
+    let engine =
+        Engine::new(&base_config(config)).map_err(|e| crate::Error::Engine(format!("{e:#}")))?;
     Ok((engine, Allocator::OnDemand))
 }
 

@@ -17,7 +17,7 @@ use crate::Runtime;
 use crate::artifact::Artifact;
 use crate::logs::LogBuffer;
 use crate::outcome::{Outcome, StopCode};
-use crate::sandbox::{StopSignal, Stdio, TaskSpec};
+use crate::sandbox::{Stdio, StopSignal, TaskSpec};
 
 /// Where a task is in its life on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,9 +166,12 @@ impl Executor {
             Stdio::Inherit => None,
         };
         let join = tokio::spawn({
-            let (this, stop, phase, logs) = (self.clone(), stop.clone(), phase.clone(), logs.clone());
+            let (this, stop, phase, logs) =
+                (self.clone(), stop.clone(), phase.clone(), logs.clone());
             async move {
-                let outcome = this.run_in_slot(&artifact, &spec, &stop, &phase, permit).await;
+                let outcome = this
+                    .run_in_slot(&artifact, &spec, &stop, &phase, permit)
+                    .await;
                 if let Some(logs) = logs {
                     logs.close();
                 }

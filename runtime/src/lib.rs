@@ -30,7 +30,9 @@ pub use cache::{ArtifactSource, CacheStats, digest};
 pub use engine::{Allocator, RuntimeConfig};
 pub use executor::{Busy, Executor, ExecutorStats, TaskHandle, TaskPhase};
 pub use limits::{Limits, parse_duration, parse_size};
-pub use logs::{DEFAULT_RETAINED_BYTES, LogBuffer, LogLine, LogPage, LogStream, MAX_LINE_BYTES, Stream};
+pub use logs::{
+    DEFAULT_RETAINED_BYTES, LogBuffer, LogLine, LogPage, LogStream, MAX_LINE_BYTES, Stream,
+};
 pub use outcome::{Outcome, StopCode};
 pub use sandbox::{DirGrant, Stdio, StopSignal, TaskSpec};
 
@@ -39,7 +41,9 @@ pub use sandbox::{DirGrant, Stdio, StopSignal, TaskSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The bytes are neither a Wasm binary nor Wasm text.
-    #[error("not a WebAssembly file: expected a module or component (the \\0asm magic number) or WebAssembly text")]
+    #[error(
+        "not a WebAssembly file: expected a module or component (the \\0asm magic number) or WebAssembly text"
+    )]
     NotWasm,
     /// Wasm that does not validate or compile (truncated, malformed, ...).
     #[error("{0}")]
@@ -138,11 +142,24 @@ impl Runtime {
 
     /// Runs one task to its end in a fresh sandbox.
     pub async fn run(&self, artifact: &Artifact, spec: &TaskSpec) -> Outcome {
-        self.run_with_stop(artifact, spec, &StopSignal::default()).await
+        self.run_with_stop(artifact, spec, &StopSignal::default())
+            .await
     }
 
     /// Runs one task; firing `stop` ends it with `UserStopped`.
-    pub async fn run_with_stop(&self, artifact: &Artifact, spec: &TaskSpec, stop: &StopSignal) -> Outcome {
-        sandbox::run(&self.engine, self.config.max_task_memory, artifact, spec, stop).await
+    pub async fn run_with_stop(
+        &self,
+        artifact: &Artifact,
+        spec: &TaskSpec,
+        stop: &StopSignal,
+    ) -> Outcome {
+        sandbox::run(
+            &self.engine,
+            self.config.max_task_memory,
+            artifact,
+            spec,
+            stop,
+        )
+        .await
     }
 }

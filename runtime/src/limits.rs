@@ -28,7 +28,11 @@ pub fn parse_size(text: &str) -> Result<u64> {
         .find(|c: char| !c.is_ascii_digit() && c != '_')
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let invalid = || Error::InvalidInput(format!("invalid size {text:?}: expected e.g. 64MiB, 1GiB or 1048576"));
+    let invalid = || {
+        Error::InvalidInput(format!(
+            "invalid size {text:?}: expected e.g. 64MiB, 1GiB or 1048576"
+        ))
+    };
     let number: u64 = digits.replace('_', "").parse().map_err(|_| invalid())?;
     let multiplier: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -54,7 +58,11 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let invalid = || Error::InvalidInput(format!("invalid duration {text:?}: expected e.g. 500ms, 5s or 2m"));
+    let invalid = || {
+        Error::InvalidInput(format!(
+            "invalid duration {text:?}: expected e.g. 500ms, 5s or 2m"
+        ))
+    };
     let value: f64 = number.parse().map_err(|_| invalid())?;
     let seconds = match unit {
         "ms" => value / 1_000.0,
@@ -136,7 +144,11 @@ mod tests {
     }
 
     fn duration(text: &str, expected: Option<Duration>) {
-        assert_eq!(parse_duration(text).ok(), expected, "parse_duration({text:?})");
+        assert_eq!(
+            parse_duration(text).ok(),
+            expected,
+            "parse_duration({text:?})"
+        );
     }
 
     #[test]

@@ -177,7 +177,9 @@ impl LogBuffer {
         let start = from.max(first);
         let skip = (start - first) as usize;
         let lines: Vec<LogLine> = inner.lines.iter().skip(skip).take(max).cloned().collect();
-        let next_seq = lines.last().map_or(start.min(inner.next_seq), |l| l.seq + 1);
+        let next_seq = lines
+            .last()
+            .map_or(start.min(inner.next_seq), |l| l.seq + 1);
         LogPage {
             missed: start.saturating_sub(from.min(start)),
             closed: inner.closed && next_seq >= inner.next_seq,
@@ -271,7 +273,11 @@ impl OutputStream for LogStream {
 }
 
 impl tokio::io::AsyncWrite for LogStream {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.buffer.write(self.stream, buf);
         Poll::Ready(Ok(buf.len()))
     }

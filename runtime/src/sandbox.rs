@@ -176,7 +176,9 @@ fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.arg(&spec.program).args(&spec.args).envs(&spec.env);
     // Closed by default: no network, even if a later WASI default changes.
-    b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+    b.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
     for dir in &spec.dirs {
         let perms = if dir.read_only {
             FsPerms::ReadOnly
@@ -220,7 +222,11 @@ enum Ended<T> {
     Stopped,
 }
 
-async fn supervise<F: Future>(run: F, timeout: Option<Duration>, stop: &StopSignal) -> Ended<F::Output> {
+async fn supervise<F: Future>(
+    run: F,
+    timeout: Option<Duration>,
+    stop: &StopSignal,
+) -> Ended<F::Output> {
     let deadline = async {
         match timeout {
             Some(t) => tokio::time::sleep(t).await,
@@ -254,7 +260,9 @@ pub(crate) async fn run(
         Some(m) if m > max_memory => {
             return Outcome::not_started(
                 StopCode::FailedToStart,
-                format!("memory limit of {m} bytes exceeds this node's maximum of {max_memory} bytes"),
+                format!(
+                    "memory limit of {m} bytes exceeds this node's maximum of {max_memory} bytes"
+                ),
             );
         }
         Some(m) => m,
@@ -277,7 +285,10 @@ pub(crate) async fn run(
             let mut store = new_store(engine, state, fuel);
             let ended = supervise(
                 async {
-                    let instance = pre.instantiate_async(&mut store).await.map_err(Failure::Start)?;
+                    let instance = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(Failure::Start)?;
                     let start = instance
                         .get_typed_func::<(), ()>(&mut store, "_start")
                         .map_err(Failure::Start)?;
@@ -289,7 +300,15 @@ pub(crate) async fn run(
             .await;
             let limiter = &store.data().limiter;
             let (peak, denied) = (limiter.peak(), limiter.denied());
-            finish(ended, &store, fuel, peak, denied, started, spec.limits.timeout)
+            finish(
+                ended,
+                &store,
+                fuel,
+                peak,
+                denied,
+                started,
+                spec.limits.timeout,
+            )
         }
         Prepared::P2(pre) => {
             let mut builder = builder;
@@ -301,7 +320,10 @@ pub(crate) async fn run(
             let mut store = new_store(engine, state, fuel);
             let ended = supervise(
                 async {
-                    let command = pre.instantiate_async(&mut store).await.map_err(Failure::Start)?;
+                    let command = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(Failure::Start)?;
                     match command.wasi_cli_run().call_run(&mut store).await {
                         Ok(Ok(())) => Ok(()),
                         // `run` returning `err` is how a component says
@@ -316,7 +338,15 @@ pub(crate) async fn run(
             .await;
             let limiter = &store.data().limiter;
             let (peak, denied) = (limiter.peak(), limiter.denied());
-            finish(ended, &store, fuel, peak, denied, started, spec.limits.timeout)
+            finish(
+                ended,
+                &store,
+                fuel,
+                peak,
+                denied,
+                started,
+                spec.limits.timeout,
+            )
         }
     }
 }
@@ -341,7 +371,10 @@ fn finish<T>(
         Ended::TimedOut => (
             StopCode::Timeout,
             None,
-            format!("stopped after the {} timeout", human_duration(timeout.unwrap_or_default())),
+            format!(
+                "stopped after the {} timeout",
+                human_duration(timeout.unwrap_or_default())
+            ),
         ),
         Ended::Stopped => (StopCode::UserStopped, None, "stopped on request".into()),
     };
@@ -374,8 +407,16 @@ fn classify(failure: Failure, memory_denied: bool) -> (StopCode, Option<i32>, St
     if let Some(I32Exit(code)) = error.downcast_ref::<I32Exit>() {
         return match (*code, memory_denied) {
             (0, _) => (StopCode::Completed, Some(0), String::new()),
-            (code, true) => (StopCode::MemoryLimit, Some(code), format!("{MEMORY_DENIED}; then it exited with code {code}")),
-            (code, false) => (StopCode::NonZeroExit, Some(code), format!("exited with code {code}")),
+            (code, true) => (
+                StopCode::MemoryLimit,
+                Some(code),
+                format!("{MEMORY_DENIED}; then it exited with code {code}"),
+            ),
+            (code, false) => (
+                StopCode::NonZeroExit,
+                Some(code),
+                format!("exited with code {code}"),
+            ),
         };
     }
     let trap = error.downcast_ref::<Trap>().copied();
@@ -384,22 +425,38 @@ fn classify(failure: Failure, memory_denied: bool) -> (StopCode, Option<i32>, St
             Some(t) => format!("; then it stopped with {t}"),
             None => String::new(),
         };
-        return (StopCode::MemoryLimit, None, format!("{MEMORY_DENIED}{then}"));
+        return (
+            StopCode::MemoryLimit,
+            None,
+            format!("{MEMORY_DENIED}{then}"),
+        );
     }
     match trap {
-        Some(Trap::OutOfFuel) => (StopCode::OutOfFuel, None, "the task used up its fuel budget".into()),
+        Some(Trap::OutOfFuel) => (
+            StopCode::OutOfFuel,
+            None,
+            "the task used up its fuel budget".into(),
+        ),
         Some(Trap::Interrupt) => (StopCode::Timeout, None, "interrupted".into()),
         Some(trap) => {
             let place = error
                 .downcast_ref::<wasmtime::WasmBacktrace>()
-                .and_then(|bt| bt.frames().first().and_then(|f| f.func_name().map(str::to_owned)));
+                .and_then(|bt| {
+                    bt.frames()
+                        .first()
+                        .and_then(|f| f.func_name().map(str::to_owned))
+                });
             let message = match place {
                 Some(func) => format!("{trap} (in function `{func}`)"),
                 None => trap.to_string(),
             };
             (StopCode::Trap, None, message)
         }
-        None if !started => (StopCode::FailedToStart, None, format!("cannot instantiate: {error:#}")),
+        None if !started => (
+            StopCode::FailedToStart,
+            None,
+            format!("cannot instantiate: {error:#}"),
+        ),
         None => (StopCode::Trap, None, format!("host error: {error:#}")),
     }
 }

@@ -81,7 +81,10 @@ fn second_run_uses_the_disk_compile_cache() {
         assert_eq!(first.report["artifact_source"], "compiled", "{first:#?}");
         let second = wharf.run(&[], &wasm("hello", target), &[]);
         second.assert("Completed", 0);
-        assert_eq!(second.report["artifact_source"], "disk_cache", "{second:#?}");
+        assert_eq!(
+            second.report["artifact_source"], "disk_cache",
+            "{second:#?}"
+        );
         assert_eq!(first.report["digest"], second.report["digest"]);
     }
 }
@@ -109,15 +112,33 @@ fn corrupt_cache_entries_are_recompiled() {
 fn stats_prints_one_summary_line() {
     let r = Wharf::new().run(&["--stats"], &wasm("hello", Target::P1), &[]);
     r.assert("Completed", 0);
-    let line = r.stderr.lines().find(|l| l.starts_with("wharf: Completed")).expect("stats line");
-    assert!(line.contains("exit=0") && line.contains("fuel=") && line.contains("peak_memory="), "{line}");
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("wharf: Completed"))
+        .expect("stats line");
+    assert!(
+        line.contains("exit=0") && line.contains("fuel=") && line.contains("peak_memory="),
+        "{line}"
+    );
 }
 
 #[test]
 fn report_has_the_contract_fields() {
     let r = Wharf::new().run(&[], &wasm("hello", Target::P2), &[]);
-    for field in ["stop_code", "exit_code", "fuel_consumed", "duration_ms", "peak_memory_bytes", "message"] {
-        assert!(r.report.get(field).is_some(), "missing {field} in {:#}", r.report);
+    for field in [
+        "stop_code",
+        "exit_code",
+        "fuel_consumed",
+        "duration_ms",
+        "peak_memory_bytes",
+        "message",
+    ] {
+        assert!(
+            r.report.get(field).is_some(),
+            "missing {field} in {:#}",
+            r.report
+        );
     }
 }
 
@@ -129,7 +150,10 @@ fn bad_flags_are_rejected_by_name() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--memory") && stderr.contains("invalid size"), "{stderr}");
+    assert!(
+        stderr.contains("--memory") && stderr.contains("invalid size"),
+        "{stderr}"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

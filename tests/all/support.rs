@@ -19,7 +19,9 @@ pub(crate) struct RunResult {
 
 impl RunResult {
     pub(crate) fn stop_code(&self) -> &str {
-        self.report["stop_code"].as_str().unwrap_or_else(|| panic!("no stop code in {self:#?}"))
+        self.report["stop_code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no stop code in {self:#?}"))
     }
 
     pub(crate) fn message(&self) -> &str {
@@ -27,7 +29,11 @@ impl RunResult {
     }
 
     pub(crate) fn assert(&self, stop_code: &str, status: i32) -> &Self {
-        assert_eq!((self.stop_code(), self.status), (stop_code, status), "{self:#?}");
+        assert_eq!(
+            (self.stop_code(), self.status),
+            (stop_code, status),
+            "{self:#?}"
+        );
         self
     }
 }
@@ -49,7 +55,10 @@ impl Wharf {
     }
 
     fn command(&self, flags: &[&str], file: &Path, args: &[&str]) -> (Command, PathBuf) {
-        let report = self.dir.path().join(format!("report-{}.json", rand_suffix()));
+        let report = self
+            .dir
+            .path()
+            .join(format!("report-{}.json", rand_suffix()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
         cmd.arg("run")
             .arg("--data-dir")
@@ -67,7 +76,13 @@ impl Wharf {
     }
 
     /// `wharf run FLAGS FILE -- ARGS` with stdin from `stdin`.
-    pub(crate) fn run_with_stdin(&self, flags: &[&str], file: &Path, args: &[&str], stdin: &[u8]) -> RunResult {
+    pub(crate) fn run_with_stdin(
+        &self,
+        flags: &[&str],
+        file: &Path,
+        args: &[&str],
+        stdin: &[u8],
+    ) -> RunResult {
         let (mut cmd, report) = self.command(flags, file, args);
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -86,7 +101,12 @@ impl Wharf {
 
     /// Like [`run`](Self::run) but stdin stays open (and silent) until the
     /// process exits.
-    pub(crate) fn run_with_open_stdin(&self, flags: &[&str], file: &Path, args: &[&str]) -> RunResult {
+    pub(crate) fn run_with_open_stdin(
+        &self,
+        flags: &[&str],
+        file: &Path,
+        args: &[&str],
+    ) -> RunResult {
         let (mut cmd, report) = self.command(flags, file, args);
         let mut child = cmd
             .stdin(Stdio::piped())

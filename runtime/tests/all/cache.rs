@@ -20,8 +20,19 @@ fn second_runtime_loads_precompiled_code_from_disk() {
         let bytes = wasm_bytes("hello", target);
         let first = with_disk(dir.path());
         assert_eq!(first.load(&bytes).unwrap().source, ArtifactSource::Compiled);
-        assert_eq!(first.load(&bytes).unwrap().source, ArtifactSource::MemoryCache);
-        assert_eq!(first.cache_stats(), CacheStats { compiled: 1, disk_hits: 0, memory_hits: 1, disk_errors: 0 });
+        assert_eq!(
+            first.load(&bytes).unwrap().source,
+            ArtifactSource::MemoryCache
+        );
+        assert_eq!(
+            first.cache_stats(),
+            CacheStats {
+                compiled: 1,
+                disk_hits: 0,
+                memory_hits: 1,
+                disk_errors: 0
+            }
+        );
         drop(first);
 
         let second = with_disk(dir.path());
@@ -47,7 +58,12 @@ fn no_temporary_files_are_left_behind() {
         }
     }
     assert_eq!(names.len(), 3, "{names:?}");
-    assert!(names.iter().all(|n| n.ends_with(".cwasm") && !n.starts_with(".tmp")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.ends_with(".cwasm") && !n.starts_with(".tmp")),
+        "{names:?}"
+    );
 }
 
 #[test]

@@ -20,7 +20,9 @@ async fn logs_are_readable_while_running_and_stop_ends_the_task() {
         let mut next = 0;
         let mut seen = Vec::new();
         while seen.len() < 3 {
-            tokio::time::timeout(Duration::from_secs(10), logs.wait_for(next)).await.expect("a heartbeat within 10s");
+            tokio::time::timeout(Duration::from_secs(10), logs.wait_for(next))
+                .await
+                .expect("a heartbeat within 10s");
             let page = logs.read_from(next, 100);
             next = page.next_seq;
             seen.extend(page.lines.into_iter().map(|l| l.text));
@@ -28,7 +30,9 @@ async fn logs_are_readable_while_running_and_stop_ends_the_task() {
         assert_eq!(&seen[..3], ["heartbeat 0", "heartbeat 1", "heartbeat 2"]);
         assert_eq!(task.phase(), TaskPhase::Running);
         task.stop();
-        let outcome = tokio::time::timeout(Duration::from_secs(10), task.wait()).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), task.wait())
+            .await
+            .unwrap();
         assert_eq!(outcome.stop_code, StopCode::UserStopped, "{outcome:?}");
         assert!(logs.read_from(0, 0).closed || logs.read_from(u64::MAX, 1).closed);
     }
@@ -40,9 +44,13 @@ async fn stop_interrupts_a_busy_loop() {
     let executor = Executor::new(rt.clone(), 4);
     let (spec, logs) = spec(&[]);
     let task = executor.spawn(load(&rt, "spin", Target::P1), spec);
-    tokio::time::timeout(Duration::from_secs(10), logs.wait_for(0)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), logs.wait_for(0))
+        .await
+        .unwrap();
     task.stop();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), task.wait()).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), task.wait())
+        .await
+        .unwrap();
     assert_eq!(outcome.stop_code, StopCode::UserStopped);
     assert_eq!(executor.stats().running, 0);
 }
@@ -52,12 +60,16 @@ async fn full_executor_queues_or_refuses() {
     let rt = runtime();
     let executor = Executor::new(rt.clone(), 2);
     let heartbeat = load(&rt, "heartbeat", Target::P1);
-    let running: Vec<_> = (0..2).map(|_| executor.spawn(heartbeat.clone(), spec(&["10"]).0)).collect();
+    let running: Vec<_> = (0..2)
+        .map(|_| executor.spawn(heartbeat.clone(), spec(&["10"]).0))
+        .collect();
     // Wait until both hold their slots.
     while executor.stats().running < 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let refused = executor.try_spawn(heartbeat.clone(), spec(&["10"]).0).unwrap_err();
+    let refused = executor
+        .try_spawn(heartbeat.clone(), spec(&["10"]).0)
+        .unwrap_err();
     assert_eq!(refused.slots, 2);
     assert!(refused.to_string().contains("all 2 task slots"));
 
@@ -75,7 +87,9 @@ async fn full_executor_queues_or_refuses() {
     assert_eq!(outcome.message, "stopped before it started");
 
     running[0].stop();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), queued.wait()).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), queued.wait())
+        .await
+        .unwrap();
     assert_eq!(outcome.stop_code, StopCode::Completed);
     assert_eq!(queued_logs.stdout_text(), "Hello, world!\n");
     for task in running {
@@ -95,12 +109,19 @@ async fn log_retention_is_bounded_for_a_flood() {
     let logs = wharf_runtime::LogBuffer::new(64 << 10);
     let mut spec = wharf_runtime::TaskSpec::new(logs.clone());
     spec.args = vec!["32".into()];
-    let outcome = executor.spawn(load(&rt, "flood", Target::P2), spec).wait().await;
+    let outcome = executor
+        .spawn(load(&rt, "flood", Target::P2), spec)
+        .wait()
+        .await;
     assert_eq!(outcome.stop_code, StopCode::Completed, "{outcome:?}");
     let page = logs.read_from(0, usize::MAX);
     let retained: usize = page.lines.iter().map(|l| l.text.len()).sum();
     assert!(retained <= 64 << 10, "retained {retained} bytes");
-    assert!(page.missed > 400_000, "evicted lines are counted: {}", page.missed);
+    assert!(
+        page.missed > 400_000,
+        "evicted lines are counted: {}",
+        page.missed
+    );
     assert_eq!(page.lines.last().unwrap().text, "flooded 32 MiB");
 }
 
@@ -109,10 +130,12 @@ async fn many_short_tasks_share_one_artifact() {
     let rt = runtime();
     let executor = Executor::new(rt.clone(), 64);
     let artifact: Arc<_> = load(&rt, "hello", Target::P2);
-    let tasks: Vec<_> = (0..500).map(|_| {
-        let (spec, logs) = spec(&[]);
-        (executor.spawn(artifact.clone(), spec), logs)
-    }).collect();
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let (spec, logs) = spec(&[]);
+            (executor.spawn(artifact.clone(), spec), logs)
+        })
+        .collect();
     for (task, logs) in tasks {
         assert_eq!(task.wait().await.stop_code, StopCode::Completed);
         assert_eq!(logs.stdout_text(), "Hello, world!\n");
