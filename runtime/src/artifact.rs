@@ -2,8 +2,8 @@
 //! bytes are, compile (or load precompiled code), check that it is a WASI
 //! command, and link it once into a pre-instantiation.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use wasmtime::component::Component;
 use wasmtime::{Engine, ExternType, InstancePre, Module};
@@ -65,21 +65,37 @@ pub struct Loaded {
     pub source: ArtifactSource,
 }
 
-/// The linkers every artifact is linked against, built once per runtime.
+/// The linkers every artifact is linked against, built once per runtime
+/// and only for the kinds it meets: a one-shot `wharf run` of a module does
+/// not pay for the several hundred WASI p2 host functions.
+#[derive(Default)]
 pub(crate) struct Linkers {
-    pub(crate) p1: wasmtime::Linker<P1State>,
-    pub(crate) p2: wasmtime::component::Linker<P2State>,
+    p1: OnceLock<wasmtime::Linker<P1State>>,
+    p2: OnceLock<wasmtime::component::Linker<P2State>>,
+}
+
+fn engine_error(e: wasmtime::Error) -> Error {
+    Error::Engine(format!("{e:#}"))
 }
 
 impl Linkers {
-    pub(crate) fn new(engine: &Engine) -> Result<Self> {
-        let engine_error = |e: wasmtime::Error| Error::Engine(format!("{e:#}"));
+    fn p1(&self, engine: &Engine) -> Result<&wasmtime::Linker<P1State>> {
+        if let Some(linker) = self.p1.get() {
+            return Ok(linker);
+        }
         let mut p1 = wasmtime::Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut p1, |s: &mut P1State| &mut s.wasi)
             .map_err(engine_error)?;
+        Ok(self.p1.get_or_init(|| p1))
+    }
+
+    fn p2(&self, engine: &Engine) -> Result<&wasmtime::component::Linker<P2State>> {
+        if let Some(linker) = self.p2.get() {
+            return Ok(linker);
+        }
         let mut p2 = wasmtime::component::Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut p2).map_err(engine_error)?;
-        Ok(Linkers { p1, p2 })
+        Ok(self.p2.get_or_init(|| p2))
     }
 }
 
@@ -131,7 +147,7 @@ pub(crate) fn load(
             Component::serialize,
         )?;
         let pre = linkers
-            .p2
+            .p2(engine)?
             .instantiate_pre(&component)
             .map_err(|e| Error::Unsupported(format!("cannot link the component: {e:#}")))?;
         let command = CommandPre::new(pre).map_err(|e| {
@@ -167,7 +183,7 @@ pub(crate) fn load(
             }
         }
         let pre = linkers
-            .p1
+            .p1(engine)?
             .instantiate_pre(&module)
             .map_err(|e| Error::Unsupported(format!("cannot link the module: {e:#}")))?;
         (Prepared::P1(pre), source)

@@ -95,7 +95,7 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Arc<Self>> {
         let (engine, allocator) = engine::build(&config)?;
         engine::start_epoch_ticker(&engine, config.epoch_tick);
-        let linkers = artifact::Linkers::new(&engine)?;
+        let linkers = artifact::Linkers::default();
         let cache = cache::ArtifactCache::new(&engine, config.cache_dir.as_deref());
         Ok(Arc::new(Runtime {
             engine,

@@ -268,7 +268,7 @@ pub(crate) async fn run(
         Some(m) => m,
         None => max_memory,
     };
-    let builder = match wasi_builder(spec) {
+    let mut builder = match wasi_builder(spec) {
         Ok(b) => b,
         Err(message) => return Outcome::not_started(StopCode::FailedToStart, message),
     };
@@ -277,7 +277,6 @@ pub(crate) async fn run(
     let fuel = spec.limits.fuel;
     match &artifact.prepared {
         Prepared::P1(pre) => {
-            let mut builder = builder;
             let state = P1State {
                 wasi: builder.build_p1(),
                 limiter,
@@ -311,7 +310,6 @@ pub(crate) async fn run(
             )
         }
         Prepared::P2(pre) => {
-            let mut builder = builder;
             let state = P2State {
                 wasi: builder.build(),
                 table: ResourceTable::new(),

@@ -73,3 +73,30 @@ fn digest_is_the_oci_sha256() {
         "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     );
 }
+
+#[tokio::test]
+async fn engine_falls_back_to_on_demand_when_the_pool_cannot_be_reserved() {
+    // Millions of slots of several GiB each cannot be reserved in a 47-bit
+    // address space; the runtime must still come up and run tasks.
+    let rt = Runtime::new(RuntimeConfig {
+        max_instances: 50_000_000,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    assert_eq!(rt.allocator(), wharf_runtime::Allocator::OnDemand);
+    let artifact = rt.load(&wasm_bytes("hello", Target::P1)).unwrap().artifact;
+    let (spec, logs) = crate::spec(&[]);
+    let outcome = rt.run(&artifact, &spec).await;
+    assert_eq!(outcome.stop_code, wharf_runtime::StopCode::Completed);
+    assert_eq!(logs.stdout_text(), "Hello, world!\n");
+}
+
+#[test]
+fn default_runtime_uses_the_pool() {
+    let rt = Runtime::new(RuntimeConfig {
+        max_instances: 16,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    assert_eq!(rt.allocator(), wharf_runtime::Allocator::Pooling);
+}
