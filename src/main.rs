@@ -4,6 +4,7 @@
 
 mod paths;
 mod run;
+mod server;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,9 @@ enum Command {
     /// Run a Wasm module or component once, locally, in a limited sandbox
     /// (like `wasmtime run`).
     Run(run::RunArgs),
+    /// Serve the registry (and, with the control-plane work, the API) from
+    /// one data directory.
+    Server(server::ServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Server(args) => server::main(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

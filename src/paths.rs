@@ -22,3 +22,8 @@ pub(crate) fn data_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
 pub(crate) fn compile_cache(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("cache").join("compiled")
 }
+
+/// The admin token, created by the server on first start (mode 0600).
+pub(crate) fn admin_token(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("admin.token")
+}

@@ -1,5 +1,7 @@
 //! End-to-end tests of the `wharf` binary.
 
+mod registry;
 mod run;
 mod samples;
+mod server;
 mod support;

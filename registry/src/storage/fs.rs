@@ -1,0 +1,221 @@
+//! [`Storage`] on a local directory. Atomic writes are a temporary file in
+//! `<root>/_tmp`, written, fsynced and renamed into place (same file system,
+//! so the rename is atomic); the parent directory is fsynced so the rename
+//! survives a crash.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::{Reader, Storage, Writer};
+
+/// Where temporary files live, inside the root.
+pub const TMP_DIR: &str = "_tmp";
+
+/// A directory-backed store.
+#[derive(Debug, Clone)]
+pub struct FsStorage {
+    root: PathBuf,
+}
+
+impl FsStorage {
+    /// Uses `root`, creating it. Temporary files from a previous crash are
+    /// removed: nothing refers to them.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        let tmp = root.join(TMP_DIR);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        Ok(FsStorage { root })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        debug_assert!(
+            !name.split('/').any(|c| c == ".."),
+            "object names never climb: {name}"
+        );
+        self.root.join(name)
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn absent<T>(e: io::Error) -> io::Result<Option<T>> {
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+async fn sync_dir(dir: &Path) -> io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+#[async_trait::async_trait]
+impl Storage for FsStorage {
+    async fn stat(&self, name: &str) -> io::Result<Option<u64>> {
+        match tokio::fs::metadata(self.path(name)).await {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) => absent(e),
+        }
+    }
+
+    async fn reader(
+        &self,
+        name: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<Reader>> {
+        let mut file = match tokio::fs::File::open(self.path(name)).await {
+            Ok(f) => f,
+            Err(e) => return absent(e),
+        };
+        if offset > 0 {
+            file.seek(io::SeekFrom::Start(offset)).await?;
+        }
+        Ok(Some(match len {
+            Some(len) => Box::pin(file.take(len)),
+            None => Box::pin(file),
+        }))
+    }
+
+    async fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        match tokio::fs::read(self.path(name)).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) => absent(e),
+        }
+    }
+
+    async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let target = self.path(name);
+        let parent = target.parent().expect("object has a parent").to_owned();
+        tokio::fs::create_dir_all(&parent).await?;
+        let tmp = self
+            .root
+            .join(TMP_DIR)
+            .join(uuid::Uuid::new_v4().to_string());
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            file.write_all(bytes).await?;
+            file.sync_all().await?;
+            tokio::fs::rename(&tmp, &target).await?;
+            sync_dir(&parent).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    async fn appender(&self, name: &str) -> io::Result<Writer> {
+        let path = self.path(name);
+        tokio::fs::create_dir_all(path.parent().expect("object has a parent")).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        // Request bodies arrive in small frames; one large buffer keeps the
+        // number of blocking write calls (each a thread hop) low.
+        Ok(Box::pin(tokio::io::BufWriter::with_capacity(1 << 20, file)))
+    }
+
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        let (from, to) = (self.path(from), self.path(to));
+        tokio::fs::File::open(&from).await?.sync_all().await?;
+        let parent = to.parent().expect("object has a parent").to_owned();
+        tokio::fs::create_dir_all(&parent).await?;
+        tokio::fs::rename(&from, &to).await?;
+        sync_dir(&parent).await
+    }
+
+    async fn delete(&self, name: &str) -> io::Result<()> {
+        let path = self.path(name);
+        let result = match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_dir() => tokio::fs::remove_dir_all(&path).await,
+            Ok(_) => tokio::fs::remove_file(&path).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
+        let mut dir = match tokio::fs::read_dir(self.path(prefix)).await {
+            Ok(d) => d,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        while let Some(entry) = dir.next_entry().await? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(prefix.is_empty() && name == TMP_DIR) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    async fn modified(&self, name: &str) -> io::Result<Option<u64>> {
+        match tokio::fs::metadata(self.path(name)).await {
+            Ok(m) => Ok(m
+                .modified()?
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())),
+            Err(e) => absent(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_storage_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FsStorage::open(dir.path()).unwrap();
+        let tmp = dir.path().join(TMP_DIR);
+        super::super::suite::run(&storage, || {
+            std::fs::read_dir(&tmp)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .await;
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(TMP_DIR)).unwrap();
+        std::fs::write(dir.path().join(TMP_DIR).join("half-written"), b"x").unwrap();
+        FsStorage::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(),
+            0
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The storage primitive under the registry: a handful of operations on
+//! named objects (read, write-then-commit, move, list, delete) that any
+//! backend can offer — the local file system now, an object store later.
+//! All OCI meaning lives one layer up, in [`crate::store`].
+//!
+//! Object names are relative, `/`-separated, and built only from validated
+//! repository names, digests and tags, never from raw client input.
+
+pub mod fs;
+
+use std::io;
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A boxed reader of an object's bytes.
+pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
+/// A boxed writer appending to an object.
+pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// The storage primitives. Implementations must make [`write`] and
+/// [`commit`] atomic: a reader sees the old object, the new object, or no
+/// object — never a partial one — even after a crash.
+///
+/// [`write`]: Storage::write
+/// [`commit`]: Storage::commit
+#[async_trait::async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// The size of an object, or `None` if it does not exist.
+    async fn stat(&self, name: &str) -> io::Result<Option<u64>>;
+    /// Reads `len` bytes (or to the end) from `offset`.
+    async fn reader(&self, name: &str, offset: u64, len: Option<u64>)
+    -> io::Result<Option<Reader>>;
+    /// Reads a small object whole.
+    async fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
+    /// Writes a small object atomically, replacing any previous one.
+    async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
+    /// Opens an object for appending, creating it if needed. Appended bytes
+    /// are not durable until [`commit`](Storage::commit).
+    async fn appender(&self, name: &str) -> io::Result<Writer>;
+    /// Makes `from` durable and atomically moves it to `to`, replacing it.
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Removes an object, or everything under a prefix. Absent is fine.
+    async fn delete(&self, name: &str) -> io::Result<()>;
+    /// The names directly under `prefix` (objects and sub-prefixes), sorted.
+    async fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
+    /// When an object was last written, as seconds since the Unix epoch.
+    async fn modified(&self, name: &str) -> io::Result<Option<u64>>;
+}
+
+/// The suite every backend must pass, including "nothing left behind".
+#[cfg(test)]
+pub(crate) mod suite {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::Storage;
+
+    async fn read_to_end(
+        s: &dyn Storage,
+        name: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Option<Vec<u8>> {
+        let mut r = s.reader(name, offset, len).await.unwrap()?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).await.unwrap();
+        Some(out)
+    }
+
+    /// Runs every check against `s`, which must start empty. `leftovers`
+    /// lists whatever the backend holds besides the named objects (temporary
+    /// files), which must be nothing at the end.
+    pub(crate) async fn run(s: &dyn Storage, leftovers: impl Fn() -> Vec<String>) {
+        assert_eq!(s.stat("a/b").await.unwrap(), None);
+        assert_eq!(s.read("a/b").await.unwrap(), None);
+        assert!(s.reader("a/b", 0, None).await.unwrap().is_none());
+        assert!(s.list("a").await.unwrap().is_empty());
+
+        s.write("a/b", b"hello").await.unwrap();
+        assert_eq!(s.stat("a/b").await.unwrap(), Some(5));
+        assert_eq!(s.read("a/b").await.unwrap().unwrap(), b"hello");
+        s.write("a/b", b"replaced").await.unwrap();
+        assert_eq!(s.read("a/b").await.unwrap().unwrap(), b"replaced");
+        assert_eq!(read_to_end(s, "a/b", 2, Some(3)).await.unwrap(), b"pla");
+        assert_eq!(read_to_end(s, "a/b", 5, None).await.unwrap(), b"ced");
+        assert!(s.modified("a/b").await.unwrap().is_some());
+
+        let mut w = s.appender("up/1").await.unwrap();
+        w.write_all(b"part one, ").await.unwrap();
+        w.shutdown().await.unwrap();
+        drop(w);
+        let mut w = s.appender("up/1").await.unwrap();
+        w.write_all(b"part two").await.unwrap();
+        w.shutdown().await.unwrap();
+        drop(w);
+        assert_eq!(s.stat("up/1").await.unwrap(), Some(18));
+        s.commit("up/1", "done/x").await.unwrap();
+        assert_eq!(
+            s.read("done/x").await.unwrap().unwrap(),
+            b"part one, part two"
+        );
+        assert_eq!(s.stat("up/1").await.unwrap(), None);
+
+        s.write("a/c/d", b"").await.unwrap();
+        assert_eq!(s.list("a").await.unwrap(), ["b", "c"]);
+        s.delete("a/c").await.unwrap();
+        assert_eq!(s.list("a").await.unwrap(), ["b"]);
+        s.delete("a/nope").await.unwrap();
+        s.delete("a").await.unwrap();
+        s.delete("done").await.unwrap();
+        s.delete("up").await.unwrap();
+        assert!(
+            s.list("").await.unwrap().is_empty(),
+            "{:?}",
+            s.list("").await.unwrap()
+        );
+        assert!(leftovers().is_empty(), "left behind: {:?}", leftovers());
+    }
+}

@@ -1,0 +1,766 @@
+//! The OCI layer over [`Storage`]: blobs shared across repositories,
+//! per-repository links, upload sessions, manifests, tags and referrers.
+//!
+//! On-disk layout (object names; `_`-prefixed names cannot collide with
+//! repository path components, which must start with `[a-z0-9]`):
+//!
+//! ```text
+//! <root>/
+//! ├── blobs/<alg>/<hex>                          content, complete and verified, shared
+//! ├── uploads/<id>/repo                          repository the upload belongs to
+//! │               /data                          bytes received so far
+//! ├── repositories/<name...>/
+//! │   ├── _links/<alg>/<hex>                     blob is part of this repository
+//! │   ├── _manifests/<alg>/<hex>                 manifest revision; content: its media type
+//! │   ├── _tags/<tag>                            content: the tag's digest
+//! │   └── _referrers/<alg>/<hex>/<alg>-<hex>     subject <- referrer manifest
+//! └── _tmp/                                      temporary files, renamed into place
+//! ```
+//!
+//! Order of writes makes every crash harmless: content before links, the
+//! manifest revision before the tag. A crash leaves at worst an
+//! unreferenced blob, which garbage collection removes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::error::{ErrorCode, RegistryError, Result};
+use crate::path::{Name, Reference, valid_tag};
+use crate::storage::{Reader, Storage};
+
+/// Manifests larger than this are refused: the spec suggests registries
+/// accept at least 4 MiB, and a manifest is buffered to validate it.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// The manifest media types the registry stores.
+pub mod media {
+    /// OCI image manifest.
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    /// OCI image index.
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    /// Docker image manifest v2 schema 2.
+    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    /// Docker manifest list.
+    pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    /// Manifest kinds with a `manifests` array.
+    pub fn is_index(media_type: &str) -> bool {
+        media_type == OCI_INDEX || media_type == DOCKER_LIST
+    }
+    /// Every accepted manifest media type.
+    pub const ALL: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+}
+
+fn blob_path(d: &Digest) -> String {
+    format!("blobs/{}/{}", d.algorithm().as_str(), d.hex())
+}
+fn repo_path(name: &Name) -> String {
+    format!("repositories/{name}")
+}
+fn link_path(name: &Name, d: &Digest) -> String {
+    format!(
+        "repositories/{name}/_links/{}/{}",
+        d.algorithm().as_str(),
+        d.hex()
+    )
+}
+fn revision_path(name: &Name, d: &Digest) -> String {
+    format!(
+        "repositories/{name}/_manifests/{}/{}",
+        d.algorithm().as_str(),
+        d.hex()
+    )
+}
+fn tag_path(name: &Name, tag: &str) -> String {
+    format!("repositories/{name}/_tags/{tag}")
+}
+fn referrers_dir(name: &Name, subject: &Digest) -> String {
+    format!(
+        "repositories/{name}/_referrers/{}/{}",
+        subject.algorithm().as_str(),
+        subject.hex()
+    )
+}
+fn upload_data(id: &str) -> String {
+    format!("uploads/{id}/data")
+}
+fn upload_repo(id: &str) -> String {
+    format!("uploads/{id}/repo")
+}
+
+fn settings_path(name: &Name) -> String {
+    format!("repositories/{name}/_settings.json")
+}
+
+/// Per-repository settings, as ECR has them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepoSettings {
+    /// Refuse to move a tag once it exists.
+    pub tag_immutability: bool,
+    /// Lifecycle: keep only the newest N tagged manifests (by push time).
+    pub keep_last_tagged: Option<usize>,
+    /// Lifecycle: remove untagged manifests older than this many seconds.
+    pub expire_untagged_after_secs: Option<u64>,
+}
+
+/// The live hash of an upload. Kept in memory between requests; rebuilt
+/// from the bytes on disk after a restart.
+struct UploadState {
+    offset: u64,
+    hasher: Hasher,
+}
+
+/// A stored manifest, as served.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Result of a manifest push.
+#[derive(Debug, Clone)]
+pub struct PutManifest {
+    /// The manifest's digest.
+    pub digest: Digest,
+    /// The `subject` it refers to, if any.
+    pub subject: Option<Digest>,
+}
+
+/// The OCI registry's storage layer.
+pub struct Store {
+    storage: Arc<dyn Storage>,
+    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<UploadState>>>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// A stream of request body chunks.
+pub trait BodyStream:
+    Stream<Item = std::result::Result<bytes::Bytes, axum::Error>> + Send + Unpin
+{
+}
+impl<T: Stream<Item = std::result::Result<bytes::Bytes, axum::Error>> + Send + Unpin> BodyStream
+    for T
+{
+}
+
+impl Store {
+    /// A store over `storage`.
+    pub fn new(storage: Arc<dyn Storage>) -> Self {
+        Store {
+            storage,
+            uploads: Mutex::default(),
+        }
+    }
+
+    /// The primitive storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    // ----- blobs -----
+
+    /// Size of a blob if it is part of repository `name`.
+    pub async fn blob_size(&self, name: &Name, digest: &Digest) -> Result<Option<u64>> {
+        if self.storage.stat(&link_path(name, digest)).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.storage.stat(&blob_path(digest)).await?)
+    }
+
+    /// Reads a blob's bytes from `offset`.
+    pub async fn blob_reader(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<Option<Reader>> {
+        Ok(self.storage.reader(&blob_path(digest), offset, len).await?)
+    }
+
+    /// Whether the blob content exists anywhere.
+    pub async fn blob_exists(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.storage.stat(&blob_path(digest)).await?.is_some())
+    }
+
+    /// Links an existing blob into `name` (cross-repository mount). Returns
+    /// false if the blob is unknown or not readable from `from`.
+    pub async fn mount(&self, name: &Name, digest: &Digest, from: Option<&Name>) -> Result<bool> {
+        let visible = match from {
+            Some(from) => self.blob_size(from, digest).await?.is_some(),
+            None => self.blob_exists(digest).await?,
+        };
+        if !visible {
+            return Ok(false);
+        }
+        self.storage.write(&link_path(name, digest), b"").await?;
+        Ok(true)
+    }
+
+    /// Unlinks a blob from `name`. Content stays until garbage collection.
+    pub async fn delete_blob(&self, name: &Name, digest: &Digest) -> Result<()> {
+        if self.storage.stat(&link_path(name, digest)).await?.is_none() {
+            return Err(RegistryError::new(
+                ErrorCode::BlobUnknown,
+                format!("blob {digest} is not in {name}"),
+            ));
+        }
+        self.storage.delete(&link_path(name, digest)).await?;
+        Ok(())
+    }
+
+    // ----- uploads -----
+
+    /// Opens an upload session for `name`.
+    pub async fn start_upload(&self, name: &Name) -> Result<String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.storage
+            .write(&upload_repo(&id), name.as_str().as_bytes())
+            .await?;
+        let mut w = self.storage.appender(&upload_data(&id)).await?;
+        w.shutdown().await?;
+        self.uploads.lock().expect("uploads lock").insert(
+            id.clone(),
+            Arc::new(tokio::sync::Mutex::new(Some(UploadState {
+                offset: 0,
+                hasher: Hasher::new(Algorithm::Sha256),
+            }))),
+        );
+        Ok(id)
+    }
+
+    fn session(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<UploadState>>> {
+        self.uploads
+            .lock()
+            .expect("uploads lock")
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    async fn check_upload(&self, name: &Name, id: &str) -> Result<()> {
+        let unknown = || {
+            RegistryError::new(
+                ErrorCode::BlobUploadUnknown,
+                format!("no upload {id:?} in {name}"),
+            )
+        };
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        {
+            return Err(unknown());
+        }
+        match self.storage.read(&upload_repo(id)).await? {
+            Some(repo) if repo == name.as_str().as_bytes() => Ok(()),
+            _ => Err(unknown()),
+        }
+    }
+
+    /// Rebuilds an upload's hash from its bytes (after a restart).
+    async fn recover(&self, id: &str) -> Result<UploadState> {
+        let mut hasher = Hasher::new(Algorithm::Sha256);
+        let mut offset = 0;
+        if let Some(mut r) = self.storage.reader(&upload_data(id), 0, None).await? {
+            let mut buf = vec![0; 1 << 20];
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                offset += n as u64;
+            }
+        }
+        Ok(UploadState { offset, hasher })
+    }
+
+    /// Bytes received so far.
+    pub async fn upload_offset(&self, name: &Name, id: &str) -> Result<u64> {
+        self.check_upload(name, id).await?;
+        let session = self.session(id);
+        let mut guard = session.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.recover(id).await?);
+        }
+        Ok(guard.as_ref().expect("state present").offset)
+    }
+
+    /// Appends a chunk. With `start`, the chunk must begin where the upload
+    /// ends (416 otherwise). Returns the new length.
+    pub async fn append_upload(
+        &self,
+        name: &Name,
+        id: &str,
+        start: Option<u64>,
+        body: impl BodyStream,
+    ) -> Result<u64> {
+        self.check_upload(name, id).await?;
+        let session = self.session(id);
+        let mut guard = session.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.recover(id).await?);
+        }
+        let state = guard.as_mut().expect("state present");
+        if let Some(start) = start
+            && start != state.offset
+        {
+            return Err(RegistryError::with_status(
+                ErrorCode::BlobUploadInvalid,
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!(
+                    "chunk starts at {start} but the upload has {} bytes: chunks must arrive in order",
+                    state.offset
+                ),
+            ));
+        }
+        let mut writer = self.storage.appender(&upload_data(id)).await?;
+        let mut body = body;
+        let mut received = 0u64;
+        let result: Result<()> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    RegistryError::new(
+                        ErrorCode::BlobUploadInvalid,
+                        format!("request body ended early: {e}"),
+                    )
+                })?;
+                writer.write_all(&chunk).await?;
+                state.hasher.update(&chunk);
+                received += chunk.len() as u64;
+            }
+            writer.shutdown().await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            // The bytes on disk and the hash may now disagree; rebuild the
+            // state from disk on the next request.
+            *guard = None;
+            return Err(e);
+        }
+        state.offset += received;
+        Ok(state.offset)
+    }
+
+    /// Completes an upload: appends the last bytes, verifies the digest,
+    /// and makes the blob visible in `name`. A mismatch stores nothing.
+    pub async fn finish_upload(
+        &self,
+        name: &Name,
+        id: &str,
+        digest: &Digest,
+        body: impl BodyStream,
+    ) -> Result<()> {
+        self.append_upload(name, id, None, body).await?;
+        let session = self.session(id);
+        let mut guard = session.lock().await;
+        let state = match guard.take() {
+            Some(s) => s,
+            None => self.recover(id).await?,
+        };
+        let actual = match digest.algorithm() {
+            Algorithm::Sha256 => state.hasher.finish(),
+            // Uploads are hashed with sha256 as they arrive; the rarer
+            // sha512 is computed once at the end.
+            Algorithm::Sha512 => {
+                let mut h = Hasher::new(Algorithm::Sha512);
+                if let Some(mut r) = self.storage.reader(&upload_data(id), 0, None).await? {
+                    let mut buf = vec![0; 1 << 20];
+                    loop {
+                        let n = r.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                    }
+                }
+                h.finish()
+            }
+        };
+        let result = if &actual != digest {
+            Err(RegistryError::new(
+                ErrorCode::DigestInvalid,
+                format!("the uploaded content has digest {actual}, not {digest}"),
+            ))
+        } else {
+            if self.blob_exists(digest).await? {
+                self.storage.delete(&upload_data(id)).await?;
+            } else {
+                self.storage
+                    .commit(&upload_data(id), &blob_path(digest))
+                    .await?;
+            }
+            self.storage.write(&link_path(name, digest), b"").await?;
+            Ok(())
+        };
+        self.storage.delete(&format!("uploads/{id}")).await?;
+        drop(guard);
+        self.uploads.lock().expect("uploads lock").remove(id);
+        result
+    }
+
+    /// Cancels an upload.
+    pub async fn cancel_upload(&self, name: &Name, id: &str) -> Result<()> {
+        self.check_upload(name, id).await?;
+        self.storage.delete(&format!("uploads/{id}")).await?;
+        self.uploads.lock().expect("uploads lock").remove(id);
+        Ok(())
+    }
+
+    // ----- manifests -----
+
+    /// Resolves a reference to a digest in `name`.
+    pub async fn resolve(&self, name: &Name, reference: &Reference) -> Result<Option<Digest>> {
+        match reference {
+            Reference::Digest(d) => Ok(Some(d.clone())),
+            Reference::Tag(tag) => match self.storage.read(&tag_path(name, tag)).await? {
+                Some(bytes) => {
+                    let text = String::from_utf8(bytes).map_err(|_| {
+                        RegistryError::Internal(format!("corrupt tag {name}:{tag}"))
+                    })?;
+                    Ok(Some(text.trim().parse().map_err(|_| {
+                        RegistryError::Internal(format!("corrupt tag {name}:{tag}"))
+                    })?))
+                }
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(&self, name: &Name, reference: &Reference) -> Result<Manifest> {
+        let unknown = || {
+            RegistryError::new(
+                ErrorCode::ManifestUnknown,
+                format!("manifest {reference} is not in {name}"),
+            )
+        };
+        let digest = self.resolve(name, reference).await?.ok_or_else(unknown)?;
+        let media_type = self
+            .storage
+            .read(&revision_path(name, &digest))
+            .await?
+            .ok_or_else(unknown)?;
+        let bytes = self
+            .storage
+            .read(&blob_path(&digest))
+            .await?
+            .ok_or_else(unknown)?;
+        Ok(Manifest {
+            digest,
+            media_type: String::from_utf8_lossy(&media_type).into_owned(),
+            bytes,
+        })
+    }
+
+    /// Validates and stores a manifest under a tag or its digest.
+    pub async fn put_manifest(
+        &self,
+        name: &Name,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<PutManifest> {
+        let invalid = |m: String| RegistryError::new(ErrorCode::ManifestInvalid, m);
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(RegistryError::with_status(
+                ErrorCode::SizeInvalid,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "manifest of {} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
+                    bytes.len()
+                ),
+            ));
+        }
+        let json: Value = serde_json::from_slice(bytes)
+            .map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
+        let declared = json.get("mediaType").and_then(Value::as_str);
+        let content_type = content_type.map(|c| c.split(';').next().unwrap_or(c).trim());
+        let media_type = match (declared, content_type) {
+            (Some(d), Some(c)) if d != c => {
+                return Err(invalid(format!(
+                    "manifest mediaType {d:?} does not match Content-Type {c:?}"
+                )));
+            }
+            (Some(d), _) => d,
+            (None, Some(c)) => c,
+            (None, None) => {
+                return Err(invalid(
+                    "manifest has no mediaType and the request no Content-Type".into(),
+                ));
+            }
+        }
+        .to_owned();
+        if !media::ALL.contains(&media_type.as_str()) {
+            return Err(invalid(format!(
+                "unsupported manifest media type {media_type:?}"
+            )));
+        }
+        if json.get("schemaVersion").and_then(Value::as_u64) != Some(2) {
+            return Err(invalid("schemaVersion must be 2".into()));
+        }
+
+        // Everything the manifest refers to must already be here.
+        if media::is_index(&media_type) {
+            let manifests = json
+                .get("manifests")
+                .and_then(Value::as_array)
+                .ok_or_else(|| invalid("an index needs a manifests array".into()))?;
+            for m in manifests {
+                let d = descriptor_digest(m).map_err(invalid)?;
+                if self.storage.stat(&revision_path(name, &d)).await?.is_none() {
+                    return Err(RegistryError::new(
+                        ErrorCode::ManifestBlobUnknown,
+                        format!("index refers to manifest {d}, which is not in {name}"),
+                    ));
+                }
+            }
+        } else {
+            let config = json
+                .get("config")
+                .ok_or_else(|| invalid("an image manifest needs a config descriptor".into()))?;
+            let layers = json
+                .get("layers")
+                .and_then(Value::as_array)
+                .ok_or_else(|| invalid("an image manifest needs a layers array".into()))?;
+            for descriptor in std::iter::once(config).chain(layers) {
+                let d = descriptor_digest(descriptor).map_err(invalid)?;
+                let size = descriptor
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| invalid(format!("descriptor {d} has no size")))?;
+                match self.blob_size(name, &d).await? {
+                    None => {
+                        return Err(RegistryError::new(
+                            ErrorCode::ManifestBlobUnknown,
+                            format!("manifest refers to blob {d}, which is not in {name}"),
+                        ));
+                    }
+                    Some(actual) if actual != size => {
+                        return Err(invalid(format!(
+                            "descriptor {d} says {size} bytes but the blob has {actual}"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let subject = match json.get("subject") {
+            Some(s) => Some(descriptor_digest(s).map_err(invalid)?),
+            None => None,
+        };
+
+        let digest = match reference {
+            Reference::Digest(d) => {
+                let actual = d.same_algorithm_of(bytes);
+                if &actual != d {
+                    return Err(RegistryError::new(
+                        ErrorCode::DigestInvalid,
+                        format!("manifest has digest {actual}, not {d}"),
+                    ));
+                }
+                actual
+            }
+            Reference::Tag(_) => Digest::sha256_of(bytes),
+        };
+
+        // Content, then the revision, then referrer and tag links.
+        if !self.blob_exists(&digest).await? {
+            self.storage.write(&blob_path(&digest), bytes).await?;
+        }
+        self.storage
+            .write(&revision_path(name, &digest), media_type.as_bytes())
+            .await?;
+        if let Some(subject) = &subject {
+            let link = format!(
+                "{}/{}-{}",
+                referrers_dir(name, subject),
+                digest.algorithm().as_str(),
+                digest.hex()
+            );
+            self.storage.write(&link, b"").await?;
+        }
+        if let Reference::Tag(tag) = reference {
+            self.storage
+                .write(&tag_path(name, tag), digest.as_str().as_bytes())
+                .await?;
+        }
+        Ok(PutManifest { digest, subject })
+    }
+
+    /// Deletes a tag, or a manifest revision and every tag pointing at it.
+    pub async fn delete_manifest(&self, name: &Name, reference: &Reference) -> Result<()> {
+        match reference {
+            Reference::Tag(tag) => {
+                if self.storage.stat(&tag_path(name, tag)).await?.is_none() {
+                    return Err(RegistryError::new(
+                        ErrorCode::ManifestUnknown,
+                        format!("tag {tag} is not in {name}"),
+                    ));
+                }
+                self.storage.delete(&tag_path(name, tag)).await?;
+            }
+            Reference::Digest(digest) => {
+                let manifest = self.manifest(name, reference).await?;
+                for tag in self.tags(name).await? {
+                    if self
+                        .resolve(name, &Reference::Tag(tag.clone()))
+                        .await?
+                        .as_ref()
+                        == Some(digest)
+                    {
+                        self.storage.delete(&tag_path(name, &tag)).await?;
+                    }
+                }
+                if let Ok(json) = serde_json::from_slice::<Value>(&manifest.bytes)
+                    && let Some(Ok(subject)) = json.get("subject").map(descriptor_digest)
+                {
+                    let link = format!(
+                        "{}/{}-{}",
+                        referrers_dir(name, &subject),
+                        digest.algorithm().as_str(),
+                        digest.hex()
+                    );
+                    self.storage.delete(&link).await?;
+                }
+                self.storage.delete(&revision_path(name, digest)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- settings -----
+
+    /// The settings of `name` (defaults when none were set).
+    pub async fn settings(&self, name: &Name) -> Result<RepoSettings> {
+        match self.storage.read(&settings_path(name)).await? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| RegistryError::Internal(format!("corrupt settings for {name}: {e}"))),
+            None => Ok(RepoSettings::default()),
+        }
+    }
+
+    /// Replaces the settings of `name`.
+    pub async fn set_settings(&self, name: &Name, settings: &RepoSettings) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(settings).expect("settings serialize");
+        self.storage.write(&settings_path(name), &bytes).await?;
+        Ok(())
+    }
+
+    // ----- listings -----
+
+    /// Whether repository `name` exists (has any blob or manifest).
+    pub async fn repository_exists(&self, name: &Name) -> Result<bool> {
+        let entries = self.storage.list(&repo_path(name)).await?;
+        Ok(entries.iter().any(|e| e == "_links" || e == "_manifests"))
+    }
+
+    /// All tags of `name`, sorted.
+    pub async fn tags(&self, name: &Name) -> Result<Vec<String>> {
+        let mut tags: Vec<String> = self
+            .storage
+            .list(&format!("repositories/{name}/_tags"))
+            .await?
+            .into_iter()
+            .filter(|t| valid_tag(t))
+            .collect();
+        tags.sort();
+        Ok(tags)
+    }
+
+    /// All repository names, sorted.
+    pub async fn catalog(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut pending = vec![String::new()];
+        while let Some(prefix) = pending.pop() {
+            let dir = if prefix.is_empty() {
+                "repositories".to_owned()
+            } else {
+                format!("repositories/{prefix}")
+            };
+            let entries = self.storage.list(&dir).await?;
+            if !prefix.is_empty() && entries.iter().any(|e| e == "_links" || e == "_manifests") {
+                out.push(prefix.clone());
+            }
+            for entry in entries.into_iter().filter(|e| !e.starts_with('_')) {
+                pending.push(if prefix.is_empty() {
+                    entry
+                } else {
+                    format!("{prefix}/{entry}")
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The referrers of `subject` in `name`, as index descriptors, with an
+    /// optional artifact type filter.
+    pub async fn referrers(
+        &self,
+        name: &Name,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for entry in self.storage.list(&referrers_dir(name, subject)).await? {
+            let Some((alg, hex)) = entry.split_once('-') else {
+                continue;
+            };
+            let Ok(digest) = format!("{alg}:{hex}").parse::<Digest>() else {
+                continue;
+            };
+            let Ok(manifest) = self
+                .manifest(name, &Reference::Digest(digest.clone()))
+                .await
+            else {
+                continue;
+            };
+            let Ok(json) = serde_json::from_slice::<Value>(&manifest.bytes) else {
+                continue;
+            };
+            let kind = json
+                .get("artifactType")
+                .and_then(Value::as_str)
+                .or_else(|| json.pointer("/config/mediaType").and_then(Value::as_str))
+                .map(str::to_owned);
+            if artifact_type.is_some() && kind.as_deref() != artifact_type {
+                continue;
+            }
+            let mut descriptor = serde_json::json!({
+                "mediaType": manifest.media_type,
+                "digest": digest.as_str(),
+                "size": manifest.bytes.len(),
+            });
+            if let Some(kind) = kind {
+                descriptor["artifactType"] = kind.into();
+            }
+            if let Some(annotations) = json.get("annotations") {
+                descriptor["annotations"] = annotations.clone();
+            }
+            out.push(descriptor);
+        }
+        Ok(out)
+    }
+}
+
+fn descriptor_digest(descriptor: &Value) -> std::result::Result<Digest, String> {
+    let text = descriptor
+        .get("digest")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "a descriptor has no digest".to_owned())?;
+    text.parse().map_err(|e: RegistryError| e.to_string())
+}

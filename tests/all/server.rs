@@ -1,0 +1,209 @@
+//! A real `wharf server` process on a loopback port, and a small HTTP
+//! client that speaks to it with the admin token.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use sha2::{Digest as _, Sha256};
+
+/// A running server; killed when dropped.
+pub(crate) struct Server {
+    child: Child,
+    pub(crate) base: String,
+    pub(crate) token: String,
+    data: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server on a fresh data directory.
+    pub(crate) fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut server = Server::start_in(&data);
+        server._dir = Some(dir);
+        server
+    }
+
+    /// Starts a server on `data` (to restart on the same state).
+    pub(crate) fn start_in(data: &Path) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .env_remove("WHARF_DATA_DIR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wharf server");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let base = loop {
+            let line = lines.next().expect("server printed its address").unwrap();
+            if let Some(rest) = line.strip_prefix("wharf: listening on ") {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let token = std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Server {
+            child,
+            base,
+            token,
+            data: data.to_owned(),
+            _dir: None,
+        }
+    }
+
+    /// `host:port`, for OCI references.
+    pub(crate) fn host(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    pub(crate) fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// Kills the process with SIGKILL (no clean-up, as in a crash). Use
+    /// with [`start_in`](Self::start_in) on a directory the test owns.
+    pub(crate) fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub(crate) fn req(&self, method: &str, path: &str) -> ureq::Request {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        ureq::request(method, &url).set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    /// Pushes a blob in one request and returns its digest.
+    pub(crate) fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
+        let digest = sha256(bytes);
+        let r = call(
+            self.req(
+                "POST",
+                &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+            )
+            .send_bytes(bytes),
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+        digest
+    }
+
+    /// Pushes an image manifest with one config and the given layers.
+    pub(crate) fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        manifest: &serde_json::Value,
+    ) -> Response {
+        let body = serde_json::to_vec(manifest).unwrap();
+        let media = manifest["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_owned();
+        call(
+            self.req("PUT", &format!("/v2/{repo}/manifests/{reference}"))
+                .set("Content-Type", &media)
+                .send_bytes(&body),
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response, whatever its status.
+#[derive(Debug)]
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Response {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The first OCI error code in the body.
+    pub(crate) fn error_code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// Turns a ureq result into a [`Response`] for any status.
+pub(crate) fn call(result: Result<ureq::Response, ureq::Error>) -> Response {
+    let r = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = r.status();
+    let headers = r
+        .headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = r.header(&n).unwrap_or_default().to_owned();
+            (n, v)
+        })
+        .collect();
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub(crate) fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// An OCI image manifest over already pushed blobs.
+pub(crate) fn image_manifest(config: (&str, usize), layers: &[(&str, usize)]) -> serde_json::Value {
+    serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1 },
+        "layers": layers.iter().map(|(d, s)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Fails (in CI) or skips with a note (elsewhere) when a peer tool is missing.
+pub(crate) fn require(tool: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{tool} is required in CI (.ci/run installs it)");
+    }
+    eprintln!("skipping: {tool} is not installed (it is in CI)");
+    false
+}
