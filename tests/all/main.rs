@@ -1,5 +1,6 @@
 //! End-to-end tests of the `wharf` binary.
 
+mod peers;
 mod registry;
 mod run;
 mod samples;
