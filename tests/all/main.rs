@@ -1,5 +1,6 @@
 //! End-to-end tests of the `wharf` binary.
 
+mod crash;
 mod peers;
 mod registry;
 mod run;
