@@ -2,6 +2,7 @@
 //! subscriber, reads the environment, and hands validated values to the
 //! library crates. No logic of its own beyond that.
 
+mod image;
 mod paths;
 mod run;
 mod server;
@@ -26,6 +27,24 @@ enum Command {
     /// Serve the registry (and, with the control-plane work, the API) from
     /// one data directory.
     Server(server::ServerArgs),
+    /// Push a .wasm file to a registry as a Wasm OCI artifact.
+    Push(image::PushArgs),
+    /// Pull a Wasm artifact's module or component into a file.
+    Pull(image::PullArgs),
+    /// Wasm artifacts in a registry.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
+}
+
+/// How client commands print results.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Output {
+    /// Aligned text for people.
+    Text,
+    /// JSON for scripts.
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +53,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Server(args) => server::main(args).map(|()| ExitCode::SUCCESS),
+        Command::Push(args) => image::push(args).map(|()| ExitCode::SUCCESS),
+        Command::Pull(args) => image::pull(args).map(|()| ExitCode::SUCCESS),
+        Command::Image { command } => image::image(command).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

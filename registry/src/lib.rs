@@ -13,12 +13,14 @@
 //! This crate knows nothing of wasmtime and reads no environment variables.
 
 pub mod auth;
+pub mod client;
 pub mod digest;
 pub mod error;
 pub mod http;
 pub mod path;
 pub mod storage;
 pub mod store;
+pub mod wasm;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,4 +100,88 @@ impl Registry {
         }
         Ok(())
     }
+
+    /// If `manifest` is a Wasm artifact, validates its Wasm layer and returns
+    /// the scan; an invalid layer refuses the push before anything is stored.
+    pub(crate) async fn scan_wasm(
+        &self,
+        name: &path::Name,
+        manifest: &[u8],
+    ) -> Result<Option<wasm::Scan>> {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(manifest) else {
+            return Ok(None);
+        };
+        let Some(layers) = json.get("layers").and_then(|l| l.as_array()) else {
+            return Ok(None);
+        };
+        let is_wasm_config = json.pointer("/config/mediaType").and_then(|m| m.as_str())
+            == Some(wasm::CONFIG_MEDIA_TYPE);
+        let layer = layers.iter().find(|l| {
+            l.get("mediaType")
+                .and_then(|m| m.as_str())
+                .is_some_and(|m| wasm::ACCEPTED_LAYER_MEDIA_TYPES.contains(&m))
+        });
+        let Some(layer) = layer else {
+            if is_wasm_config {
+                return Err(RegistryError::new(
+                    ErrorCode::ManifestInvalid,
+                    "a Wasm artifact needs an application/wasm layer",
+                ));
+            }
+            return Ok(None);
+        };
+        let Some(digest) = layer
+            .get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse::<digest::Digest>().ok())
+        else {
+            return Ok(None); // put_manifest reports the bad descriptor
+        };
+        let Some(bytes) = self
+            .store
+            .read_blob(name, &digest, MAX_SCANNED_WASM_BYTES)
+            .await?
+        else {
+            return Ok(None); // unknown blob: put_manifest reports it; too large: not scanned
+        };
+        wasm::scan(&bytes).map(Some).map_err(|e| {
+            RegistryError::new(
+                ErrorCode::ManifestInvalid,
+                format!("the Wasm layer {digest} is not valid: {e}"),
+            )
+        })
+    }
+
+    /// Records a scan as a referrer of the manifest it describes, so any OCI
+    /// client can find it with the referrers API.
+    pub(crate) async fn attach_scan(
+        &self,
+        name: &path::Name,
+        subject: &digest::Digest,
+        subject_size: usize,
+        subject_type: &str,
+        scan: &wasm::Scan,
+    ) -> Result<()> {
+        let scan_bytes = serde_json::to_vec(scan).expect("scan serializes");
+        let scan_digest = self.store.put_small_blob(name, &scan_bytes).await?;
+        let empty = self.store.put_small_blob(name, b"{}").await?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": store::media::OCI_MANIFEST,
+            "artifactType": wasm::SCAN_ARTIFACT_TYPE,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.as_str(), "size": 2},
+            "layers": [{"mediaType": wasm::SCAN_ARTIFACT_TYPE, "digest": scan_digest.as_str(), "size": scan_bytes.len()}],
+            "subject": {"mediaType": subject_type, "digest": subject.as_str(), "size": subject_size},
+        });
+        let bytes = serde_json::to_vec(&manifest).expect("manifest serializes");
+        let reference = path::Reference::Digest(digest::Digest::sha256_of(&bytes));
+        self.store
+            .put_manifest(name, &reference, Some(store::media::OCI_MANIFEST), &bytes)
+            .await?;
+        Ok(())
+    }
 }
+
+/// Wasm layers up to this size are validated and scanned on push (they are
+/// read into memory to do it); larger ones are stored unscanned.
+pub const MAX_SCANNED_WASM_BYTES: u64 = 256 << 20;

@@ -211,6 +211,29 @@ impl Store {
         Ok(true)
     }
 
+    /// Stores small bytes as a blob of `name` (scans, empty configs).
+    pub async fn put_small_blob(&self, name: &Name, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::sha256_of(bytes);
+        if !self.blob_exists(&digest).await? {
+            self.storage.write(&blob_path(&digest), bytes).await?;
+        }
+        self.storage.write(&link_path(name, &digest), b"").await?;
+        Ok(digest)
+    }
+
+    /// Reads a whole blob of `name`, if it is at most `max` bytes.
+    pub async fn read_blob(
+        &self,
+        name: &Name,
+        digest: &Digest,
+        max: u64,
+    ) -> Result<Option<Vec<u8>>> {
+        match self.blob_size(name, digest).await? {
+            Some(size) if size <= max => Ok(self.storage.read(&blob_path(digest)).await?),
+            _ => Ok(None),
+        }
+    }
+
     /// Unlinks a blob from `name`. Content stays until garbage collection.
     pub async fn delete_blob(&self, name: &Name, digest: &Digest) -> Result<()> {
         if self.storage.stat(&link_path(name, digest)).await?.is_none() {

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `wharf` binary.
 
 mod crash;
+mod image;
 mod peers;
 mod registry;
 mod run;

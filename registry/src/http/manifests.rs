@@ -65,10 +65,20 @@ pub(super) async fn put(
     };
     registry.metrics.bytes_in(bytes.len() as u64);
     registry.check_tag_push(name, reference).await?;
+    let scan = registry.scan_wasm(name, &bytes).await?;
     let put = registry
         .store
         .put_manifest(name, reference, content_type.as_deref(), &bytes)
         .await?;
+    if let Some(scan) = scan {
+        let stored = registry
+            .store
+            .manifest(name, &Reference::Digest(put.digest.clone()))
+            .await?;
+        registry
+            .attach_scan(name, &put.digest, bytes.len(), &stored.media_type, &scan)
+            .await?;
+    }
     let mut r = empty(StatusCode::CREATED);
     set(
         &mut r,

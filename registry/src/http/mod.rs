@@ -214,10 +214,6 @@ fn percent_decode(s: &str) -> String {
                 out.push(b);
                 i += 3;
             }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
             (None, b) => {
                 out.push(b);
                 i += 1;
@@ -297,7 +293,11 @@ mod tests {
         );
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz%é"), "%zz%é");
-        assert_eq!(percent_decode("a+b%20c"), "a b c");
+        // '+' is not a space outside HTML forms: media types contain it.
+        assert_eq!(
+            percent_decode("application/vnd.x+json%20"),
+            "application/vnd.x+json "
+        );
     }
 
     #[test]
