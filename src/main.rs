@@ -4,6 +4,7 @@
 
 mod image;
 mod paths;
+mod registry_cmd;
 mod run;
 mod server;
 
@@ -36,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Registry maintenance: garbage collection and repository settings.
+    Registry {
+        #[command(subcommand)]
+        command: registry_cmd::RegistryCommand,
+    },
 }
 
 /// How client commands print results.
@@ -56,6 +62,7 @@ fn main() -> ExitCode {
         Command::Push(args) => image::push(args).map(|()| ExitCode::SUCCESS),
         Command::Pull(args) => image::pull(args).map(|()| ExitCode::SUCCESS),
         Command::Image { command } => image::image(command).map(|()| ExitCode::SUCCESS),
+        Command::Registry { command } => registry_cmd::main(command).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

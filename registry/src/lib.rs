@@ -16,6 +16,7 @@ pub mod auth;
 pub mod client;
 pub mod digest;
 pub mod error;
+pub mod gc;
 pub mod http;
 pub mod path;
 pub mod storage;

@@ -638,3 +638,66 @@ fn state_and_chunked_uploads_survive_a_kill_and_restart() {
         b"first second"
     );
 }
+
+#[test]
+fn settings_and_gc_from_the_cli_apply_to_a_running_server() {
+    let s = Server::start();
+    let data = s.data().to_str().unwrap().to_owned();
+    let wharf = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let settings = wharf(&[
+        "registry",
+        "settings",
+        "team/app",
+        "--tag-immutability",
+        "true",
+        "--keep-last",
+        "5",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(
+        settings.contains("\"tag_immutability\": true"),
+        "{settings}"
+    );
+    let config = s.push_blob("team/app", b"{}");
+    let manifest = image_manifest((&config, 2), &[]);
+    assert_eq!(s.push_manifest("team/app", "v1", &manifest).status, 201);
+    let r = s.push_manifest("team/app", "v1", &manifest);
+    assert_eq!((r.status, r.error_code().as_str()), (409, "DENIED"));
+
+    s.push_blob("team/app", b"orphan");
+    let report: serde_json::Value = serde_json::from_str(&wharf(&[
+        "registry",
+        "gc",
+        "--dry-run",
+        "--output",
+        "json",
+        "--data-dir",
+        &data,
+    ]))
+    .unwrap();
+    // Young orphans survive (grace period); nothing referenced is touched.
+    assert_eq!(report["blobs_removed"], serde_json::json!([]));
+    assert_eq!(
+        call(s.req("GET", "/v2/team/app/manifests/v1").call()).status,
+        200
+    );
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["registry", "settings", "Bad Name", "--data-dir", &data])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid repository name"));
+}

@@ -1,0 +1,306 @@
+//! Integration tests of the registry crate through its router (in-process,
+//! `tower::ServiceExt::oneshot`) and its store: lifecycle, garbage
+//! collection, tag immutability.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use sha2::{Digest as _, Sha256};
+use tower::ServiceExt;
+use wharf_registry::Registry;
+use wharf_registry::auth::StaticTokens;
+use wharf_registry::path::Name;
+use wharf_registry::storage::fs::FsStorage;
+use wharf_registry::store::RepoSettings;
+
+const TOKEN: &str = "test-token";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    registry: Arc<Registry>,
+    router: axum::Router,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FsStorage::open(dir.path()).unwrap();
+        let registry = Registry::new(
+            Arc::new(storage),
+            Arc::new(StaticTokens::new([TOKEN.to_owned()])),
+        );
+        let router = wharf_registry::http::router(registry.clone());
+        Harness {
+            _dir: dir,
+            registry,
+            router,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Vec<u8>) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {TOKEN}"));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let response = self
+            .router
+            .clone()
+            .oneshot(req.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        (
+            status,
+            response
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+    }
+
+    async fn blob(&self, repo: &str, bytes: &[u8]) -> String {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let (status, _) = self
+            .send(
+                "POST",
+                &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+                None,
+                bytes.to_vec(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        digest
+    }
+
+    /// Pushes a manifest over a fresh config blob; returns its digest.
+    async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        config_bytes: &[u8],
+    ) -> (StatusCode, String) {
+        let config = self.blob(repo, config_bytes).await;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_bytes.len()},
+            "layers": [],
+        });
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        let reference = if reference.is_empty() {
+            digest.clone()
+        } else {
+            reference.to_owned()
+        };
+        let (status, _) = self
+            .send(
+                "PUT",
+                &format!("/v2/{repo}/manifests/{reference}"),
+                Some("application/vnd.oci.image.manifest.v1+json"),
+                bytes,
+            )
+            .await;
+        (status, digest)
+    }
+
+    async fn status(&self, uri: &str) -> StatusCode {
+        self.send("GET", uri, None, Vec::new()).await.0
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn gc_keeps_referenced_blobs_and_young_ones_and_dry_run_changes_nothing() {
+    let h = Harness::new();
+    let (_, manifest) = h.manifest("app", "v1", b"{\"a\":1}").await;
+    let orphan = h.blob("app", b"nobody refers to me").await;
+    let store = &h.registry.store;
+
+    // Young: within the grace period, kept.
+    let report = store.gc(now(), false).await.unwrap();
+    assert!(report.blobs_removed.is_empty(), "{report:?}");
+
+    let later = now() + wharf_registry::gc::GRACE_SECS + 60;
+    let report = store.gc(later, true).await.unwrap();
+    assert_eq!(report.blobs_removed, [orphan.clone()]);
+    assert_eq!(report.bytes_freed, 19);
+    assert_eq!(
+        h.status(&format!("/v2/app/blobs/{orphan}")).await,
+        StatusCode::OK,
+        "dry run removed nothing"
+    );
+
+    let report = store.gc(later, false).await.unwrap();
+    assert_eq!(report.blobs_removed, [orphan.clone()]);
+    assert_eq!(
+        h.status(&format!("/v2/app/blobs/{orphan}")).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.status(&format!("/v2/app/manifests/{manifest}")).await,
+        StatusCode::OK
+    );
+    assert_eq!(h.status("/v2/app/manifests/v1").await, StatusCode::OK);
+    // Idempotent.
+    assert_eq!(store.gc(later, false).await.unwrap(), Default::default());
+}
+
+#[tokio::test]
+async fn lifecycle_keeps_the_newest_tags_and_expires_untagged_manifests() {
+    let h = Harness::new();
+    let name = Name::parse("app").unwrap();
+    for (i, tag) in ["old", "mid", "new"].iter().enumerate() {
+        if i > 0 {
+            // Tag age is the file's modification time (1 s resolution).
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+        assert_eq!(
+            h.manifest("app", tag, format!("{{\"n\":{i}}}").as_bytes())
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+    }
+    let (_, untagged) = h.manifest("app", "", b"{\"untagged\":true}").await;
+    h.registry
+        .store
+        .set_settings(
+            &name,
+            &RepoSettings {
+                keep_last_tagged: Some(2),
+                expire_untagged_after_secs: Some(600),
+                ..RepoSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let report = h.registry.store.gc(now(), false).await.unwrap();
+    assert_eq!(report.tags_removed, ["app:old"]);
+    assert!(
+        report.manifests_removed.is_empty(),
+        "untagged is still young: {report:?}"
+    );
+    assert_eq!(
+        h.status("/v2/app/manifests/old").await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.status("/v2/app/manifests/mid").await, StatusCode::OK);
+
+    let report = h.registry.store.gc(now() + 601, false).await.unwrap();
+    // The manifest "old" pointed at is untagged now too, and expires with it.
+    assert_eq!(report.manifests_removed.len(), 2, "{report:?}");
+    assert!(
+        report
+            .manifests_removed
+            .contains(&format!("app@{untagged}"))
+    );
+    assert_eq!(
+        h.status(&format!("/v2/app/manifests/{untagged}")).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.status("/v2/app/manifests/new").await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn immutable_tags_cannot_be_moved() {
+    let h = Harness::new();
+    let name = Name::parse("team/app").unwrap();
+    h.registry
+        .store
+        .set_settings(
+            &name,
+            &RepoSettings {
+                tag_immutability: true,
+                ..RepoSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        h.manifest("team/app", "v1", b"{\"first\":1}").await.0,
+        StatusCode::CREATED
+    );
+    let config = h.blob("team/app", b"{}").await;
+    let other = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2}, "layers": [],
+    });
+    let (status, body) = h
+        .send(
+            "PUT",
+            "/v2/team/app/manifests/v1",
+            Some("application/vnd.oci.image.manifest.v1+json"),
+            serde_json::to_vec(&other).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("immutable")
+    );
+    // New tags are fine.
+    let (status, _) = h
+        .send(
+            "PUT",
+            "/v2/team/app/manifests/v2",
+            Some("application/vnd.oci.image.manifest.v1+json"),
+            serde_json::to_vec(&other).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn abandoned_uploads_are_collected() {
+    let h = Harness::new();
+    let (status, _) = h
+        .send("POST", "/v2/app/blobs/uploads/", None, Vec::new())
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        h.registry
+            .store
+            .gc(now(), false)
+            .await
+            .unwrap()
+            .uploads_removed,
+        0
+    );
+    let later = now() + wharf_registry::gc::STALE_UPLOAD_SECS + 1;
+    assert_eq!(
+        h.registry
+            .store
+            .gc(later, false)
+            .await
+            .unwrap()
+            .uploads_removed,
+        1
+    );
+}
