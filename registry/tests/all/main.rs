@@ -144,7 +144,7 @@ async fn gc_keeps_referenced_blobs_and_young_ones_and_dry_run_changes_nothing() 
 
     let later = now() + wharf_registry::gc::GRACE_SECS + 60;
     let report = store.gc(later, true).await.unwrap();
-    assert_eq!(report.blobs_removed, [orphan.clone()]);
+    assert_eq!(report.blobs_removed, std::slice::from_ref(&orphan));
     assert_eq!(report.bytes_freed, 19);
     assert_eq!(
         h.status(&format!("/v2/app/blobs/{orphan}")).await,
@@ -153,7 +153,7 @@ async fn gc_keeps_referenced_blobs_and_young_ones_and_dry_run_changes_nothing() 
     );
 
     let report = store.gc(later, false).await.unwrap();
-    assert_eq!(report.blobs_removed, [orphan.clone()]);
+    assert_eq!(report.blobs_removed, std::slice::from_ref(&orphan));
     assert_eq!(
         h.status(&format!("/v2/app/blobs/{orphan}")).await,
         StatusCode::NOT_FOUND
