@@ -118,6 +118,12 @@ impl Storage for FsStorage {
         result
     }
 
+    async fn write_scratch(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let path = self.path(name);
+        tokio::fs::create_dir_all(path.parent().expect("object has a parent")).await?;
+        tokio::fs::write(path, bytes).await
+    }
+
     async fn appender(&self, name: &str) -> io::Result<Writer> {
         let path = self.path(name);
         tokio::fs::create_dir_all(path.parent().expect("object has a parent")).await?;

@@ -35,6 +35,11 @@ pub trait Storage: Send + Sync + 'static {
     async fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
     /// Writes a small object atomically, replacing any previous one.
     async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
+    /// Writes a small object without the atomicity and durability of
+    /// [`write`](Storage::write): for scratch state whose loss in a power
+    /// failure only costs a client a retry (upload-session markers). It
+    /// still survives a crash of the process.
+    async fn write_scratch(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
     /// Opens an object for appending, creating it if needed. Appended bytes
     /// are not durable until [`commit`](Storage::commit).
     async fn appender(&self, name: &str) -> io::Result<Writer>;
@@ -84,6 +89,10 @@ pub(crate) mod suite {
         assert_eq!(read_to_end(s, "a/b", 2, Some(3)).await.unwrap(), b"pla");
         assert_eq!(read_to_end(s, "a/b", 5, None).await.unwrap(), b"ced");
         assert!(s.modified("a/b").await.unwrap().is_some());
+
+        s.write_scratch("scratch/x", b"marker").await.unwrap();
+        assert_eq!(s.read("scratch/x").await.unwrap().unwrap(), b"marker");
+        s.delete("scratch").await.unwrap();
 
         let mut w = s.appender("up/1").await.unwrap();
         w.write_all(b"part one, ").await.unwrap();
