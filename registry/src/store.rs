@@ -369,6 +369,9 @@ impl Store {
         }
         .await;
         if let Err(e) = result {
+            // Let the writer finish what it was given, so the file is settled
+            // before anyone reads it; its own error adds nothing.
+            let _ = writer.shutdown().await;
             // The bytes on disk and the hash may now disagree; rebuild the
             // state from disk on the next request.
             *guard = None;

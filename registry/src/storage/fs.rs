@@ -131,10 +131,10 @@ impl Storage for FsStorage {
             .create(true)
             .append(true)
             .open(path)
-            .await?;
-        // Request bodies arrive in small frames; one large buffer keeps the
-        // number of blocking write calls (each a thread hop) low.
-        Ok(Box::pin(tokio::io::BufWriter::with_capacity(1 << 20, file)))
+            .await?
+            .into_std()
+            .await;
+        Ok(Box::pin(PipelinedWriter::new(file)))
     }
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
@@ -191,6 +191,123 @@ impl Storage for FsStorage {
                 .ok()
                 .map(|d| d.as_secs())),
             Err(e) => absent(e),
+        }
+    }
+}
+
+/// Bytes handed to the writer thread at a time.
+const WRITE_BLOCK: usize = 1 << 20;
+/// The writer thread starts write-back of what it wrote every this many
+/// bytes, so the final fsync of a large blob has little left to do.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// An appending writer that hands full blocks to a blocking thread, so
+/// receiving and hashing (on the async side) overlap with the write and
+/// write-back system calls (on the thread).
+struct PipelinedWriter {
+    block: Vec<u8>,
+    tx: Option<tokio_util::sync::PollSender<Vec<u8>>>,
+    done: Option<tokio::task::JoinHandle<io::Result<()>>>,
+}
+
+impl PipelinedWriter {
+    fn new(mut file: std::fs::File) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let done = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut since_sync = 0u64;
+            while let Some(block) = rx.blocking_recv() {
+                file.write_all(&block)?;
+                since_sync += block.len() as u64;
+                if since_sync >= WRITEBACK_EVERY {
+                    file.sync_data()?;
+                    since_sync = 0;
+                }
+            }
+            file.flush()
+        });
+        PipelinedWriter {
+            block: Vec::with_capacity(WRITE_BLOCK),
+            tx: Some(tokio_util::sync::PollSender::new(tx)),
+            done: Some(done),
+        }
+    }
+
+    fn closed() -> io::Error {
+        io::Error::new(io::ErrorKind::BrokenPipe, "the writer thread stopped")
+    }
+
+    /// Sends the current block if it is full (or `force` and non-empty).
+    fn poll_send(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        force: bool,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        if self.block.is_empty() || (!force && self.block.len() < WRITE_BLOCK) {
+            return Poll::Ready(Ok(()));
+        }
+        let tx = self.tx.as_mut().ok_or_else(Self::closed)?;
+        match tx.poll_reserve(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Self::closed())),
+            Poll::Ready(Ok(())) => {
+                let block = std::mem::replace(&mut self.block, Vec::with_capacity(WRITE_BLOCK));
+                tx.send_item(block).map_err(|_| Self::closed())?;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PipelinedWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        match self.poll_send(cx, false) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        let room = WRITE_BLOCK - self.block.len();
+        let n = room.min(buf.len());
+        self.block.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.poll_send(cx, true)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match self.poll_send(cx, true) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        // Closing the channel lets the thread finish; then wait for it.
+        self.tx = None;
+        let Some(done) = self.done.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        match std::pin::Pin::new(done).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                self.done = None;
+                Poll::Ready(
+                    result.map_err(|e| io::Error::other(format!("writer thread failed: {e}")))?,
+                )
+            }
         }
     }
 }
