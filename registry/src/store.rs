@@ -292,9 +292,9 @@ impl Store {
         }
     }
 
-    /// Rebuilds an upload's hash from its bytes (after a restart).
-    async fn recover(&self, id: &str) -> Result<UploadState> {
-        let mut hasher = Hasher::new(Algorithm::Sha256);
+    /// Hashes an upload's bytes on disk with `alg`.
+    async fn hash_upload(&self, id: &str, alg: Algorithm) -> Result<UploadState> {
+        let mut hasher = Hasher::new(alg);
         let mut offset = 0;
         if let Some(mut r) = self.storage.reader(&upload_data(id), 0, None).await? {
             let mut buf = vec![0; 1 << 20];
@@ -308,6 +308,11 @@ impl Store {
             }
         }
         Ok(UploadState { offset, hasher })
+    }
+
+    /// Rebuilds an upload's live sha256 state from its bytes (after a restart).
+    async fn recover(&self, id: &str) -> Result<UploadState> {
+        self.hash_upload(id, Algorithm::Sha256).await
     }
 
     /// Bytes received so far.
@@ -401,20 +406,11 @@ impl Store {
             Algorithm::Sha256 => state.hasher.finish(),
             // Uploads are hashed with sha256 as they arrive; the rarer
             // sha512 is computed once at the end.
-            Algorithm::Sha512 => {
-                let mut h = Hasher::new(Algorithm::Sha512);
-                if let Some(mut r) = self.storage.reader(&upload_data(id), 0, None).await? {
-                    let mut buf = vec![0; 1 << 20];
-                    loop {
-                        let n = r.read(&mut buf).await?;
-                        if n == 0 {
-                            break;
-                        }
-                        h.update(&buf[..n]);
-                    }
-                }
-                h.finish()
-            }
+            Algorithm::Sha512 => self
+                .hash_upload(id, Algorithm::Sha512)
+                .await?
+                .hasher
+                .finish(),
         };
         let result = if &actual != digest {
             Err(RegistryError::new(
