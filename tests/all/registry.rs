@@ -45,6 +45,13 @@ fn base_requires_a_token_and_challenges() {
     assert_eq!(r.status, 401);
     let r = call(ureq::get(&format!("{}/healthz", s.base)).call());
     assert_eq!(r.status, 200);
+    // The admin token is readable by its owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.data().join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
