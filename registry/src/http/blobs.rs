@@ -14,6 +14,10 @@ use crate::digest::Digest;
 use crate::error::{ErrorCode, RegistryError, Result};
 use crate::path::Name;
 
+/// Bytes read from storage per chunk of a blob response: each read is a
+/// trip to the blocking pool, so large reads keep large pulls cheap.
+const READ_CHUNK: usize = 1 << 20;
+
 fn unknown(name: &Name, digest: &Digest) -> RegistryError {
     RegistryError::new(
         ErrorCode::BlobUnknown,
@@ -83,7 +87,7 @@ pub(super) async fn get(
             .await?
             .ok_or_else(|| unknown(name, digest))?;
         registry.metrics.bytes_out(len);
-        Body::from_stream(ReaderStream::with_capacity(reader, 256 << 10))
+        Body::from_stream(ReaderStream::with_capacity(reader, READ_CHUNK))
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;

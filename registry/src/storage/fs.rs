@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{Reader, Storage, Writer};
 
@@ -56,8 +56,14 @@ fn absent<T>(e: io::Error) -> io::Result<Option<T>> {
     }
 }
 
-async fn sync_dir(dir: &Path) -> io::Result<()> {
-    tokio::fs::File::open(dir).await?.sync_all().await
+/// Runs a sequence of blocking file-system calls as one trip to tokio's
+/// blocking pool (each `tokio::fs` call would be a trip of its own).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
 }
 
 #[async_trait::async_trait]
@@ -98,65 +104,79 @@ impl Storage for FsStorage {
 
     async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let target = self.path(name);
-        let parent = target.parent().expect("object has a parent").to_owned();
-        tokio::fs::create_dir_all(&parent).await?;
         let tmp = self
             .root
             .join(TMP_DIR)
             .join(uuid::Uuid::new_v4().to_string());
-        let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
-            file.write_all(bytes).await?;
-            file.sync_all().await?;
-            tokio::fs::rename(&tmp, &target).await?;
-            sync_dir(&parent).await
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
+        let bytes = bytes.to_vec();
+        // One trip to the blocking pool for the whole sequence.
+        blocking(move || {
+            let parent = target.parent().expect("object has a parent");
+            std::fs::create_dir_all(parent)?;
+            let result = (|| {
+                let mut file = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut file, &bytes)?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, &target)?;
+                std::fs::File::open(parent)?.sync_all()
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            result
+        })
+        .await
     }
 
     async fn write_scratch(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let path = self.path(name);
-        tokio::fs::create_dir_all(path.parent().expect("object has a parent")).await?;
-        tokio::fs::write(path, bytes).await
+        let bytes = bytes.to_vec();
+        blocking(move || {
+            std::fs::create_dir_all(path.parent().expect("object has a parent"))?;
+            std::fs::write(path, bytes)
+        })
+        .await
     }
 
     async fn appender(&self, name: &str) -> io::Result<Writer> {
         let path = self.path(name);
-        tokio::fs::create_dir_all(path.parent().expect("object has a parent")).await?;
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?
-            .into_std()
-            .await;
+        let file = blocking(move || {
+            std::fs::create_dir_all(path.parent().expect("object has a parent"))?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        })
+        .await?;
         Ok(Box::pin(PipelinedWriter::new(file)))
     }
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
         let (from, to) = (self.path(from), self.path(to));
-        tokio::fs::File::open(&from).await?.sync_all().await?;
-        let parent = to.parent().expect("object has a parent").to_owned();
-        tokio::fs::create_dir_all(&parent).await?;
-        tokio::fs::rename(&from, &to).await?;
-        sync_dir(&parent).await
+        blocking(move || {
+            std::fs::File::open(&from)?.sync_all()?;
+            let parent = to.parent().expect("object has a parent");
+            std::fs::create_dir_all(parent)?;
+            std::fs::rename(&from, &to)?;
+            std::fs::File::open(parent)?.sync_all()
+        })
+        .await
     }
 
     async fn delete(&self, name: &str) -> io::Result<()> {
         let path = self.path(name);
-        let result = match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_dir() => tokio::fs::remove_dir_all(&path).await,
-            Ok(_) => tokio::fs::remove_file(&path).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        blocking(move || {
+            let result = match std::fs::metadata(&path) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+                Ok(_) => std::fs::remove_file(&path),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> io::Result<Vec<String>> {
