@@ -43,26 +43,7 @@ pub(super) async fn put(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let limited = http_body_util::Limited::new(request.into_body(), MAX_MANIFEST_BYTES);
-    let bytes = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return Err(RegistryError::with_status(
-                ErrorCode::SizeInvalid,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("manifest exceeds the {MAX_MANIFEST_BYTES}-byte limit"),
-            ));
-        }
-        Err(e) => {
-            return Err(RegistryError::new(
-                ErrorCode::ManifestInvalid,
-                format!("cannot read the manifest: {e}"),
-            ));
-        }
-    };
+    let bytes = read_manifest_body(request.into_body()).await?;
     registry.metrics.bytes_in(bytes.len() as u64);
     registry.check_tag_push(name, reference).await?;
     let scan = registry.scan_wasm(name, &bytes).await?;
@@ -91,6 +72,41 @@ pub(super) async fn put(
         set(&mut r, "oci-subject", subject.as_str())?;
     }
     Ok(r)
+}
+
+/// An oversized manifest body is read and discarded up to this many bytes
+/// so the client, still sending, receives the 413 instead of a broken pipe.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// Reads a manifest body of at most [`MAX_MANIFEST_BYTES`].
+async fn read_manifest_body(mut body: Body) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            RegistryError::new(
+                ErrorCode::ManifestInvalid,
+                format!("cannot read the manifest: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= MAX_MANIFEST_BYTES {
+            bytes.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > MAX_MANIFEST_BYTES {
+        return Err(RegistryError::with_status(
+            ErrorCode::SizeInvalid,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("manifest of {seen}+ bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit"),
+        ));
+    }
+    Ok(bytes)
 }
 
 pub(super) async fn delete(
