@@ -297,17 +297,7 @@ pub(crate) async fn run(
                 stop,
             )
             .await;
-            let limiter = &store.data().limiter;
-            let (peak, denied) = (limiter.peak(), limiter.denied());
-            finish(
-                ended,
-                &store,
-                fuel,
-                peak,
-                denied,
-                started,
-                spec.limits.timeout,
-            )
+            finish(ended, &mut store, fuel, started, spec.limits.timeout)
         }
         Prepared::P2(pre) => {
             let state = P2State {
@@ -334,31 +324,21 @@ pub(crate) async fn run(
                 stop,
             )
             .await;
-            let limiter = &store.data().limiter;
-            let (peak, denied) = (limiter.peak(), limiter.denied());
-            finish(
-                ended,
-                &store,
-                fuel,
-                peak,
-                denied,
-                started,
-                spec.limits.timeout,
-            )
+            finish(ended, &mut store, fuel, started, spec.limits.timeout)
         }
     }
 }
 
-fn finish<T>(
+fn finish<T: HasLimiter>(
     ended: Ended<Result<(), Failure>>,
-    store: &Store<T>,
+    store: &mut Store<T>,
     fuel: Option<u64>,
-    peak_memory_bytes: u64,
-    memory_denied: bool,
     started: Instant,
     timeout: Option<Duration>,
 ) -> Outcome {
     let duration_ms = started.elapsed().as_secs_f64() * 1_000.0;
+    let limiter = store.data_mut().limiter();
+    let (peak_memory_bytes, memory_denied) = (limiter.peak(), limiter.denied());
     let fuel_consumed = match store.get_fuel() {
         Ok(left) => fuel.unwrap_or(u64::MAX) - left,
         Err(_) => 0,
