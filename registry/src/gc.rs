@@ -11,7 +11,7 @@
 //!    along with the repository links to it; upload sessions idle for
 //!    [`STALE_UPLOAD_SECS`].
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use serde_json::Value;
 
@@ -70,8 +70,11 @@ impl Store {
         let mut report = GcReport::default();
         let s = self.storage();
         let mut marked: HashSet<String> = HashSet::new();
-        for repo in self.catalog().await? {
-            let name = Name::parse(&repo)?;
+        // Lifecycle removes manifests and tags, never repositories, so one
+        // listing serves the whole collection.
+        let repos = self.catalog().await?;
+        for repo in &repos {
+            let name = Name::parse(repo)?;
             let settings = self.settings(&name).await?;
             let mut revisions = self.revisions(&name).await?;
             let mut tagged: Vec<(u64, String, Digest)> = Vec::new();
@@ -161,7 +164,7 @@ impl Store {
                 report.bytes_freed += s.stat(&path).await?.unwrap_or(0);
                 report.blobs_removed.push(digest.clone());
                 if !dry_run {
-                    for repo in self.catalog().await? {
+                    for repo in &repos {
                         s.delete(&format!("repositories/{repo}/_links/{alg}/{hex}"))
                             .await?;
                     }
@@ -188,7 +191,6 @@ impl Store {
     /// Every manifest revision of `name` with its parsed JSON.
     async fn revisions(&self, name: &Name) -> Result<Vec<(Digest, Value)>> {
         let mut out = Vec::new();
-        let mut seen = BTreeSet::new();
         for alg in self
             .storage()
             .list(&format!("repositories/{name}/_manifests"))
@@ -202,9 +204,6 @@ impl Store {
                 let Ok(digest) = format!("{alg}:{hex}").parse::<Digest>() else {
                     continue;
                 };
-                if !seen.insert(digest.clone()) {
-                    continue;
-                }
                 let Ok(m) = self
                     .manifest(name, &Reference::Digest(digest.clone()))
                     .await

@@ -134,6 +134,8 @@ pub struct PutManifest {
     pub digest: Digest,
     /// The `subject` it refers to, if any.
     pub subject: Option<Digest>,
+    /// The media type it was stored with.
+    pub media_type: String,
 }
 
 /// The OCI registry's storage layer.
@@ -620,7 +622,11 @@ impl Store {
                 .write(&tag_path(name, tag), digest.as_str().as_bytes())
                 .await?;
         }
-        Ok(PutManifest { digest, subject })
+        Ok(PutManifest {
+            digest,
+            subject,
+            media_type,
+        })
     }
 
     /// Deletes a tag, or a manifest revision and every tag pointing at it.

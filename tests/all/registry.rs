@@ -416,13 +416,8 @@ fn tags_and_catalog_paginate_with_link_headers() {
 #[test]
 fn referrers_with_subject_and_artifact_type_filter() {
     let s = Server::start();
+    let (subject, subject_digest) = s.push_empty_image("app", "v1");
     let config = s.push_blob("app", b"{}");
-    let subject = image_manifest((&config, 2), &[]);
-    let subject_digest = s
-        .push_manifest("app", "v1", &subject)
-        .header("docker-content-digest")
-        .unwrap()
-        .to_owned();
     let subject_size = serde_json::to_vec(&subject).unwrap().len();
     let mut refs = Vec::new();
     for kind in [
@@ -496,13 +491,8 @@ fn referrers_with_subject_and_artifact_type_filter() {
 #[test]
 fn deletes_of_manifests_tags_and_blobs() {
     let s = Server::start();
-    let config = s.push_blob("app", b"{}");
-    let manifest = image_manifest((&config, 2), &[]);
-    let digest = s
-        .push_manifest("app", "v1", &manifest)
-        .header("docker-content-digest")
-        .unwrap()
-        .to_owned();
+    let (manifest, digest) = s.push_empty_image("app", "v1");
+    let config = sha256(b"{}");
     s.push_manifest("app", "v2", &manifest);
     // Tag delete leaves the manifest.
     assert_eq!(
@@ -600,13 +590,7 @@ fn client_mistakes_get_spec_errors_never_500() {
 fn state_and_chunked_uploads_survive_a_kill_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_in(dir.path());
-    let config = s.push_blob("app", b"{}");
-    let manifest = image_manifest((&config, 2), &[]);
-    let digest = s
-        .push_manifest("app", "v1", &manifest)
-        .header("docker-content-digest")
-        .unwrap()
-        .to_owned();
+    let (_, digest) = s.push_empty_image("app", "v1");
     let r = call(s.req("POST", "/v2/app/blobs/uploads/").call());
     let location = r.header("location").unwrap().to_owned();
     call(

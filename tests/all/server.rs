@@ -98,6 +98,17 @@ impl Server {
         digest
     }
 
+    /// Pushes an image with an empty config and no layers under `tag`;
+    /// returns the manifest and its digest.
+    pub(crate) fn push_empty_image(&self, repo: &str, tag: &str) -> (serde_json::Value, String) {
+        let config = self.push_blob(repo, b"{}");
+        let manifest = image_manifest((&config, 2), &[]);
+        let r = self.push_manifest(repo, tag, &manifest);
+        assert_eq!(r.status, 201, "{r:?}");
+        let digest = r.header("docker-content-digest").unwrap().to_owned();
+        (manifest, digest)
+    }
+
     /// Pushes an image manifest with one config and the given layers.
     pub(crate) fn push_manifest(
         &self,

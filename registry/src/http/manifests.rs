@@ -52,12 +52,8 @@ pub(super) async fn put(
         .put_manifest(name, reference, content_type.as_deref(), &bytes)
         .await?;
     if let Some(scan) = scan {
-        let stored = registry
-            .store
-            .manifest(name, &Reference::Digest(put.digest.clone()))
-            .await?;
         registry
-            .attach_scan(name, &put.digest, bytes.len(), &stored.media_type, &scan)
+            .attach_scan(name, &put.digest, bytes.len(), &put.media_type, &scan)
             .await?;
     }
     let mut r = empty(StatusCode::CREATED);
