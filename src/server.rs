@@ -1,18 +1,16 @@
-//! `wharf server`: the registry at `/v2/` and `/healthz`, on one port, with
-//! state in one data directory. (The control plane joins it at `/v1/` with
-//! its issue.)
+//! `wharf server`: the whole single-node system on one port — the registry
+//! at `/v2/`, the control plane at `/v1/`, `/metrics` and `/healthz` — with
+//! state in one data directory and a local node that runs tasks.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use axum::Router;
-use axum::routing::get;
 use clap::Args;
-use wharf_registry::Registry;
-use wharf_registry::auth::StaticTokens;
+use wharf_api::{Api, ApiConfig};
 use wharf_registry::storage::fs::FsStorage;
+use wharf_runtime::{Runtime, RuntimeConfig};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServerArgs {
@@ -22,6 +20,17 @@ pub(crate) struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "WHARF_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Concurrent tasks on this node (default: the instance pool, 1000).
+    #[arg(long, env = "WHARF_SLOTS")]
+    slots: Option<usize>,
+    /// First delay before restarting a failing service task; it doubles
+    /// with each consecutive failure.
+    #[arg(long, env = "WHARF_RESTART_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    restart_backoff: std::time::Duration,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    wharf_runtime::parse_duration(text).map_err(|e| e.to_string())
 }
 
 /// Reads the admin token, creating it (mode 0600) on first start.
@@ -63,16 +72,24 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     let token = admin_token(&data_dir)?;
     let storage =
         FsStorage::open(data_dir.join("registry")).context("failed to open registry storage")?;
-    let registry = Registry::new(Arc::new(storage), Arc::new(StaticTokens::new([token])));
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
+        ..RuntimeConfig::default()
+    })
+    .context("failed to start the wasm runtime")?;
+    let mut config = ApiConfig::new(data_dir.clone(), token);
+    config.slots = args.slots;
+    config.restart_backoff = args.restart_backoff;
 
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
     tokio.block_on(async move {
-        let app = Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
-            .merge(wharf_registry::http::router(registry));
+        let api = Api::open(config, runtime, Arc::new(storage))
+            .await
+            .with_context(|| format!("failed to open the state in {}", data_dir.display()))?;
+        let app = api.router();
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("failed to listen on {}", args.listen))?;
@@ -86,6 +103,8 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("server failed")?;
+        eprintln!("wharf: stopping tasks");
+        api.shutdown().await;
         eprintln!("wharf: stopped");
         Ok(())
     })

@@ -1,1 +1,271 @@
-//! The control plane (arrives with the control-plane issue).
+//! Wharf's control plane — the ECS half: task definitions, tasks,
+//! services with rolling deployments, secrets, tokens with roles, an audit
+//! log and metrics, over an axum API at `/v1/`, with state in SQLite.
+//!
+//! - [`Api::open`] recovers state (tasks that were running when the server
+//!   died are `STOPPED` with `NodeLost`; services come back and the
+//!   reconciler restores their desired counts), builds the registry with
+//!   token scopes, and starts the reconciler.
+//! - [`control::Control`] holds every operation; [`http`] maps routes onto
+//!   it and serves the OpenAPI document; [`services`] holds the reconciler.
+//! - [`tasks`] drives each task on the local node's
+//!   [`wharf_runtime::Executor`]; artifacts come from the registry by
+//!   digest ([`artifacts`]) and compile once.
+//! - [`db::StateStore`] is the state boundary; [`db::SqliteStore`] its
+//!   embedded implementation. High-rate writes go through a group-commit
+//!   [`writer`].
+//!
+//! This crate glues the registry and the runtime; it reads no environment
+//! variables and installs no tracing subscriber.
+
+pub mod artifacts;
+pub mod auth;
+pub mod control;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod services;
+pub mod taskdef;
+mod tasks;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use tokio::sync::{mpsc, watch};
+use wharf_registry::Registry;
+use wharf_registry::storage::Storage;
+use wharf_runtime::{Executor, Runtime};
+
+pub use error::{ApiError, ErrorCode};
+
+use crate::control::Control;
+use crate::db::{SqliteStore, StateStore};
+use crate::metrics::Metrics;
+use crate::tasks::Tasks;
+use crate::writer::Writer;
+
+/// How the control plane runs. Every default is the one documented here.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Holds `state.db` (SQLite) and scratch files.
+    pub data_dir: PathBuf,
+    /// The data directory's admin token.
+    pub admin_token: String,
+    /// Concurrent tasks on the local node (default: the runtime's
+    /// instance pool size).
+    pub slots: Option<usize>,
+    /// Output retained per task, both streams (default 64 KiB: a long run
+    /// of diagnostics, small enough for thousands of tasks).
+    pub log_retention_bytes: usize,
+    /// Stopped tasks kept in the store, newest first (default 100,000).
+    pub keep_stopped_tasks: u64,
+    /// First delay before restarting a service's failing task (default
+    /// 1 s); doubles with every consecutive failure.
+    pub restart_backoff: Duration,
+    /// The longest restart delay (default 60 s).
+    pub max_restart_backoff: Duration,
+    /// How long shutdown waits for stopped tasks' records (default 10 s).
+    pub shutdown_grace: Duration,
+    /// The node's per-task memory maximum (set from the runtime).
+    pub max_task_memory: u64,
+}
+
+impl ApiConfig {
+    /// The defaults, for `data_dir` and `admin_token`.
+    pub fn new(data_dir: PathBuf, admin_token: String) -> Self {
+        ApiConfig {
+            data_dir,
+            admin_token,
+            slots: None,
+            log_retention_bytes: 64 << 10,
+            keep_stopped_tasks: 100_000,
+            restart_backoff: Duration::from_secs(1),
+            max_restart_backoff: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            max_task_memory: 0,
+        }
+    }
+}
+
+/// The running control plane.
+pub struct Api {
+    control: Arc<Control>,
+    shutdown: watch::Sender<bool>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    writer_join: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").finish_non_exhaustive()
+    }
+}
+
+/// How often stopped tasks beyond the retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+impl Api {
+    /// Opens the state store, recovers, and starts the reconciler. Must be
+    /// called within a tokio runtime.
+    pub async fn open(
+        mut config: ApiConfig,
+        runtime: Arc<Runtime>,
+        registry_storage: Arc<dyn Storage>,
+    ) -> Result<Api, db::DbError> {
+        config.max_task_memory = runtime.config().max_task_memory;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store: Arc<dyn StateStore> =
+            Arc::new(SqliteStore::open(&config.data_dir.join("state.db")).await?);
+        let lost = store.recover_lost_tasks(&model::now()).await?;
+        if !lost.is_empty() {
+            tracing::warn!(
+                tasks = lost.len(),
+                "tasks were running when the server stopped: NodeLost"
+            );
+        }
+        let (writer, writer_join) = Writer::start(store.clone());
+        let tokens = Arc::new(auth::Tokens::with_admin(&config.admin_token));
+        for (token, hash) in store.tokens().await? {
+            tokens.load(&token, &hash);
+        }
+        let registry = Registry::new(
+            registry_storage,
+            Arc::new(auth::RegistryAuthorizer(tokens.clone())),
+        );
+        let artifacts = Arc::new(artifacts::Artifacts::new(
+            registry.clone(),
+            runtime.clone(),
+            config.data_dir.join("tmp"),
+        ));
+        let slots = config
+            .slots
+            .unwrap_or(runtime.config().max_instances as usize);
+        let executor = Executor::new(runtime, slots);
+        let metrics = Metrics::new();
+        let (stopped_tx, stopped_rx) = mpsc::unbounded_channel();
+        let tasks = Arc::new(Tasks::new(
+            executor,
+            artifacts.clone(),
+            writer.clone(),
+            store.clone(),
+            metrics.clone(),
+            config.log_retention_bytes,
+            stopped_tx,
+        ));
+        let keep = config.keep_stopped_tasks;
+        let control = Arc::new(Control::new(
+            config,
+            store.clone(),
+            writer,
+            tasks,
+            artifacts,
+            registry,
+            tokens,
+            metrics,
+        ));
+        control
+            .load_services()
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.message))?;
+        for task in lost.iter().filter(|t| t.service.is_some()) {
+            control.writer.send(db::Write::Event {
+                service: task.service.clone().unwrap_or_default(),
+                at: model::now(),
+                message: format!(
+                    "service {} task {} stopped: NodeLost (the server restarted)",
+                    task.service.as_deref().unwrap_or_default(),
+                    task.id
+                ),
+            });
+        }
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let reconciler = tokio::spawn(services::reconciler(
+            control.clone(),
+            stopped_rx,
+            shutdown_rx.clone(),
+        ));
+        let janitor = tokio::spawn({
+            let store = store.clone();
+            let mut shutdown = shutdown_rx;
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        () = tokio::time::sleep(PRUNE_EVERY) => {}
+                    }
+                    match store.prune_tasks(keep).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(tasks = n, "pruned stopped tasks"),
+                        Err(e) => tracing::error!(error = %e, "cannot prune stopped tasks"),
+                    }
+                }
+            }
+        });
+        Ok(Api {
+            control,
+            shutdown,
+            background: vec![reconciler, janitor],
+            writer_join,
+        })
+    }
+
+    /// The registry, with token scopes.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.control.registry
+    }
+
+    /// The control plane's operations.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// Everything the server answers: `/v1/`, `/v2/`, `/metrics`,
+    /// `/healthz`.
+    pub fn router(&self) -> Router {
+        let control = self.control.clone();
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/metrics", get(render_metrics).with_state(control.clone()))
+            .merge(http::router(control.clone()))
+            .merge(wharf_registry::http::router(control.registry.clone()))
+            .layer(axum::middleware::from_fn_with_state(control, http::observe))
+    }
+
+    /// Graceful stop: no new tasks, every live task stopped with a recorded
+    /// reason, queued state written, the store closed.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for job in self.background {
+            let _ = job.await;
+        }
+        self.control
+            .tasks
+            .shutdown(self.control.config.shutdown_grace)
+            .await;
+        let _ = self.control.writer.commit(Vec::new()).await;
+        self.control.store.close().await;
+        drop(self.control);
+        self.writer_join.abort();
+    }
+}
+
+async fn render_metrics(State(control): State<Arc<Control>>) -> String {
+    control.refresh_service_metrics().await;
+    let (bytes_in, bytes_out) = control.registry.metrics.totals();
+    Metrics::mirror(
+        &control.metrics.registry_bytes.with_label_values(&["in"]),
+        bytes_in,
+    );
+    Metrics::mirror(
+        &control.metrics.registry_bytes.with_label_values(&["out"]),
+        bytes_out,
+    );
+    control.metrics.render()
+}

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::Runtime;
@@ -77,6 +77,7 @@ pub struct TaskHandle {
     logs: Option<Arc<LogBuffer>>,
     stop: Arc<StopSignal>,
     phase: Arc<AtomicU8>,
+    phase_changed: Arc<Notify>,
     join: JoinHandle<Outcome>,
 }
 
@@ -104,6 +105,20 @@ impl TaskHandle {
             0 => TaskPhase::Pending,
             1 => TaskPhase::Running,
             _ => TaskPhase::Stopped,
+        }
+    }
+
+    /// Resolves once the task has left `Pending` (it holds a slot, or it
+    /// ended without one).
+    pub async fn started(&self) {
+        loop {
+            let changed = self.phase_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.phase() != TaskPhase::Pending {
+                return;
+            }
+            changed.await;
         }
     }
 
@@ -161,22 +176,29 @@ impl Executor {
     ) -> TaskHandle {
         let stop = StopSignal::new();
         let phase = Arc::new(AtomicU8::new(0));
+        let phase_changed = Arc::new(Notify::new());
         let logs = match &spec.stdio {
             Stdio::Capture(logs) => Some(logs.clone()),
             Stdio::Inherit => None,
         };
         let join = tokio::spawn({
-            let (this, stop, phase, logs) =
-                (self.clone(), stop.clone(), phase.clone(), logs.clone());
+            let (this, stop, phase, changed, logs) = (
+                self.clone(),
+                stop.clone(),
+                phase.clone(),
+                phase_changed.clone(),
+                logs.clone(),
+            );
             async move {
                 let outcome = this
-                    .run_in_slot(&artifact, &spec, &stop, &phase, permit)
+                    .run_in_slot(&artifact, &spec, &stop, &phase, &changed, permit)
                     .await;
                 if let Some(logs) = logs {
                     logs.close();
                 }
                 this.counters.stopped[outcome.stop_code as usize].fetch_add(1, Ordering::Relaxed);
                 phase.store(2, Ordering::Release);
+                changed.notify_waiters();
                 outcome
             }
         });
@@ -184,6 +206,7 @@ impl Executor {
             logs,
             stop,
             phase,
+            phase_changed,
             join,
         }
     }
@@ -194,6 +217,7 @@ impl Executor {
         spec: &TaskSpec,
         stop: &StopSignal,
         phase: &AtomicU8,
+        phase_changed: &Notify,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Outcome {
         let _permit = match permit {
@@ -207,6 +231,7 @@ impl Executor {
             },
         };
         phase.store(1, Ordering::Release);
+        phase_changed.notify_waiters();
         self.counters.started.fetch_add(1, Ordering::Relaxed);
         self.runtime.run_with_stop(artifact, spec, stop).await
     }

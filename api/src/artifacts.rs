@@ -1,0 +1,270 @@
+//! From a task definition's artifact reference to a compiled artifact:
+//! tags resolve to digests once, at registration; runs fetch the Wasm
+//! layer by digest (from the built-in registry's store, or over OCI from
+//! another registry) and compile it once per digest.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use wharf_registry::Registry;
+use wharf_registry::client::RegistryClient;
+use wharf_registry::digest::Digest;
+use wharf_registry::path::{Name, Reference};
+use wharf_registry::wasm;
+use wharf_runtime::{Artifact, Runtime};
+
+use crate::error::{ApiError, Result};
+
+/// Wasm layers larger than this are refused: the layer is read into
+/// memory to compile it, and no real task is near this size.
+pub const MAX_WASM_BYTES: u64 = 256 << 20;
+
+/// Where an artifact lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactRef {
+    /// A repository of the built-in registry.
+    Local {
+        /// The repository.
+        name: Name,
+        /// Tag or digest.
+        reference: Reference,
+    },
+    /// `host[:port]/repo:tag` of another registry.
+    Remote(String),
+}
+
+impl ArtifactRef {
+    /// Parses `repo:tag`, `repo@digest` (built-in) or `host/repo:tag`
+    /// (remote: the first part has a `.` or `:` or is `localhost`).
+    pub fn parse(text: &str) -> Result<ArtifactRef> {
+        let text = text.trim();
+        let first = text.split('/').next().unwrap_or_default();
+        if text.contains('/') && (first.contains(['.', ':']) || first == "localhost") {
+            return Ok(ArtifactRef::Remote(text.to_owned()));
+        }
+        let (repo, reference) = if let Some((repo, digest)) = text.split_once('@') {
+            (repo, digest)
+        } else {
+            match text.rsplit_once(':') {
+                Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+                _ => (text, "latest"),
+            }
+        };
+        let name = Name::parse(repo).map_err(|e| ApiError::invalid("artifact", e))?;
+        let reference =
+            Reference::parse(reference).map_err(|e| ApiError::invalid("artifact", e))?;
+        Ok(ArtifactRef::Local { name, reference })
+    }
+}
+
+/// A reference resolved to what runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The manifest digest.
+    pub manifest: String,
+    /// The Wasm layer's digest.
+    pub wasm: String,
+}
+
+/// Fetches and compiles artifacts, once per digest.
+pub(crate) struct Artifacts {
+    registry: Arc<Registry>,
+    runtime: Arc<Runtime>,
+    scratch: PathBuf,
+    loading: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Artifacts {
+    pub(crate) fn new(registry: Arc<Registry>, runtime: Arc<Runtime>, scratch: PathBuf) -> Self {
+        Artifacts {
+            registry,
+            runtime,
+            scratch,
+            loading: DashMap::new(),
+        }
+    }
+
+    /// Resolves a reference to its manifest and Wasm layer digests.
+    pub(crate) async fn resolve(&self, artifact: &str) -> Result<Resolved> {
+        match ArtifactRef::parse(artifact)? {
+            ArtifactRef::Local { name, reference } => {
+                let manifest = self
+                    .registry
+                    .store
+                    .manifest(&name, &reference)
+                    .await
+                    .map_err(|e| ApiError::invalid("artifact", e))?;
+                let json: serde_json::Value = serde_json::from_slice(&manifest.bytes)
+                    .map_err(|e| ApiError::invalid("artifact", e))?;
+                let layer = json
+                    .get("layers")
+                    .and_then(|l| l.as_array())
+                    .into_iter()
+                    .flatten()
+                    .find(|l| {
+                        l.get("mediaType")
+                            .and_then(|m| m.as_str())
+                            .is_some_and(|m| wasm::ACCEPTED_LAYER_MEDIA_TYPES.contains(&m))
+                    })
+                    .and_then(|l| l.get("digest"))
+                    .and_then(|d| d.as_str())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "artifact",
+                            format!(
+                                "{artifact} is not a Wasm artifact (no {} layer)",
+                                wasm::LAYER_MEDIA_TYPE
+                            ),
+                        )
+                    })?;
+                Ok(Resolved {
+                    manifest: manifest.digest.to_string(),
+                    wasm: layer.to_owned(),
+                })
+            }
+            ArtifactRef::Remote(reference) => {
+                let client = RegistryClient::new(&reference, None)
+                    .map_err(|e| ApiError::invalid("artifact", e))?;
+                let inspected = client
+                    .inspect(&reference)
+                    .await
+                    .map_err(|e| ApiError::invalid("artifact", e))?;
+                let layer = inspected
+                    .layers
+                    .iter()
+                    .find(|l| {
+                        l.get("mediaType")
+                            .and_then(|m| m.as_str())
+                            .is_some_and(|m| wasm::ACCEPTED_LAYER_MEDIA_TYPES.contains(&m))
+                    })
+                    .and_then(|l| l.get("digest"))
+                    .and_then(|d| d.as_str())
+                    .ok_or_else(|| {
+                        ApiError::invalid("artifact", format!("{reference} has no Wasm layer"))
+                    })?;
+                Ok(Resolved {
+                    manifest: inspected.digest,
+                    wasm: layer.to_owned(),
+                })
+            }
+        }
+    }
+
+    /// The compiled artifact for a task definition's pinned Wasm layer.
+    /// Concurrent first runs of one digest compile it once.
+    pub(crate) async fn load(
+        &self,
+        artifact: &str,
+        manifest_digest: &str,
+        wasm_digest: &str,
+    ) -> std::result::Result<Arc<Artifact>, String> {
+        if let Some(a) = self.runtime.cached(wasm_digest) {
+            return Ok(a);
+        }
+        let lock = self
+            .loading
+            .entry(wasm_digest.to_owned())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if let Some(a) = self.runtime.cached(wasm_digest) {
+            return Ok(a);
+        }
+        let bytes = self.fetch(artifact, manifest_digest, wasm_digest).await?;
+        let runtime = self.runtime.clone();
+        let loaded = tokio::task::spawn_blocking(move || runtime.load(&bytes))
+            .await
+            .map_err(|e| format!("compiling failed: {e}"))?
+            .map_err(|e| format!("cannot load the artifact: {e}"))?;
+        self.loading.remove(wasm_digest);
+        Ok(loaded.artifact)
+    }
+
+    async fn fetch(
+        &self,
+        artifact: &str,
+        manifest_digest: &str,
+        wasm_digest: &str,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let digest: Digest = wasm_digest
+            .parse()
+            .map_err(|_| format!("bad digest {wasm_digest}"))?;
+        match ArtifactRef::parse(artifact).map_err(|e| e.message)? {
+            ArtifactRef::Local { name, .. } => {
+                let bytes = self
+                    .registry
+                    .store
+                    .read_blob(&name, &digest, MAX_WASM_BYTES)
+                    .await
+                    .map_err(|e| format!("cannot read {wasm_digest} from {name}: {e}"))?
+                    .ok_or_else(|| {
+                        format!(
+                            "the Wasm layer {wasm_digest} is no longer in {name} (deleted or larger than {MAX_WASM_BYTES} bytes)"
+                        )
+                    })?;
+                if digest.same_algorithm_of(&bytes) != digest {
+                    return Err(format!("the stored layer {wasm_digest} is corrupt"));
+                }
+                Ok(bytes)
+            }
+            ArtifactRef::Remote(reference) => {
+                let repo = reference
+                    .rsplit_once('@')
+                    .map(|(r, _)| r)
+                    .unwrap_or(&reference);
+                let repo = match repo.rsplit_once(':') {
+                    Some((r, tag)) if !tag.contains('/') => r,
+                    _ => repo,
+                };
+                let pinned = format!("{repo}@{manifest_digest}");
+                let client = RegistryClient::new(&pinned, None).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(&self.scratch).map_err(|e| e.to_string())?;
+                let file = self.scratch.join(digest.hex());
+                let got = client
+                    .pull_wasm(&pinned, &file, |_, _| {})
+                    .await
+                    .map_err(|e| format!("cannot pull {pinned}: {e}"))?;
+                let bytes = std::fs::read(&file).map_err(|e| e.to_string());
+                let _ = std::fs::remove_file(&file);
+                if got != wasm_digest {
+                    return Err(format!(
+                        "{pinned} now has layer {got}, not the registered {wasm_digest}"
+                    ));
+                }
+                bytes
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let local = |t: &str, n: &str, r: &str| match ArtifactRef::parse(t).unwrap() {
+            ArtifactRef::Local { name, reference } => {
+                assert_eq!(name.as_str(), n);
+                assert_eq!(reference.to_string(), r);
+            }
+            other => panic!("{t}: {other:?}"),
+        };
+        local("team/hello:v1", "team/hello", "v1");
+        local("hello", "hello", "latest");
+        local(
+            "a/b@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "a/b",
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        );
+        for remote in ["ghcr.io/x/y:1", "localhost:5000/x:1", "localhost/x"] {
+            assert_eq!(
+                ArtifactRef::parse(remote).unwrap(),
+                ArtifactRef::Remote(remote.into())
+            );
+        }
+        assert!(ArtifactRef::parse("Team/X:1").is_err());
+        assert!(ArtifactRef::parse("a:b c").is_err());
+    }
+}

@@ -1,0 +1,443 @@
+//! The control plane's operations, one method per API action: task
+//! definitions, tasks, secrets and tokens here; services in
+//! [`crate::services`]. HTTP handlers are thin wrappers over these.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use utoipa::ToSchema;
+use wharf_registry::Registry;
+
+use crate::ApiConfig;
+use crate::artifacts::Artifacts;
+use crate::auth::{self, Tokens};
+use crate::db::{StateStore, TaskFilter};
+use crate::error::{ApiError, ErrorCode, Result};
+use crate::metrics::Metrics;
+use crate::model::{self, Role, Secret, Task, TaskDefinition, TaskDefinitionStatus, Token};
+use crate::services::ServiceState;
+use crate::taskdef::{Overrides, TaskDefinitionInput, check_name};
+use crate::tasks::{Launch, StopReason, Tasks};
+use crate::writer::Writer;
+
+/// The most tasks one run request may start.
+pub const MAX_RUN_COUNT: u32 = 100;
+
+/// `POST /v1/tasks`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunTaskRequest {
+    /// `family` (latest active revision) or `family:revision`.
+    pub task_definition: String,
+    /// How many tasks to start (1 to 100; default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Changes for these runs.
+    #[serde(default)]
+    pub overrides: Option<Overrides>,
+}
+
+/// `POST /v1/secrets`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSecretRequest {
+    /// The secret's name.
+    pub name: String,
+    /// Its value (never returned).
+    pub value: String,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// A name for people.
+    pub name: String,
+    /// `admin`, `deployer` or `reader`.
+    pub role: Role,
+    /// Registry repositories it may reach (`team/*` for a prefix); empty
+    /// or absent: all.
+    #[serde(default)]
+    pub repositories: Vec<String>,
+}
+
+/// A new token, with its secret (shown once).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct CreatedToken {
+    /// The token's record.
+    pub token: Token,
+    /// The secret to send as `Authorization: Bearer …`.
+    pub secret: String,
+}
+
+/// Everything the control plane owns.
+pub struct Control {
+    pub(crate) config: ApiConfig,
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) writer: Writer,
+    pub(crate) tasks: Arc<Tasks>,
+    pub(crate) artifacts: Arc<Artifacts>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) tokens: Arc<Tokens>,
+    pub(crate) metrics: Metrics,
+    /// Registered revisions by `family:revision` (immutable but for status).
+    defs: DashMap<String, Arc<TaskDefinition>>,
+    /// The latest active revision per family.
+    latest: DashMap<String, u32>,
+    pub(crate) services: tokio::sync::Mutex<BTreeMap<String, ServiceState>>,
+    pub(crate) wake: Notify,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+/// Splits `family[:revision]`.
+pub fn parse_def_name(text: &str) -> Result<(String, Option<u32>)> {
+    let field = "task_definition";
+    let (family, revision) = match text.split_once(':') {
+        Some((f, r)) => {
+            let r: u32 = r.parse().map_err(|_| {
+                ApiError::invalid(field, format!("{text:?}: the revision must be a number"))
+            })?;
+            (f, Some(r))
+        }
+        None => (text, None),
+    };
+    check_name(field, family)?;
+    Ok((family.to_owned(), revision))
+}
+
+impl Control {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: ApiConfig,
+        store: Arc<dyn StateStore>,
+        writer: Writer,
+        tasks: Arc<Tasks>,
+        artifacts: Arc<Artifacts>,
+        registry: Arc<Registry>,
+        tokens: Arc<Tokens>,
+        metrics: Metrics,
+    ) -> Self {
+        Control {
+            config,
+            store,
+            writer,
+            tasks,
+            artifacts,
+            registry,
+            tokens,
+            metrics,
+            defs: DashMap::new(),
+            latest: DashMap::new(),
+            services: tokio::sync::Mutex::new(BTreeMap::new()),
+            wake: Notify::new(),
+        }
+    }
+
+    // ----- task definitions -----
+
+    /// Validates, resolves the artifact's tag to a digest and stores a new
+    /// revision.
+    pub async fn register(&self, input: TaskDefinitionInput) -> Result<TaskDefinition> {
+        let checked = input.check(self.config.max_task_memory)?;
+        for (var, secret) in &checked.secrets {
+            if self.store.secret_value(secret).await?.is_none() {
+                return Err(ApiError::invalid(
+                    &format!("secrets.{var}"),
+                    format!("there is no secret named {secret:?}: create it first"),
+                ));
+            }
+        }
+        let resolved = self.artifacts.resolve(&checked.artifact).await?;
+        let def = TaskDefinition {
+            family: checked.family,
+            revision: 0,
+            task_definition: String::new(),
+            status: TaskDefinitionStatus::Active,
+            artifact: checked.artifact,
+            artifact_digest: resolved.manifest,
+            wasm_digest: resolved.wasm,
+            kind: checked.kind,
+            args: checked.args,
+            env: checked.env,
+            secrets: checked.secrets,
+            limits: checked.limits,
+            labels: checked.labels,
+            registered_at: model::now(),
+            deregistered_at: None,
+        };
+        let def = self.store.register_task_definition(def).await?;
+        self.latest.insert(def.family.clone(), def.revision);
+        self.defs
+            .insert(def.task_definition.clone(), Arc::new(def.clone()));
+        Ok(def)
+    }
+
+    /// Task definitions of one family or all.
+    pub async fn task_definitions(&self, family: Option<&str>) -> Result<Vec<TaskDefinition>> {
+        Ok(self.store.task_definitions(family).await?)
+    }
+
+    /// `family` (latest active revision) or `family:revision`.
+    pub async fn task_definition(&self, name: &str) -> Result<Arc<TaskDefinition>> {
+        let (family, revision) = parse_def_name(name)?;
+        let revision = match revision.or_else(|| self.latest.get(&family).map(|r| *r)) {
+            Some(r) => r,
+            None => {
+                let def = self
+                    .store
+                    .task_definition(&family, None)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!(
+                            "task definition family {family} has no active revision"
+                        ))
+                    })?;
+                self.latest.insert(family.clone(), def.revision);
+                def.revision
+            }
+        };
+        let key = format!("{family}:{revision}");
+        if let Some(def) = self.defs.get(&key) {
+            return Ok(def.clone());
+        }
+        let def = self
+            .store
+            .task_definition(&family, Some(revision))
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("task definition {key} does not exist")))?;
+        let def = Arc::new(def);
+        self.defs.insert(key, def.clone());
+        Ok(def)
+    }
+
+    /// Marks a revision `INACTIVE`; its running tasks carry on.
+    pub async fn deregister(&self, name: &str) -> Result<TaskDefinition> {
+        let (_, revision) = parse_def_name(name)?;
+        if revision.is_none() {
+            return Err(ApiError::invalid(
+                "task_definition",
+                "deregister needs family:revision",
+            ));
+        }
+        let mut def = (*self.task_definition(name).await?).clone();
+        if def.status == TaskDefinitionStatus::Active {
+            def.status = TaskDefinitionStatus::Inactive;
+            def.deregistered_at = Some(model::now());
+            self.store.update_task_definition(&def).await?;
+            self.defs
+                .insert(def.task_definition.clone(), Arc::new(def.clone()));
+            self.latest.remove(&def.family);
+        }
+        Ok(def)
+    }
+
+    // ----- tasks -----
+
+    /// What a task of `def` runs with: the definition's values, the
+    /// overrides, and secret values in its environment.
+    pub(crate) async fn prepare(
+        &self,
+        def: Arc<TaskDefinition>,
+        overrides: Option<&Overrides>,
+        service: Option<(&str, &str)>,
+    ) -> Result<Launch> {
+        let mut args = def.args.clone();
+        let mut env = def.env.clone();
+        let mut limits = def.limits;
+        if let Some(o) = overrides {
+            o.apply(
+                &mut args,
+                &mut env,
+                &mut limits,
+                self.config.max_task_memory,
+            )?;
+        }
+        for (var, secret) in &def.secrets {
+            let value = self.store.secret_value(secret).await?.ok_or_else(|| {
+                ApiError::invalid(
+                    &format!("secrets.{var}"),
+                    format!("the secret {secret:?} no longer exists"),
+                )
+            })?;
+            env.insert(var.clone(), value);
+        }
+        Ok(Launch {
+            def,
+            args,
+            env,
+            limits,
+            service: service.map(|(s, _)| s.to_owned()),
+            deployment_id: service.map(|(_, d)| d.to_owned()),
+        })
+    }
+
+    /// Starts `count` tasks; answers once their records are durable.
+    pub async fn run_task(&self, request: RunTaskRequest) -> Result<Vec<Task>> {
+        let count = request.count.unwrap_or(1);
+        if !(1..=MAX_RUN_COUNT).contains(&count) {
+            return Err(ApiError::invalid(
+                "count",
+                format!("must be between 1 and {MAX_RUN_COUNT}"),
+            ));
+        }
+        let def = self.task_definition(&request.task_definition).await?;
+        if def.status == TaskDefinitionStatus::Inactive {
+            return Err(ApiError::conflict(format!(
+                "task definition {} is INACTIVE: register a new revision",
+                def.task_definition
+            )));
+        }
+        let launch = self.prepare(def, request.overrides.as_ref(), None).await?;
+        let mut tasks = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            tasks.push(self.tasks.launch(launch.clone())?);
+        }
+        self.tasks.sync().await?;
+        Ok(tasks)
+    }
+
+    /// Tasks, newest first.
+    pub async fn list_tasks(&self, filter: TaskFilter) -> Result<Vec<Task>> {
+        // The store has every task; live records are fresher.
+        let mut tasks = self.store.tasks(&filter).await?;
+        for t in &mut tasks {
+            if t.status != model::TaskStatus::Stopped {
+                if let Some(live) = self.tasks.get(&t.id).await? {
+                    *t = live;
+                }
+            }
+        }
+        if let Some(status) = filter.status {
+            tasks.retain(|t| t.status == status);
+        }
+        Ok(tasks)
+    }
+
+    /// One task.
+    pub async fn task(&self, id: &str) -> Result<Task> {
+        self.tasks
+            .get(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("task {id} does not exist")))
+    }
+
+    /// Stops a task (`UserStopped`).
+    pub async fn stop_task(&self, id: &str, reason: Option<String>) -> Result<Task> {
+        let reason = StopReason {
+            code: wharf_runtime::StopCode::UserStopped,
+            message: reason.unwrap_or_else(|| "stopped by the user".into()),
+        };
+        self.tasks
+            .stop(id, reason)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("task {id} does not exist")))
+    }
+
+    // ----- secrets -----
+
+    /// Creates or replaces a secret.
+    pub async fn put_secret(&self, request: CreateSecretRequest) -> Result<Secret> {
+        check_name("name", &request.name)?;
+        if request.value.contains('\0') {
+            return Err(ApiError::invalid("value", "must not contain NUL"));
+        }
+        let at = model::now();
+        self.store
+            .put_secret(&request.name, &request.value, &at)
+            .await?;
+        Ok(Secret {
+            name: request.name,
+            updated_at: at,
+        })
+    }
+
+    /// Deletes a secret.
+    pub async fn delete_secret(&self, name: &str) -> Result<()> {
+        if self.store.delete_secret(name).await? {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!("secret {name} does not exist")))
+        }
+    }
+
+    // ----- tokens -----
+
+    /// Creates a token.
+    pub async fn create_token(&self, request: CreateTokenRequest) -> Result<CreatedToken> {
+        if request.name.trim().is_empty() || request.name.len() > 255 {
+            return Err(ApiError::invalid("name", "must be 1 to 255 characters"));
+        }
+        for pattern in &request.repositories {
+            let bare = pattern.strip_suffix('*').unwrap_or(pattern);
+            let ok = bare.is_empty()
+                || bare
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c));
+            if !ok {
+                return Err(ApiError::invalid(
+                    "repositories",
+                    format!("{pattern:?} is not a repository name or a prefix ending in *"),
+                ));
+            }
+        }
+        let secret = auth::new_secret();
+        let token = Token {
+            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            name: request.name,
+            role: request.role,
+            repositories: request.repositories,
+            created_at: model::now(),
+            revoked_at: None,
+        };
+        let hash = auth::hash(&secret);
+        self.store.put_token(&token, &hash).await?;
+        self.tokens.load(&token, &hash);
+        Ok(CreatedToken { token, secret })
+    }
+
+    /// Every token (without secrets).
+    pub async fn list_tokens(&self) -> Result<Vec<Token>> {
+        Ok(self
+            .store
+            .tokens()
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
+    }
+
+    /// Revokes a token: it stops working at once.
+    pub async fn revoke_token(&self, id: &str) -> Result<Token> {
+        let (mut token, hash) = self
+            .store
+            .tokens()
+            .await?
+            .into_iter()
+            .find(|(t, _)| t.id == id)
+            .ok_or_else(|| ApiError::not_found(format!("token {id} does not exist")))?;
+        if token.revoked_at.is_none() {
+            token.revoked_at = Some(model::now());
+            self.store.put_token(&token, &hash).await?;
+            self.tokens.load(&token, &hash);
+        }
+        Ok(token)
+    }
+
+    /// Refuses a principal below `role`.
+    pub fn require(who: &auth::Principal, role: Role) -> Result<()> {
+        who.require(role)
+    }
+
+    /// `Unauthorized` for a request without a known token.
+    pub fn unauthorized(message: &str) -> ApiError {
+        ApiError::new(ErrorCode::Unauthorized, message)
+    }
+}

@@ -1,0 +1,491 @@
+//! The state store boundary ([`StateStore`]) and its embedded SQLite
+//! implementation ([`SqliteStore`], through `sqlx`, with migrations).
+//!
+//! Every change is a transaction. High-rate changes (task records, their
+//! logs, service events, audit entries) arrive as [`Write`]s in batches, so
+//! one commit carries many of them; the rest are single statements. A
+//! PostgreSQL backend implements the same trait.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::model::{
+    AuditEntry, LogPage, Secret, Service, ServiceEvent, Task, TaskDefinition, TaskDefinitionStatus,
+    TaskStatus, Token,
+};
+
+/// Errors of the state store.
+pub type DbError = sqlx::Error;
+type Result<T, E = DbError> = std::result::Result<T, E>;
+
+/// A high-rate change, applied in batches.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Insert or replace a task record.
+    Task(Box<Task>),
+    /// A stopped task's retained output.
+    TaskLogs(String, Box<LogPage>),
+    /// A service event (its id is assigned by the store).
+    Event {
+        /// The service.
+        service: String,
+        /// When.
+        at: String,
+        /// What happened.
+        message: String,
+    },
+    /// An audit entry (its id is assigned by the store).
+    Audit(Box<AuditEntry>),
+}
+
+/// Which tasks to list.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Of this family.
+    pub family: Option<String>,
+    /// Started by this service.
+    pub service: Option<String>,
+    /// In this status.
+    pub status: Option<TaskStatus>,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
+/// Where the control plane keeps its state.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Applies a batch of writes in one transaction.
+    async fn write(&self, batch: &[Write]) -> Result<()>;
+    /// Marks every task that is not `STOPPED` as stopped with `NodeLost`
+    /// (the node that ran it is gone); returns them.
+    async fn recover_lost_tasks(&self, at: &str) -> Result<Vec<Task>>;
+
+    /// Stores a new revision, numbering it one past the family's last.
+    async fn register_task_definition(&self, def: TaskDefinition) -> Result<TaskDefinition>;
+    /// Revisions of one family or all, newest first per family.
+    async fn task_definitions(&self, family: Option<&str>) -> Result<Vec<TaskDefinition>>;
+    /// One revision; `None` revision: the latest `ACTIVE` one.
+    async fn task_definition(
+        &self,
+        family: &str,
+        revision: Option<u32>,
+    ) -> Result<Option<TaskDefinition>>;
+    /// Replaces a revision's record (status changes).
+    async fn update_task_definition(&self, def: &TaskDefinition) -> Result<()>;
+
+    /// One task.
+    async fn task(&self, id: &str) -> Result<Option<Task>>;
+    /// Tasks matching `filter`, newest first.
+    async fn tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>>;
+    /// A stopped task's retained output.
+    async fn task_logs(&self, id: &str) -> Result<Option<LogPage>>;
+    /// Deletes the oldest stopped tasks beyond `keep`; returns how many.
+    async fn prune_tasks(&self, keep: u64) -> Result<u64>;
+
+    /// Inserts or replaces a service.
+    async fn put_service(&self, service: &Service) -> Result<()>;
+    /// Removes a service.
+    async fn delete_service(&self, name: &str) -> Result<()>;
+    /// Every service.
+    async fn services(&self) -> Result<Vec<Service>>;
+    /// A service's latest events, newest first.
+    async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>>;
+
+    /// Creates or replaces a secret.
+    async fn put_secret(&self, name: &str, value: &str, at: &str) -> Result<()>;
+    /// Deletes a secret; false if there was none.
+    async fn delete_secret(&self, name: &str) -> Result<bool>;
+    /// Secret names.
+    async fn secrets(&self) -> Result<Vec<Secret>>;
+    /// Secret values by name.
+    async fn secret_value(&self, name: &str) -> Result<Option<String>>;
+
+    /// Stores a token with the hash of its secret.
+    async fn put_token(&self, token: &Token, hash: &str) -> Result<()>;
+    /// Every token with its hash.
+    async fn tokens(&self) -> Result<Vec<(Token, String)>>;
+
+    /// The latest audit entries, newest first.
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>>;
+
+    /// Flushes and closes.
+    async fn close(&self);
+}
+
+/// The embedded store: one SQLite file in WAL mode.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("state serializes")
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // In WAL mode NORMAL survives a process crash (kill -9) with
+            // every committed transaction; only a power loss may drop the
+            // last ones. FULL would fsync every commit.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+async fn put_task(conn: &mut sqlx::SqliteConnection, task: &Task) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO tasks (id, family, service, status, created_at, body) VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+    )
+    .bind(&task.id)
+    .bind(&task.family)
+    .bind(&task.service)
+    .bind(task.status.as_str())
+    .bind(&task.created_at)
+    .bind(json(task))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl StateStore for SqliteStore {
+    async fn write(&self, batch: &[Write]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for write in batch {
+            match write {
+                Write::Task(task) => put_task(&mut tx, task).await?,
+                Write::TaskLogs(id, page) => {
+                    sqlx::query("INSERT OR REPLACE INTO task_logs (task_id, body) VALUES (?, ?)")
+                        .bind(id)
+                        .bind(json(page))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Write::Event {
+                    service,
+                    at,
+                    message,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO service_events (service, at, message) VALUES (?, ?, ?)",
+                    )
+                    .bind(service)
+                    .bind(at)
+                    .bind(message)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Write::Audit(e) => {
+                    sqlx::query(
+                        "INSERT INTO audit (at, token_id, actor, method, path, status) VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&e.at)
+                    .bind(&e.token_id)
+                    .bind(&e.actor)
+                    .bind(&e.method)
+                    .bind(&e.path)
+                    .bind(e.status)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await
+    }
+
+    async fn recover_lost_tasks(&self, at: &str) -> Result<Vec<Task>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query("SELECT body FROM tasks WHERE status != 'STOPPED'")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut lost = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut task: Task = parse(row.get::<&str, _>(0))?;
+            task.status = TaskStatus::Stopped;
+            task.desired_status = TaskStatus::Stopped;
+            task.stop_code = Some("NodeLost".into());
+            task.message = Some("the server stopped while the task was running (node lost)".into());
+            task.stopped_at = Some(at.to_owned());
+            put_task(&mut tx, &task).await?;
+            lost.push(task);
+        }
+        tx.commit().await?;
+        Ok(lost)
+    }
+
+    async fn register_task_definition(&self, mut def: TaskDefinition) -> Result<TaskDefinition> {
+        let mut tx = self.pool.begin().await?;
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(revision) FROM task_definitions WHERE family = ?")
+                .bind(&def.family)
+                .fetch_one(&mut *tx)
+                .await?;
+        def.revision = u32::try_from(last.unwrap_or(0) + 1).unwrap_or(u32::MAX);
+        def.task_definition = format!("{}:{}", def.family, def.revision);
+        sqlx::query(
+            "INSERT INTO task_definitions (family, revision, status, registered_at, body) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&def.family)
+        .bind(def.revision)
+        .bind("ACTIVE")
+        .bind(&def.registered_at)
+        .bind(json(&def))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(def)
+    }
+
+    async fn task_definitions(&self, family: Option<&str>) -> Result<Vec<TaskDefinition>> {
+        let rows = sqlx::query(
+            "SELECT body FROM task_definitions WHERE (?1 IS NULL OR family = ?1) ORDER BY family, revision DESC",
+        )
+        .bind(family)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn task_definition(
+        &self,
+        family: &str,
+        revision: Option<u32>,
+    ) -> Result<Option<TaskDefinition>> {
+        let row = match revision {
+            Some(rev) => {
+                sqlx::query("SELECT body FROM task_definitions WHERE family = ? AND revision = ?")
+                    .bind(family)
+                    .bind(rev)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(
+                    "SELECT body FROM task_definitions WHERE family = ? AND status = 'ACTIVE' ORDER BY revision DESC LIMIT 1",
+                )
+                .bind(family)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        row.map(|r| parse(r.get::<&str, _>(0))).transpose()
+    }
+
+    async fn update_task_definition(&self, def: &TaskDefinition) -> Result<()> {
+        let status = match def.status {
+            TaskDefinitionStatus::Active => "ACTIVE",
+            TaskDefinitionStatus::Inactive => "INACTIVE",
+        };
+        sqlx::query(
+            "UPDATE task_definitions SET status = ?, body = ? WHERE family = ? AND revision = ?",
+        )
+        .bind(status)
+        .bind(json(def))
+        .bind(&def.family)
+        .bind(def.revision)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<Task>> {
+        let row = sqlx::query("SELECT body FROM tasks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse(r.get::<&str, _>(0))).transpose()
+    }
+
+    async fn tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>> {
+        let rows = sqlx::query(
+            "SELECT body FROM tasks
+             WHERE (?1 IS NULL OR family = ?1) AND (?2 IS NULL OR service = ?2) AND (?3 IS NULL OR status = ?3)
+             ORDER BY created_at DESC, id LIMIT ?4",
+        )
+        .bind(&filter.family)
+        .bind(&filter.service)
+        .bind(filter.status.map(TaskStatus::as_str))
+        .bind(filter.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn task_logs(&self, id: &str) -> Result<Option<LogPage>> {
+        let row = sqlx::query("SELECT body FROM task_logs WHERE task_id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse(r.get::<&str, _>(0))).transpose()
+    }
+
+    async fn prune_tasks(&self, keep: u64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "DELETE FROM tasks WHERE id IN (
+                 SELECT id FROM tasks WHERE status = 'STOPPED' ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+        )
+        .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if done > 0 {
+            sqlx::query("DELETE FROM task_logs WHERE task_id NOT IN (SELECT id FROM tasks)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn put_service(&self, service: &Service) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO services (name, body) VALUES (?, ?)")
+            .bind(&service.name)
+            .bind(json(service))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_service(&self, name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM services WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn services(&self) -> Result<Vec<Service>> {
+        let rows = sqlx::query("SELECT body FROM services ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, service, at, message FROM service_events WHERE service = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(service)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ServiceEvent {
+                id: r.get(0),
+                service: r.get(1),
+                at: r.get(2),
+                message: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn put_secret(&self, name: &str, value: &str, at: &str) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO secrets (name, value, updated_at) VALUES (?, ?, ?)")
+            .bind(name)
+            .bind(value)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_secret(&self, name: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM secrets WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn secrets(&self) -> Result<Vec<Secret>> {
+        let rows = sqlx::query("SELECT name, updated_at FROM secrets ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Secret {
+                name: r.get(0),
+                updated_at: r.get(1),
+            })
+            .collect())
+    }
+
+    async fn secret_value(&self, name: &str) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM secrets WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    async fn put_token(&self, token: &Token, hash: &str) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO tokens (id, hash, body) VALUES (?, ?, ?)")
+            .bind(&token.id)
+            .bind(hash)
+            .bind(json(token))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn tokens(&self) -> Result<Vec<(Token, String)>> {
+        let rows = sqlx::query("SELECT body, hash FROM tokens ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((parse(r.get::<&str, _>(0))?, r.get::<String, _>(1))))
+            .collect()
+    }
+
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, token_id, actor, method, path, status FROM audit ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                id: r.get(0),
+                at: r.get(1),
+                token_id: r.get(2),
+                actor: r.get(3),
+                method: r.get(4),
+                path: r.get(5),
+                status: r.get::<u16, _>(6),
+            })
+            .collect())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

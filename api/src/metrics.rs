@@ -1,0 +1,139 @@
+//! Prometheus metrics of the control plane, the node and the registry, in
+//! one `prometheus::Registry` rendered at `GET /metrics`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets from 10 µs to 60 s: task starts are microseconds, runs up to
+/// minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Live tasks by status.
+    pub tasks: IntGaugeVec,
+    /// Tasks that took a slot.
+    pub task_starts: IntCounter,
+    /// Stopped tasks by stop code.
+    pub task_stops: IntCounterVec,
+    /// Run time of stopped tasks.
+    pub task_duration: Histogram,
+    /// Time from accepting a task to its slot (fetch, compile when cold,
+    /// queueing, then instantiation).
+    pub task_start_latency: Histogram,
+    /// Fuel consumed by stopped tasks.
+    pub fuel_consumed: IntCounter,
+    /// Registry bytes by direction (`in`: pushed, `out`: pulled).
+    pub registry_bytes: IntCounterVec,
+    /// API latency by method, route and status.
+    pub http_requests: HistogramVec,
+    /// Desired tasks per service.
+    pub service_desired: IntGaugeVec,
+    /// Running tasks per service.
+    pub service_running: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let hist = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+                .expect("valid histogram")
+        };
+        let m = Metrics {
+            tasks: IntGaugeVec::new(
+                Opts::new("wharf_tasks", "Tasks on this server by status"),
+                &["status"],
+            )
+            .expect("valid"),
+            task_starts: IntCounter::new("wharf_task_starts_total", "Tasks that started")
+                .expect("valid"),
+            task_stops: IntCounterVec::new(
+                Opts::new("wharf_task_stops_total", "Tasks that stopped, by stop code"),
+                &["stop_code"],
+            )
+            .expect("valid"),
+            task_duration: hist("wharf_task_duration_seconds", "Run time of stopped tasks"),
+            task_start_latency: hist(
+                "wharf_task_start_latency_seconds",
+                "Time from accepting a task to running it (fetch, compile if cold, queue, instantiate)",
+            ),
+            fuel_consumed: IntCounter::new(
+                "wharf_task_fuel_consumed_total",
+                "Fuel consumed by stopped tasks",
+            )
+            .expect("valid"),
+            registry_bytes: IntCounterVec::new(
+                Opts::new("wharf_registry_bytes_total", "Registry bytes by direction"),
+                &["direction"],
+            )
+            .expect("valid"),
+            http_requests: HistogramVec::new(
+                HistogramOpts::new("wharf_http_request_duration_seconds", "API latency")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["method", "route", "status"],
+            )
+            .expect("valid"),
+            service_desired: IntGaugeVec::new(
+                Opts::new("wharf_service_desired_tasks", "Desired tasks per service"),
+                &["service"],
+            )
+            .expect("valid"),
+            service_running: IntGaugeVec::new(
+                Opts::new("wharf_service_running_tasks", "Running tasks per service"),
+                &["service"],
+            )
+            .expect("valid"),
+            registry,
+        };
+        for c in [
+            Box::new(m.tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.task_starts.clone()),
+            Box::new(m.task_stops.clone()),
+            Box::new(m.task_duration.clone()),
+            Box::new(m.task_start_latency.clone()),
+            Box::new(m.fuel_consumed.clone()),
+            Box::new(m.registry_bytes.clone()),
+            Box::new(m.http_requests.clone()),
+            Box::new(m.service_desired.clone()),
+            Box::new(m.service_running.clone()),
+        ] {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        for status in ["PROVISIONING", "PENDING", "RUNNING"] {
+            m.tasks.with_label_values(&[status]).set(0);
+        }
+        m
+    }
+
+    /// Brings a counter that mirrors a running total up to `total`.
+    pub fn mirror(counter: &IntCounter, total: u64) {
+        let now = counter.get();
+        if total > now {
+            counter.inc_by(total - now);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("metrics encode");
+        String::from_utf8(out).expect("metrics are UTF-8")
+    }
+}

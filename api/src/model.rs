@@ -1,0 +1,369 @@
+//! The resources of the `/v1/` API as they travel over the wire (JSON,
+//! snake_case) and live in the state store. ECS's words, Wasm meanings.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Formats a point in time as RFC 3339 in UTC with milliseconds.
+pub fn timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Now, as [`timestamp`] formats it.
+pub fn now() -> String {
+    timestamp(SystemTime::now())
+}
+
+/// Whether a task definition revision may start new tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TaskDefinitionStatus {
+    /// Registered and usable.
+    Active,
+    /// Deregistered: running tasks continue, no new ones start.
+    Inactive,
+}
+
+/// What kind of program a task definition runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Runs to completion: a wasip1 module or a wasip2 command component.
+    #[default]
+    Command,
+}
+
+/// Per-task limits of a task definition (absent: the node's defaults).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TaskLimits {
+    /// Fuel units before `OutOfFuel`.
+    pub fuel: Option<u64>,
+    /// Bytes of linear memory before `MemoryLimit`.
+    pub memory_bytes: Option<u64>,
+    /// Milliseconds of wall-clock time before `Timeout`.
+    pub timeout_ms: Option<u64>,
+}
+
+/// A registered, immutable revision of a task definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TaskDefinition {
+    /// The family the revision belongs to.
+    pub family: String,
+    /// The revision number, from 1.
+    pub revision: u32,
+    /// `family:revision`.
+    pub task_definition: String,
+    /// `ACTIVE` or `INACTIVE`.
+    pub status: TaskDefinitionStatus,
+    /// The artifact reference as registered (`team/app:v1`, or
+    /// `host/repo:tag` of another registry).
+    pub artifact: String,
+    /// The manifest digest the reference resolved to at registration.
+    pub artifact_digest: String,
+    /// The digest of the Wasm layer that runs.
+    pub wasm_digest: String,
+    /// The program's kind.
+    pub kind: TaskKind,
+    /// Arguments after the program name.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Environment variables whose values come from the secret store:
+    /// variable name → secret name.
+    pub secrets: BTreeMap<String, String>,
+    /// Limits.
+    pub limits: TaskLimits,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// When it was registered.
+    pub registered_at: String,
+    /// When it was deregistered.
+    pub deregistered_at: Option<String>,
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum TaskStatus {
+    /// Accepted; its artifact is being fetched and compiled.
+    Provisioning,
+    /// Ready; waiting for a task slot on the node.
+    Pending,
+    /// Holding a slot: running guest code.
+    Running,
+    /// Ended; `stop_code` says why.
+    Stopped,
+}
+
+impl TaskStatus {
+    /// The spelling used in the API and the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Provisioning => "PROVISIONING",
+            TaskStatus::Pending => "PENDING",
+            TaskStatus::Running => "RUNNING",
+            TaskStatus::Stopped => "STOPPED",
+        }
+    }
+
+    /// Parses [`as_str`](Self::as_str)'s spelling.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            TaskStatus::Provisioning,
+            TaskStatus::Pending,
+            TaskStatus::Running,
+            TaskStatus::Stopped,
+        ]
+        .into_iter()
+        .find(|s| s.as_str().eq_ignore_ascii_case(text))
+    }
+}
+
+/// One run of a task definition on a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    /// The task's id (32 hex digits).
+    pub id: String,
+    /// `family:revision` it runs.
+    pub task_definition: String,
+    /// The task definition's family.
+    pub family: String,
+    /// The service that started it, if any.
+    pub service: Option<String>,
+    /// The service deployment that started it, if any.
+    pub deployment_id: Option<String>,
+    /// The node it runs on.
+    pub node: String,
+    /// Where it is now.
+    pub status: TaskStatus,
+    /// Where it is meant to go: `RUNNING`, or `STOPPED` once asked to stop.
+    pub desired_status: TaskStatus,
+    /// Why it stopped: `Completed`, `NonZeroExit`, `OutOfFuel`,
+    /// `MemoryLimit`, `Timeout`, `Trap`, `UserStopped`, `ScaledDown`,
+    /// `NodeLost` or `FailedToStart`.
+    pub stop_code: Option<String>,
+    /// The guest's exit code, when it exited by itself.
+    pub exit_code: Option<i32>,
+    /// Fuel consumed.
+    pub fuel_consumed: Option<u64>,
+    /// The most linear memory it held, in bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Run time in milliseconds, from instantiation to the stop.
+    pub duration_ms: Option<f64>,
+    /// What happened, for a person (empty when it completed).
+    pub message: Option<String>,
+    /// Arguments it ran with.
+    pub args: Vec<String>,
+    /// Limits it ran with.
+    pub limits: TaskLimits,
+    /// When it was accepted.
+    pub created_at: String,
+    /// When it took a slot.
+    pub started_at: Option<String>,
+    /// When it stopped.
+    pub stopped_at: Option<String>,
+}
+
+/// A line of a task's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogEntry {
+    /// Position in the task's log, from 0.
+    pub seq: u64,
+    /// When the line was written.
+    pub at: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The text, without its newline.
+    pub text: String,
+}
+
+/// A page of a task's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogPage {
+    /// The lines, oldest first.
+    pub lines: Vec<LogEntry>,
+    /// The `from` to ask for next.
+    pub next_seq: u64,
+    /// Lines evicted (retention is bounded) before they could be read.
+    pub missed: u64,
+    /// The task has stopped; no line follows `next_seq`.
+    pub closed: bool,
+}
+
+/// A deployment's role in its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DeploymentStatus {
+    /// The deployment the service is moving to (or at).
+    Primary,
+    /// An older deployment whose tasks are being replaced.
+    Active,
+    /// Finished: no tasks left.
+    Inactive,
+}
+
+/// How far a deployment's rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RolloutState {
+    /// Tasks are being started or replaced.
+    InProgress,
+    /// Every desired task of the deployment runs and older ones are gone.
+    Completed,
+    /// The circuit breaker stopped it and rolled back.
+    Failed,
+}
+
+/// One task definition revision being rolled out in a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Deployment {
+    /// The deployment's id.
+    pub id: String,
+    /// `PRIMARY`, `ACTIVE` or `INACTIVE`.
+    pub status: DeploymentStatus,
+    /// The task definition it runs.
+    pub task_definition: String,
+    /// Tasks of this deployment that are running.
+    pub running_count: u32,
+    /// Tasks of this deployment that are provisioning or pending.
+    pub pending_count: u32,
+    /// Its rollout.
+    pub rollout_state: RolloutState,
+    /// Why the rollout is in that state.
+    pub rollout_state_reason: String,
+    /// Consecutive failed tasks (the circuit breaker's count).
+    pub failed_tasks: u32,
+    /// When it was created.
+    pub created_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+}
+
+/// A service's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ServiceStatus {
+    /// Keeping its desired count.
+    Active,
+    /// Being deleted: scaling to zero, then removed.
+    Draining,
+}
+
+/// A service: keeps `desired_count` tasks of a task definition running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Service {
+    /// The service's name.
+    pub name: String,
+    /// The task definition of the primary deployment.
+    pub task_definition: String,
+    /// `ACTIVE` or `DRAINING`.
+    pub status: ServiceStatus,
+    /// Tasks it keeps running.
+    pub desired_count: u32,
+    /// Tasks running now.
+    pub running_count: u32,
+    /// Tasks provisioning or pending now.
+    pub pending_count: u32,
+    /// A rolling deployment keeps at least this percentage of
+    /// `desired_count` running.
+    pub minimum_healthy_percent: u32,
+    /// A rolling deployment runs at most this percentage of `desired_count`.
+    pub maximum_percent: u32,
+    /// The primary deployment first, then older active ones.
+    pub deployments: Vec<Deployment>,
+    /// When it was created.
+    pub created_at: String,
+}
+
+/// Something that happened to a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceEvent {
+    /// Increasing id.
+    pub id: i64,
+    /// The service.
+    pub service: String,
+    /// When.
+    pub at: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// A secret's name (its value is never returned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Secret {
+    /// The name task definitions refer to.
+    pub name: String,
+    /// When it was created or last set.
+    pub updated_at: String,
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read anything.
+    Reader,
+    /// Read; register, run, scale and delete workloads; push images;
+    /// manage secrets.
+    Deployer,
+    /// Everything, including tokens and the audit log.
+    Admin,
+}
+
+impl Role {
+    /// The spelling used in the API and the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Deployer => "deployer",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses [`as_str`](Self::as_str)'s spelling.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Role::Reader, Role::Deployer, Role::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == text)
+    }
+}
+
+/// An API token (its secret part is shown once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    /// The token's id.
+    pub id: String,
+    /// A name for people.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Registry repositories it may reach (`team/*` matches below `team/`);
+    /// empty: all.
+    pub repositories: Vec<String>,
+    /// When it was created.
+    pub created_at: String,
+    /// When it was revoked.
+    pub revoked_at: Option<String>,
+}
+
+/// One mutating call, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    /// Increasing id.
+    pub id: i64,
+    /// When.
+    pub at: String,
+    /// The token's id (`admin` for the data directory's admin token).
+    pub token_id: String,
+    /// The token's name.
+    pub actor: String,
+    /// HTTP method.
+    pub method: String,
+    /// Request path.
+    pub path: String,
+    /// The answer's status code.
+    pub status: u16,
+}

@@ -1,0 +1,691 @@
+//! Services: create, scale, update (rolling deployments), delete, and the
+//! reconciler that keeps each one at its desired count.
+//!
+//! The reconciler wakes when a task stops, when a service changes, and on
+//! a short tick. For each service it compares live tasks with the desired
+//! count: it starts tasks of the primary deployment (no more than
+//! `maximum_percent` of the desired count in total), retires tasks of
+//! older deployments while at least `minimum_healthy_percent` keep
+//! running, scales down extra ones (`ScaledDown`), backs off exponentially
+//! when tasks keep failing, rolls a failing deployment back (circuit
+//! breaker), and records what it does as service events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use utoipa::ToSchema;
+use wharf_runtime::StopCode;
+
+use crate::control::Control;
+use crate::db::Write;
+use crate::error::{ApiError, Result};
+use crate::model::{
+    self, Deployment, DeploymentStatus, RolloutState, Service, ServiceStatus, Task,
+    TaskDefinitionStatus, TaskStatus,
+};
+use crate::taskdef::check_name;
+use crate::tasks::StopReason;
+
+/// The most tasks one service may keep (the node's instance pool is the
+/// real bound; this catches typos).
+pub const MAX_DESIRED: u32 = 10_000;
+
+/// A task that ran at least this long before failing starts a new
+/// failure streak instead of extending one.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+
+/// Consecutive failed tasks of an in-progress deployment that trip the
+/// circuit breaker.
+pub const CIRCUIT_BREAKER_FAILURES: u32 = 3;
+
+/// `POST /v1/services`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateServiceRequest {
+    /// The service's name.
+    pub name: String,
+    /// `family` or `family:revision`.
+    pub task_definition: String,
+    /// Tasks to keep running.
+    pub desired_count: u32,
+    /// Default 100.
+    #[serde(default)]
+    pub minimum_healthy_percent: Option<u32>,
+    /// Default 200.
+    #[serde(default)]
+    pub maximum_percent: Option<u32>,
+}
+
+/// `PATCH /v1/services/{name}`: scale, or deploy a new revision.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateServiceRequest {
+    /// New desired count.
+    #[serde(default)]
+    pub desired_count: Option<u32>,
+    /// A new task definition: starts a rolling deployment.
+    #[serde(default)]
+    pub task_definition: Option<String>,
+    /// New lower bound of a rolling deployment.
+    #[serde(default)]
+    pub minimum_healthy_percent: Option<u32>,
+    /// New upper bound of a rolling deployment.
+    #[serde(default)]
+    pub maximum_percent: Option<u32>,
+}
+
+/// The reconciler's memory of a service.
+#[derive(Debug)]
+pub(crate) struct ServiceState {
+    service: Service,
+    failures: u32,
+    next_start: Option<Instant>,
+    steady: bool,
+    start_error: Option<String>,
+}
+
+fn check_counts(desired: u32, min: u32, max: u32) -> Result<()> {
+    if desired > MAX_DESIRED {
+        return Err(ApiError::invalid(
+            "desired_count",
+            format!("must be at most {MAX_DESIRED}"),
+        ));
+    }
+    if min > 100 {
+        return Err(ApiError::invalid(
+            "minimum_healthy_percent",
+            "must be 0 to 100",
+        ));
+    }
+    if !(100..=400).contains(&max) {
+        return Err(ApiError::invalid("maximum_percent", "must be 100 to 400"));
+    }
+    Ok(())
+}
+
+fn new_deployment(task_definition: &str) -> Deployment {
+    let now = model::now();
+    Deployment {
+        id: format!(
+            "ecs-svc-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        ),
+        status: DeploymentStatus::Primary,
+        task_definition: task_definition.to_owned(),
+        running_count: 0,
+        pending_count: 0,
+        rollout_state: RolloutState::InProgress,
+        rollout_state_reason: "deployment started".into(),
+        failed_tasks: 0,
+        created_at: now.clone(),
+        updated_at: now,
+    }
+}
+
+impl Control {
+    fn event(&self, service: &str, message: String) {
+        tracing::info!(service, %message, "service event");
+        self.writer.send(Write::Event {
+            service: service.to_owned(),
+            at: model::now(),
+            message,
+        });
+    }
+
+    /// Loads services from the store (at start).
+    pub(crate) async fn load_services(&self) -> Result<()> {
+        let mut services = self.services.lock().await;
+        for service in self.store.services().await? {
+            services.insert(
+                service.name.clone(),
+                ServiceState {
+                    service,
+                    failures: 0,
+                    next_start: None,
+                    steady: false,
+                    start_error: None,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn with_counts(&self, mut service: Service) -> Service {
+        let live = self.tasks.live_of_service(&service.name);
+        let running =
+            |t: &&Task| t.status == TaskStatus::Running && t.desired_status == TaskStatus::Running;
+        let pending = |t: &&Task| {
+            matches!(t.status, TaskStatus::Provisioning | TaskStatus::Pending)
+                && t.desired_status == TaskStatus::Running
+        };
+        let count = |f: &dyn Fn(&&Task) -> bool, d: Option<&str>| {
+            live.iter()
+                .filter(|t| d.is_none_or(|d| t.deployment_id.as_deref() == Some(d)))
+                .filter(f)
+                .count() as u32
+        };
+        service.running_count = count(&running, None);
+        service.pending_count = count(&pending, None);
+        for d in &mut service.deployments {
+            d.running_count = count(&running, Some(&d.id));
+            d.pending_count = count(&pending, Some(&d.id));
+        }
+        service
+    }
+
+    /// Creates a service.
+    pub async fn create_service(&self, request: CreateServiceRequest) -> Result<Service> {
+        check_name("name", &request.name)?;
+        let min = request.minimum_healthy_percent.unwrap_or(100);
+        let max = request.maximum_percent.unwrap_or(200);
+        check_counts(request.desired_count, min, max)?;
+        let def = self.task_definition(&request.task_definition).await?;
+        if def.status == TaskDefinitionStatus::Inactive {
+            return Err(ApiError::conflict(format!(
+                "task definition {} is INACTIVE",
+                def.task_definition
+            )));
+        }
+        let mut services = self.services.lock().await;
+        if services.contains_key(&request.name) {
+            return Err(ApiError::conflict(format!(
+                "service {} already exists",
+                request.name
+            )));
+        }
+        let service = Service {
+            name: request.name.clone(),
+            task_definition: def.task_definition.clone(),
+            status: ServiceStatus::Active,
+            desired_count: request.desired_count,
+            running_count: 0,
+            pending_count: 0,
+            minimum_healthy_percent: min,
+            maximum_percent: max,
+            deployments: vec![new_deployment(&def.task_definition)],
+            created_at: model::now(),
+        };
+        self.store.put_service(&service).await?;
+        self.event(
+            &service.name,
+            format!(
+                "service {} created with {} desired tasks of {}",
+                service.name, service.desired_count, service.task_definition
+            ),
+        );
+        services.insert(
+            service.name.clone(),
+            ServiceState {
+                service: service.clone(),
+                failures: 0,
+                next_start: None,
+                steady: false,
+                start_error: None,
+            },
+        );
+        drop(services);
+        self.wake.notify_one();
+        Ok(service)
+    }
+
+    /// Every service with its counts.
+    pub async fn list_services(&self) -> Vec<Service> {
+        let services = self.services.lock().await;
+        services
+            .values()
+            .map(|s| self.with_counts(s.service.clone()))
+            .collect()
+    }
+
+    /// One service with its counts.
+    pub async fn service(&self, name: &str) -> Result<Service> {
+        let services = self.services.lock().await;
+        services
+            .get(name)
+            .map(|s| self.with_counts(s.service.clone()))
+            .ok_or_else(|| ApiError::not_found(format!("service {name} does not exist")))
+    }
+
+    /// A service's latest events, newest first.
+    pub async fn service_events(&self, name: &str, limit: u32) -> Result<Vec<model::ServiceEvent>> {
+        let known = self.services.lock().await.contains_key(name);
+        // Queued events reach the store before this read.
+        self.writer.commit(Vec::new()).await?;
+        let events = self.store.events(name, limit).await?;
+        if !known && events.is_empty() {
+            return Err(ApiError::not_found(format!(
+                "service {name} does not exist"
+            )));
+        }
+        Ok(events)
+    }
+
+    /// Scales a service or starts a deployment of a new revision.
+    pub async fn update_service(
+        &self,
+        name: &str,
+        request: UpdateServiceRequest,
+    ) -> Result<Service> {
+        let def = match &request.task_definition {
+            Some(t) => Some(self.task_definition(t).await?),
+            None => None,
+        };
+        let mut services = self.services.lock().await;
+        let state = services
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found(format!("service {name} does not exist")))?;
+        if state.service.status == ServiceStatus::Draining {
+            return Err(ApiError::conflict(format!(
+                "service {name} is being deleted"
+            )));
+        }
+        let mut service = state.service.clone();
+        let desired = request.desired_count.unwrap_or(service.desired_count);
+        let min = request
+            .minimum_healthy_percent
+            .unwrap_or(service.minimum_healthy_percent);
+        let max = request.maximum_percent.unwrap_or(service.maximum_percent);
+        check_counts(desired, min, max)?;
+        if desired != service.desired_count {
+            self.event(
+                name,
+                format!(
+                    "service {name} desired count changed from {} to {desired}",
+                    service.desired_count
+                ),
+            );
+        }
+        service.desired_count = desired;
+        service.minimum_healthy_percent = min;
+        service.maximum_percent = max;
+        if let Some(def) = def {
+            if def.status == TaskDefinitionStatus::Inactive {
+                return Err(ApiError::conflict(format!(
+                    "task definition {} is INACTIVE",
+                    def.task_definition
+                )));
+            }
+            if def.task_definition != service.task_definition {
+                for d in &mut service.deployments {
+                    d.status = DeploymentStatus::Active;
+                }
+                let deployment = new_deployment(&def.task_definition);
+                self.event(
+                    name,
+                    format!(
+                        "service {name} started deployment {} of {}",
+                        deployment.id, def.task_definition
+                    ),
+                );
+                service.deployments.insert(0, deployment);
+                service.task_definition = def.task_definition.clone();
+                state.failures = 0;
+                state.next_start = None;
+            }
+        }
+        self.store.put_service(&service).await?;
+        state.service = service.clone();
+        state.steady = false;
+        drop(services);
+        self.wake.notify_one();
+        Ok(self.with_counts(service))
+    }
+
+    /// Starts deleting a service: it scales to zero, then disappears.
+    pub async fn delete_service(&self, name: &str) -> Result<Service> {
+        let mut services = self.services.lock().await;
+        let state = services
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found(format!("service {name} does not exist")))?;
+        if state.service.status != ServiceStatus::Draining {
+            state.service.status = ServiceStatus::Draining;
+            state.service.desired_count = 0;
+            self.store.put_service(&state.service).await?;
+            self.event(
+                name,
+                format!("service {name} is being deleted: draining its tasks"),
+            );
+        }
+        let service = state.service.clone();
+        drop(services);
+        self.wake.notify_one();
+        Ok(self.with_counts(service))
+    }
+
+    /// Books a stopped task against its service: events, failure streak,
+    /// backoff, circuit breaker.
+    async fn task_stopped(&self, task: &Task) {
+        let Some(name) = &task.service else { return };
+        let mut services = self.services.lock().await;
+        let Some(state) = services.get_mut(name) else {
+            return;
+        };
+        let code = task.stop_code.as_deref().unwrap_or("");
+        let asked = matches!(code, "ScaledDown") || code == StopCode::UserStopped.as_str();
+        if asked {
+            return;
+        }
+        let message = task.message.as_deref().filter(|m| !m.is_empty());
+        self.event(
+            name,
+            match message {
+                Some(m) => format!("service {name} task {} failed: {code} ({m})", task.id),
+                None => format!("service {name} task {} failed: {code}", task.id),
+            },
+        );
+        let ran = Duration::from_secs_f64(task.duration_ms.unwrap_or(0.0).max(0.0) / 1000.0);
+        state.failures = if ran >= HEALTHY_RUN {
+            1
+        } else {
+            state.failures + 1
+        };
+        state.steady = false;
+        if state.failures >= 2 {
+            let shift = (state.failures - 2).min(16);
+            let delay = self
+                .config
+                .restart_backoff
+                .saturating_mul(1 << shift)
+                .min(self.config.max_restart_backoff);
+            state.next_start = Some(Instant::now() + delay);
+            self.event(
+                name,
+                format!(
+                    "service {name} is restarting tasks in {} after {} consecutive failures",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+                    state.failures
+                ),
+            );
+        }
+        // Circuit breaker: an in-progress deployment whose tasks keep
+        // failing rolls back to the previous deployment.
+        let service = &mut state.service;
+        let Some(primary) = service.deployments.first_mut() else {
+            return;
+        };
+        if task.deployment_id.as_deref() != Some(primary.id.as_str())
+            || primary.rollout_state != RolloutState::InProgress
+        {
+            return;
+        }
+        primary.failed_tasks += 1;
+        primary.updated_at = model::now();
+        if primary.failed_tasks < CIRCUIT_BREAKER_FAILURES || service.deployments.len() < 2 {
+            let _ = self.store.put_service(service).await;
+            return;
+        }
+        let mut failed = service.deployments.remove(0);
+        failed.status = DeploymentStatus::Inactive;
+        failed.rollout_state = RolloutState::Failed;
+        failed.rollout_state_reason = format!(
+            "circuit breaker: {} tasks failed; rolled back",
+            failed.failed_tasks
+        );
+        let previous = &mut service.deployments[0];
+        previous.status = DeploymentStatus::Primary;
+        previous.rollout_state = RolloutState::InProgress;
+        previous.rollout_state_reason = format!("rolling back from deployment {}", failed.id);
+        previous.updated_at = model::now();
+        service.task_definition = previous.task_definition.clone();
+        self.event(
+            name,
+            format!(
+                "service {name} deployment {} failed ({}): rolling back to {}",
+                failed.id, failed.rollout_state_reason, service.task_definition
+            ),
+        );
+        state.failures = 0;
+        state.next_start = None;
+        let failed_id = failed.id.clone();
+        let _ = self.store.put_service(service).await;
+        drop(services);
+        for t in self.tasks.live_of_service(name) {
+            if t.deployment_id.as_deref() == Some(failed_id.as_str()) {
+                let _ = self
+                    .tasks
+                    .stop(
+                        &t.id,
+                        StopReason {
+                            code: StopCode::ScaledDown,
+                            message: "its deployment was rolled back".into(),
+                        },
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// One pass over every service. Returns when the next pass is due.
+    async fn reconcile(&self) -> Option<Instant> {
+        let mut due: Option<Instant> = None;
+        let mut starts = Vec::new();
+        let mut stops = Vec::new();
+        let mut removed = Vec::new();
+        {
+            let mut services = self.services.lock().await;
+            for state in services.values_mut() {
+                let before = serde_json::to_string(&state.service).unwrap_or_default();
+                let name = state.service.name.clone();
+                let live: Vec<Task> = self
+                    .tasks
+                    .live_of_service(&name)
+                    .into_iter()
+                    .filter(|t| t.desired_status == TaskStatus::Running)
+                    .collect();
+                let service = &mut state.service;
+                let desired = service.desired_count;
+                let Some(primary) = service.deployments.first().cloned() else {
+                    continue;
+                };
+                let (mut ours, mut old): (Vec<&Task>, Vec<&Task>) = live
+                    .iter()
+                    .partition(|t| t.deployment_id.as_deref() == Some(primary.id.as_str()));
+                // Scale down: extra primary tasks go, the youngest first.
+                ours.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+                while ours.len() as u32 > desired {
+                    let t = ours.pop().expect("non-empty");
+                    stops.push((
+                        t.id.clone(),
+                        StopCode::ScaledDown,
+                        "the service scaled down".to_owned(),
+                    ));
+                }
+                // Start primary tasks within maximum_percent.
+                let max_total =
+                    (desired as u64 * service.maximum_percent as u64 / 100).max(desired as u64);
+                let total = (ours.len() + old.len()) as u64;
+                let want = desired.saturating_sub(ours.len() as u32) as u64;
+                let room = max_total.saturating_sub(total).min(want);
+                if room > 0 && !self.tasks.draining() {
+                    match state.next_start {
+                        Some(at) if at > Instant::now() => {
+                            due = Some(due.map_or(at, |d| d.min(at)));
+                        }
+                        _ => {
+                            state.next_start = None;
+                            starts.push((
+                                name.clone(),
+                                primary.task_definition.clone(),
+                                primary.id.clone(),
+                                room,
+                            ));
+                        }
+                    }
+                }
+                // Retire older deployments while enough stay healthy.
+                let min_healthy =
+                    (desired as u64 * service.minimum_healthy_percent as u64).div_ceil(100);
+                let mut healthy = live
+                    .iter()
+                    .filter(|t| t.status == TaskStatus::Running)
+                    .count() as u64;
+                let primary_running = ours
+                    .iter()
+                    .filter(|t| t.status == TaskStatus::Running)
+                    .count() as u32;
+                old.sort_by_key(|t| t.status == TaskStatus::Running);
+                for t in old.iter() {
+                    let running = t.status == TaskStatus::Running;
+                    if running && healthy <= min_healthy && primary_running < desired {
+                        break;
+                    }
+                    if running {
+                        healthy -= 1;
+                    }
+                    stops.push((
+                        t.id.clone(),
+                        StopCode::ScaledDown,
+                        "replaced by a new deployment".to_owned(),
+                    ));
+                }
+                let old_left: std::collections::HashSet<&str> = live
+                    .iter()
+                    .filter(|t| !stops.iter().any(|(id, _, _)| id == &t.id))
+                    .filter_map(|t| t.deployment_id.as_deref())
+                    .collect();
+                let now = model::now();
+                let mut finished = Vec::new();
+                service.deployments.retain(|d| {
+                    let keep =
+                        d.status == DeploymentStatus::Primary || old_left.contains(d.id.as_str());
+                    if !keep {
+                        finished.push(d.id.clone());
+                    }
+                    keep
+                });
+                let steady = primary_running == desired
+                    && ours.len() as u32 == desired
+                    && service.deployments.len() == 1;
+                if let Some(p) = service.deployments.first_mut() {
+                    if steady && p.rollout_state == RolloutState::InProgress {
+                        p.rollout_state = RolloutState::Completed;
+                        p.rollout_state_reason = "every desired task runs".into();
+                        p.updated_at = now.clone();
+                        self.event(
+                            &name,
+                            format!("service {name} deployment {} completed", p.id),
+                        );
+                    }
+                }
+                if steady && !state.steady && service.status == ServiceStatus::Active {
+                    state.failures = 0;
+                    self.event(&name, format!("service {name} has reached a steady state"));
+                }
+                state.steady = steady;
+                if service.status == ServiceStatus::Draining && live.is_empty() {
+                    removed.push(name.clone());
+                }
+                let after = serde_json::to_string(&state.service).unwrap_or_default();
+                if before != after {
+                    if let Err(e) = self.store.put_service(&state.service).await {
+                        tracing::error!(service = %name, error = %e, "cannot save a service");
+                    }
+                }
+            }
+            for name in &removed {
+                services.remove(name);
+            }
+        }
+        for name in removed {
+            if let Err(e) = self.store.delete_service(&name).await {
+                tracing::error!(service = %name, error = %e, "cannot delete a service");
+            }
+            self.event(&name, format!("service {name} deleted"));
+        }
+        for (id, code, message) in stops {
+            let _ = self.tasks.stop(&id, StopReason { code, message }).await;
+        }
+        for (name, def, deployment, n) in starts {
+            let launch = match self.task_definition(&def).await {
+                Ok(d) => self.prepare(d, None, Some((&name, &deployment))).await,
+                Err(e) => Err(e),
+            };
+            let mut services = self.services.lock().await;
+            let Some(state) = services.get_mut(&name) else {
+                continue;
+            };
+            match launch {
+                Ok(launch) => {
+                    state.start_error = None;
+                    let mut started = Vec::new();
+                    for _ in 0..n {
+                        match self.tasks.launch(launch.clone()) {
+                            Ok(t) => started.push(t.id),
+                            Err(_) => break,
+                        }
+                    }
+                    if !started.is_empty() {
+                        self.event(
+                            &name,
+                            format!(
+                                "service {name} has started {} tasks: {}",
+                                started.len(),
+                                started.join(", ")
+                            ),
+                        );
+                    }
+                }
+                Err(e) => {
+                    if state.start_error.as_deref() != Some(e.message.as_str()) {
+                        self.event(
+                            &name,
+                            format!("service {name} cannot start tasks: {}", e.message),
+                        );
+                        state.start_error = Some(e.message.clone());
+                    }
+                    let at = Instant::now()
+                        + self.config.max_restart_backoff.min(Duration::from_secs(5));
+                    state.next_start = Some(at);
+                    due = Some(due.map_or(at, |d| d.min(at)));
+                }
+            }
+        }
+        due
+    }
+
+    /// Refreshes the per-service gauges.
+    pub(crate) async fn refresh_service_metrics(&self) {
+        self.metrics.service_desired.reset();
+        self.metrics.service_running.reset();
+        for s in self.list_services().await {
+            self.metrics
+                .service_desired
+                .with_label_values(&[&s.name])
+                .set(i64::from(s.desired_count));
+            self.metrics
+                .service_running
+                .with_label_values(&[&s.name])
+                .set(i64::from(s.running_count));
+        }
+    }
+}
+
+/// The reconciler loop; ends when `shutdown` turns true.
+pub(crate) async fn reconciler(
+    control: Arc<Control>,
+    mut stopped: mpsc::UnboundedReceiver<Task>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    /// Even with nothing to wake it, the reconciler looks every so often.
+    const TICK: Duration = Duration::from_secs(1);
+    let mut next = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            Some(task) = stopped.recv() => {
+                control.task_stopped(&task).await;
+                while let Ok(task) = stopped.try_recv() {
+                    control.task_stopped(&task).await;
+                }
+            }
+            () = control.wake.notified() => {}
+            () = tokio::time::sleep_until(next.into()) => {}
+        }
+        let due = control.reconcile().await;
+        let tick = Instant::now() + TICK;
+        next = due.map_or(tick, |d| d.min(tick));
+    }
+}

@@ -1,0 +1,379 @@
+//! Task definition files (TOML or JSON) and run-time overrides: the raw
+//! shapes people write, and their validation into checked values. Every
+//! error names the field it is about.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, Result};
+use crate::model::{TaskKind, TaskLimits};
+
+/// A task definition as written in a file or sent to
+/// `POST /v1/taskdefs`. Unknown fields are refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDefinitionInput {
+    /// Family name: letters, digits, `-` and `_`, up to 255.
+    pub family: String,
+    /// `repo:tag` or `repo@digest` in the built-in registry, or
+    /// `host/repo:tag` of another OCI registry.
+    pub artifact: String,
+    /// `command` (the default).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Arguments after the program name.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Environment variable name → secret name.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsInput,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Limits as people write them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsInput {
+    /// Fuel units.
+    #[serde(default)]
+    pub fuel: Option<u64>,
+    /// Bytes, or a size such as `64MiB`.
+    #[serde(default)]
+    pub memory: Option<Quantity>,
+    /// A duration such as `500ms`, `30s`, `2m`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// A number, or a string with a unit.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Quantity {
+    /// A plain number of bytes.
+    Number(u64),
+    /// A size with a unit (`64MiB`).
+    Text(String),
+}
+
+/// A validated task definition, before the artifact is resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedDefinition {
+    pub(crate) family: String,
+    pub(crate) artifact: String,
+    pub(crate) kind: TaskKind,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) secrets: BTreeMap<String, String>,
+    pub(crate) limits: TaskLimits,
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+/// The longest family or service name (as ECS).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Checks a family or service name.
+pub fn check_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!("{name:?} may contain only letters, digits, '-' and '_'"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_env_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Err(ApiError::invalid(
+            field,
+            format!("{name:?} is not a valid environment variable name"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_env(field: &str, env: &BTreeMap<String, String>) -> Result<()> {
+    for (name, value) in env {
+        check_env_name(field, name)?;
+        if value.contains('\0') {
+            return Err(ApiError::invalid(
+                &format!("{field}.{name}"),
+                "must not contain NUL",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates limits against the node's maximum memory.
+pub fn check_limits(field: &str, input: &LimitsInput, max_memory: u64) -> Result<TaskLimits> {
+    let fuel = match input.fuel {
+        Some(0) => return Err(ApiError::invalid(&format!("{field}.fuel"), "must be > 0")),
+        other => other,
+    };
+    let memory_bytes = match &input.memory {
+        None => None,
+        Some(Quantity::Number(n)) => Some(*n),
+        Some(Quantity::Text(t)) => Some(
+            wharf_runtime::parse_size(t)
+                .map_err(|e| ApiError::invalid(&format!("{field}.memory"), e))?,
+        ),
+    };
+    if let Some(m) = memory_bytes {
+        if m == 0 || m > max_memory {
+            return Err(ApiError::invalid(
+                &format!("{field}.memory"),
+                format!("must be between 1 byte and this node's maximum of {max_memory} bytes"),
+            ));
+        }
+    }
+    let timeout_ms = match &input.timeout {
+        None => None,
+        Some(t) => {
+            let d = wharf_runtime::parse_duration(t)
+                .map_err(|e| ApiError::invalid(&format!("{field}.timeout"), e))?;
+            if d.is_zero() {
+                return Err(ApiError::invalid(
+                    &format!("{field}.timeout"),
+                    "must be > 0",
+                ));
+            }
+            Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        }
+    };
+    Ok(TaskLimits {
+        fuel,
+        memory_bytes,
+        timeout_ms,
+    })
+}
+
+impl TaskDefinitionInput {
+    /// Validates every field but the artifact's existence.
+    pub fn check(&self, max_memory: u64) -> Result<CheckedDefinition> {
+        check_name("family", &self.family)?;
+        if self.artifact.trim().is_empty() {
+            return Err(ApiError::invalid("artifact", "is required"));
+        }
+        crate::artifacts::ArtifactRef::parse(&self.artifact)?;
+        let kind = match self.kind.as_deref() {
+            None | Some("command") => TaskKind::Command,
+            Some("http") => {
+                return Err(ApiError::invalid(
+                    "kind",
+                    "\"http\" tasks are not supported yet (they arrive with HTTP services); use \"command\"",
+                ));
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "kind",
+                    format!("{other:?} is not a task kind: expected \"command\""),
+                ));
+            }
+        };
+        if self.args.iter().any(|a| a.contains('\0')) {
+            return Err(ApiError::invalid("args", "must not contain NUL"));
+        }
+        check_env("env", &self.env)?;
+        for (var, secret) in &self.secrets {
+            check_env_name("secrets", var)?;
+            if self.env.contains_key(var) {
+                return Err(ApiError::invalid(
+                    &format!("secrets.{var}"),
+                    "is also set in env: a variable comes from one place",
+                ));
+            }
+            check_name(&format!("secrets.{var}"), secret)?;
+        }
+        let limits = check_limits("limits", &self.limits, max_memory)?;
+        Ok(CheckedDefinition {
+            family: self.family.clone(),
+            artifact: self.artifact.trim().to_owned(),
+            kind,
+            args: self.args.clone(),
+            env: self.env.clone(),
+            secrets: self.secrets.clone(),
+            limits,
+            labels: self.labels.clone(),
+        })
+    }
+}
+
+/// Changes to one run of a task definition.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Replaces the task definition's arguments.
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+    /// Added to (and overriding) the task definition's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Replaces the named limits.
+    #[serde(default)]
+    pub limits: LimitsInput,
+}
+
+impl Overrides {
+    /// Validates and applies the overrides to a definition's values.
+    pub fn apply(
+        &self,
+        args: &mut Vec<String>,
+        env: &mut BTreeMap<String, String>,
+        limits: &mut TaskLimits,
+        max_memory: u64,
+    ) -> Result<()> {
+        if let Some(a) = &self.args {
+            if a.iter().any(|a| a.contains('\0')) {
+                return Err(ApiError::invalid("overrides.args", "must not contain NUL"));
+            }
+            args.clone_from(a);
+        }
+        check_env("overrides.env", &self.env)?;
+        env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let o = check_limits("overrides.limits", &self.limits, max_memory)?;
+        limits.fuel = o.fuel.or(limits.fuel);
+        limits.memory_bytes = o.memory_bytes.or(limits.memory_bytes);
+        limits.timeout_ms = o.timeout_ms.or(limits.timeout_ms);
+        Ok(())
+    }
+}
+
+/// Parses a task definition file: JSON if it starts with `{`, else TOML.
+pub fn parse_file(text: &str) -> std::result::Result<TaskDefinitionInput, String> {
+    if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    } else {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: u64 = 1 << 30;
+
+    fn input(toml: &str) -> TaskDefinitionInput {
+        parse_file(toml).unwrap()
+    }
+
+    #[test]
+    fn the_issue_example_parses_and_checks() {
+        let def = input(
+            r#"
+family = "hello"
+artifact = "team/hello:v1"
+kind = "command"
+args = ["--name", "x"]
+
+[env]
+GREETING = "hi"
+
+[secrets]
+DB_PASSWORD = "db-password"
+
+[limits]
+fuel = 1_000_000_000
+memory = "64MiB"
+timeout = "30s"
+"#,
+        )
+        .check(MAX)
+        .unwrap();
+        assert_eq!(def.family, "hello");
+        assert_eq!(def.limits.memory_bytes, Some(64 << 20));
+        assert_eq!(def.limits.timeout_ms, Some(30_000));
+        assert_eq!(def.limits.fuel, Some(1_000_000_000));
+        assert_eq!(def.secrets["DB_PASSWORD"], "db-password");
+    }
+
+    fn check_error(toml: &str, field: &str) {
+        let err = match parse_file(toml) {
+            Err(e) => {
+                assert!(e.contains(field), "{e:?} should name {field}");
+                return;
+            }
+            Ok(i) => i.check(MAX).unwrap_err(),
+        };
+        assert!(
+            err.message.starts_with(field),
+            "{:?} should start with {field}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        check_error("family = \"a b\"\nartifact = \"x:1\"", "family");
+        check_error("family = \"a\"\nartifact = \"\"", "artifact");
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\nkind = \"daemon\"",
+            "kind",
+        );
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\n[limits]\nmemory = \"lots\"",
+            "limits.memory",
+        );
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\n[limits]\nmemory = \"2GiB\"",
+            "limits.memory",
+        );
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\n[limits]\ntimeout = \"30\"",
+            "limits.timeout",
+        );
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\n[limits]\nfuel = 0",
+            "limits.fuel",
+        );
+        check_error("family = \"a\"\nartifact = \"x:1\"\ncolour = 1", "colour");
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\n[env]\nA = \"1\"\n[secrets]\nA = \"s\"",
+            "secrets.A",
+        );
+    }
+
+    #[test]
+    fn overrides_merge() {
+        let mut args = vec!["a".to_owned()];
+        let mut env = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
+        let mut limits = TaskLimits {
+            fuel: Some(5),
+            memory_bytes: None,
+            timeout_ms: Some(1),
+        };
+        let o = Overrides {
+            args: Some(vec!["b".into()]),
+            env: BTreeMap::from([("B".to_owned(), "2".to_owned())]),
+            limits: LimitsInput {
+                fuel: Some(7),
+                ..Default::default()
+            },
+        };
+        o.apply(&mut args, &mut env, &mut limits, MAX).unwrap();
+        assert_eq!(args, ["b"]);
+        assert_eq!(env.len(), 2);
+        assert_eq!(limits.fuel, Some(7));
+        assert_eq!(limits.timeout_ms, Some(1));
+    }
+}

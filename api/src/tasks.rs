@@ -1,0 +1,405 @@
+//! The local node's tasks: each accepted task gets a record and a driver
+//! that walks it through `PROVISIONING → PENDING → RUNNING → STOPPED` on
+//! the runtime's [`Executor`], writing each step to the state store.
+//!
+//! Live tasks are kept in memory (their logs, stop handles and status
+//! watchers live here); a stopped task's final record and retained output
+//! are committed before anyone can see it stopped, and then it lives only
+//! in the store.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, watch};
+use wharf_runtime::{Executor, LogBuffer, Outcome, StopCode, StopSignal, TaskPhase, TaskSpec};
+
+use crate::artifacts::Artifacts;
+use crate::db::{StateStore, Write};
+use crate::error::{ApiError, Result};
+use crate::metrics::Metrics;
+use crate::model::{self, LogEntry, LogPage, Task, TaskDefinition, TaskLimits, TaskStatus};
+use crate::writer::Writer;
+
+/// What a new task runs with, after overrides and secrets.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub(crate) def: Arc<TaskDefinition>,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) limits: TaskLimits,
+    pub(crate) service: Option<String>,
+    pub(crate) deployment_id: Option<String>,
+}
+
+/// Why the control plane asked a task to stop.
+#[derive(Debug, Clone)]
+pub(crate) struct StopReason {
+    pub(crate) code: StopCode,
+    pub(crate) message: String,
+}
+
+struct EntryState {
+    task: Task,
+    stop: Option<Arc<StopSignal>>,
+    reason: Option<StopReason>,
+}
+
+/// A live task.
+pub(crate) struct TaskEntry {
+    state: Mutex<EntryState>,
+    logs: Arc<LogBuffer>,
+    status: watch::Sender<TaskStatus>,
+}
+
+impl TaskEntry {
+    fn snapshot(&self) -> Task {
+        self.state.lock().expect("task lock").task.clone()
+    }
+}
+
+/// The node's task manager.
+pub(crate) struct Tasks {
+    live: DashMap<String, Arc<TaskEntry>>,
+    executor: Executor,
+    artifacts: Arc<Artifacts>,
+    writer: Writer,
+    store: Arc<dyn StateStore>,
+    metrics: Metrics,
+    log_retention: usize,
+    stopped: mpsc::UnboundedSender<Task>,
+    draining: AtomicBool,
+}
+
+/// The node name tasks of this server report.
+pub(crate) const LOCAL_NODE: &str = "local";
+
+fn convert_page(page: wharf_runtime::LogPage) -> LogPage {
+    LogPage {
+        lines: page
+            .lines
+            .into_iter()
+            .map(|l| LogEntry {
+                seq: l.seq,
+                at: model::timestamp(l.at),
+                stream: match l.stream {
+                    wharf_runtime::Stream::Stdout => "stdout".into(),
+                    wharf_runtime::Stream::Stderr => "stderr".into(),
+                },
+                text: l.text,
+            })
+            .collect(),
+        next_seq: page.next_seq,
+        missed: page.missed,
+        closed: page.closed,
+    }
+}
+
+impl Tasks {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        executor: Executor,
+        artifacts: Arc<Artifacts>,
+        writer: Writer,
+        store: Arc<dyn StateStore>,
+        metrics: Metrics,
+        log_retention: usize,
+        stopped: mpsc::UnboundedSender<Task>,
+    ) -> Self {
+        Tasks {
+            live: DashMap::new(),
+            executor,
+            artifacts,
+            writer,
+            store,
+            metrics,
+            log_retention,
+            stopped,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Accepts a task: records it `PROVISIONING` and starts its driver.
+    /// The returned write is the record to commit (callers that answer a
+    /// client commit it; the reconciler only queues it).
+    pub(crate) fn launch(self: &Arc<Self>, launch: Launch) -> Result<Task> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ApiError::conflict("the server is shutting down"));
+        }
+        let def = launch.def.clone();
+        let task = Task {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            task_definition: def.task_definition.clone(),
+            family: def.family.clone(),
+            service: launch.service.clone(),
+            deployment_id: launch.deployment_id.clone(),
+            node: LOCAL_NODE.into(),
+            status: TaskStatus::Provisioning,
+            desired_status: TaskStatus::Running,
+            stop_code: None,
+            exit_code: None,
+            fuel_consumed: None,
+            peak_memory_bytes: None,
+            duration_ms: None,
+            message: None,
+            args: launch.args.clone(),
+            limits: launch.limits,
+            created_at: model::now(),
+            started_at: None,
+            stopped_at: None,
+        };
+        let (status, _) = watch::channel(TaskStatus::Provisioning);
+        let entry = Arc::new(TaskEntry {
+            state: Mutex::new(EntryState {
+                task: task.clone(),
+                stop: None,
+                reason: None,
+            }),
+            logs: LogBuffer::new(self.log_retention),
+            status,
+        });
+        self.live.insert(task.id.clone(), entry.clone());
+        self.metrics
+            .tasks
+            .with_label_values(&["PROVISIONING"])
+            .inc();
+        self.writer.send(Write::Task(Box::new(task.clone())));
+        tokio::spawn(self.clone().drive(entry, launch, Instant::now()));
+        Ok(task)
+    }
+
+    /// Commits the writes queued so far (a launched task's record).
+    pub(crate) async fn sync(&self) -> Result<()> {
+        self.writer.commit(Vec::new()).await
+    }
+
+    fn transition(&self, entry: &TaskEntry, to: TaskStatus, edit: impl FnOnce(&mut Task)) {
+        let task = {
+            let mut st = entry.state.lock().expect("task lock");
+            let from = st.task.status;
+            st.task.status = to;
+            edit(&mut st.task);
+            self.metrics.tasks.with_label_values(&[from.as_str()]).dec();
+            self.metrics.tasks.with_label_values(&[to.as_str()]).inc();
+            st.task.clone()
+        };
+        self.writer.send(Write::Task(Box::new(task)));
+        entry.status.send_replace(to);
+    }
+
+    async fn drive(self: Arc<Self>, entry: Arc<TaskEntry>, launch: Launch, accepted: Instant) {
+        let def = &launch.def;
+        let artifact = match self
+            .artifacts
+            .load(&def.artifact, &def.artifact_digest, &def.wasm_digest)
+            .await
+        {
+            Ok(a) => a,
+            Err(message) => {
+                return self
+                    .finish(
+                        &entry,
+                        Outcome::not_started(StopCode::FailedToStart, message),
+                    )
+                    .await;
+            }
+        };
+        if entry.state.lock().expect("task lock").reason.is_some() {
+            let outcome = Outcome::not_started(StopCode::UserStopped, "stopped before it started");
+            return self.finish(&entry, outcome).await;
+        }
+        self.transition(&entry, TaskStatus::Pending, |_| {});
+        let mut spec = TaskSpec::new(entry.logs.clone());
+        spec.program = def.family.clone();
+        spec.args = launch.args.clone();
+        spec.env = launch.env.into_iter().collect();
+        spec.limits = wharf_runtime::Limits {
+            fuel: launch.limits.fuel,
+            memory: launch.limits.memory_bytes,
+            timeout: launch.limits.timeout_ms.map(Duration::from_millis),
+        };
+        let handle = self.executor.spawn(artifact, spec);
+        {
+            let mut st = entry.state.lock().expect("task lock");
+            st.stop = Some(handle.stop_signal());
+            if st.reason.is_some() {
+                handle.stop();
+            }
+        }
+        handle.started().await;
+        self.metrics
+            .task_start_latency
+            .observe(accepted.elapsed().as_secs_f64());
+        if handle.phase() != TaskPhase::Pending {
+            self.metrics.task_starts.inc();
+        }
+        if handle.phase() == TaskPhase::Running {
+            let now = model::now();
+            self.transition(&entry, TaskStatus::Running, |t| t.started_at = Some(now));
+        }
+        let outcome = handle.wait().await;
+        self.finish(&entry, outcome).await;
+    }
+
+    async fn finish(&self, entry: &Arc<TaskEntry>, mut outcome: Outcome) {
+        let now = SystemTime::now();
+        let (task, from) = {
+            let mut st = entry.state.lock().expect("task lock");
+            if let Some(reason) = &st.reason {
+                if matches!(outcome.stop_code, StopCode::UserStopped) {
+                    outcome.stop_code = reason.code;
+                    outcome.message = reason.message.clone();
+                }
+            }
+            let from = st.task.status;
+            let t = &mut st.task;
+            t.status = TaskStatus::Stopped;
+            t.desired_status = TaskStatus::Stopped;
+            t.stop_code = Some(outcome.stop_code.as_str().to_owned());
+            t.exit_code = outcome.exit_code;
+            t.fuel_consumed = Some(outcome.fuel_consumed);
+            t.peak_memory_bytes = Some(outcome.peak_memory_bytes);
+            t.duration_ms = Some(outcome.duration_ms);
+            t.message = Some(outcome.message.clone());
+            if t.started_at.is_none() && outcome.duration_ms > 0.0 {
+                let ran = Duration::from_secs_f64(outcome.duration_ms / 1000.0);
+                t.started_at = Some(model::timestamp(now - ran));
+            }
+            t.stopped_at = Some(model::timestamp(now));
+            (st.task.clone(), from)
+        };
+        let page = convert_page(entry.logs.read_from(0, usize::MAX));
+        // The stopped record becomes visible only once it is durable.
+        if let Err(e) = self
+            .writer
+            .commit(vec![
+                Write::Task(Box::new(task.clone())),
+                Write::TaskLogs(task.id.clone(), Box::new(page)),
+            ])
+            .await
+        {
+            tracing::error!(task = %task.id, error = %e, "cannot record a stopped task");
+        }
+        self.metrics.tasks.with_label_values(&[from.as_str()]).dec();
+        self.metrics
+            .task_stops
+            .with_label_values(&[outcome.stop_code.as_str()])
+            .inc();
+        self.metrics
+            .task_duration
+            .observe(outcome.duration_ms / 1000.0);
+        self.metrics.fuel_consumed.inc_by(outcome.fuel_consumed);
+        self.live.remove(&task.id);
+        entry.status.send_replace(TaskStatus::Stopped);
+        let _ = self.stopped.send(task);
+    }
+
+    /// Asks a task to stop with `reason`. `Ok(None)`: no such task.
+    pub(crate) async fn stop(&self, id: &str, reason: StopReason) -> Result<Option<Task>> {
+        let Some(entry) = self.live.get(id).map(|e| e.clone()) else {
+            return Ok(self.store.task(id).await?);
+        };
+        let task = {
+            let mut st = entry.state.lock().expect("task lock");
+            if st.reason.is_none() {
+                st.reason = Some(reason);
+                st.task.desired_status = TaskStatus::Stopped;
+                if let Some(stop) = &st.stop {
+                    stop.stop();
+                }
+            }
+            st.task.clone()
+        };
+        self.writer.send(Write::Task(Box::new(task.clone())));
+        Ok(Some(task))
+    }
+
+    /// One task, live or stored.
+    pub(crate) async fn get(&self, id: &str) -> Result<Option<Task>> {
+        if let Some(entry) = self.live.get(id).map(|e| e.clone()) {
+            return Ok(Some(entry.snapshot()));
+        }
+        Ok(self.store.task(id).await?)
+    }
+
+    /// Waits up to `timeout` for a live task to stop, then returns it.
+    pub(crate) async fn wait_stopped(&self, id: &str, timeout: Duration) -> Result<Option<Task>> {
+        if let Some(entry) = self.live.get(id).map(|e| e.clone()) {
+            let mut rx = entry.status.subscribe();
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s == TaskStatus::Stopped)).await;
+        }
+        self.get(id).await
+    }
+
+    /// Live tasks of a service.
+    pub(crate) fn live_of_service(&self, service: &str) -> Vec<Task> {
+        self.live
+            .iter()
+            .filter_map(|e| {
+                let st = e.value().state.lock().expect("task lock");
+                (st.task.service.as_deref() == Some(service)).then(|| st.task.clone())
+            })
+            .collect()
+    }
+
+    /// A page of a task's output from `from`. `Ok(None)`: no such task.
+    pub(crate) async fn logs(&self, id: &str, from: u64, max: usize) -> Result<Option<LogPage>> {
+        if let Some(entry) = self.live.get(id).map(|e| e.clone()) {
+            return Ok(Some(convert_page(entry.logs.read_from(from, max))));
+        }
+        if self.store.task(id).await?.is_none() {
+            return Ok(None);
+        }
+        let mut page = self.store.task_logs(id).await?.unwrap_or(LogPage {
+            lines: Vec::new(),
+            next_seq: 0,
+            missed: 0,
+            closed: true,
+        });
+        let first = page.lines.first().map_or(page.next_seq, |l| l.seq);
+        page.missed = first.saturating_sub(from);
+        page.lines.retain(|l| l.seq >= from);
+        if page.lines.len() > max {
+            page.lines.truncate(max);
+            page.next_seq = page.lines.last().map_or(from, |l| l.seq + 1);
+            page.closed = false;
+        } else {
+            page.next_seq = page.next_seq.max(from);
+        }
+        Ok(Some(page))
+    }
+
+    /// The live log buffer of a task, for following.
+    pub(crate) fn log_buffer(&self, id: &str) -> Option<Arc<LogBuffer>> {
+        self.live.get(id).map(|e| e.logs.clone())
+    }
+
+    /// Refuses new tasks, stops every live one with a recorded reason and
+    /// waits (up to `grace`) for their records.
+    pub(crate) async fn shutdown(&self, grace: Duration) {
+        self.draining.store(true, Ordering::Release);
+        let ids: Vec<String> = self.live.iter().map(|e| e.key().clone()).collect();
+        for id in ids {
+            let _ = self
+                .stop(
+                    &id,
+                    StopReason {
+                        code: StopCode::UserStopped,
+                        message: "the server shut down".into(),
+                    },
+                )
+                .await;
+        }
+        let deadline = Instant::now() + grace;
+        while !self.live.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether new tasks are refused.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
