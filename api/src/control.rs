@@ -304,20 +304,46 @@ impl Control {
         Ok(tasks)
     }
 
-    /// Tasks, newest first.
+    /// Tasks, newest first. Live tasks come from memory (their records in
+    /// the store may be a batch behind); stopped ones from the store.
     pub async fn list_tasks(&self, filter: TaskFilter) -> Result<Vec<Task>> {
-        // The store has every task; live records are fresher.
-        let mut tasks = self.store.tasks(&filter).await?;
-        for t in &mut tasks {
-            if t.status != model::TaskStatus::Stopped {
-                if let Some(live) = self.tasks.get(&t.id).await? {
-                    *t = live;
+        let live = self.tasks.live_where(|t| {
+            filter.family.as_ref().is_none_or(|f| &t.family == f)
+                && filter
+                    .service
+                    .as_ref()
+                    .is_none_or(|s| t.service.as_ref() == Some(s))
+                && filter.status.is_none_or(|s| t.status == s)
+        });
+        let mut tasks = match filter.status {
+            Some(model::TaskStatus::Stopped) => self.store.tasks(&filter).await?,
+            Some(_) => Vec::new(),
+            None => {
+                let ids: std::collections::HashSet<&str> =
+                    live.iter().map(|t| t.id.as_str()).collect();
+                let mut stored = self.store.tasks(&filter).await?;
+                // A record that was live in the store but is gone from
+                // memory has stopped meanwhile: read it again.
+                for t in &mut stored {
+                    if t.status != model::TaskStatus::Stopped && !ids.contains(t.id.as_str()) {
+                        if let Some(fresh) = self.tasks.get(&t.id).await? {
+                            *t = fresh;
+                        }
+                    }
                 }
+                stored.retain(|t| !ids.contains(t.id.as_str()));
+                stored
             }
+        };
+        if filter.status != Some(model::TaskStatus::Stopped) {
+            tasks.extend(live);
         }
-        if let Some(status) = filter.status {
-            tasks.retain(|t| t.status == status);
-        }
+        tasks.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        tasks.truncate(filter.limit as usize);
         Ok(tasks)
     }
 

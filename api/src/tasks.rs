@@ -335,11 +335,16 @@ impl Tasks {
 
     /// Live tasks of a service.
     pub(crate) fn live_of_service(&self, service: &str) -> Vec<Task> {
+        self.live_where(|t| t.service.as_deref() == Some(service))
+    }
+
+    /// Live tasks matching `keep`.
+    pub(crate) fn live_where(&self, keep: impl Fn(&Task) -> bool) -> Vec<Task> {
         self.live
             .iter()
             .filter_map(|e| {
                 let st = e.value().state.lock().expect("task lock");
-                (st.task.service.as_deref() == Some(service)).then(|| st.task.clone())
+                keep(&st.task).then(|| st.task.clone())
             })
             .collect()
     }

@@ -28,9 +28,15 @@ impl Server {
 
     /// Starts a server on `data` (to restart on the same state).
     pub(crate) fn start_in(data: &Path) -> Server {
+        Server::start_with(data, &[])
+    }
+
+    /// Starts a server on `data` with extra `wharf server` flags.
+    pub(crate) fn start_with(data: &Path, flags: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
+            .args(flags)
             .env_remove("WHARF_DATA_DIR")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -73,6 +79,68 @@ impl Server {
     pub(crate) fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Stops the process with SIGTERM and waits for it to exit.
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Pushes a sample with `wharf push` as `repo:tag`.
+    pub(crate) fn push_sample(&self, sample: &str, target: wharf_testkit::Target, repo_tag: &str) {
+        let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .arg("push")
+            .arg(wharf_testkit::wasm(sample, target))
+            .arg(format!("{}/{repo_tag}", self.host()))
+            .env("WHARF_TOKEN", &self.token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "push failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A `/v1/` call with a JSON body (or none) and the admin token.
+    pub(crate) fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Response {
+        self.api_as(&self.token.clone(), method, path, body)
+    }
+
+    /// A `/v1/` call with `token` (empty: no Authorization header).
+    pub(crate) fn api_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Response {
+        let mut r = ureq::request(method, &format!("{}{path}", self.base));
+        if !token.is_empty() {
+            r = r.set("Authorization", &format!("Bearer {token}"));
+        }
+        call(match body {
+            Some(b) => r.send_json(b),
+            None => r.call(),
+        })
     }
 
     pub(crate) fn req(&self, method: &str, path: &str) -> ureq::Request {
