@@ -354,7 +354,8 @@ struct LogQuery {
 
 #[utoipa::path(get, path = "/v1/tasks/{id}/logs", tag = "tasks",
     params(("id" = String, Path, description = "Task id"), LogQuery),
-    responses((status = 200, body = LogPage, description = "A page of output; with follow=true an NDJSON stream of LogEntry"),
+    responses((status = 200, description = "A page of output; with follow=true an NDJSON stream of LogEntry, one per line",
+               content((LogPage = "application/json"), (LogEntry = "application/x-ndjson"))),
               (status = "4XX", body = ApiError)))]
 async fn task_logs(
     State(c): Ctl,

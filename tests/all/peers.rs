@@ -225,3 +225,61 @@ fn oras_pushes_and_pulls_a_wasm_artifact() {
         assert_eq!(manifest["layers"][0]["digest"], sha256(&original).as_str());
     }
 }
+
+/// Schemathesis (PyPI) fuzzes every operation of `/v1/openapi.json`
+/// against a live server: no 5xx, and every answer's status, content type
+/// and body match the document.
+#[test]
+fn schemathesis_finds_no_server_errors_or_schema_mismatches() {
+    let has_st = Command::new("python3")
+        .args(["-m", "schemathesis.cli", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !require("schemathesis (pip install schemathesis)", has_st) {
+        return;
+    }
+    let s = Server::start();
+    // Some data to find: a sample, a task definition, a task, a service.
+    s.push_sample("hello", wharf_testkit::Target::P1, "team/hello:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(serde_json::json!({"family": "hello", "artifact": "team/hello:v1"})),
+    );
+    assert_eq!(r.status, 201);
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(serde_json::json!({"task_definition": "hello"})),
+    );
+    assert_eq!(r.status, 201);
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(serde_json::json!({"name": "web", "task_definition": "hello", "desired_count": 0})),
+    );
+    assert_eq!(r.status, 201);
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("openapi.json");
+    let r = s.api("GET", "/v1/openapi.json", None);
+    assert_eq!(r.status, 200);
+    std::fs::write(&doc, &r.body).unwrap();
+    let text = run(Command::new("python3")
+        .args(["-m", "schemathesis.cli", "run"])
+        .arg(&doc)
+        .args(["--url", &s.base])
+        .args(["-H", &format!("Authorization: Bearer {}", s.token)])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+        ])
+        .env("NO_COLOR", "1")
+        .current_dir(dir.path()));
+    // `run` asserts the exit status; the summary names what was tested.
+    assert!(text.contains("passed"), "{text}");
+    assert!(!text.contains("failed"), "{text}");
+}
