@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Time from accepting a task to its slot (fetch, compile when cold,
     /// queueing, then instantiation).
     pub task_start_latency: Histogram,
+    /// Time to instantiate a task in its sandbox.
+    pub instantiate: Histogram,
     /// Fuel consumed by stopped tasks.
     pub fuel_consumed: IntCounter,
     /// Registry bytes by direction (`in`: pushed, `out`: pulled).
@@ -72,6 +74,10 @@ impl Metrics {
                 "wharf_task_start_latency_seconds",
                 "Time from accepting a task to running it (fetch, compile if cold, queue, instantiate)",
             ),
+            instantiate: hist(
+                "wharf_task_instantiate_seconds",
+                "Time to instantiate a task from its pre-linked artifact",
+            ),
             fuel_consumed: IntCounter::new(
                 "wharf_task_fuel_consumed_total",
                 "Fuel consumed by stopped tasks",
@@ -106,6 +112,7 @@ impl Metrics {
             Box::new(m.task_stops.clone()),
             Box::new(m.task_duration.clone()),
             Box::new(m.task_start_latency.clone()),
+            Box::new(m.instantiate.clone()),
             Box::new(m.fuel_consumed.clone()),
             Box::new(m.registry_bytes.clone()),
             Box::new(m.http_requests.clone()),

@@ -291,6 +291,9 @@ impl Tasks {
             .task_duration
             .observe(outcome.duration_ms / 1000.0);
         self.metrics.fuel_consumed.inc_by(outcome.fuel_consumed);
+        if let Some(ms) = outcome.instantiate_ms {
+            self.metrics.instantiate.observe(ms / 1000.0);
+        }
         self.live.remove(&task.id);
         entry.status.send_replace(TaskStatus::Stopped);
         let _ = self.stopped.send(task);

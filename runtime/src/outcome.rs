@@ -81,6 +81,9 @@ pub struct Outcome {
     pub fuel_consumed: u64,
     /// Wall-clock time from the start of instantiation to the stop.
     pub duration_ms: f64,
+    /// Of that, the time to instantiate (`None` if instantiation did not
+    /// finish).
+    pub instantiate_ms: Option<f64>,
     /// The largest total linear memory the task held, in bytes.
     pub peak_memory_bytes: u64,
     /// What happened, for a person: empty for `Completed`, otherwise the
@@ -96,6 +99,7 @@ impl Outcome {
             exit_code: None,
             fuel_consumed: 0,
             duration_ms: 0.0,
+            instantiate_ms: None,
             peak_memory_bytes: 0,
             message: message.into(),
         }

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -273,6 +273,13 @@ pub(crate) async fn run(
         Err(message) => return Outcome::not_started(StopCode::FailedToStart, message),
     };
     let started = Instant::now();
+    // Nanoseconds from `started` to the end of instantiation; MAX: not
+    // instantiated. An atomic because the run future must be Send.
+    let instantiated = AtomicU64::new(u64::MAX);
+    let mark = || {
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        instantiated.store(ns, Ordering::Relaxed);
+    };
     let limiter = MemoryLimiter::new(memory_limit);
     let fuel = spec.limits.fuel;
     match &artifact.prepared {
@@ -288,6 +295,7 @@ pub(crate) async fn run(
                         .instantiate_async(&mut store)
                         .await
                         .map_err(Failure::Start)?;
+                    mark();
                     let start = instance
                         .get_typed_func::<(), ()>(&mut store, "_start")
                         .map_err(Failure::Start)?;
@@ -297,7 +305,7 @@ pub(crate) async fn run(
                 stop,
             )
             .await;
-            finish(ended, &mut store, fuel, started, spec.limits.timeout)
+            finish(ended, &mut store, fuel, started, &instantiated, spec.limits.timeout)
         }
         Prepared::P2(pre) => {
             let state = P2State {
@@ -312,6 +320,7 @@ pub(crate) async fn run(
                         .instantiate_async(&mut store)
                         .await
                         .map_err(Failure::Start)?;
+                    mark();
                     match command.wasi_cli_run().call_run(&mut store).await {
                         Ok(Ok(())) => Ok(()),
                         // `run` returning `err` is how a component says
@@ -324,7 +333,7 @@ pub(crate) async fn run(
                 stop,
             )
             .await;
-            finish(ended, &mut store, fuel, started, spec.limits.timeout)
+            finish(ended, &mut store, fuel, started, &instantiated, spec.limits.timeout)
         }
     }
 }
@@ -334,9 +343,14 @@ fn finish<T: HasLimiter>(
     store: &mut Store<T>,
     fuel: Option<u64>,
     started: Instant,
+    instantiated: &AtomicU64,
     timeout: Option<Duration>,
 ) -> Outcome {
     let duration_ms = started.elapsed().as_secs_f64() * 1_000.0;
+    let instantiate_ms = match instantiated.load(Ordering::Relaxed) {
+        u64::MAX => None,
+        ns => Some(ns as f64 / 1e6),
+    };
     let limiter = store.data_mut().limiter();
     let (peak_memory_bytes, memory_denied) = (limiter.peak(), limiter.denied());
     let fuel_consumed = match store.get_fuel() {
@@ -361,6 +375,7 @@ fn finish<T: HasLimiter>(
         exit_code,
         fuel_consumed,
         duration_ms,
+        instantiate_ms,
         peak_memory_bytes,
         message,
     }

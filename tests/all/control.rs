@@ -798,6 +798,7 @@ fn metrics_and_the_openapi_document_match_the_server() {
         "wharf_task_starts_total 1",
         "wharf_task_duration_seconds_count 1",
         "wharf_task_start_latency_seconds_count 1",
+        "wharf_task_instantiate_seconds_count 1",
         "wharf_tasks{status=\"RUNNING\"} 0",
         "wharf_registry_bytes_total{direction=\"in\"}",
         "wharf_service_desired_tasks{service=\"idle\"} 0",
