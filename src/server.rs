@@ -99,11 +99,18 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             "wharf: listening on http://{local} (data dir {})",
             data_dir.display()
         );
+        let drainer = api.drainer();
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                // Tasks stop first, so requests that follow their logs
+                // finish too; new requests meanwhile are answered (runs
+                // are refused with 409) until the listener closes.
+                eprintln!("wharf: stopping tasks");
+                drainer.drain().await;
+            })
             .await
             .context("server failed")?;
-        eprintln!("wharf: stopping tasks");
         api.shutdown().await;
         eprintln!("wharf: stopped");
         Ok(())

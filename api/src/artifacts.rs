@@ -171,13 +171,25 @@ impl Artifacts {
         if let Some(a) = self.runtime.cached(wasm_digest) {
             return Ok(a);
         }
+        let result = self
+            .fetch_and_compile(artifact, manifest_digest, wasm_digest)
+            .await;
+        self.loading.remove(wasm_digest);
+        result
+    }
+
+    async fn fetch_and_compile(
+        &self,
+        artifact: &str,
+        manifest_digest: &str,
+        wasm_digest: &str,
+    ) -> std::result::Result<Arc<Artifact>, String> {
         let bytes = self.fetch(artifact, manifest_digest, wasm_digest).await?;
         let runtime = self.runtime.clone();
         let loaded = tokio::task::spawn_blocking(move || runtime.load(&bytes))
             .await
             .map_err(|e| format!("compiling failed: {e}"))?
             .map_err(|e| format!("cannot load the artifact: {e}"))?;
-        self.loading.remove(wasm_digest);
         Ok(loaded.artifact)
     }
 

@@ -97,7 +97,7 @@ impl ApiConfig {
 /// The running control plane.
 pub struct Api {
     control: Arc<Control>,
-    shutdown: watch::Sender<bool>,
+    shutdown: Arc<watch::Sender<bool>>,
     background: Vec<tokio::task::JoinHandle<()>>,
     writer_join: tokio::task::JoinHandle<()>,
 }
@@ -210,7 +210,7 @@ impl Api {
         });
         Ok(Api {
             control,
-            shutdown,
+            shutdown: Arc::new(shutdown),
             background: vec![reconciler, janitor],
             writer_join,
         })
@@ -238,21 +238,46 @@ impl Api {
             .layer(axum::middleware::from_fn_with_state(control, http::observe))
     }
 
-    /// Graceful stop: no new tasks, every live task stopped with a recorded
-    /// reason, queued state written, the store closed.
+    /// A handle that drains the node: the reconciler stops, no new task is
+    /// accepted, every live task is stopped with a recorded reason (which
+    /// also ends log streams that follow them). Run it when shutdown
+    /// begins, so in-flight requests can finish.
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            control: self.control.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Graceful stop: drains (if not done yet), waits for the background
+    /// jobs, writes queued state and closes the store.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        self.drainer().drain().await;
         for job in self.background {
             let _ = job.await;
         }
-        self.control
-            .tasks
-            .shutdown(self.control.config.shutdown_grace)
-            .await;
         let _ = self.control.writer.commit(Vec::new()).await;
         self.control.store.close().await;
         drop(self.control);
         self.writer_join.abort();
+    }
+}
+
+/// Drains the node; see [`Api::drainer`].
+#[derive(Debug, Clone)]
+pub struct Drainer {
+    control: Arc<Control>,
+    shutdown: Arc<watch::Sender<bool>>,
+}
+
+impl Drainer {
+    /// Stops the reconciler and every live task.
+    pub async fn drain(self) {
+        let _ = self.shutdown.send(true);
+        self.control
+            .tasks
+            .shutdown(self.control.config.shutdown_grace)
+            .await;
     }
 }
 

@@ -614,8 +614,15 @@ fn sigterm_stops_tasks_with_a_recorded_reason() {
     eventually(Duration::from_secs(5), "the task to run", || {
         (s.api("GET", &format!("/v1/tasks/{id}"), None).json()["status"] == "RUNNING").then_some(())
     });
+    // A client following the task's logs does not hold the shutdown up.
+    let follower = s
+        .req("GET", &format!("/v1/tasks/{id}/logs?follow=true"))
+        .call()
+        .unwrap();
     let status = s.terminate();
     assert!(status.success(), "{status:?}");
+    let streamed = std::io::read_to_string(follower.into_reader()).unwrap_or_default();
+    assert!(streamed.contains("heartbeat 0"), "{streamed}");
     let s = Server::start_in(&data);
     let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
     assert_eq!(t["stop_code"], "UserStopped", "{t}");
