@@ -9,19 +9,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use wharf_registry::client::RegistryClient;
 
 /// Where the token comes from: the flag, `WHARF_TOKEN`, or the local
-/// server's admin token in the data directory.
+/// server's admin token in the data directory. Global, so that commands
+/// with subcommands (`wharf task ...`) take it before or after them.
 #[derive(Debug, Args)]
 pub(crate) struct Credentials {
-    /// Registry token (the password of HTTP Basic).
-    #[arg(long, env = "WHARF_TOKEN", hide_env_values = true)]
+    /// API and registry token (default: the local server's admin token).
+    #[arg(long, global = true, env = "WHARF_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Data directory holding the local admin token.
-    #[arg(long, env = "WHARF_DATA_DIR")]
+    #[arg(long, global = true, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
 }
 
 impl Credentials {
-    fn token(&self) -> Result<Option<String>> {
+    pub(crate) fn token(&self) -> Result<Option<String>> {
         if let Some(t) = &self.token {
             return Ok(Some(t.clone()));
         }

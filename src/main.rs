@@ -2,11 +2,17 @@
 //! subscriber, reads the environment, and hands validated values to the
 //! library crates. No logic of its own beyond that.
 
+mod client;
 mod image;
 mod paths;
 mod registry_cmd;
 mod run;
+mod secret_cmd;
 mod server;
+mod service_cmd;
+mod task_cmd;
+mod taskdef_cmd;
+mod token_cmd;
 
 use std::process::ExitCode;
 
@@ -42,6 +48,48 @@ enum Command {
         #[command(subcommand)]
         command: registry_cmd::RegistryCommand,
     },
+    /// Task definitions: what a task runs, with which limits.
+    Taskdef {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: taskdef_cmd::TaskdefCommand,
+    },
+    /// Tasks: runs of a task definition on the server.
+    Task {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: task_cmd::TaskCommand,
+    },
+    /// Services: keep N tasks of a task definition running.
+    Service {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: service_cmd::ServiceCommand,
+    },
+    /// Secrets that task definitions pass to tasks as environment variables.
+    Secret {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: secret_cmd::SecretCommand,
+    },
+    /// API and registry tokens (admin only).
+    Token {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: token_cmd::TokenCommand,
+    },
+    /// The audit log of mutating calls (admin only).
+    Audit {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: token_cmd::AuditCommand,
+    },
 }
 
 /// How client commands print results.
@@ -63,6 +111,22 @@ fn main() -> ExitCode {
         Command::Pull(args) => image::pull(args).map(|()| ExitCode::SUCCESS),
         Command::Image { command } => image::image(command).map(|()| ExitCode::SUCCESS),
         Command::Registry { command } => registry_cmd::main(command).map(|()| ExitCode::SUCCESS),
+        Command::Taskdef { api, command } => {
+            taskdef_cmd::main(api, command).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Task { api, command } => task_cmd::main(api, command),
+        Command::Service { api, command } => {
+            service_cmd::main(api, command).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Secret { api, command } => {
+            secret_cmd::main(api, command).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Token { api, command } => {
+            token_cmd::main(api, command).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Audit { api, command } => {
+            token_cmd::audit(api, command).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

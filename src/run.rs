@@ -65,10 +65,11 @@ fn parse_dir(text: &str) -> Result<DirGrant, String> {
 }
 
 /// What `wharf run` exits with when the guest did not choose an exit code.
-fn exit_status(outcome: &Outcome) -> u8 {
-    match outcome.stop_code {
+/// `wharf task run --wait` exits the same way for a task of the server.
+pub(crate) fn exit_status(stop_code: StopCode, exit_code: Option<i32>) -> u8 {
+    match stop_code {
         StopCode::Completed => 0,
-        StopCode::NonZeroExit => match outcome.exit_code {
+        StopCode::NonZeroExit => match exit_code {
             Some(code @ 1..=255) => code as u8,
             _ => 1,
         },
@@ -186,7 +187,10 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         std::fs::write(path, format!("{report}\n"))
             .with_context(|| format!("failed to write the report to {}", path.display()))?;
     }
-    Ok(ExitCode::from(exit_status(&outcome)))
+    Ok(ExitCode::from(exit_status(
+        outcome.stop_code,
+        outcome.exit_code,
+    )))
 }
 
 /// The peak resident memory of this process (Linux `VmHWM`), so a report

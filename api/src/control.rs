@@ -325,10 +325,11 @@ impl Control {
                 // A record that was live in the store but is gone from
                 // memory has stopped meanwhile: read it again.
                 for t in &mut stored {
-                    if t.status != model::TaskStatus::Stopped && !ids.contains(t.id.as_str()) {
-                        if let Some(fresh) = self.tasks.get(&t.id).await? {
-                            *t = fresh;
-                        }
+                    if t.status != model::TaskStatus::Stopped
+                        && !ids.contains(t.id.as_str())
+                        && let Some(fresh) = self.tasks.get(&t.id).await?
+                    {
+                        *t = fresh;
                     }
                 }
                 stored.retain(|t| !ids.contains(t.id.as_str()));

@@ -120,10 +120,8 @@ async fn authenticate(State(control): Ctl, mut req: Request, next: Next) -> Resp
             .into_response();
     };
     let reading = matches!(*req.method(), Method::GET | Method::HEAD);
-    if !reading {
-        if let Err(e) = who.require(Role::Deployer) {
-            return e.into_response();
-        }
+    if !reading && let Err(e) = who.require(Role::Deployer) {
+        return e.into_response();
     }
     req.extensions_mut().insert(who);
     next.run(req).await

@@ -558,16 +558,17 @@ impl Control {
                 let steady = primary_running == desired
                     && ours.len() as u32 == desired
                     && service.deployments.len() == 1;
-                if let Some(p) = service.deployments.first_mut() {
-                    if steady && p.rollout_state == RolloutState::InProgress {
-                        p.rollout_state = RolloutState::Completed;
-                        p.rollout_state_reason = "every desired task runs".into();
-                        p.updated_at = now.clone();
-                        self.event(
-                            &name,
-                            format!("service {name} deployment {} completed", p.id),
-                        );
-                    }
+                if let Some(p) = service.deployments.first_mut()
+                    && steady
+                    && p.rollout_state == RolloutState::InProgress
+                {
+                    p.rollout_state = RolloutState::Completed;
+                    p.rollout_state_reason = "every desired task runs".into();
+                    p.updated_at = now.clone();
+                    self.event(
+                        &name,
+                        format!("service {name} deployment {} completed", p.id),
+                    );
                 }
                 if steady && !state.steady && service.status == ServiceStatus::Active {
                     state.failures = 0;
@@ -578,10 +579,10 @@ impl Control {
                     removed.push(name.clone());
                 }
                 let after = serde_json::to_string(&state.service).unwrap_or_default();
-                if before != after {
-                    if let Err(e) = self.store.put_service(&state.service).await {
-                        tracing::error!(service = %name, error = %e, "cannot save a service");
-                    }
+                if before != after
+                    && let Err(e) = self.store.put_service(&state.service).await
+                {
+                    tracing::error!(service = %name, error = %e, "cannot save a service");
                 }
             }
             for name in &removed {

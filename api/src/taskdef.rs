@@ -138,13 +138,13 @@ pub fn check_limits(field: &str, input: &LimitsInput, max_memory: u64) -> Result
                 .map_err(|e| ApiError::invalid(&format!("{field}.memory"), e))?,
         ),
     };
-    if let Some(m) = memory_bytes {
-        if m == 0 || m > max_memory {
-            return Err(ApiError::invalid(
-                &format!("{field}.memory"),
-                format!("must be between 1 byte and this node's maximum of {max_memory} bytes"),
-            ));
-        }
+    if let Some(m) = memory_bytes
+        && (m == 0 || m > max_memory)
+    {
+        return Err(ApiError::invalid(
+            &format!("{field}.memory"),
+            format!("must be between 1 byte and this node's maximum of {max_memory} bytes"),
+        ));
     }
     let timeout_ms = match &input.timeout {
         None => None,

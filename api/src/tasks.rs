@@ -247,11 +247,11 @@ impl Tasks {
         let now = SystemTime::now();
         let (task, from) = {
             let mut st = entry.state.lock().expect("task lock");
-            if let Some(reason) = &st.reason {
-                if matches!(outcome.stop_code, StopCode::UserStopped) {
-                    outcome.stop_code = reason.code;
-                    outcome.message = reason.message.clone();
-                }
+            if let Some(reason) = &st.reason
+                && matches!(outcome.stop_code, StopCode::UserStopped)
+            {
+                outcome.stop_code = reason.code;
+                outcome.message = reason.message.clone();
             }
             let from = st.task.status;
             let t = &mut st.task;

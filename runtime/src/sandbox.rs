@@ -305,7 +305,14 @@ pub(crate) async fn run(
                 stop,
             )
             .await;
-            finish(ended, &mut store, fuel, started, &instantiated, spec.limits.timeout)
+            finish(
+                ended,
+                &mut store,
+                fuel,
+                started,
+                &instantiated,
+                spec.limits.timeout,
+            )
         }
         Prepared::P2(pre) => {
             let state = P2State {
@@ -333,7 +340,14 @@ pub(crate) async fn run(
                 stop,
             )
             .await;
-            finish(ended, &mut store, fuel, started, &instantiated, spec.limits.timeout)
+            finish(
+                ended,
+                &mut store,
+                fuel,
+                started,
+                &instantiated,
+                spec.limits.timeout,
+            )
         }
     }
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `wharf` binary.
 
+mod cli;
 mod control;
 mod crash;
 mod image;
