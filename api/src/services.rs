@@ -621,8 +621,9 @@ impl Control {
                         self.event(
                             &name,
                             format!(
-                                "service {name} has started {} tasks: {}",
+                                "service {name} has started {} task{}: {}",
                                 started.len(),
+                                if started.len() == 1 { "" } else { "s" },
                                 started.join(", ")
                             ),
                         );
