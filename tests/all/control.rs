@@ -155,6 +155,16 @@ fn push_register_run_logs_describe() {
             ]
         );
     }
+    // The state (which holds secret values) is readable by its owner only.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.data().join("state.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "state.db mode {mode:o}");
+    }
     // The secret's value is in the task, never in the API's answers.
     let listed = s.api("GET", "/v1/secrets", None);
     assert!(!String::from_utf8_lossy(&listed.body).contains("s3cret"));
