@@ -11,10 +11,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{QueryBuilder, Row, Sqlite};
 
 use crate::model::{
     AuditEntry, LogPage, Secret, Service, ServiceEvent, Task, TaskDefinition, TaskDefinitionStatus,
@@ -160,6 +160,9 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // The database is a local file: a ping before each use would
+            // only add a round trip to the connection's thread.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations")
@@ -170,64 +173,81 @@ impl SqliteStore {
     }
 }
 
-async fn put_task(conn: &mut sqlx::SqliteConnection, task: &Task) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO tasks (id, family, service, status, created_at, body) VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-    )
-    .bind(&task.id)
-    .bind(&task.family)
-    .bind(&task.service)
-    .bind(task.status.as_str())
-    .bind(&task.created_at)
-    .bind(json(task))
-    .execute(conn)
-    .await?;
+/// Rows per multi-row statement: 6 columns × 256 rows stays far below
+/// SQLite's limit of 32,766 bound parameters.
+const ROWS_PER_STATEMENT: usize = 256;
+
+async fn put_tasks(conn: &mut sqlx::SqliteConnection, tasks: &[&Task]) -> Result<()> {
+    let mut q = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO tasks (id, family, service, status, created_at, body) ",
+    );
+    q.push_values(tasks, |mut row, task| {
+        row.push_bind(&task.id)
+            .push_bind(&task.family)
+            .push_bind(&task.service)
+            .push_bind(task.status.as_str())
+            .push_bind(&task.created_at)
+            .push_bind(json(task));
+    });
+    q.push(" ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body");
+    q.build().execute(conn).await?;
     Ok(())
 }
 
 #[async_trait]
 impl StateStore for SqliteStore {
     async fn write(&self, batch: &[Write]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        // One multi-row statement per kind and chunk: the cost of a batch
+        // is a handful of statements, not one per row.
+        let mut tasks = Vec::new();
+        let mut logs = Vec::new();
+        let mut events = Vec::new();
+        let mut audit = Vec::new();
         for write in batch {
             match write {
-                Write::Task(task) => put_task(&mut tx, task).await?,
-                Write::TaskLogs(id, page) => {
-                    sqlx::query("INSERT OR REPLACE INTO task_logs (task_id, body) VALUES (?, ?)")
-                        .bind(id)
-                        .bind(json(page))
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                Write::Task(t) => tasks.push(&**t),
+                Write::TaskLogs(id, page) => logs.push((id, &**page)),
                 Write::Event {
                     service,
                     at,
                     message,
-                } => {
-                    sqlx::query(
-                        "INSERT INTO service_events (service, at, message) VALUES (?, ?, ?)",
-                    )
-                    .bind(service)
-                    .bind(at)
-                    .bind(message)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Write::Audit(e) => {
-                    sqlx::query(
-                        "INSERT INTO audit (at, token_id, actor, method, path, status) VALUES (?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&e.at)
-                    .bind(&e.token_id)
-                    .bind(&e.actor)
-                    .bind(&e.method)
-                    .bind(&e.path)
-                    .bind(e.status)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                } => events.push((service, at, message)),
+                Write::Audit(e) => audit.push(&**e),
             }
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in tasks.chunks(ROWS_PER_STATEMENT) {
+            put_tasks(&mut tx, chunk).await?;
+        }
+        for chunk in logs.chunks(ROWS_PER_STATEMENT) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("INSERT OR REPLACE INTO task_logs (task_id, body) ");
+            q.push_values(chunk, |mut row, (id, page)| {
+                row.push_bind(*id).push_bind(json(page));
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("INSERT INTO service_events (service, at, message) ");
+            q.push_values(chunk, |mut row, (service, at, message)| {
+                row.push_bind(*service).push_bind(*at).push_bind(*message);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        for chunk in audit.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO audit (at, token_id, actor, method, path, status) ",
+            );
+            q.push_values(chunk, |mut row, e| {
+                row.push_bind(&e.at)
+                    .push_bind(&e.token_id)
+                    .push_bind(&e.actor)
+                    .push_bind(&e.method)
+                    .push_bind(&e.path)
+                    .push_bind(e.status);
+            });
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit().await
     }
@@ -245,8 +265,10 @@ impl StateStore for SqliteStore {
             task.stop_code = Some("NodeLost".into());
             task.message = Some("the server stopped while the task was running (node lost)".into());
             task.stopped_at = Some(at.to_owned());
-            put_task(&mut tx, &task).await?;
             lost.push(task);
+        }
+        for chunk in lost.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
+            put_tasks(&mut tx, chunk).await?;
         }
         tx.commit().await?;
         Ok(lost)

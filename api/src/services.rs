@@ -468,12 +468,11 @@ impl Control {
             for state in services.values_mut() {
                 let before = serde_json::to_string(&state.service).unwrap_or_default();
                 let name = state.service.name.clone();
-                let live: Vec<Task> = self
-                    .tasks
-                    .live_of_service(&name)
-                    .into_iter()
-                    .filter(|t| t.desired_status == TaskStatus::Running)
-                    .collect();
+                let mut live: Vec<Task> = self.tasks.live_of_service(&name);
+                // Tasks still stopping keep a draining service alive.
+                let stopping = live.len();
+                live.retain(|t| t.desired_status == TaskStatus::Running);
+                let stopping = stopping - live.len();
                 let service = &mut state.service;
                 let desired = service.desired_count;
                 let Some(primary) = service.deployments.first().cloned() else {
@@ -575,7 +574,7 @@ impl Control {
                     self.event(&name, format!("service {name} has reached a steady state"));
                 }
                 state.steady = steady;
-                if service.status == ServiceStatus::Draining && live.is_empty() {
+                if service.status == ServiceStatus::Draining && live.is_empty() && stopping == 0 {
                     removed.push(name.clone());
                 }
                 let after = serde_json::to_string(&state.service).unwrap_or_default();

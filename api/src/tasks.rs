@@ -332,6 +332,11 @@ impl Tasks {
         if let Some(entry) = self.live.get(id).map(|e| e.clone()) {
             let mut rx = entry.status.subscribe();
             let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s == TaskStatus::Stopped)).await;
+            // STOPPED is published after the final record is committed, and
+            // the entry already holds that record.
+            if *rx.borrow() == TaskStatus::Stopped {
+                return Ok(Some(entry.snapshot()));
+            }
         }
         self.get(id).await
     }

@@ -419,6 +419,13 @@ fn a_service_scales_3_5_1_and_is_deleted() {
         (s.api("GET", "/v1/services/web", None).status == 404).then_some(())
     });
     assert_eq!(s.api("GET", "/v1/services", None).json(), json!([]));
+    // Removed only once its tasks had stopped.
+    let tasks = s
+        .api("GET", "/v1/tasks?service=web&limit=1000", None)
+        .json();
+    let tasks = tasks.as_array().unwrap();
+    assert_eq!(tasks.len(), 5); // 3, then 2 more for 5
+    assert!(tasks.iter().all(|t| t["status"] == "STOPPED"), "{tasks:?}");
 }
 
 #[test]
