@@ -177,10 +177,8 @@ impl SqliteStore {
 /// SQLite's limit of 32,766 bound parameters.
 const ROWS_PER_STATEMENT: usize = 256;
 
-async fn put_tasks(conn: &mut sqlx::SqliteConnection, tasks: &[&Task]) -> Result<()> {
-    let mut q = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO tasks (id, family, service, status, created_at, body) ",
-    );
+fn push_tasks<'a>(q: &mut QueryBuilder<'a, Sqlite>, tasks: &[&'a Task]) {
+    q.push("INSERT INTO tasks (id, family, service, status, created_at, body) ");
     q.push_values(tasks, |mut row, task| {
         row.push_bind(&task.id)
             .push_bind(&task.family)
@@ -190,6 +188,11 @@ async fn put_tasks(conn: &mut sqlx::SqliteConnection, tasks: &[&Task]) -> Result
             .push_bind(json(task));
     });
     q.push(" ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body");
+}
+
+async fn put_tasks(conn: &mut sqlx::SqliteConnection, tasks: &[&Task]) -> Result<()> {
+    let mut q = QueryBuilder::<Sqlite>::new("");
+    push_tasks(&mut q, tasks);
     q.build().execute(conn).await?;
     Ok(())
 }
@@ -215,30 +218,33 @@ impl StateStore for SqliteStore {
                 Write::Audit(e) => audit.push(&**e),
             }
         }
-        let mut tx = self.pool.begin().await?;
+        if tasks.is_empty() && logs.is_empty() && events.is_empty() && audit.is_empty() {
+            return Ok(());
+        }
+        // The whole batch is one SQL text — BEGIN, the inserts, COMMIT —
+        // sent to SQLite's connection thread in one round trip (sqlx binds
+        // the arguments across the statements in order).
+        let mut q = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
         for chunk in tasks.chunks(ROWS_PER_STATEMENT) {
-            put_tasks(&mut tx, chunk).await?;
+            push_tasks(&mut q, chunk);
+            q.push("; ");
         }
         for chunk in logs.chunks(ROWS_PER_STATEMENT) {
-            let mut q =
-                QueryBuilder::<Sqlite>::new("INSERT OR REPLACE INTO task_logs (task_id, body) ");
+            q.push("INSERT OR REPLACE INTO task_logs (task_id, body) ");
             q.push_values(chunk, |mut row, (id, page)| {
                 row.push_bind(*id).push_bind(json(page));
             });
-            q.build().execute(&mut *tx).await?;
+            q.push("; ");
         }
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let mut q =
-                QueryBuilder::<Sqlite>::new("INSERT INTO service_events (service, at, message) ");
+            q.push("INSERT INTO service_events (service, at, message) ");
             q.push_values(chunk, |mut row, (service, at, message)| {
                 row.push_bind(*service).push_bind(*at).push_bind(*message);
             });
-            q.build().execute(&mut *tx).await?;
+            q.push("; ");
         }
         for chunk in audit.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO audit (at, token_id, actor, method, path, status) ",
-            );
+            q.push("INSERT INTO audit (at, token_id, actor, method, path, status) ");
             q.push_values(chunk, |mut row, e| {
                 row.push_bind(&e.at)
                     .push_bind(&e.token_id)
@@ -247,9 +253,18 @@ impl StateStore for SqliteStore {
                     .push_bind(&e.path)
                     .push_bind(e.status);
             });
-            q.build().execute(&mut *tx).await?;
+            q.push("; ");
         }
-        tx.commit().await
+        q.push("COMMIT");
+        let mut conn = self.pool.acquire().await?;
+        // Common shapes (one task and its audit entry, a task and its logs)
+        // stay prepared in the connection's statement cache.
+        let done = q.build().execute(&mut *conn).await;
+        if done.is_err() {
+            // A statement failed between BEGIN and COMMIT: undo the rest.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        }
+        done.map(|_| ())
     }
 
     async fn recover_lost_tasks(&self, at: &str) -> Result<Vec<Task>> {
