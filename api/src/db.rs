@@ -539,3 +539,129 @@ impl StateStore for SqliteStore {
         self.pool.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{TaskLimits, TaskStatus};
+
+    fn task(id: &str, status: TaskStatus) -> Task {
+        Task {
+            id: id.into(),
+            task_definition: "f:1".into(),
+            family: "f".into(),
+            service: None,
+            deployment_id: None,
+            node: "local".into(),
+            status,
+            desired_status: TaskStatus::Running,
+            stop_code: None,
+            exit_code: None,
+            fuel_consumed: None,
+            peak_memory_bytes: None,
+            duration_ms: None,
+            message: None,
+            args: Vec::new(),
+            limits: TaskLimits::default(),
+            created_at: format!("2026-01-01T00:00:00.{id}Z"),
+            started_at: None,
+            stopped_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_every_kind_and_a_restart_finds_lost_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let page = LogPage {
+            lines: Vec::new(),
+            next_seq: 0,
+            missed: 0,
+            closed: true,
+        };
+        let mut batch = vec![
+            Write::Task(Box::new(task("001", TaskStatus::Provisioning))),
+            Write::Task(Box::new(task("002", TaskStatus::Stopped))),
+            Write::TaskLogs("002".into(), Box::new(page.clone())),
+            Write::Event {
+                service: "s".into(),
+                at: "now".into(),
+                message: "hello".into(),
+            },
+        ];
+        // More rows than one statement holds.
+        for n in 0..600 {
+            batch.push(Write::Task(Box::new(task(
+                &format!("1{n:03}"),
+                TaskStatus::Stopped,
+            ))));
+        }
+        store.write(&batch).await.unwrap();
+        // The same task again is an update, not a second row.
+        store
+            .write(&[Write::Task(Box::new(task("001", TaskStatus::Running)))])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.task("001").await.unwrap().unwrap().status,
+            TaskStatus::Running
+        );
+        assert_eq!(store.task_logs("002").await.unwrap(), Some(page));
+        assert_eq!(store.events("s", 10).await.unwrap()[0].message, "hello");
+        let all = TaskFilter {
+            limit: 1000,
+            ..TaskFilter::default()
+        };
+        assert_eq!(store.tasks(&all).await.unwrap().len(), 602);
+        store.close().await;
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let lost = store.recover_lost_tasks("later").await.unwrap();
+        assert_eq!(lost.len(), 1);
+        let t = store.task("001").await.unwrap().unwrap();
+        assert_eq!(t.status, TaskStatus::Stopped);
+        assert_eq!(t.stop_code.as_deref(), Some("NodeLost"));
+        assert!(store.recover_lost_tasks("again").await.unwrap().is_empty());
+        // Pruning drops the oldest stopped tasks and their logs.
+        assert_eq!(store.prune_tasks(600).await.unwrap(), 2);
+        assert!(store.task("002").await.unwrap().is_none());
+        assert!(store.task_logs("002").await.unwrap().is_none());
+        assert!(store.task("1599").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn revisions_count_up_per_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db"))
+            .await
+            .unwrap();
+        let def = |family: &str| TaskDefinition {
+            family: family.into(),
+            revision: 0,
+            task_definition: String::new(),
+            status: TaskDefinitionStatus::Active,
+            artifact: "a:1".into(),
+            artifact_digest: "sha256:0".into(),
+            wasm_digest: "sha256:1".into(),
+            kind: crate::model::TaskKind::Command,
+            args: Vec::new(),
+            env: Default::default(),
+            secrets: Default::default(),
+            limits: TaskLimits::default(),
+            labels: Default::default(),
+            registered_at: "now".into(),
+            deregistered_at: None,
+        };
+        let a1 = store.register_task_definition(def("a")).await.unwrap();
+        let a2 = store.register_task_definition(def("a")).await.unwrap();
+        let b1 = store.register_task_definition(def("b")).await.unwrap();
+        assert_eq!((a1.revision, a2.revision, b1.revision), (1, 2, 1));
+        assert_eq!(a2.task_definition, "a:2");
+        let mut inactive = a2.clone();
+        inactive.status = TaskDefinitionStatus::Inactive;
+        store.update_task_definition(&inactive).await.unwrap();
+        let latest = store.task_definition("a", None).await.unwrap().unwrap();
+        assert_eq!(latest.revision, 1, "the latest ACTIVE revision");
+    }
+}
