@@ -58,6 +58,18 @@ impl ArtifactRef {
     }
 }
 
+/// The digest of the first layer with a Wasm media type.
+fn wasm_layer<'a>(mut layers: impl Iterator<Item = &'a serde_json::Value>) -> Option<&'a str> {
+    layers
+        .find(|l| {
+            l.get("mediaType")
+                .and_then(|m| m.as_str())
+                .is_some_and(|m| wasm::ACCEPTED_LAYER_MEDIA_TYPES.contains(&m))
+        })
+        .and_then(|l| l.get("digest"))
+        .and_then(|d| d.as_str())
+}
+
 /// A reference resolved to what runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
@@ -97,27 +109,16 @@ impl Artifacts {
                     .map_err(|e| ApiError::invalid("artifact", e))?;
                 let json: serde_json::Value = serde_json::from_slice(&manifest.bytes)
                     .map_err(|e| ApiError::invalid("artifact", e))?;
-                let layer = json
-                    .get("layers")
-                    .and_then(|l| l.as_array())
-                    .into_iter()
-                    .flatten()
-                    .find(|l| {
-                        l.get("mediaType")
-                            .and_then(|m| m.as_str())
-                            .is_some_and(|m| wasm::ACCEPTED_LAYER_MEDIA_TYPES.contains(&m))
-                    })
-                    .and_then(|l| l.get("digest"))
-                    .and_then(|d| d.as_str())
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "artifact",
-                            format!(
-                                "{artifact} is not a Wasm artifact (no {} layer)",
-                                wasm::LAYER_MEDIA_TYPE
-                            ),
-                        )
-                    })?;
+                let layers = json.get("layers").and_then(|l| l.as_array());
+                let layer = wasm_layer(layers.into_iter().flatten()).ok_or_else(|| {
+                    ApiError::invalid(
+                        "artifact",
+                        format!(
+                            "{artifact} is not a Wasm artifact (no {} layer)",
+                            wasm::LAYER_MEDIA_TYPE
+                        ),
+                    )
+                })?;
                 Ok(Resolved {
                     manifest: manifest.digest.to_string(),
                     wasm: layer.to_owned(),
@@ -130,19 +131,9 @@ impl Artifacts {
                     .inspect(&reference)
                     .await
                     .map_err(|e| ApiError::invalid("artifact", e))?;
-                let layer = inspected
-                    .layers
-                    .iter()
-                    .find(|l| {
-                        l.get("mediaType")
-                            .and_then(|m| m.as_str())
-                            .is_some_and(|m| wasm::ACCEPTED_LAYER_MEDIA_TYPES.contains(&m))
-                    })
-                    .and_then(|l| l.get("digest"))
-                    .and_then(|d| d.as_str())
-                    .ok_or_else(|| {
-                        ApiError::invalid("artifact", format!("{reference} has no Wasm layer"))
-                    })?;
+                let layer = wasm_layer(inspected.layers.iter()).ok_or_else(|| {
+                    ApiError::invalid("artifact", format!("{reference} has no Wasm layer"))
+                })?;
                 Ok(Resolved {
                     manifest: inspected.digest,
                     wasm: layer.to_owned(),

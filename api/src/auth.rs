@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use base64::Engine as _;
 use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
 use wharf_registry::auth::{Access, Authorizer};
@@ -115,26 +114,9 @@ impl Tokens {
 }
 
 /// The token of a request: `Authorization: Bearer T`, or Basic with `T` as
-/// the password.
+/// the password — the registry's own rule, so both surfaces agree.
 pub fn token_of(headers: &HeaderMap) -> Option<String> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, rest) = value.split_once(' ')?;
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(rest.trim().to_owned());
-    }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest.trim())
-            .ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        return text
-            .split_once(':')
-            .map(|(_, password)| password.to_owned());
-    }
-    None
+    wharf_registry::http::token(headers)
 }
 
 /// The registry's authorizer: roles decide pull/push/delete, repository

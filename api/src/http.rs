@@ -403,15 +403,7 @@ fn follow(buffer: Arc<wharf_runtime::LogBuffer>, from: u64) -> Response {
                 if !page.lines.is_empty() || page.closed {
                     let mut chunk = String::new();
                     for l in page.lines {
-                        let entry = LogEntry {
-                            seq: l.seq,
-                            at: model::timestamp(l.at),
-                            stream: match l.stream {
-                                wharf_runtime::Stream::Stdout => "stdout".into(),
-                                wharf_runtime::Stream::Stderr => "stderr".into(),
-                            },
-                            text: l.text,
-                        };
+                        let entry = crate::tasks::convert_line(l);
                         chunk.push_str(&serde_json::to_string(&entry).expect("serializes"));
                         chunk.push('\n');
                     }

@@ -76,21 +76,22 @@ pub(crate) struct Tasks {
 /// The node name tasks of this server report.
 pub(crate) const LOCAL_NODE: &str = "local";
 
+/// A runtime log line as the API shows it.
+pub(crate) fn convert_line(l: wharf_runtime::LogLine) -> LogEntry {
+    LogEntry {
+        seq: l.seq,
+        at: model::timestamp(l.at),
+        stream: match l.stream {
+            wharf_runtime::Stream::Stdout => "stdout".into(),
+            wharf_runtime::Stream::Stderr => "stderr".into(),
+        },
+        text: l.text,
+    }
+}
+
 fn convert_page(page: wharf_runtime::LogPage) -> LogPage {
     LogPage {
-        lines: page
-            .lines
-            .into_iter()
-            .map(|l| LogEntry {
-                seq: l.seq,
-                at: model::timestamp(l.at),
-                stream: match l.stream {
-                    wharf_runtime::Stream::Stdout => "stdout".into(),
-                    wharf_runtime::Stream::Stderr => "stderr".into(),
-                },
-                text: l.text,
-            })
-            .collect(),
+        lines: page.lines.into_iter().map(convert_line).collect(),
         next_seq: page.next_seq,
         missed: page.missed,
         closed: page.closed,

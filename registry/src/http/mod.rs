@@ -30,7 +30,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
 
 /// The token in `Authorization`: HTTP Basic with any user name and the
 /// token as password (what `docker login`, skopeo and oras send), or Bearer.
-fn token(headers: &HeaderMap) -> Option<String> {
+pub fn token(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = value.split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
