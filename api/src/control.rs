@@ -88,7 +88,7 @@ pub struct Control {
     /// The latest active revision per family.
     latest: DashMap<String, u32>,
     pub(crate) services: tokio::sync::Mutex<BTreeMap<String, ServiceState>>,
-    pub(crate) wake: Notify,
+    pub(crate) wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Control {
@@ -124,6 +124,7 @@ impl Control {
         registry: Arc<Registry>,
         tokens: Arc<Tokens>,
         metrics: Metrics,
+        wake: Arc<Notify>,
     ) -> Self {
         Control {
             config,
@@ -137,7 +138,7 @@ impl Control {
             defs: DashMap::new(),
             latest: DashMap::new(),
             services: tokio::sync::Mutex::new(BTreeMap::new()),
-            wake: Notify::new(),
+            wake,
         }
     }
 

@@ -150,6 +150,7 @@ impl Api {
         let executor = Executor::new(runtime, slots);
         let metrics = Metrics::new();
         let (stopped_tx, stopped_rx) = mpsc::unbounded_channel();
+        let wake = Arc::new(tokio::sync::Notify::new());
         let tasks = Arc::new(Tasks::new(
             executor,
             artifacts.clone(),
@@ -158,6 +159,7 @@ impl Api {
             metrics.clone(),
             config.log_retention_bytes,
             stopped_tx,
+            wake.clone(),
         ));
         let keep = config.keep_stopped_tasks;
         let control = Arc::new(Control::new(
@@ -169,6 +171,7 @@ impl Api {
             registry,
             tokens,
             metrics,
+            wake,
         ));
         control
             .load_services()

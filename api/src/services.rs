@@ -1,8 +1,8 @@
 //! Services: create, scale, update (rolling deployments), delete, and the
 //! reconciler that keeps each one at its desired count.
 //!
-//! The reconciler wakes when a task stops, when a service changes, and on
-//! a short tick. For each service it compares live tasks with the desired
+//! The reconciler wakes when a task stops or a service's task starts
+//! running, when a service changes, and on a short tick. For each service it compares live tasks with the desired
 //! count: it starts tasks of the primary deployment (no more than
 //! `maximum_percent` of the desired count in total), retires tasks of
 //! older deployments while at least `minimum_healthy_percent` keep

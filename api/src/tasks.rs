@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use wharf_runtime::{Executor, LogBuffer, Outcome, StopCode, StopSignal, TaskPhase, TaskSpec};
 
 use crate::artifacts::Artifacts;
@@ -70,6 +70,9 @@ pub(crate) struct Tasks {
     metrics: Metrics,
     log_retention: usize,
     stopped: mpsc::UnboundedSender<Task>,
+    /// Woken when a service's task starts running (its reconciler
+    /// retires old tasks and notices a steady state at once).
+    service_changed: Arc<Notify>,
     draining: AtomicBool,
 }
 
@@ -108,6 +111,7 @@ impl Tasks {
         metrics: Metrics,
         log_retention: usize,
         stopped: mpsc::UnboundedSender<Task>,
+        service_changed: Arc<Notify>,
     ) -> Self {
         Tasks {
             live: DashMap::new(),
@@ -118,6 +122,7 @@ impl Tasks {
             metrics,
             log_retention,
             stopped,
+            service_changed,
             draining: AtomicBool::new(false),
         }
     }
@@ -239,6 +244,9 @@ impl Tasks {
         if handle.phase() == TaskPhase::Running {
             let now = model::now();
             self.transition(&entry, TaskStatus::Running, |t| t.started_at = Some(now));
+            if launch.service.is_some() {
+                self.service_changed.notify_one();
+            }
         }
         let outcome = handle.wait().await;
         self.finish(&entry, outcome).await;
