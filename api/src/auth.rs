@@ -45,7 +45,8 @@ impl Principal {
         }
     }
 
-    fn may_reach(&self, repository: &str) -> bool {
+    /// Whether the token's repository scopes include `repository`.
+    pub fn may_reach(&self, repository: &str) -> bool {
         self.repositories.is_empty()
             || self.repositories.iter().any(|p| match p.strip_suffix('*') {
                 Some(prefix) => repository.starts_with(prefix),

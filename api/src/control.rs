@@ -146,8 +146,22 @@ impl Control {
 
     /// Validates, resolves the artifact's tag to a digest and stores a new
     /// revision.
-    pub async fn register(&self, input: TaskDefinitionInput) -> Result<TaskDefinition> {
+    pub async fn register(
+        &self,
+        input: TaskDefinitionInput,
+        who: &auth::Principal,
+    ) -> Result<TaskDefinition> {
         let checked = input.check(self.config.max_task_memory)?;
+        // A token scoped to some repositories may not run code from others.
+        if let crate::artifacts::ArtifactRef::Local { name, .. } =
+            crate::artifacts::ArtifactRef::parse(&checked.artifact)?
+            && !who.may_reach(name.as_str())
+        {
+            return Err(ApiError::new(
+                ErrorCode::AccessDenied,
+                format!("token {:?} may not use repository {name}", who.name),
+            ));
+        }
         for (var, secret) in &checked.secrets {
             if self.store.secret_value(secret).await?.is_none() {
                 return Err(ApiError::invalid(
@@ -201,7 +215,9 @@ impl Control {
                             "task definition family {family} has no active revision"
                         ))
                     })?;
-                self.latest.insert(family.clone(), def.revision);
+                // Only if still unknown: a concurrent register or
+                // deregister knows better than this read.
+                self.latest.entry(family.clone()).or_insert(def.revision);
                 def.revision
             }
         };
@@ -214,9 +230,7 @@ impl Control {
             .task_definition(&family, Some(revision))
             .await?
             .ok_or_else(|| ApiError::not_found(format!("task definition {key} does not exist")))?;
-        let def = Arc::new(def);
-        self.defs.insert(key, def.clone());
-        Ok(def)
+        Ok(self.defs.entry(key).or_insert(Arc::new(def)).clone())
     }
 
     /// Marks a revision `INACTIVE`; its running tasks carry on.

@@ -289,27 +289,21 @@ impl StateStore for SqliteStore {
         Ok(lost)
     }
 
-    async fn register_task_definition(&self, mut def: TaskDefinition) -> Result<TaskDefinition> {
-        let mut tx = self.pool.begin().await?;
-        let last: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(revision) FROM task_definitions WHERE family = ?")
-                .bind(&def.family)
-                .fetch_one(&mut *tx)
-                .await?;
-        def.revision = u32::try_from(last.unwrap_or(0) + 1).unwrap_or(u32::MAX);
-        def.task_definition = format!("{}:{}", def.family, def.revision);
-        sqlx::query(
-            "INSERT INTO task_definitions (family, revision, status, registered_at, body) VALUES (?, ?, ?, ?, ?)",
+    async fn register_task_definition(&self, def: TaskDefinition) -> Result<TaskDefinition> {
+        // One statement numbers and inserts the revision, so concurrent
+        // registrations of a family serialize instead of colliding.
+        let body: String = sqlx::query_scalar(
+            "INSERT INTO task_definitions (family, revision, status, registered_at, body)
+             SELECT ?1, r, 'ACTIVE', ?2, json_set(?3, '$.revision', r, '$.task_definition', ?1 || ':' || r)
+             FROM (SELECT COALESCE(MAX(revision), 0) + 1 AS r FROM task_definitions WHERE family = ?1)
+             RETURNING body",
         )
         .bind(&def.family)
-        .bind(def.revision)
-        .bind("ACTIVE")
         .bind(&def.registered_at)
         .bind(json(&def))
-        .execute(&mut *tx)
+        .fetch_one(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(def)
+        parse(&body)
     }
 
     async fn task_definitions(&self, family: Option<&str>) -> Result<Vec<TaskDefinition>> {
@@ -630,7 +624,7 @@ mod tests {
         assert!(store.task("1599").await.unwrap().is_some());
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn revisions_count_up_per_family() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("state.db"))
@@ -663,5 +657,21 @@ mod tests {
         store.update_task_definition(&inactive).await.unwrap();
         let latest = store.task_definition("a", None).await.unwrap().unwrap();
         assert_eq!(latest.revision, 1, "the latest ACTIVE revision");
+        // Concurrent registrations of one family get distinct revisions.
+        let store = std::sync::Arc::new(store);
+        let joins: Vec<_> = (0..20)
+            .map(|_| {
+                let (store, d) = (store.clone(), def("c"));
+                tokio::spawn(
+                    async move { store.register_task_definition(d).await.unwrap().revision },
+                )
+            })
+            .collect();
+        let mut revisions = Vec::new();
+        for j in joins {
+            revisions.push(j.await.unwrap());
+        }
+        revisions.sort_unstable();
+        assert_eq!(revisions, (1..=20).collect::<Vec<u32>>());
     }
 }

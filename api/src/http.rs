@@ -189,9 +189,10 @@ async fn openapi() -> impl IntoResponse {
     responses((status = 201, body = TaskDefinition), (status = "4XX", body = ApiError)))]
 async fn register_taskdef(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Json(input): Json<TaskDefinitionInput>,
 ) -> Result<(StatusCode, Json<TaskDefinition>)> {
-    Ok((StatusCode::CREATED, Json(c.register(input).await?)))
+    Ok((StatusCode::CREATED, Json(c.register(input, &who).await?)))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -102,6 +102,18 @@ fn check_counts(desired: u32, min: u32, max: u32) -> Result<()> {
     if !(100..=400).contains(&max) {
         return Err(ApiError::invalid("maximum_percent", "must be 100 to 400"));
     }
+    // A rolling deployment needs room to start a new task or to stop an
+    // old one; without either it would stall.
+    let max_total = u64::from(desired) * u64::from(max) / 100;
+    let min_healthy = (u64::from(desired) * u64::from(min)).div_ceil(100);
+    if desired > 0 && max_total <= u64::from(desired) && min_healthy >= u64::from(desired) {
+        return Err(ApiError::invalid(
+            "minimum_healthy_percent",
+            format!(
+                "{min}% with maximum_percent {max}% leaves a deployment of {desired} tasks no room to start or stop a task: lower minimum_healthy_percent or raise maximum_percent"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -288,14 +300,12 @@ impl Control {
             .unwrap_or(service.minimum_healthy_percent);
         let max = request.maximum_percent.unwrap_or(service.maximum_percent);
         check_counts(desired, min, max)?;
+        let mut events = Vec::new();
         if desired != service.desired_count {
-            self.event(
-                name,
-                format!(
-                    "service {name} desired count changed from {} to {desired}",
-                    service.desired_count
-                ),
-            );
+            events.push(format!(
+                "service {name} desired count changed from {} to {desired}",
+                service.desired_count
+            ));
         }
         service.desired_count = desired;
         service.minimum_healthy_percent = min;
@@ -312,13 +322,10 @@ impl Control {
                     d.status = DeploymentStatus::Active;
                 }
                 let deployment = new_deployment(&def.task_definition);
-                self.event(
-                    name,
-                    format!(
-                        "service {name} started deployment {} of {}",
-                        deployment.id, def.task_definition
-                    ),
-                );
+                events.push(format!(
+                    "service {name} started deployment {} of {}",
+                    deployment.id, def.task_definition
+                ));
                 service.deployments.insert(0, deployment);
                 service.task_definition = def.task_definition.clone();
                 state.failures = 0;
@@ -326,6 +333,9 @@ impl Control {
             }
         }
         self.store.put_service(&service).await?;
+        for event in events {
+            self.event(name, event);
+        }
         state.service = service.clone();
         state.steady = false;
         drop(services);
@@ -425,6 +435,7 @@ impl Control {
         );
         let previous = &mut service.deployments[0];
         previous.status = DeploymentStatus::Primary;
+        previous.failed_tasks = 0;
         previous.rollout_state = RolloutState::InProgress;
         previous.rollout_state_reason = format!("rolling back from deployment {}", failed.id);
         previous.updated_at = model::now();
@@ -584,15 +595,19 @@ impl Control {
                     tracing::error!(service = %name, error = %e, "cannot save a service");
                 }
             }
+            // Deleted from the store before the name is free again, so a
+            // new service of the same name cannot be deleted by this.
             for name in &removed {
-                services.remove(name);
+                match self.store.delete_service(name).await {
+                    Ok(()) => {
+                        services.remove(name);
+                        self.event(name, format!("service {name} deleted"));
+                    }
+                    Err(e) => {
+                        tracing::error!(service = %name, error = %e, "cannot delete a service");
+                    }
+                }
             }
-        }
-        for name in removed {
-            if let Err(e) = self.store.delete_service(&name).await {
-                tracing::error!(service = %name, error = %e, "cannot delete a service");
-            }
-            self.event(&name, format!("service {name} deleted"));
         }
         for (id, code, message) in stops {
             let _ = self.tasks.stop(&id, StopReason { code, message }).await;

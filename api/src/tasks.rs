@@ -182,16 +182,17 @@ impl Tasks {
     }
 
     fn transition(&self, entry: &TaskEntry, to: TaskStatus, edit: impl FnOnce(&mut Task)) {
-        let task = {
+        {
             let mut st = entry.state.lock().expect("task lock");
             let from = st.task.status;
             st.task.status = to;
             edit(&mut st.task);
             self.metrics.tasks.with_label_values(&[from.as_str()]).dec();
             self.metrics.tasks.with_label_values(&[to.as_str()]).inc();
-            st.task.clone()
-        };
-        self.writer.send(Write::Task(Box::new(task)));
+            // Queued under the lock: the queue's order is the order of the
+            // task's changes, so an older record never lands last.
+            self.writer.send(Write::Task(Box::new(st.task.clone())));
+        }
         entry.status.send_replace(to);
     }
 
@@ -254,7 +255,7 @@ impl Tasks {
 
     async fn finish(&self, entry: &Arc<TaskEntry>, mut outcome: Outcome) {
         let now = SystemTime::now();
-        let (task, from) = {
+        let (task, from, committed) = {
             let mut st = entry.state.lock().expect("task lock");
             if let Some(reason) = &st.reason
                 && matches!(outcome.stop_code, StopCode::UserStopped)
@@ -277,18 +278,16 @@ impl Tasks {
                 t.started_at = Some(model::timestamp(now - ran));
             }
             t.stopped_at = Some(model::timestamp(now));
-            (st.task.clone(), from)
+            let page = convert_page(entry.logs.read_from(0, usize::MAX));
+            // Queued under the lock, after every earlier record of the task.
+            let committed = self.writer.queue_acked(vec![
+                Write::Task(Box::new(st.task.clone())),
+                Write::TaskLogs(st.task.id.clone(), Box::new(page)),
+            ]);
+            (st.task.clone(), from, committed)
         };
-        let page = convert_page(entry.logs.read_from(0, usize::MAX));
         // The stopped record becomes visible only once it is durable.
-        if let Err(e) = self
-            .writer
-            .commit(vec![
-                Write::Task(Box::new(task.clone())),
-                Write::TaskLogs(task.id.clone(), Box::new(page)),
-            ])
-            .await
-        {
+        if let Err(e) = committed.wait().await {
             tracing::error!(task = %task.id, error = %e, "cannot record a stopped task");
         }
         self.metrics.tasks.with_label_values(&[from.as_str()]).dec();
@@ -313,19 +312,18 @@ impl Tasks {
         let Some(entry) = self.live.get(id).map(|e| e.clone()) else {
             return Ok(self.store.task(id).await?);
         };
-        let task = {
-            let mut st = entry.state.lock().expect("task lock");
-            if st.reason.is_none() {
-                st.reason = Some(reason);
-                st.task.desired_status = TaskStatus::Stopped;
-                if let Some(stop) = &st.stop {
-                    stop.stop();
-                }
+        let mut st = entry.state.lock().expect("task lock");
+        if st.reason.is_none() && st.task.status != TaskStatus::Stopped {
+            st.reason = Some(reason);
+            st.task.desired_status = TaskStatus::Stopped;
+            if let Some(stop) = &st.stop {
+                stop.stop();
             }
-            st.task.clone()
-        };
-        self.writer.send(Write::Task(Box::new(task.clone())));
-        Ok(Some(task))
+            // Queued under the lock, so a final record queued by the
+            // task's driver cannot be overtaken by this older one.
+            self.writer.send(Write::Task(Box::new(st.task.clone())));
+        }
+        Ok(Some(st.task.clone()))
     }
 
     /// One task, live or stored.

@@ -42,11 +42,27 @@ impl Writer {
     /// Queues writes and waits until they (and everything queued before
     /// them) are committed.
     pub(crate) async fn commit(&self, writes: Vec<Write>) -> Result<()> {
+        self.queue_acked(writes).wait().await
+    }
+
+    /// Queues writes now (never blocks: callers may hold a lock, so that
+    /// the order of the queue is the order of their changes) and returns
+    /// what to wait on for their commit.
+    pub(crate) fn queue_acked(&self, writes: Vec<Write>) -> Committed {
         let (ack, done) = oneshot::channel();
-        self.queue
-            .send((writes, Some(ack)))
-            .map_err(|_| ApiError::internal("the state writer has stopped"))?;
-        match done.await {
+        let _ = self.queue.send((writes, Some(ack)));
+        Committed(done)
+    }
+}
+
+/// The commit of queued writes, to wait for.
+#[derive(Debug)]
+pub(crate) struct Committed(oneshot::Receiver<std::result::Result<(), String>>);
+
+impl Committed {
+    /// Waits for the commit.
+    pub(crate) async fn wait(self) -> Result<()> {
+        match self.0.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ApiError::internal(format_args!("state store: {e}"))),
             Err(_) => Err(ApiError::internal("the state writer has stopped")),

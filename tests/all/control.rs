@@ -327,6 +327,17 @@ fn bad_input_gets_clear_errors() {
         "InvalidParameter",
         "overrides.limits.memory",
     );
+    check(
+        "POST",
+        "/v1/services",
+        Some(
+            json!({"name": "stuck", "task_definition": "hello", "desired_count": 3,
+                    "minimum_healthy_percent": 100, "maximum_percent": 100}),
+        ),
+        422,
+        "InvalidParameter",
+        "no room",
+    );
     let svc = json!({"name": "web", "task_definition": "hello", "desired_count": 0});
     assert_eq!(s.api("POST", "/v1/services", Some(svc.clone())).status, 201);
     check(
@@ -745,6 +756,17 @@ fn the_auth_matrix_holds_and_mutations_are_audited() {
     assert_eq!(
         registry_status(&s, scoped_secret, "POST", "/v2/other/app/blobs/uploads/"),
         202
+    );
+    // Nor may it register a task definition that runs another repository's code.
+    let r = s.api_as(
+        scoped_secret,
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "sneak", "artifact": "team/hello:v1"})),
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (403, Some("AccessDenied"))
     );
     // Every /v1/ and /v2/ route wants a token; /healthz and /metrics do not.
     for path in [
