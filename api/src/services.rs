@@ -550,24 +550,17 @@ impl Control {
                         "replaced by a new deployment".to_owned(),
                     ));
                 }
+                // Older deployments that keep live tasks after this pass.
                 let old_left: std::collections::HashSet<&str> = live
                     .iter()
                     .filter(|t| !stops.iter().any(|(id, _, _)| id == &t.id))
                     .filter_map(|t| t.deployment_id.as_deref())
+                    .filter(|d| *d != primary.id)
                     .collect();
                 let now = model::now();
-                let mut finished = Vec::new();
-                service.deployments.retain(|d| {
-                    let keep =
-                        d.status == DeploymentStatus::Primary || old_left.contains(d.id.as_str());
-                    if !keep {
-                        finished.push(d.id.clone());
-                    }
-                    keep
-                });
                 let steady = primary_running == desired
                     && ours.len() as u32 == desired
-                    && service.deployments.len() == 1;
+                    && old_left.is_empty();
                 if let Some(p) = service.deployments.first_mut()
                     && steady
                     && p.rollout_state == RolloutState::InProgress
@@ -580,6 +573,19 @@ impl Control {
                         format!("service {name} deployment {} completed", p.id),
                     );
                 }
+                // Older deployments stay listed while they have tasks, and
+                // all stay while the primary's rollout is in progress: the
+                // circuit breaker rolls back to the newest of them even if
+                // its tasks are gone.
+                let in_progress = service
+                    .deployments
+                    .first()
+                    .is_some_and(|p| p.rollout_state == RolloutState::InProgress);
+                service.deployments.retain(|d| {
+                    d.status == DeploymentStatus::Primary
+                        || in_progress
+                        || old_left.contains(d.id.as_str())
+                });
                 if steady && !state.steady && service.status == ServiceStatus::Active {
                     state.failures = 0;
                     self.event(&name, format!("service {name} has reached a steady state"));

@@ -487,12 +487,20 @@ fn a_rolling_deployment_replaces_every_task_and_a_failing_one_rolls_back() {
         Some(json!({"task_definition": "beat:3"})),
     );
     assert_eq!(r.status, 200);
-    let ev = eventually(Duration::from_secs(30), "a rollback", || {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ev = loop {
         let ev = events(&s, "api");
-        ev.iter()
-            .any(|e| e.contains("rolling back to beat:2"))
-            .then_some(ev)
-    });
+        if ev.iter().any(|e| e.contains("rolling back to beat:2")) {
+            break ev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rollback; events: {ev:#?}\nservice: {}\ntasks: {}",
+            service(&s, "api"),
+            s.api("GET", "/v1/tasks?service=api&limit=50", None).json()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         ev.iter().any(|e| e.contains("failed: NonZeroExit")),
         "{ev:?}"
