@@ -104,6 +104,9 @@ enum Output {
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Server(_) | Command::Run(_)) {
+        default_sigpipe();
+    }
     let result = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Server(args) => server::main(args).map(|()| ExitCode::SUCCESS),
@@ -134,6 +137,20 @@ fn main() -> ExitCode {
             eprintln!("wharf: {error:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Client commands die quietly on a closed pipe (`wharf task ls | head`),
+/// like other Unix tools, instead of panicking in `println!`. Rust ignores
+/// SIGPIPE at start-up, which the server and `wharf run` keep: they
+/// handle EPIPE from sockets and from the guest's output themselves.
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition before any thread
+    // is started has no memory-safety preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

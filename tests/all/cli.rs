@@ -634,3 +634,33 @@ fn the_token_defaults_to_the_local_admin_token_and_errors_are_clear() {
     wharf(&s, &["task", "ls", "--server", "http://127.0.0.1:1"])
         .fails_with("cannot reach the Wharf server at http://127.0.0.1:1");
 }
+
+/// `wharf … | head` ends quietly: a closed stdout stops a client command
+/// like any Unix tool (SIGPIPE), not with a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_a_client_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let s = Server::start();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["token", "ls", "--server", &s.base, "--token", &s.token])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc_sigpipe()),
+        "{:?}",
+        out.status
+    );
+}
+
+/// SIGPIPE's number on Linux and the BSDs.
+fn libc_sigpipe() -> i32 {
+    13
+}
