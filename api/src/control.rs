@@ -472,14 +472,4 @@ impl Control {
         }
         Ok(token)
     }
-
-    /// Refuses a principal below `role`.
-    pub fn require(who: &auth::Principal, role: Role) -> Result<()> {
-        who.require(role)
-    }
-
-    /// `Unauthorized` for a request without a known token.
-    pub fn unauthorized(message: &str) -> ApiError {
-        ApiError::new(ErrorCode::Unauthorized, message)
-    }
 }

@@ -110,21 +110,29 @@ pub fn router(control: Arc<Control>) -> Router {
 /// Every `/v1/` request needs a token; mutating ones need `deployer`.
 async fn authenticate(State(control): Ctl, mut req: Request, next: Next) -> Response {
     let Some(token) = token_of(req.headers()) else {
-        return Control::unauthorized(
+        return ApiError::new(
+            ErrorCode::Unauthorized,
             "authentication required: send Authorization: Bearer <token> (the admin token is in the data directory's admin.token)",
         )
         .into_response();
     };
     let Some(who) = control.tokens.authenticate(&token) else {
-        return Control::unauthorized("the token is not valid (unknown or revoked)")
-            .into_response();
+        return ApiError::new(
+            ErrorCode::Unauthorized,
+            "the token is not valid (unknown or revoked)",
+        )
+        .into_response();
     };
     let reading = matches!(*req.method(), Method::GET | Method::HEAD);
     if !reading && let Err(e) = who.require(Role::Deployer) {
         return e.into_response();
     }
-    req.extensions_mut().insert(who);
-    next.run(req).await
+    req.extensions_mut().insert(who.clone());
+    let mut response = next.run(req).await;
+    // The audit layer outside finds the caller here, without hashing the
+    // token a second time.
+    response.extensions_mut().insert(who);
+    response
 }
 
 /// Records mutating calls of `/v1/` and `/v2/` in the audit log, and
@@ -144,7 +152,14 @@ pub async fn observe(State(control): Ctl, req: Request, next: Next) -> Response 
                 "unmatched".into()
             }
         });
-    let who = token_of(req.headers()).and_then(|t| control.tokens.authenticate(&t));
+    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    // Only mutating calls are audited; `/v1/` ones were authenticated
+    // inside (see `authenticate`), `/v2/` ones by the registry.
+    let token = if mutating {
+        token_of(req.headers())
+    } else {
+        None
+    };
     let response = next.run(req).await;
     let status = response.status().as_u16();
     control
@@ -152,8 +167,12 @@ pub async fn observe(State(control): Ctl, req: Request, next: Next) -> Response 
         .http_requests
         .with_label_values(&[method.as_str(), &route, &status.to_string()])
         .observe(started.elapsed().as_secs_f64());
-    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     if mutating && (path.starts_with("/v1/") || path.starts_with("/v2/")) {
+        let who = response
+            .extensions()
+            .get::<Arc<Principal>>()
+            .cloned()
+            .or_else(|| token.and_then(|t| control.tokens.authenticate(&t)));
         let (token_id, actor) = who
             .map(|p| (p.token_id.clone(), p.name.clone()))
             .unwrap_or_else(|| ("-".into(), "anonymous".into()));

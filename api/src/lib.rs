@@ -219,16 +219,6 @@ impl Api {
         })
     }
 
-    /// The registry, with token scopes.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.control.registry
-    }
-
-    /// The control plane's operations.
-    pub fn control(&self) -> &Arc<Control> {
-        &self.control
-    }
-
     /// Everything the server answers: `/v1/`, `/v2/`, `/metrics`,
     /// `/healthz`.
     pub fn router(&self) -> Router {

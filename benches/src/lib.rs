@@ -84,3 +84,46 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
     samples[rank]
 }
+
+/// The `wharf` binary the end-to-end harnesses drive: `WHARF_BIN`, else
+/// the workspace's release build.
+pub fn wharf_bin() -> std::path::PathBuf {
+    std::env::var_os("WHARF_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("benches/ is in the workspace")
+                .join("target/release/wharf")
+        })
+}
+
+/// A `wharf server` on a loopback port over `dir`: the process, its base
+/// URL and its admin token.
+pub fn spawn_wharf_server(dir: &std::path::Path) -> (std::process::Child, String, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(wharf_bin())
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start wharf server (build it with cargo build --release -p wharf)");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("wharf printed its address")
+            .expect("stderr is readable");
+        if let Some(rest) = line.strip_prefix("wharf: listening on ") {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let token = std::fs::read_to_string(dir.join("admin.token")).expect("admin token");
+    (child, base, token.trim().to_owned())
+}

@@ -27,13 +27,12 @@
 //! Results and method: `docs/PERFORMANCE.md`, "Control plane".
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wharf_bench::percentile;
+use wharf_bench::{percentile, spawn_wharf_server, wharf_bin};
 use wharf_testkit::{Target, wasm};
 
 /// Sequential runs before the latency is timed (the first compiles and
@@ -86,12 +85,6 @@ fn workspace() -> PathBuf {
         .to_owned()
 }
 
-fn wharf_bin() -> PathBuf {
-    std::env::var_os("WHARF_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/release/wharf"))
-}
-
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
@@ -101,24 +94,10 @@ fn agent() -> ureq::Agent {
 impl Server {
     fn start() -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(wharf_bin())
-            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start wharf server (build it with cargo build --release -p wharf)");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let base = loop {
-            let line = lines.next().expect("wharf printed its address").unwrap();
-            if let Some(rest) = line.strip_prefix("wharf: listening on ") {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+        let (child, base, token) = spawn_wharf_server(dir.path());
         Server {
             base,
-            auth: format!("Bearer {}", token.trim()),
+            auth: format!("Bearer {token}"),
             child,
             agent: agent(),
             _dir: dir,

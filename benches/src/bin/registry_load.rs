@@ -7,7 +7,7 @@
 //! Env: `WHARF_BIN` (default target/release/wharf), `DOCKER_REGISTRY`
 //! (default /usr/bin/docker-registry), `SIZES` (e.g. `1K,1M`).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,26 +29,11 @@ impl Drop for Peer {
 }
 
 fn start_wharf(dir: &std::path::Path) -> Peer {
-    let bin = std::env::var("WHARF_BIN").unwrap_or_else(|_| "target/release/wharf".into());
-    let mut child = Command::new(bin)
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start wharf server (build it with cargo build --release -p wharf)");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("wharf printed its address").unwrap();
-        if let Some(rest) = line.strip_prefix("wharf: listening on ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
+    let (child, base, token) = wharf_bench::spawn_wharf_server(dir);
     Peer {
         name: "wharf",
         base,
-        auth: Some(format!("Bearer {}", token.trim())),
+        auth: Some(format!("Bearer {token}")),
         child,
     }
 }
