@@ -27,3 +27,36 @@ pub(crate) fn compile_cache(data_dir: &std::path::Path) -> PathBuf {
 pub(crate) fn admin_token(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("admin.token")
 }
+
+/// The data directory's lock file: held by the running server (an advisory
+/// lock, released by the kernel when the process dies, kill -9 included).
+fn lock_file(data_dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = data_dir.join("wharf.lock");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("failed to open {}", path.display()))
+}
+
+/// Holds the data directory for as long as the returned file lives; refuses
+/// when another server holds it.
+pub(crate) fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
+    try_lock_data_dir(data_dir)?.with_context(|| {
+        format!(
+            "{} is in use by another running wharf server",
+            data_dir.display()
+        )
+    })
+}
+
+/// The data directory's lock if no server holds it, `None` if one does.
+pub(crate) fn try_lock_data_dir(data_dir: &std::path::Path) -> Result<Option<std::fs::File>> {
+    let file = lock_file(data_dir)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context("failed to lock the data directory"),
+    }
+}

@@ -45,11 +45,23 @@ pub(crate) enum RegistryCommand {
     },
 }
 
-fn store(data_dir: Option<PathBuf>) -> Result<Store> {
+/// The registry's store in the data directory. With no server running,
+/// the directory's lock is taken (and returned, to hold until done) and the
+/// storage opened as its owner; beside a running server it is attached
+/// without touching the server's temporary files. Settings are single
+/// atomic writes and garbage collection spares anything younger than its
+/// grace period, so both are safe beside a live server.
+fn store(data_dir: Option<PathBuf>) -> Result<(Store, Option<std::fs::File>)> {
     let dir = crate::paths::data_dir(data_dir)?;
-    let storage =
-        FsStorage::open(dir.join("registry")).context("failed to open registry storage")?;
-    Ok(Store::new(Arc::new(storage)))
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let lock = crate::paths::try_lock_data_dir(&dir)?;
+    let root = dir.join("registry");
+    let storage = match lock {
+        Some(_) => FsStorage::open(root),
+        None => FsStorage::attach(root),
+    }
+    .context("failed to open registry storage")?;
+    Ok((Store::new(Arc::new(storage)), lock))
 }
 
 pub(crate) fn main(command: RegistryCommand) -> Result<()> {
@@ -62,7 +74,7 @@ pub(crate) fn main(command: RegistryCommand) -> Result<()> {
             data_dir,
             output,
         } => {
-            let store = store(data_dir)?;
+            let (store, _lock) = store(data_dir)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             let report = rt
                 .block_on(store.gc(now, dry_run))
@@ -99,7 +111,7 @@ pub(crate) fn main(command: RegistryCommand) -> Result<()> {
             data_dir,
         } => {
             let name = Name::parse(&repository).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let store = store(data_dir)?;
+            let (store, _lock) = store(data_dir)?;
             let mut settings = rt
                 .block_on(store.settings(&name))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

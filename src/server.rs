@@ -33,11 +33,27 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     wharf_runtime::parse_duration(text).map_err(|e| e.to_string())
 }
 
+/// The shortest admin token accepted from the token file: 128 bits as hex.
+/// Created tokens have 64 hex characters.
+const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
 /// Reads the admin token, creating it (mode 0600) on first start.
 pub(crate) fn admin_token(data_dir: &Path) -> Result<String> {
     let path = crate::paths::admin_token(data_dir);
     match std::fs::read_to_string(&path) {
-        Ok(token) => return Ok(token.trim().to_owned()),
+        Ok(token) => {
+            let token = token.trim();
+            // An empty or short file would make empty or guessable
+            // credentials admin: refuse to start instead.
+            if token.len() < MIN_ADMIN_TOKEN_LEN {
+                anyhow::bail!(
+                    "{} holds {} characters, too short to be a token (at least {MIN_ADMIN_TOKEN_LEN}): delete it and a new one is created at start, or write a longer random token",
+                    path.display(),
+                    token.len()
+                );
+            }
+            return Ok(token.to_owned());
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("failed to read {}", path.display())),
     }
@@ -69,6 +85,8 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     let data_dir = crate::paths::data_dir(args.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create {}", data_dir.display()))?;
+    // Held until the process exits.
+    let _lock = crate::paths::lock_data_dir(&data_dir)?;
     let token = admin_token(&data_dir)?;
     let storage =
         FsStorage::open(data_dir.join("registry")).context("failed to open registry storage")?;

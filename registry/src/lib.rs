@@ -60,7 +60,22 @@ pub struct Registry {
     auth: Arc<dyn auth::Authorizer>,
     /// Byte counters.
     pub metrics: RegistryMetrics,
+    /// Manifest pushes to a tag hold the tag's stripe, so checking an
+    /// immutable tag and writing it is one step: of concurrent pushes to
+    /// one tag, exactly one wins.
+    tag_stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Push-time scans in flight: each reads a Wasm layer of up to
+    /// [`MAX_SCANNED_WASM_BYTES`] into memory, so at most
+    /// [`SCAN_CONCURRENCY`] run at once and the memory they hold is bounded.
+    scans: tokio::sync::Semaphore,
 }
+
+/// Stripes of the tag lock; pushes to different tags rarely share one.
+const TAG_STRIPES: usize = 64;
+
+/// Push-time scans that may run at once (see [`Registry::scans`]): 2 ×
+/// 256 MiB at most, whatever the number of concurrent pushes.
+pub const SCAN_CONCURRENCY: usize = 2;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,7 +90,25 @@ impl Registry {
             store: store::Store::new(storage),
             auth,
             metrics: RegistryMetrics::default(),
+            tag_stripes: (0..TAG_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            scans: tokio::sync::Semaphore::new(SCAN_CONCURRENCY),
         })
+    }
+
+    /// Holds `name:tag`'s stripe of the tag lock (see `tag_stripes`).
+    pub(crate) async fn lock_tag(
+        &self,
+        name: &path::Name,
+        tag: &str,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (name.as_str(), tag).hash(&mut h);
+        self.tag_stripes[(h.finish() as usize) % TAG_STRIPES]
+            .lock()
+            .await
     }
 
     /// Refuses to move an immutable tag (repository setting, as in ECR).
@@ -138,6 +171,11 @@ impl Registry {
         else {
             return Ok(None); // put_manifest reports the bad descriptor
         };
+        let _permit = self
+            .scans
+            .acquire()
+            .await
+            .map_err(|_| RegistryError::Internal("the scan semaphore closed".into()))?;
         let Some(bytes) = self
             .store
             .read_blob(name, &digest, MAX_SCANNED_WASM_BYTES)

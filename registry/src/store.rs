@@ -199,14 +199,11 @@ impl Store {
         Ok(self.storage.stat(&blob_path(digest)).await?.is_some())
     }
 
-    /// Links an existing blob into `name` (cross-repository mount). Returns
-    /// false if the blob is unknown or not readable from `from`.
-    pub async fn mount(&self, name: &Name, digest: &Digest, from: Option<&Name>) -> Result<bool> {
-        let visible = match from {
-            Some(from) => self.blob_size(from, digest).await?.is_some(),
-            None => self.blob_exists(digest).await?,
-        };
-        if !visible {
+    /// Links a blob of `from` into `name` (cross-repository mount). Returns
+    /// false if `from` has no such blob. The caller checks that the client
+    /// may pull from `from`.
+    pub async fn mount(&self, name: &Name, digest: &Digest, from: &Name) -> Result<bool> {
+        if self.blob_size(from, digest).await?.is_none() {
             return Ok(false);
         }
         self.storage.write(&link_path(name, digest), b"").await?;
@@ -567,6 +564,12 @@ impl Store {
                     .and_then(Value::as_u64)
                     .ok_or_else(|| invalid(format!("descriptor {d} has no size")))?;
                 match self.blob_size(name, &d).await? {
+                    // Non-distributable layers (deprecated, still in the
+                    // spec) live elsewhere, at their `urls`: they may be
+                    // absent here. The descriptor itself must be sound.
+                    None if is_nondistributable(descriptor) => {
+                        check_urls(descriptor).map_err(invalid)?;
+                    }
                     None => {
                         return Err(RegistryError::new(
                             ErrorCode::ManifestBlobUnknown,
@@ -783,6 +786,37 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Whether a descriptor is a non-distributable layer
+/// (`application/vnd.oci.image.layer.nondistributable.*`, or Docker's
+/// `application/vnd.docker.image.rootfs.foreign.*`).
+fn is_nondistributable(descriptor: &Value) -> bool {
+    descriptor
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .is_some_and(|m| m.contains(".nondistributable.") || m.contains(".rootfs.foreign."))
+}
+
+/// `urls`, when present, must be an array of http(s) URLs.
+fn check_urls(descriptor: &Value) -> std::result::Result<(), String> {
+    let Some(urls) = descriptor.get("urls") else {
+        return Ok(());
+    };
+    let urls = urls
+        .as_array()
+        .ok_or_else(|| "a descriptor's urls must be an array".to_owned())?;
+    for url in urls {
+        let ok = url
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://") || u.starts_with("http://"));
+        if !ok {
+            return Err(format!(
+                "{url} is not an http(s) URL in a descriptor's urls"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn descriptor_digest(descriptor: &Value) -> std::result::Result<Digest, String> {

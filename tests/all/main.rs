@@ -3,6 +3,7 @@
 mod cli;
 mod control;
 mod crash;
+mod hardening;
 mod image;
 mod peers;
 mod registry;

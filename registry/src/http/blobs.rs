@@ -10,6 +10,7 @@ use tokio_util::io::ReaderStream;
 
 use super::{empty, query_pairs, set};
 use crate::Registry;
+use crate::auth::Access;
 use crate::digest::Digest;
 use crate::error::{ErrorCode, RegistryError, Result};
 use crate::path::Name;
@@ -148,10 +149,22 @@ pub(super) async fn start(registry: &Registry, name: &Name, request: Request) ->
     if let Some(mount) = param("mount") {
         let digest: Digest = mount.parse()?;
         let from = param("from").map(|f| Name::parse(&f)).transpose()?;
-        if registry.store.mount(name, &digest, from.as_ref()).await? {
+        // A mount needs pull access to `from`. Without `from`, or without
+        // that access, it is a normal upload (as the spec allows): the
+        // answer never tells whether a blob exists somewhere the caller
+        // cannot read.
+        if let Some(from) = from
+            && registry
+                .auth
+                .check(
+                    super::token(request.headers()).as_deref(),
+                    &Access::Pull(from.clone()),
+                )
+                .is_ok()
+            && registry.store.mount(name, &digest, &from).await?
+        {
             return created(name, &digest);
         }
-        // Not mountable: fall back to a normal upload, as the spec allows.
     }
     let digest = digest_param(request.uri().query())?;
     let id = registry.store.start_upload(name).await?;
@@ -212,6 +225,23 @@ pub(super) async fn patch(
     request: Request,
 ) -> Result<Response> {
     let start = content_range_start(request.headers())?;
+    if let Some(start) = start {
+        // Out of order: 416 with where the upload stands, as the spec asks,
+        // before a byte of the body is taken.
+        let offset = registry.store.upload_offset(name, id).await?;
+        if start != offset {
+            let mut r = axum::response::IntoResponse::into_response(RegistryError::with_status(
+                ErrorCode::BlobUploadInvalid,
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!(
+                    "chunk starts at {start} but the upload has {offset} bytes: chunks must arrive in order"
+                ),
+            ));
+            set(&mut r, "location", format!("/v2/{name}/blobs/uploads/{id}"))?;
+            set(&mut r, "range", format!("0-{}", offset.saturating_sub(1)))?;
+            return Ok(r);
+        }
+    }
     let body = request.into_body().into_data_stream();
     let offset = registry
         .store

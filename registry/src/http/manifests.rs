@@ -45,12 +45,21 @@ pub(super) async fn put(
         .map(str::to_owned);
     let bytes = read_manifest_body(request.into_body()).await?;
     registry.metrics.bytes_in(bytes.len() as u64);
+    // A quick refusal before the scan; the check that counts is repeated
+    // under the tag's lock, right before the write.
     registry.check_tag_push(name, reference).await?;
     let scan = registry.scan_wasm(name, &bytes).await?;
-    let put = registry
-        .store
-        .put_manifest(name, reference, content_type.as_deref(), &bytes)
-        .await?;
+    let put = {
+        let _tag = match reference {
+            Reference::Tag(tag) => Some(registry.lock_tag(name, tag).await),
+            Reference::Digest(_) => None,
+        };
+        registry.check_tag_push(name, reference).await?;
+        registry
+            .store
+            .put_manifest(name, reference, content_type.as_deref(), &bytes)
+            .await?
+    };
     if let Some(scan) = scan {
         registry
             .attach_scan(name, &put.digest, bytes.len(), &put.media_type, &scan)
@@ -149,9 +158,15 @@ pub(super) async fn tags(
     with_next_link(r, &format!("/v2/{name}/tags/list"), n, next)
 }
 
-pub(super) async fn catalog(registry: &Registry, query: Option<&str>) -> Result<Response> {
+pub(super) async fn catalog(
+    registry: &Registry,
+    query: Option<&str>,
+    visible: impl Fn(&str) -> bool,
+) -> Result<Response> {
     let (n, last) = pagination(query);
-    let (page, next) = paginate(registry.store.catalog().await?, n, last.as_deref());
+    let mut names = registry.store.catalog().await?;
+    names.retain(|name| visible(name));
+    let (page, next) = paginate(names, n, last.as_deref());
     let r = axum::response::IntoResponse::into_response(axum::Json(
         serde_json::json!({ "repositories": page }),
     ));

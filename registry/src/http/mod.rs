@@ -33,8 +33,10 @@ pub fn router(registry: Arc<Registry>) -> Router {
 pub fn token(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = value.split_once(' ')?;
+    // An empty credential is no credential: it never matches a token.
+    let nonempty = |t: String| Some(t).filter(|t| !t.is_empty());
     if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(rest.trim().to_owned());
+        return nonempty(rest.trim().to_owned());
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = base64::engine::general_purpose::STANDARD
@@ -43,7 +45,7 @@ pub fn token(headers: &HeaderMap) -> Option<String> {
         let text = String::from_utf8(decoded).ok()?;
         return text
             .split_once(':')
-            .map(|(_, password)| password.to_owned());
+            .and_then(|(_, password)| nonempty(password.to_owned()));
     }
     None
 }
@@ -100,7 +102,17 @@ async fn dispatch(State(registry): State<Arc<Registry>>, request: Request) -> Re
     let result = match (&method, route) {
         (&Method::GET | &Method::HEAD, Route::Base) => Ok(base()),
         (&Method::GET, Route::Catalog) => {
-            manifests::catalog(&registry, request.uri().query()).await
+            let token = token(request.headers());
+            // Only the repositories the caller may pull from are listed.
+            let visible = |name: &str| {
+                path::Name::parse(name).is_ok_and(|n| {
+                    registry
+                        .auth
+                        .check(token.as_deref(), &Access::Pull(n))
+                        .is_ok()
+                })
+            };
+            manifests::catalog(&registry, request.uri().query(), visible).await
         }
         (&Method::GET, Route::Tags(name)) => {
             manifests::tags(&registry, &name, request.uri().query()).await
@@ -312,6 +324,15 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer tok".parse().unwrap());
         assert_eq!(token(&h).as_deref(), Some("tok"));
         h.insert(header::AUTHORIZATION, "Digest x".parse().unwrap());
+        assert_eq!(token(&h), None);
+        // Empty credentials are none at all.
+        let empty = base64::engine::general_purpose::STANDARD.encode("user:");
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {empty}").parse().unwrap(),
+        );
+        assert_eq!(token(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer  ".parse().unwrap());
         assert_eq!(token(&h), None);
     }
 }

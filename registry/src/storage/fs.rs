@@ -34,6 +34,15 @@ impl FsStorage {
         Ok(FsStorage { root })
     }
 
+    /// Uses `root` beside a process that [`open`](Self::open)ed it and still
+    /// runs (a server): nothing is removed, since its temporary files are
+    /// in use.
+    pub fn attach(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join(TMP_DIR))?;
+        Ok(FsStorage { root })
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         debug_assert!(
             !name.split('/').any(|c| c == ".."),
