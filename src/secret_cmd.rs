@@ -25,6 +25,10 @@ pub(crate) enum SecretCommand {
         /// Read the value from this file, exactly as it is.
         #[arg(long, value_name = "FILE")]
         from_file: Option<PathBuf>,
+        /// The repositories whose task definitions may use it (`team/*` or
+        /// a name); without it the secret is global (admins only).
+        #[arg(long)]
+        scope: Option<String>,
     },
     /// List secrets (names only).
     Ls,
@@ -43,6 +47,7 @@ pub(crate) fn main(api: ApiArgs, command: SecretCommand) -> Result<()> {
             name,
             value,
             from_file,
+            scope,
         } => {
             let value = match (value, from_file) {
                 (Some(v), _) => v,
@@ -50,7 +55,7 @@ pub(crate) fn main(api: ApiArgs, command: SecretCommand) -> Result<()> {
                     .with_context(|| format!("cannot read {} as UTF-8 text", file.display()))?,
                 (None, None) => read_stdin()?,
             };
-            let request = CreateSecretRequest { name, value };
+            let request = CreateSecretRequest { name, value, scope };
             show(output, client.post("/v1/secrets", request)?, |s: Secret| {
                 println!("secret {} stored at {}", s.name, s.updated_at);
             })

@@ -58,6 +58,24 @@ impl ArtifactRef {
     }
 }
 
+/// The repository an artifact reference names, which token scopes and
+/// secret scopes are matched against: the built-in registry's repository
+/// name, or `host/repository` of another registry (tag and digest cut).
+pub fn artifact_repository(artifact: &str) -> Result<String> {
+    Ok(match ArtifactRef::parse(artifact)? {
+        ArtifactRef::Local { name, .. } => name.as_str().to_owned(),
+        ArtifactRef::Remote(reference) => {
+            let repo = reference
+                .split_once('@')
+                .map_or(reference.as_str(), |(r, _)| r);
+            match repo.rsplit_once(':') {
+                Some((r, tag)) if !tag.contains('/') => r.to_owned(),
+                _ => repo.to_owned(),
+            }
+        }
+    })
+}
+
 /// The digest of the first layer with a Wasm media type.
 fn wasm_layer<'a>(mut layers: impl Iterator<Item = &'a serde_json::Value>) -> Option<&'a str> {
     layers

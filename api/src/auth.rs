@@ -48,10 +48,10 @@ impl Principal {
     /// Whether the token's repository scopes include `repository`.
     pub fn may_reach(&self, repository: &str) -> bool {
         self.repositories.is_empty()
-            || self.repositories.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => repository.starts_with(prefix),
-                None => p == repository,
-            })
+            || self
+                .repositories
+                .iter()
+                .any(|p| crate::secrets::pattern_matches(p, repository))
     }
 }
 

@@ -18,6 +18,7 @@ use crate::db::{StateStore, TaskFilter};
 use crate::error::{ApiError, ErrorCode, Result};
 use crate::metrics::Metrics;
 use crate::model::{self, Role, Secret, Task, TaskDefinition, TaskDefinitionStatus, Token};
+use crate::secrets::{self, SecretBox};
 use crate::services::ServiceState;
 use crate::taskdef::{Overrides, TaskDefinitionInput, check_name};
 use crate::tasks::{Launch, StopReason, Tasks};
@@ -48,6 +49,11 @@ pub struct CreateSecretRequest {
     pub name: String,
     /// Its value (never returned).
     pub value: String,
+    /// The repositories whose task definitions may use it (`team/*` or an
+    /// exact name), within the caller's own scopes; absent: global, which
+    /// only an admin may create and use.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 /// `POST /v1/tokens`.
@@ -83,6 +89,7 @@ pub struct Control {
     pub(crate) registry: Arc<Registry>,
     pub(crate) tokens: Arc<Tokens>,
     pub(crate) metrics: Metrics,
+    pub(crate) secret_box: Arc<SecretBox>,
     /// Registered revisions by `family:revision` (immutable but for status).
     defs: DashMap<String, Arc<TaskDefinition>>,
     /// The latest active revision per family.
@@ -113,6 +120,53 @@ pub fn parse_def_name(text: &str) -> Result<(String, Option<u32>)> {
     Ok((family.to_owned(), revision))
 }
 
+/// The longest secret value: secrets are environment variables, not files.
+pub const MAX_SECRET_BYTES: usize = 64 << 10;
+
+/// A repository name or a prefix ending in `*`.
+fn check_pattern(field: &str, pattern: &str) -> Result<()> {
+    let bare = pattern.strip_suffix('*').unwrap_or(pattern);
+    let ok = bare.is_empty()
+        || bare
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c));
+    if ok && !pattern.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("{pattern:?} is not a repository name or a prefix ending in *"),
+        ))
+    }
+}
+
+/// Whether `who` may see `def`: its artifact's repository is in scope.
+fn sees_def(who: &auth::Principal, def: &TaskDefinition) -> bool {
+    who.repositories.is_empty()
+        || crate::artifacts::artifact_repository(&def.artifact).is_ok_and(|r| who.may_reach(&r))
+}
+
+/// Refuses a secret for a task of `repository` unless its scope matches
+/// the repository and (when a caller is known) the caller may use it.
+fn check_secret_use(
+    who: Option<&auth::Principal>,
+    secret: &str,
+    scope: Option<&str>,
+    repository: &str,
+) -> Result<()> {
+    let denied = |m: String| Err(ApiError::new(ErrorCode::AccessDenied, m));
+    match scope {
+        Some(scope) if !secrets::pattern_matches(scope, repository) => denied(format!(
+            "secret {secret} belongs to {scope}, not to repository {repository}"
+        )),
+        _ if who.is_some_and(|w| !secrets::may_use_scope(w, scope)) => denied(match scope {
+            None => format!("secret {secret} is global: only an admin may use it"),
+            Some(scope) => format!("this token may not use secrets of {scope}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Control {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -125,8 +179,10 @@ impl Control {
         tokens: Arc<Tokens>,
         metrics: Metrics,
         wake: Arc<Notify>,
+        secret_box: Arc<SecretBox>,
     ) -> Self {
         Control {
+            secret_box,
             config,
             store,
             writer,
@@ -152,23 +208,18 @@ impl Control {
         who: &auth::Principal,
     ) -> Result<TaskDefinition> {
         let checked = input.check(self.config.max_task_memory)?;
-        // A token scoped to some repositories may not run code from others.
-        if let crate::artifacts::ArtifactRef::Local { name, .. } =
-            crate::artifacts::ArtifactRef::parse(&checked.artifact)?
-            && !who.may_reach(name.as_str())
-        {
-            return Err(ApiError::new(
-                ErrorCode::AccessDenied,
-                format!("token {:?} may not use repository {name}", who.name),
-            ));
-        }
+        // A token scoped to some repositories may not run code from others,
+        // nor hand it secrets that are not its own.
+        let repository = crate::artifacts::artifact_repository(&checked.artifact)?;
+        self.check_repository(who, &repository)?;
         for (var, secret) in &checked.secrets {
-            if self.store.secret_value(secret).await?.is_none() {
+            let Some((_, scope)) = self.store.secret(secret).await? else {
                 return Err(ApiError::invalid(
                     &format!("secrets.{var}"),
                     format!("there is no secret named {secret:?}: create it first"),
                 ));
-            }
+            };
+            check_secret_use(Some(who), secret, scope.as_deref(), &repository)?;
         }
         let resolved = self.artifacts.resolve(&checked.artifact).await?;
         let def = TaskDefinition {
@@ -195,9 +246,82 @@ impl Control {
         Ok(def)
     }
 
-    /// Task definitions of one family or all.
-    pub async fn task_definitions(&self, family: Option<&str>) -> Result<Vec<TaskDefinition>> {
-        Ok(self.store.task_definitions(family).await?)
+    /// Task definitions of one family or all, as far as `who` may see them.
+    pub async fn task_definitions(
+        &self,
+        family: Option<&str>,
+        who: &auth::Principal,
+    ) -> Result<Vec<TaskDefinition>> {
+        let mut defs = self.store.task_definitions(family).await?;
+        defs.retain(|d| sees_def(who, d));
+        Ok(defs)
+    }
+
+    /// Refuses unless `who`'s repository scopes reach `repository`.
+    fn check_repository(&self, who: &auth::Principal, repository: &str) -> Result<()> {
+        if who.may_reach(repository) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::AccessDenied,
+                format!("token {:?} may not use repository {repository}", who.name),
+            ))
+        }
+    }
+
+    /// A task definition by name, if `who` may see it (others are "not
+    /// found": their existence is not told).
+    pub async fn task_definition_for(
+        &self,
+        name: &str,
+        who: &auth::Principal,
+    ) -> Result<Arc<TaskDefinition>> {
+        let def = self.task_definition(name).await?;
+        if sees_def(who, &def) {
+            Ok(def)
+        } else {
+            Err(ApiError::not_found(format!(
+                "task definition {name} does not exist"
+            )))
+        }
+    }
+
+    /// Refuses unless `who` may start tasks of `def`: its artifact is in
+    /// the token's scopes and every secret it names is one `who` may use.
+    pub(crate) async fn authorize_run(
+        &self,
+        def: &TaskDefinition,
+        who: &auth::Principal,
+    ) -> Result<()> {
+        let repository = crate::artifacts::artifact_repository(&def.artifact)?;
+        self.check_repository(who, &repository)?;
+        for secret in def.secrets.values() {
+            if let Some((_, scope)) = self.store.secret(secret).await? {
+                check_secret_use(Some(who), secret, scope.as_deref(), &repository)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `who` may see the task with this task definition name.
+    pub(crate) async fn sees_task(&self, task: &Task, who: &auth::Principal) -> bool {
+        if who.repositories.is_empty() {
+            return true;
+        }
+        match self.task_definition(&task.task_definition).await {
+            Ok(def) => sees_def(who, &def),
+            Err(_) => false,
+        }
+    }
+
+    /// A task, if `who` may see it.
+    pub async fn task_for(&self, id: &str, who: &auth::Principal) -> Result<Task> {
+        let task = self.task(id).await?;
+        if self.sees_task(&task, who).await {
+            Ok(task)
+        } else {
+            Err(ApiError::not_found(format!("task {id} does not exist")))
+        }
     }
 
     /// `family` (latest active revision) or `family:revision`.
@@ -275,12 +399,19 @@ impl Control {
                 self.config.max_task_memory,
             )?;
         }
+        let repository = crate::artifacts::artifact_repository(&def.artifact)?;
         for (var, secret) in &def.secrets {
-            let value = self.store.secret_value(secret).await?.ok_or_else(|| {
+            let (stored, scope) = self.store.secret(secret).await?.ok_or_else(|| {
                 ApiError::invalid(
                     &format!("secrets.{var}"),
                     format!("the secret {secret:?} no longer exists"),
                 )
+            })?;
+            // The scope may have changed since registration.
+            check_secret_use(None, secret, scope.as_deref(), &repository)?;
+            let value = self.secret_box.open(secret, &stored).map_err(|e| {
+                tracing::error!(secret = %secret, error = %e, "cannot open a secret");
+                ApiError::new(ErrorCode::Internal, "internal error")
             })?;
             env.insert(var.clone(), value);
         }
@@ -295,7 +426,11 @@ impl Control {
     }
 
     /// Starts `count` tasks; answers once their records are durable.
-    pub async fn run_task(&self, request: RunTaskRequest) -> Result<Vec<Task>> {
+    pub async fn run_task(
+        &self,
+        request: RunTaskRequest,
+        who: &auth::Principal,
+    ) -> Result<Vec<Task>> {
         let count = request.count.unwrap_or(1);
         if !(1..=MAX_RUN_COUNT).contains(&count) {
             return Err(ApiError::invalid(
@@ -303,7 +438,10 @@ impl Control {
                 format!("must be between 1 and {MAX_RUN_COUNT}"),
             ));
         }
-        let def = self.task_definition(&request.task_definition).await?;
+        let def = self
+            .task_definition_for(&request.task_definition, who)
+            .await?;
+        self.authorize_run(&def, who).await?;
         if def.status == TaskDefinitionStatus::Inactive {
             return Err(ApiError::conflict(format!(
                 "task definition {} is INACTIVE: register a new revision",
@@ -385,29 +523,102 @@ impl Control {
 
     // ----- secrets -----
 
-    /// Creates or replaces a secret.
-    pub async fn put_secret(&self, request: CreateSecretRequest) -> Result<Secret> {
+    /// Creates or replaces a secret. Its value is sealed before it is
+    /// stored; a scoped token may only create secrets within its scopes,
+    /// and replace only those.
+    pub async fn put_secret(
+        &self,
+        request: CreateSecretRequest,
+        who: &auth::Principal,
+    ) -> Result<Secret> {
         check_name("name", &request.name)?;
         if request.value.contains('\0') {
             return Err(ApiError::invalid("value", "must not contain NUL"));
         }
+        if request.value.len() > MAX_SECRET_BYTES {
+            return Err(ApiError::invalid(
+                "value",
+                format!("must be at most {MAX_SECRET_BYTES} bytes"),
+            ));
+        }
+        if let Some(scope) = &request.scope {
+            check_pattern("scope", scope)?;
+        }
+        self.check_secret_manage(who, &request.name, request.scope.as_deref())?;
+        if let Some((_, existing)) = self.store.secret(&request.name).await? {
+            self.check_secret_manage(who, &request.name, existing.as_deref())?;
+        }
         let at = model::now();
+        let sealed = self.secret_box.seal(&request.name, &request.value);
         self.store
-            .put_secret(&request.name, &request.value, &at)
+            .put_secret(&request.name, &sealed, request.scope.as_deref(), &at)
             .await?;
         Ok(Secret {
             name: request.name,
             updated_at: at,
+            scope: request.scope,
         })
     }
 
+    fn check_secret_manage(
+        &self,
+        who: &auth::Principal,
+        name: &str,
+        scope: Option<&str>,
+    ) -> Result<()> {
+        if secrets::may_use_scope(who, scope) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorCode::AccessDenied,
+            match scope {
+                None => format!(
+                    "secret {name} is global: only an admin may manage it (give it a scope within the token's repositories)"
+                ),
+                Some(scope) => format!("token {:?} may not manage secrets of {scope}", who.name),
+            },
+        ))
+    }
+
+    /// The secrets `who` may manage (names and scopes, never values).
+    pub async fn list_secrets(&self, who: &auth::Principal) -> Result<Vec<Secret>> {
+        let mut all = self.store.secrets().await?;
+        all.retain(|s| secrets::may_use_scope(who, s.scope.as_deref()));
+        Ok(all)
+    }
+
     /// Deletes a secret.
-    pub async fn delete_secret(&self, name: &str) -> Result<()> {
+    pub async fn delete_secret(&self, name: &str, who: &auth::Principal) -> Result<()> {
+        let not_found = || ApiError::not_found(format!("secret {name} does not exist"));
+        let (_, scope) = self.store.secret(name).await?.ok_or_else(not_found)?;
+        if !secrets::may_use_scope(who, scope.as_deref()) {
+            return Err(not_found());
+        }
         if self.store.delete_secret(name).await? {
             Ok(())
         } else {
-            Err(ApiError::not_found(format!("secret {name} does not exist")))
+            Err(not_found())
         }
+    }
+
+    /// Seals values that older versions stored in plain text.
+    pub(crate) async fn seal_plain_secrets(&self) -> Result<usize> {
+        let mut sealed = 0;
+        for secret in self.store.secrets().await? {
+            if let Some((stored, scope)) = self.store.secret(&secret.name).await?
+                && !SecretBox::is_sealed(&stored)
+            {
+                let value = self.secret_box.seal(&secret.name, &stored);
+                self.store
+                    .put_secret(&secret.name, &value, scope.as_deref(), &secret.updated_at)
+                    .await?;
+                sealed += 1;
+            }
+        }
+        if sealed > 0 {
+            self.store.checkpoint().await?;
+        }
+        Ok(sealed)
     }
 
     // ----- tokens -----
@@ -418,17 +629,7 @@ impl Control {
             return Err(ApiError::invalid("name", "must be 1 to 255 characters"));
         }
         for pattern in &request.repositories {
-            let bare = pattern.strip_suffix('*').unwrap_or(pattern);
-            let ok = bare.is_empty()
-                || bare
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/".contains(c));
-            if !ok {
-                return Err(ApiError::invalid(
-                    "repositories",
-                    format!("{pattern:?} is not a repository name or a prefix ending in *"),
-                ));
-            }
+            check_pattern("repositories", pattern)?;
         }
         let secret = auth::new_secret();
         let token = Token {

@@ -98,14 +98,20 @@ pub trait StateStore: Send + Sync + 'static {
     /// A service's latest events, newest first.
     async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>>;
 
-    /// Creates or replaces a secret.
-    async fn put_secret(&self, name: &str, value: &str, at: &str) -> Result<()>;
+    /// Creates or replaces a secret (`value` is its sealed form).
+    async fn put_secret(
+        &self,
+        name: &str,
+        value: &str,
+        scope: Option<&str>,
+        at: &str,
+    ) -> Result<()>;
     /// Deletes a secret; false if there was none.
     async fn delete_secret(&self, name: &str) -> Result<bool>;
     /// Secret names.
     async fn secrets(&self) -> Result<Vec<Secret>>;
-    /// Secret values by name.
-    async fn secret_value(&self, name: &str) -> Result<Option<String>>;
+    /// A secret's stored (sealed) value and scope.
+    async fn secret(&self, name: &str) -> Result<Option<(String, Option<String>)>>;
 
     /// Stores a token with the hash of its secret.
     async fn put_token(&self, token: &Token, hash: &str) -> Result<()>;
@@ -114,6 +120,13 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The latest audit entries, newest first.
     async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>>;
+
+    /// Deletes all but the newest `keep` audit entries; returns how many.
+    async fn prune_audit(&self, keep: u64) -> Result<u64>;
+
+    /// Copies the WAL into the database file and truncates it, so no
+    /// earlier page version (a secret's old plain value) stays in either.
+    async fn checkpoint(&self) -> Result<()>;
 
     /// Flushes and closes.
     async fn close(&self);
@@ -157,6 +170,9 @@ impl SqliteStore {
             // last ones. FULL would fsync every commit.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
+            // Deleted and overwritten content is zeroed, so an old value
+            // does not linger in free pages.
+            .pragma("secure_delete", "on")
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -451,13 +467,22 @@ impl StateStore for SqliteStore {
             .collect())
     }
 
-    async fn put_secret(&self, name: &str, value: &str, at: &str) -> Result<()> {
-        sqlx::query("INSERT OR REPLACE INTO secrets (name, value, updated_at) VALUES (?, ?, ?)")
-            .bind(name)
-            .bind(value)
-            .bind(at)
-            .execute(&self.pool)
-            .await?;
+    async fn put_secret(
+        &self,
+        name: &str,
+        value: &str,
+        scope: Option<&str>,
+        at: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO secrets (name, value, scope, updated_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(value)
+        .bind(scope)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -470,7 +495,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn secrets(&self) -> Result<Vec<Secret>> {
-        let rows = sqlx::query("SELECT name, updated_at FROM secrets ORDER BY name")
+        let rows = sqlx::query("SELECT name, updated_at, scope FROM secrets ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -478,15 +503,17 @@ impl StateStore for SqliteStore {
             .map(|r| Secret {
                 name: r.get(0),
                 updated_at: r.get(1),
+                scope: r.get(2),
             })
             .collect())
     }
 
-    async fn secret_value(&self, name: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT value FROM secrets WHERE name = ?")
+    async fn secret(&self, name: &str) -> Result<Option<(String, Option<String>)>> {
+        let row = sqlx::query("SELECT value, scope FROM secrets WHERE name = ?")
             .bind(name)
             .fetch_optional(&self.pool)
-            .await
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     async fn put_token(&self, token: &Token, hash: &str) -> Result<()> {
@@ -506,6 +533,24 @@ impl StateStore for SqliteStore {
         rows.iter()
             .map(|r| Ok((parse(r.get::<&str, _>(0))?, r.get::<String, _>(1))))
             .collect()
+    }
+
+    async fn prune_audit(&self, keep: u64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        )
+        .bind(i64::try_from(keep).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(done)
+    }
+
+    async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>> {

@@ -173,20 +173,39 @@ pub async fn observe(State(control): Ctl, req: Request, next: Next) -> Response 
             .get::<Arc<Principal>>()
             .cloned()
             .or_else(|| token.and_then(|t| control.tokens.authenticate(&t)));
-        let (token_id, actor) = who
-            .map(|p| (p.token_id.clone(), p.name.clone()))
-            .unwrap_or_else(|| ("-".into(), "anonymous".into()));
-        control.writer.send(Write::Audit(Box::new(AuditEntry {
-            id: 0,
-            at: model::now(),
-            token_id,
-            actor,
-            method: method.to_string(),
-            path,
-            status,
-        })));
+        // Only authenticated callers are audited: a flood of bad requests
+        // must not fill the store. They are counted instead.
+        match who {
+            Some(p) => control.writer.send(Write::Audit(Box::new(AuditEntry {
+                id: 0,
+                at: model::now(),
+                token_id: p.token_id.clone(),
+                actor: p.name.clone(),
+                method: method.to_string(),
+                path: truncate(path, MAX_AUDIT_PATH),
+                status,
+            }))),
+            None => control.metrics.unauthenticated.inc(),
+        }
     }
     response
+}
+
+/// Paths are stored up to this many bytes in the audit log (a name, an id
+/// and a digest fit; a 60 KB path of garbage does not).
+const MAX_AUDIT_PATH: usize = 512;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked `…`.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// The OpenAPI document of these routes.
@@ -225,16 +244,21 @@ struct FamilyQuery {
     responses((status = 200, body = Vec<TaskDefinition>), (status = "4XX", body = ApiError)))]
 async fn list_taskdefs(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Query(q): Query<FamilyQuery>,
 ) -> Result<Json<Vec<TaskDefinition>>> {
-    Ok(Json(c.task_definitions(q.family.as_deref()).await?))
+    Ok(Json(c.task_definitions(q.family.as_deref(), &who).await?))
 }
 
 #[utoipa::path(get, path = "/v1/taskdefs/{name}", tag = "taskdefs",
     params(("name" = String, Path, description = "`family` (latest active revision) or `family:revision`")),
     responses((status = 200, body = TaskDefinition), (status = "4XX", body = ApiError)))]
-async fn describe_taskdef(State(c): Ctl, Path(name): Path<String>) -> Result<Json<TaskDefinition>> {
-    Ok(Json((*c.task_definition(&name).await?).clone()))
+async fn describe_taskdef(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<Json<TaskDefinition>> {
+    Ok(Json((*c.task_definition_for(&name, &who).await?).clone()))
 }
 
 #[utoipa::path(delete, path = "/v1/taskdefs/{name}", tag = "taskdefs",
@@ -242,8 +266,11 @@ async fn describe_taskdef(State(c): Ctl, Path(name): Path<String>) -> Result<Jso
     responses((status = 200, body = TaskDefinition, description = "Now INACTIVE"), (status = "4XX", body = ApiError)))]
 async fn deregister_taskdef(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Path(name): Path<String>,
 ) -> Result<Json<TaskDefinition>> {
+    let def = c.task_definition_for(&name, &who).await?;
+    c.authorize_run(&def, &who).await?;
     Ok(Json(c.deregister(&name).await?))
 }
 
@@ -253,9 +280,10 @@ async fn deregister_taskdef(
     responses((status = 201, body = Vec<Task>, description = "The tasks, PROVISIONING"), (status = "4XX", body = ApiError)))]
 async fn run_task(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Json(request): Json<RunTaskRequest>,
 ) -> Result<(StatusCode, Json<Vec<Task>>)> {
-    Ok((StatusCode::CREATED, Json(c.run_task(request).await?)))
+    Ok((StatusCode::CREATED, Json(c.run_task(request, &who).await?)))
 }
 
 /// The most tasks one list returns.
@@ -276,7 +304,11 @@ struct TaskQuery {
 
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(TaskQuery),
     responses((status = 200, body = Vec<Task>), (status = "4XX", body = ApiError)))]
-async fn list_tasks(State(c): Ctl, Query(q): Query<TaskQuery>) -> Result<Json<Vec<Task>>> {
+async fn list_tasks(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Query(q): Query<TaskQuery>,
+) -> Result<Json<Vec<Task>>> {
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
@@ -293,15 +325,24 @@ async fn list_tasks(State(c): Ctl, Query(q): Query<TaskQuery>) -> Result<Json<Ve
             format!("must be 1 to {MAX_LIST}"),
         ));
     }
-    Ok(Json(
-        c.list_tasks(TaskFilter {
+    let tasks = c
+        .list_tasks(TaskFilter {
             family: q.family,
             service: q.service,
             status,
             limit,
         })
-        .await?,
-    ))
+        .await?;
+    if who.repositories.is_empty() {
+        return Ok(Json(tasks));
+    }
+    let mut visible = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if c.sees_task(&task, &who).await {
+            visible.push(task);
+        }
+    }
+    Ok(Json(visible))
 }
 
 /// The longest a describe may wait for a task to stop.
@@ -320,9 +361,11 @@ struct DescribeQuery {
     responses((status = 200, body = Task), (status = "4XX", body = ApiError)))]
 async fn describe_task(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Path(id): Path<String>,
     Query(q): Query<DescribeQuery>,
 ) -> Result<Json<Task>> {
+    c.task_for(&id, &who).await?;
     let task = match q.wait_stopped_ms {
         Some(ms) if ms > MAX_WAIT_MS => {
             return Err(ApiError::invalid(
@@ -349,9 +392,11 @@ struct StopQuery {
     responses((status = 200, body = Task, description = "The task, with desired status STOPPED"), (status = "4XX", body = ApiError)))]
 async fn stop_task(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Path(id): Path<String>,
     Query(q): Query<StopQuery>,
 ) -> Result<Json<Task>> {
+    c.task_for(&id, &who).await?;
     Ok(Json(c.stop_task(&id, q.reason).await?))
 }
 
@@ -377,9 +422,11 @@ struct LogQuery {
               (status = "4XX", body = ApiError)))]
 async fn task_logs(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response> {
+    c.task_for(&id, &who).await?;
     let from = q.from.unwrap_or(0);
     let limit = q.limit.unwrap_or(MAX_LOG_PAGE);
     if limit == 0 || limit > MAX_LOG_PAGE {
@@ -449,22 +496,30 @@ fn follow(buffer: Arc<wharf_runtime::LogBuffer>, from: u64) -> Response {
     responses((status = 201, body = Service), (status = "4XX", body = ApiError)))]
 async fn create_service(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Json(r): Json<CreateServiceRequest>,
 ) -> Result<(StatusCode, Json<Service>)> {
-    Ok((StatusCode::CREATED, Json(c.create_service(r).await?)))
+    Ok((StatusCode::CREATED, Json(c.create_service(r, &who).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/services", tag = "services",
     responses((status = 200, body = Vec<Service>), (status = "4XX", body = ApiError)))]
-async fn list_services(State(c): Ctl) -> Json<Vec<Service>> {
-    Json(c.list_services().await)
+async fn list_services(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+) -> Json<Vec<Service>> {
+    Json(c.list_services(&who).await)
 }
 
 #[utoipa::path(get, path = "/v1/services/{name}", tag = "services",
     params(("name" = String, Path, description = "Service name")),
     responses((status = 200, body = Service), (status = "4XX", body = ApiError)))]
-async fn describe_service(State(c): Ctl, Path(name): Path<String>) -> Result<Json<Service>> {
-    Ok(Json(c.service(&name).await?))
+async fn describe_service(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<Json<Service>> {
+    Ok(Json(c.service_for(&name, &who).await?))
 }
 
 #[utoipa::path(patch, path = "/v1/services/{name}", tag = "services",
@@ -472,16 +527,22 @@ async fn describe_service(State(c): Ctl, Path(name): Path<String>) -> Result<Jso
     responses((status = 200, body = Service), (status = "4XX", body = ApiError)))]
 async fn update_service(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Path(name): Path<String>,
     Json(r): Json<UpdateServiceRequest>,
 ) -> Result<Json<Service>> {
-    Ok(Json(c.update_service(&name, r).await?))
+    Ok(Json(c.update_service(&name, r, &who).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/services/{name}", tag = "services",
     params(("name" = String, Path, description = "Service name")),
     responses((status = 200, body = Service, description = "DRAINING: removed once its tasks stopped"), (status = "4XX", body = ApiError)))]
-async fn delete_service(State(c): Ctl, Path(name): Path<String>) -> Result<Json<Service>> {
+async fn delete_service(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<Json<Service>> {
+    c.service_for(&name, &who).await?;
     Ok(Json(c.delete_service(&name).await?))
 }
 
@@ -497,9 +558,13 @@ struct EventQuery {
     responses((status = 200, body = Vec<ServiceEvent>), (status = "4XX", body = ApiError)))]
 async fn service_events(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Path(name): Path<String>,
     Query(q): Query<EventQuery>,
 ) -> Result<Json<Vec<ServiceEvent>>> {
+    if !who.repositories.is_empty() {
+        c.service_for(&name, &who).await?;
+    }
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_LIST {
         return Err(ApiError::invalid(
@@ -516,22 +581,30 @@ async fn service_events(
     responses((status = 201, body = Secret, description = "Created or replaced; the value is not returned"), (status = "4XX", body = ApiError)))]
 async fn put_secret(
     State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
     Json(r): Json<CreateSecretRequest>,
 ) -> Result<(StatusCode, Json<Secret>)> {
-    Ok((StatusCode::CREATED, Json(c.put_secret(r).await?)))
+    Ok((StatusCode::CREATED, Json(c.put_secret(r, &who).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/secrets", tag = "secrets",
     responses((status = 200, body = Vec<Secret>), (status = "4XX", body = ApiError)))]
-async fn list_secrets(State(c): Ctl) -> Result<Json<Vec<Secret>>> {
-    Ok(Json(c.store.secrets().await?))
+async fn list_secrets(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+) -> Result<Json<Vec<Secret>>> {
+    Ok(Json(c.list_secrets(&who).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "secrets",
     params(("name" = String, Path, description = "Secret name")),
     responses((status = 204, description = "Deleted"), (status = "4XX", body = ApiError)))]
-async fn delete_secret(State(c): Ctl, Path(name): Path<String>) -> Result<StatusCode> {
-    c.delete_secret(&name).await?;
+async fn delete_secret(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    c.delete_secret(&name, &who).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -26,6 +26,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod secrets;
 pub mod services;
 pub mod taskdef;
 mod tasks;
@@ -66,6 +67,8 @@ pub struct ApiConfig {
     pub log_retention_bytes: usize,
     /// Stopped tasks kept in the store, newest first (default 100,000).
     pub keep_stopped_tasks: u64,
+    /// Audit entries kept in the store, newest first (default 100,000).
+    pub keep_audit_entries: u64,
     /// First delay before restarting a service's failing task (default
     /// 1 s); doubles with every consecutive failure.
     pub restart_backoff: Duration,
@@ -86,6 +89,7 @@ impl ApiConfig {
             slots: None,
             log_retention_bytes: 64 << 10,
             keep_stopped_tasks: 100_000,
+            keep_audit_entries: 100_000,
             restart_backoff: Duration::from_secs(1),
             max_restart_backoff: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
@@ -162,6 +166,11 @@ impl Api {
             wake.clone(),
         ));
         let keep = config.keep_stopped_tasks;
+        let keep_audit = config.keep_audit_entries;
+        // The key lives beside state.db, never in it.
+        let secret_box = Arc::new(secrets::SecretBox::open_or_create(
+            &config.data_dir.join("secrets.key"),
+        )?);
         let control = Arc::new(Control::new(
             config,
             store.clone(),
@@ -172,7 +181,13 @@ impl Api {
             tokens,
             metrics,
             wake,
+            secret_box,
         ));
+        match control.seal_plain_secrets().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(secrets = n, "sealed secrets stored in plain text"),
+            Err(e) => return Err(sqlx::Error::Protocol(e.message)),
+        }
         control
             .load_services()
             .await
@@ -207,6 +222,11 @@ impl Api {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(tasks = n, "pruned stopped tasks"),
                         Err(e) => tracing::error!(error = %e, "cannot prune stopped tasks"),
+                    }
+                    match store.prune_audit(keep_audit).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(entries = n, "pruned the audit log"),
+                        Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
                     }
                 }
             }

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub service_desired: IntGaugeVec,
     /// Running tasks per service.
     pub service_running: IntGaugeVec,
+    /// Mutating calls refused for want of a valid token (not audited: the
+    /// audit log holds authenticated callers only).
+    pub unauthenticated: IntCounter,
 }
 
 impl Default for Metrics {
@@ -104,6 +107,11 @@ impl Metrics {
                 &["service"],
             )
             .expect("valid"),
+            unauthenticated: IntCounter::new(
+                "wharf_unauthenticated_requests_total",
+                "Mutating /v1/ and /v2/ calls without a valid token (not audited)",
+            )
+            .expect("valid"),
             registry,
         };
         for c in [
@@ -118,6 +126,7 @@ impl Metrics {
             Box::new(m.http_requests.clone()),
             Box::new(m.service_desired.clone()),
             Box::new(m.service_running.clone()),
+            Box::new(m.unauthenticated.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

@@ -298,6 +298,10 @@ pub struct Secret {
     pub name: String,
     /// When it was created or last set.
     pub updated_at: String,
+    /// The repositories whose task definitions may use it (`team/*`, or an
+    /// exact name); absent: global, for admins only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// What a token may do.

@@ -188,12 +188,19 @@ impl Control {
     }
 
     /// Creates a service.
-    pub async fn create_service(&self, request: CreateServiceRequest) -> Result<Service> {
+    pub async fn create_service(
+        &self,
+        request: CreateServiceRequest,
+        who: &crate::auth::Principal,
+    ) -> Result<Service> {
         check_name("name", &request.name)?;
         let min = request.minimum_healthy_percent.unwrap_or(100);
         let max = request.maximum_percent.unwrap_or(200);
         check_counts(request.desired_count, min, max)?;
-        let def = self.task_definition(&request.task_definition).await?;
+        let def = self
+            .task_definition_for(&request.task_definition, who)
+            .await?;
+        self.authorize_run(&def, who).await?;
         if def.status == TaskDefinitionStatus::Inactive {
             return Err(ApiError::conflict(format!(
                 "task definition {} is INACTIVE",
@@ -242,13 +249,43 @@ impl Control {
         Ok(service)
     }
 
-    /// Every service with its counts.
-    pub async fn list_services(&self) -> Vec<Service> {
-        let services = self.services.lock().await;
-        services
-            .values()
-            .map(|s| self.with_counts(s.service.clone()))
-            .collect()
+    /// Every service `who` may see, with its counts.
+    pub async fn list_services(&self, who: &crate::auth::Principal) -> Vec<Service> {
+        let all: Vec<Service> = {
+            let services = self.services.lock().await;
+            services
+                .values()
+                .map(|s| self.with_counts(s.service.clone()))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(all.len());
+        for service in all {
+            if self.sees_service(&service, who).await {
+                out.push(service);
+            }
+        }
+        out
+    }
+
+    /// Whether `who` may see a service: its task definition is in scope.
+    async fn sees_service(&self, service: &Service, who: &crate::auth::Principal) -> bool {
+        who.repositories.is_empty()
+            || self
+                .task_definition_for(&service.task_definition, who)
+                .await
+                .is_ok()
+    }
+
+    /// One service with its counts, if `who` may see it.
+    pub async fn service_for(&self, name: &str, who: &crate::auth::Principal) -> Result<Service> {
+        let service = self.service(name).await?;
+        if self.sees_service(&service, who).await {
+            Ok(service)
+        } else {
+            Err(ApiError::not_found(format!(
+                "service {name} does not exist"
+            )))
+        }
     }
 
     /// One service with its counts.
@@ -279,9 +316,15 @@ impl Control {
         &self,
         name: &str,
         request: UpdateServiceRequest,
+        who: &crate::auth::Principal,
     ) -> Result<Service> {
+        self.service_for(name, who).await?;
         let def = match &request.task_definition {
-            Some(t) => Some(self.task_definition(t).await?),
+            Some(t) => {
+                let def = self.task_definition_for(t, who).await?;
+                self.authorize_run(&def, who).await?;
+                Some(def)
+            }
             None => None,
         };
         let mut services = self.services.lock().await;
@@ -671,7 +714,14 @@ impl Control {
     pub(crate) async fn refresh_service_metrics(&self) {
         self.metrics.service_desired.reset();
         self.metrics.service_running.reset();
-        for s in self.list_services().await {
+        let services: Vec<Service> = {
+            let services = self.services.lock().await;
+            services
+                .values()
+                .map(|s| self.with_counts(s.service.clone()))
+                .collect()
+        };
+        for s in services {
             self.metrics
                 .service_desired
                 .with_label_values(&[&s.name])

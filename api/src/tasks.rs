@@ -45,6 +45,9 @@ struct EntryState {
     task: Task,
     stop: Option<Arc<StopSignal>>,
     reason: Option<StopReason>,
+    /// The final record is queued and being committed: `task` still shows
+    /// the last durable status, and no other record may be queued.
+    finishing: bool,
 }
 
 /// A live task.
@@ -162,6 +165,7 @@ impl Tasks {
                 task: task.clone(),
                 stop: None,
                 reason: None,
+                finishing: false,
             }),
             logs: LogBuffer::new(self.log_retention),
             status,
@@ -264,7 +268,9 @@ impl Tasks {
                 outcome.message = reason.message.clone();
             }
             let from = st.task.status;
-            let t = &mut st.task;
+            // The entry keeps showing the last durable status until the
+            // final record is committed; the record is built aside.
+            let mut t = st.task.clone();
             t.status = TaskStatus::Stopped;
             t.desired_status = TaskStatus::Stopped;
             t.stop_code = Some(outcome.stop_code.as_str().to_owned());
@@ -278,18 +284,20 @@ impl Tasks {
                 t.started_at = Some(model::timestamp(now - ran));
             }
             t.stopped_at = Some(model::timestamp(now));
+            st.finishing = true;
             let page = convert_page(entry.logs.read_from(0, usize::MAX));
             // Queued under the lock, after every earlier record of the task.
             let committed = self.writer.queue_acked(vec![
-                Write::Task(Box::new(st.task.clone())),
-                Write::TaskLogs(st.task.id.clone(), Box::new(page)),
+                Write::Task(Box::new(t.clone())),
+                Write::TaskLogs(t.id.clone(), Box::new(page)),
             ]);
-            (st.task.clone(), from, committed)
+            (t, from, committed)
         };
         // The stopped record becomes visible only once it is durable.
         if let Err(e) = committed.wait().await {
             tracing::error!(task = %task.id, error = %e, "cannot record a stopped task");
         }
+        entry.state.lock().expect("task lock").task = task.clone();
         self.metrics.tasks.with_label_values(&[from.as_str()]).dec();
         self.metrics
             .task_stops
@@ -313,7 +321,7 @@ impl Tasks {
             return Ok(self.store.task(id).await?);
         };
         let mut st = entry.state.lock().expect("task lock");
-        if st.reason.is_none() && st.task.status != TaskStatus::Stopped {
+        if st.reason.is_none() && !st.finishing && st.task.status != TaskStatus::Stopped {
             st.reason = Some(reason);
             st.task.desired_status = TaskStatus::Stopped;
             if let Some(stop) = &st.stop {

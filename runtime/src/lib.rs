@@ -31,7 +31,8 @@ pub use engine::{Allocator, RuntimeConfig};
 pub use executor::{Busy, Executor, ExecutorStats, TaskHandle, TaskPhase};
 pub use limits::{Limits, parse_duration, parse_size};
 pub use logs::{
-    DEFAULT_RETAINED_BYTES, LogBuffer, LogLine, LogPage, LogStream, MAX_LINE_BYTES, Stream,
+    DEFAULT_RETAINED_BYTES, LINE_OVERHEAD_BYTES, LogBuffer, LogLine, LogPage, LogStream,
+    MAX_LINE_BYTES, Stream,
 };
 pub use outcome::{Outcome, StopCode};
 pub use sandbox::{DirGrant, Stdio, StopSignal, TaskSpec};

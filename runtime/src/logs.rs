@@ -28,6 +28,17 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024;
 /// long run of diagnostics, small enough for thousands of tasks per node.
 pub const DEFAULT_RETAINED_BYTES: usize = 1 << 20;
 
+/// What a line costs the retention budget beyond its text: the record
+/// around it (sequence number, timestamp, stream, the string's header, its
+/// queue slot) in memory, and about as much as JSON in the store. Counting
+/// it means a guest printing empty lines forever keeps a bounded number of
+/// them, not millions.
+pub const LINE_OVERHEAD_BYTES: usize = 64;
+
+fn line_cost(text: &str) -> usize {
+    text.len() + LINE_OVERHEAD_BYTES
+}
+
 /// How much a guest may write in one WASI `write` call (the permit).
 const WRITE_PERMIT: usize = 64 * 1024;
 
@@ -141,7 +152,7 @@ impl LogBuffer {
             Ok(text) => text,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
-        inner.bytes += text.len();
+        inner.bytes += line_cost(&text);
         let seq = inner.next_seq;
         inner.next_seq += 1;
         inner.lines.push_back(LogLine {
@@ -152,7 +163,7 @@ impl LogBuffer {
         });
         while inner.bytes > self.retained_bytes && inner.lines.len() > 1 {
             let old = inner.lines.pop_front().expect("more than one line");
-            inner.bytes -= old.text.len();
+            inner.bytes -= line_cost(&old.text);
         }
     }
 
@@ -314,7 +325,8 @@ mod tests {
 
     #[test]
     fn evicts_oldest_lines_beyond_the_limit_and_counts_misses() {
-        let buffer = LogBuffer::new(10);
+        // Room for two 5-byte lines and their records.
+        let buffer = LogBuffer::new(2 * (5 + LINE_OVERHEAD_BYTES));
         for i in 0..10 {
             buffer.write(Stream::Stdout, format!("line{i}\n").as_bytes());
         }
@@ -327,6 +339,17 @@ mod tests {
         assert!(later.lines.is_empty());
         assert_eq!(later.next_seq, 10);
         assert_eq!(later.missed, 0);
+    }
+
+    #[test]
+    fn empty_lines_cost_their_record_so_a_flood_of_them_stays_bounded() {
+        let buffer = LogBuffer::new(64 << 10);
+        for _ in 0..100_000 {
+            buffer.write(Stream::Stdout, b"\n\n\n\n\n\n\n\n\n\n");
+        }
+        let kept = buffer.lines().len();
+        assert_eq!(kept, (64 << 10) / LINE_OVERHEAD_BYTES);
+        assert_eq!(buffer.read_from(0, 1).missed, 1_000_000 - kept as u64);
     }
 
     #[test]

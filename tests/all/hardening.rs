@@ -279,3 +279,345 @@ fn maintenance_beside_a_live_server_keeps_its_files_and_a_second_server_is_refus
         "{stderr}"
     );
 }
+
+/// Every byte of the state files (`state.db` and its WAL).
+fn state_bytes(s: &Server) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(s.data()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("state.db") {
+            all.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn secrets_have_scopes_are_sealed_at_rest_and_scoped_tokens_see_only_their_own() {
+    use wharf_testkit::Target;
+    let s = Server::start();
+    s.push_sample("echo", Target::P1, "team/echo:v1");
+    s.push_sample("echo", Target::P1, "secret/app:v1");
+    let team = scoped_token(&s, "deployer", &["team/*"]);
+    let team_reader = scoped_token(&s, "reader", &["team/*"]);
+    let secret = |token: &str, body: Value| s.api_as(token, "POST", "/v1/secrets", Some(body));
+
+    // Global secrets are the admin's; a scoped token manages only its own.
+    assert_eq!(
+        secret(
+            &s.token,
+            json!({"name": "root-pw", "value": "global-value-91"})
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        secret(
+            &s.token,
+            json!({"name": "ops-pw", "value": "ops-value-27", "scope": "secret/*"})
+        )
+        .status,
+        201
+    );
+    for body in [
+        json!({"name": "mine", "value": "v"}),
+        json!({"name": "mine", "value": "v", "scope": "secret/*"}),
+        json!({"name": "ops-pw", "value": "overwritten", "scope": "team/*"}),
+    ] {
+        let r = secret(&team, body.clone());
+        assert_eq!(r.status, 403, "{body}: {r:?}");
+    }
+    assert_eq!(
+        secret(
+            &team,
+            json!({"name": "team-pw", "value": "team-value-55", "scope": "team/*"})
+        )
+        .status,
+        201
+    );
+    let listed = s.api_as(&team, "GET", "/v1/secrets", None).json();
+    assert_eq!(
+        listed,
+        json!([{"name": "team-pw", "updated_at": listed[0]["updated_at"], "scope": "team/*"}])
+    );
+
+    // Values are sealed: not in the database files; the key is beside them.
+    let state = state_bytes(&s);
+    for value in ["global-value-91", "ops-value-27", "team-value-55"] {
+        assert!(
+            !contains(&state, value.as_bytes()),
+            "{value} is in state.db"
+        );
+    }
+    assert!(s.data().join("secrets.key").exists());
+
+    // A scoped deployer cannot hand itself secrets that are not its own.
+    let def = |family: &str, artifact: &str, secret: &str| json!({"family": family, "artifact": artifact, "secrets": {"PW": secret}});
+    for (secret, status) in [("root-pw", 403), ("ops-pw", 403), ("team-pw", 201)] {
+        let r = s.api_as(
+            &team,
+            "POST",
+            "/v1/taskdefs",
+            Some(def("team-echo", "team/echo:v1", secret)),
+        );
+        assert_eq!(r.status, status, "{secret}: {r:?}");
+    }
+    // Not even the admin may put a secret into another repository's tasks.
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(def("wrong", "secret/app:v1", "team-pw")),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(def("ops", "secret/app:v1", "ops-pw")),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+
+    // The other team's task definition, task and logs are invisible.
+    let r = s.api("POST", "/v1/tasks", Some(json!({"task_definition": "ops"})));
+    assert_eq!(r.status, 201);
+    let ops_task = r.json()[0]["id"].as_str().unwrap().to_owned();
+    let r = s.api(
+        "GET",
+        &format!("/v1/tasks/{ops_task}?wait_stopped_ms=20000"),
+        None,
+    );
+    assert_eq!(r.json()["status"], "STOPPED");
+    let families: Vec<String> = s
+        .api_as(&team_reader, "GET", "/v1/taskdefs", None)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["family"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(families, ["team-echo"]);
+    for path in [
+        "/v1/taskdefs/ops".to_owned(),
+        format!("/v1/tasks/{ops_task}"),
+        format!("/v1/tasks/{ops_task}/logs"),
+    ] {
+        let r = s.api_as(&team_reader, "GET", &path, None);
+        assert_eq!(r.status, 404, "{path}: {r:?}");
+        assert!(!String::from_utf8_lossy(&r.body).contains("ops-value-27"));
+    }
+    let listed = s.api_as(&team_reader, "GET", "/v1/tasks", None).json();
+    assert_eq!(listed, json!([]));
+    for (method, path, body) in [
+        ("POST", "/v1/tasks", Some(json!({"task_definition": "ops"}))),
+        ("POST", &format!("/v1/tasks/{ops_task}/stop") as &str, None),
+        (
+            "POST",
+            "/v1/services",
+            Some(json!({"name": "steal", "task_definition": "ops", "desired_count": 1})),
+        ),
+    ] {
+        let r = s.api_as(&team, method, path, body);
+        assert!(r.status == 404 || r.status == 403, "{method} {path}: {r:?}");
+    }
+
+    // The team's own task gets its own secret.
+    let r = s.api_as(
+        &team,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "team-echo"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    let t = s
+        .api_as(
+            &team,
+            "GET",
+            &format!("/v1/tasks/{id}?wait_stopped_ms=20000"),
+            None,
+        )
+        .json();
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+    let logs = s
+        .api_as(&team_reader, "GET", &format!("/v1/tasks/{id}/logs"), None)
+        .json();
+    let lines: Vec<&str> = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert!(lines.contains(&"PW=team-value-55"), "{lines:?}");
+}
+
+#[test]
+fn secrets_stored_in_plain_text_by_an_older_server_are_sealed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path());
+    assert_eq!(
+        s.api(
+            "POST",
+            "/v1/secrets",
+            Some(json!({"name": "old", "value": "plain-old-value-13"}))
+        )
+        .status,
+        201
+    );
+    s.terminate();
+    // What an older version wrote: the value as it is.
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(\"UPDATE secrets SET value='plain-old-value-13'\"); c.commit(); c.execute('VACUUM'); c.close()")
+        .arg(dir.path().join("state.db"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = Server::start_in(dir.path());
+    assert!(!contains(&state_bytes(&s), b"plain-old-value-13"));
+    s.push_sample("echo", wharf_testkit::Target::P1, "team/echo:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "e", "artifact": "team/echo:v1", "secrets": {"V": "old"}})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = s.api("POST", "/v1/tasks", Some(json!({"task_definition": "e"})));
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    s.api(
+        "GET",
+        &format!("/v1/tasks/{id}?wait_stopped_ms=20000"),
+        None,
+    );
+    let logs = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
+    assert!(logs.to_string().contains("V=plain-old-value-13"), "{logs}");
+}
+
+#[test]
+fn a_guest_printing_empty_lines_forever_keeps_a_bounded_log() {
+    let s = Server::start();
+    s.push_sample("flood", wharf_testkit::Target::P1, "team/flood:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "newlines", "artifact": "team/flood:v1", "args": ["8", "empty"]})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "newlines"})),
+    );
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    let t = s
+        .api(
+            "GET",
+            &format!("/v1/tasks/{id}?wait_stopped_ms=60000"),
+            None,
+        )
+        .json();
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+    let page = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
+    let kept = page["lines"].as_array().unwrap().len();
+    // 8 MiB of newlines are 8 Mi lines; 64 KiB of retention at 64 bytes a
+    // record keeps about a thousand.
+    assert!(kept <= (64 << 10) / 64 + 1, "kept {kept} lines");
+    assert!(
+        page["next_seq"].as_u64().unwrap() >= 8 << 20,
+        "{}",
+        page["next_seq"]
+    );
+    let state = std::fs::metadata(s.data().join("state.db")).unwrap().len()
+        + std::fs::metadata(s.data().join("state.db-wal")).map_or(0, |m| m.len());
+    assert!(state < 8 << 20, "state files hold {state} bytes");
+}
+
+#[test]
+fn unauthenticated_calls_are_counted_not_audited_and_paths_are_cut() {
+    let s = Server::start();
+    let long = "x".repeat(16 << 10);
+    for i in 0..100 {
+        let path = if i % 2 == 0 {
+            format!("/v1/tasks/{long}/stop")
+        } else {
+            format!("/v2/team/{long}/blobs/uploads/")
+        };
+        let token = if i % 4 < 2 { "" } else { "not-a-token" };
+        let r = s.api_as(token, "POST", &path, None);
+        assert_eq!(r.status, 401, "{r:?}");
+    }
+    let audit = s.api("GET", "/v1/audit?limit=1000", None).json();
+    assert_eq!(audit, json!([]), "unauthenticated calls were audited");
+    let metrics = String::from_utf8(s.api("GET", "/metrics", None).body).unwrap();
+    assert!(
+        metrics.contains("wharf_unauthenticated_requests_total 100"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("unauth"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // An authenticated call with a long path is audited, its path cut.
+    let r = s.api("POST", &format!("/v1/tasks/{long}/stop"), None);
+    assert_eq!(r.status, 404);
+    let audit = s.api("GET", "/v1/audit", None).json();
+    let path = audit[0]["path"].as_str().unwrap();
+    assert!(
+        path.starts_with("/v1/tasks/xxx") && path.len() <= 520,
+        "{}",
+        path.len()
+    );
+    let state = std::fs::metadata(s.data().join("state.db")).unwrap().len()
+        + std::fs::metadata(s.data().join("state.db-wal")).map_or(0, |m| m.len());
+    assert!(state < 1 << 20, "state files hold {state} bytes");
+}
+
+#[test]
+fn a_task_seen_stopped_survives_a_kill_9_right_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path());
+    s.push_sample("flood", wharf_testkit::Target::P1, "team/flood:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "chatty", "artifact": "team/flood:v1", "args": ["4"]})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "chatty", "count": 20})),
+    );
+    let ids: Vec<String> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    // Poll without waiting: the first STOPPED seen must already be durable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let seen = 'poll: loop {
+        assert!(std::time::Instant::now() < deadline, "no task stopped");
+        for id in &ids {
+            let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
+            if t["status"] == "STOPPED" {
+                break 'poll t;
+            }
+        }
+    };
+    s.kill9();
+    let s = Server::start_in(dir.path());
+    let id = seen["id"].as_str().unwrap();
+    let after = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
+    assert_eq!(after["status"], "STOPPED");
+    assert_eq!(after["stop_code"], seen["stop_code"], "{after}");
+}
