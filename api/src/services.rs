@@ -251,13 +251,7 @@ impl Control {
 
     /// Every service `who` may see, with its counts.
     pub async fn list_services(&self, who: &crate::auth::Principal) -> Vec<Service> {
-        let all: Vec<Service> = {
-            let services = self.services.lock().await;
-            services
-                .values()
-                .map(|s| self.with_counts(s.service.clone()))
-                .collect()
-        };
+        let all = self.all_services().await;
         let mut out = Vec::with_capacity(all.len());
         for service in all {
             if self.sees_service(&service, who).await {
@@ -265,6 +259,15 @@ impl Control {
             }
         }
         out
+    }
+
+    /// Every service with its counts (the lock is released on return).
+    async fn all_services(&self) -> Vec<Service> {
+        let services = self.services.lock().await;
+        services
+            .values()
+            .map(|s| self.with_counts(s.service.clone()))
+            .collect()
     }
 
     /// Whether `who` may see a service: its task definition is in scope.
@@ -714,14 +717,7 @@ impl Control {
     pub(crate) async fn refresh_service_metrics(&self) {
         self.metrics.service_desired.reset();
         self.metrics.service_running.reset();
-        let services: Vec<Service> = {
-            let services = self.services.lock().await;
-            services
-                .values()
-                .map(|s| self.with_counts(s.service.clone()))
-                .collect()
-        };
-        for s in services {
+        for s in self.all_services().await {
             self.metrics
                 .service_desired
                 .with_label_values(&[&s.name])

@@ -225,29 +225,29 @@ pub(super) async fn patch(
     request: Request,
 ) -> Result<Response> {
     let start = content_range_start(request.headers())?;
-    if let Some(start) = start {
-        // Out of order: 416 with where the upload stands, as the spec asks,
-        // before a byte of the body is taken.
-        let offset = registry.store.upload_offset(name, id).await?;
-        if start != offset {
-            let mut r = axum::response::IntoResponse::into_response(RegistryError::with_status(
-                ErrorCode::BlobUploadInvalid,
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                format!(
-                    "chunk starts at {start} but the upload has {offset} bytes: chunks must arrive in order"
-                ),
-            ));
-            set(&mut r, "location", format!("/v2/{name}/blobs/uploads/{id}"))?;
-            set(&mut r, "range", format!("0-{}", offset.saturating_sub(1)))?;
-            return Ok(r);
-        }
-    }
     let body = request.into_body().into_data_stream();
-    let offset = registry
+    match registry
         .store
         .append_upload(name, id, start, counting(registry, body))
-        .await?;
-    upload_response(StatusCode::ACCEPTED, name, id, offset)
+        .await
+    {
+        Ok(offset) => upload_response(StatusCode::ACCEPTED, name, id, offset),
+        // Out of order: the store refused before taking a byte; the spec
+        // wants the 416 to say where the upload stands.
+        Err(
+            e @ RegistryError::Client {
+                status: Some(StatusCode::RANGE_NOT_SATISFIABLE),
+                ..
+            },
+        ) => {
+            let offset = registry.store.upload_offset(name, id).await?;
+            let mut r = axum::response::IntoResponse::into_response(e);
+            set(&mut r, "location", format!("/v2/{name}/blobs/uploads/{id}"))?;
+            set(&mut r, "range", format!("0-{}", offset.saturating_sub(1)))?;
+            Ok(r)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 pub(super) async fn finish(
