@@ -36,6 +36,22 @@ pub const MAX_DESIRED: u32 = 10_000;
 /// failure streak instead of extending one.
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
 
+/// A task counts as healthy for a rollout (retiring old tasks, reaching a
+/// steady state, completing a deployment) only once it has been RUNNING
+/// this long — Kubernetes' `minReadySeconds`. A task that fails at once is
+/// RUNNING for an instant, on its own guest thread, and must not complete
+/// the deployment that the circuit breaker is about to roll back.
+const SETTLE: Duration = Duration::from_secs(1);
+
+fn settled(task: &Task, now: std::time::SystemTime) -> bool {
+    task.status == TaskStatus::Running
+        && task
+            .started_at
+            .as_deref()
+            .and_then(|at| humantime::parse_rfc3339(at).ok())
+            .is_some_and(|at| now.duration_since(at).unwrap_or_default() >= SETTLE)
+}
+
 /// Consecutive failed tasks of an in-progress deployment that trip the
 /// circuit breaker.
 pub const CIRCUIT_BREAKER_FAILURES: u32 = 3;
@@ -573,22 +589,17 @@ impl Control {
                 // Retire older deployments while enough stay healthy.
                 let min_healthy =
                     (desired as u64 * service.minimum_healthy_percent as u64).div_ceil(100);
-                let mut healthy = live
-                    .iter()
-                    .filter(|t| t.status == TaskStatus::Running)
-                    .count() as u64;
-                let primary_running = ours
-                    .iter()
-                    .filter(|t| t.status == TaskStatus::Running)
-                    .count() as u32;
+                let wall = std::time::SystemTime::now();
+                let mut healthy = live.iter().filter(|t| settled(t, wall)).count() as u64;
+                let primary_running = ours.iter().filter(|t| settled(t, wall)).count() as u32;
                 old.sort_by_key(|t| t.status == TaskStatus::Running);
                 for t in old.iter() {
-                    let running = t.status == TaskStatus::Running;
+                    let running = settled(t, wall);
                     if running && healthy <= min_healthy && primary_running < desired {
                         break;
                     }
                     if running {
-                        healthy -= 1;
+                        healthy = healthy.saturating_sub(1);
                     }
                     stops.push((
                         t.id.clone(),
@@ -633,7 +644,10 @@ impl Control {
                         || old_left.contains(d.id.as_str())
                 });
                 if steady && !state.steady && service.status == ServiceStatus::Active {
-                    state.failures = 0;
+                    // The failure streak is not reset here: a task that
+                    // fails at once is RUNNING for an instant, which would
+                    // end every streak and with it the backoff. A task
+                    // that runs HEALTHY_RUN before failing ends it instead.
                     self.event(&name, format!("service {name} has reached a steady state"));
                 }
                 state.steady = steady;
