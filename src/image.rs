@@ -34,6 +34,120 @@ impl Credentials {
     }
 }
 
+/// Credentials for a registry named by a reference. The Wharf token is
+/// offered only to the Wharf server (`--server`); any other registry gets
+/// `--username`/`--password`, a `WHARF_REGISTRY_AUTH` entry for its host,
+/// or the user's `~/.docker/config.json` entry, and otherwise nothing.
+#[derive(Debug, Args)]
+pub(crate) struct RegistryCredentials {
+    #[command(flatten)]
+    credentials: Credentials,
+    /// The Wharf server the Wharf token belongs to.
+    #[arg(
+        long,
+        global = true,
+        env = "WHARF_SERVER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    server: String,
+    /// User name for a registry other than the Wharf server.
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    /// Password for a registry other than the Wharf server.
+    #[arg(
+        long,
+        requires = "username",
+        env = "WHARF_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// `HOST=USER:PASSWORD` entries (separated by spaces or new lines) for
+    /// registries other than the Wharf server.
+    #[arg(long, env = "WHARF_REGISTRY_AUTH", hide_env_values = true, hide = true)]
+    registry_auth: Option<String>,
+}
+
+/// `host:port` with `localhost` spelled as `127.0.0.1`, so both name the
+/// same local server.
+fn same_host(a: &str, b: &str) -> bool {
+    let norm = |h: &str| {
+        let h = h.trim_end_matches('/').to_ascii_lowercase();
+        match h.strip_prefix("localhost") {
+            Some(rest) => format!("127.0.0.1{rest}"),
+            None => h,
+        }
+    };
+    norm(a) == norm(b)
+}
+
+impl RegistryCredentials {
+    /// The user name and password to send to `reference`'s registry.
+    pub(crate) fn for_reference(&self, reference: &str) -> Result<Option<(String, String)>> {
+        let registry = reference.split('/').next().unwrap_or_default();
+        let server = self
+            .server
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
+        if same_host(registry, server) {
+            return Ok(self
+                .credentials
+                .token()?
+                .map(|token| ("wharf".to_owned(), token)));
+        }
+        if let (Some(user), Some(password)) = (&self.username, &self.password) {
+            return Ok(Some((user.clone(), password.clone())));
+        }
+        if let Some(entries) = &self.registry_auth {
+            for entry in entries.split_whitespace() {
+                let Some((host, creds)) = entry.split_once('=') else {
+                    anyhow::bail!("WHARF_REGISTRY_AUTH entries are HOST=USER:PASSWORD");
+                };
+                if same_host(host, registry) {
+                    let (user, password) = creds.split_once(':').with_context(|| {
+                        format!("WHARF_REGISTRY_AUTH entry for {host} is not USER:PASSWORD")
+                    })?;
+                    return Ok(Some((user.to_owned(), password.to_owned())));
+                }
+            }
+        }
+        Ok(docker_config_auth(registry))
+    }
+}
+
+/// The `auths` entry for `registry` in the docker CLI's config
+/// (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`): `auth`
+/// (base64 of `user:password`) or `username` and `password`. Credential
+/// helpers (`credsStore`, `credHelpers`) are not run.
+fn docker_config_auth(registry: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let dir = match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".docker"),
+    };
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let auths = config.get("auths")?.as_object()?;
+    let entry = auths.iter().find_map(|(host, entry)| {
+        let host = host
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        same_host(host, registry).then_some(entry)
+    })?;
+    if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .ok()?;
+        let (user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+        return Some((user.to_owned(), password.to_owned()));
+    }
+    let user = entry.get("username")?.as_str()?;
+    let password = entry.get("password")?.as_str()?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct PushArgs {
     /// The .wasm file.
@@ -41,7 +155,7 @@ pub(crate) struct PushArgs {
     /// Where to push: HOST[:PORT]/REPOSITORY[:TAG].
     reference: String,
     #[command(flatten)]
-    credentials: Credentials,
+    credentials: RegistryCredentials,
 }
 
 #[derive(Debug, Args)]
@@ -52,7 +166,7 @@ pub(crate) struct PullArgs {
     #[arg(short, long)]
     output: Option<PathBuf>,
     #[command(flatten)]
-    credentials: Credentials,
+    credentials: RegistryCredentials,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,7 +180,7 @@ pub(crate) enum ImageCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: crate::Output,
         #[command(flatten)]
-        credentials: Credentials,
+        credentials: RegistryCredentials,
     },
 }
 
@@ -93,7 +207,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub(crate) fn push(args: PushArgs) -> Result<()> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let client = RegistryClient::new(&args.reference, args.credentials.token()?.as_deref())?;
+    let client = RegistryClient::new(
+        &args.reference,
+        args.credentials.for_reference(&args.reference)?,
+    )?;
     let bar = bar(false);
     bar.set_message("pushing");
     let pushed = runtime()?.block_on(client.push_wasm(bytes, &args.reference, |done, total| {
@@ -119,7 +236,10 @@ pub(crate) fn pull(args: PullArgs) -> Result<()> {
             PathBuf::from(format!("{name}.wasm"))
         }
     };
-    let client = RegistryClient::new(&args.reference, args.credentials.token()?.as_deref())?;
+    let client = RegistryClient::new(
+        &args.reference,
+        args.credentials.for_reference(&args.reference)?,
+    )?;
     let bar = bar(false);
     bar.set_message("pulling");
     let digest = runtime()?.block_on(client.pull_wasm(&args.reference, &output, |done, total| {
@@ -143,7 +263,7 @@ pub(crate) fn image(command: ImageCommand) -> Result<()> {
             output,
             credentials,
         } => {
-            let client = RegistryClient::new(&reference, credentials.token()?.as_deref())?;
+            let client = RegistryClient::new(&reference, credentials.for_reference(&reference)?)?;
             let found = runtime()?
                 .block_on(client.inspect(&reference))
                 .with_context(|| format!("failed to inspect {reference}"))?;

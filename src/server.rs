@@ -23,10 +23,43 @@ pub(crate) struct ServerArgs {
     /// Concurrent tasks on this node (default: the instance pool, 1000).
     #[arg(long, env = "WHARF_SLOTS")]
     slots: Option<usize>,
+    /// Memory the node's running tasks may reserve together (each reserves
+    /// its memory limit); tasks beyond it wait PENDING. Default: half of
+    /// the machine's physical memory.
+    #[arg(long, env = "WHARF_MEMORY_BUDGET", value_parser = parse_size)]
+    memory_budget: Option<u64>,
+    /// Memory limit of tasks whose definition sets none.
+    #[arg(long, env = "WHARF_DEFAULT_MEMORY", default_value = "64MiB", value_parser = parse_size)]
+    default_memory: u64,
+    /// Timeout of tasks whose definition sets none (default: none, as
+    /// long-running service tasks need).
+    #[arg(long, env = "WHARF_DEFAULT_TIMEOUT", value_parser = parse_duration)]
+    default_timeout: Option<std::time::Duration>,
+    /// Threads that run guest code, apart from the API's (default: the
+    /// number of cores, at most the slots).
+    #[arg(long, env = "WHARF_GUEST_THREADS")]
+    guest_threads: Option<usize>,
+    /// Internal network (CIDR or address) that task definitions may name
+    /// registries in; loopback, private and link-local destinations are
+    /// refused otherwise. Repeatable.
+    #[arg(long = "allow-registry-network", env = "WHARF_ALLOW_REGISTRY_NETWORKS", value_delimiter = ',', value_parser = wharf_registry::remote::RemotePolicy::parse_network)]
+    allow_registry_networks: Vec<wharf_registry::remote::IpNet>,
     /// First delay before restarting a failing service task; it doubles
     /// with each consecutive failure.
     #[arg(long, env = "WHARF_RESTART_BACKOFF", default_value = "1s", value_parser = parse_duration)]
     restart_backoff: std::time::Duration,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    wharf_runtime::parse_size(text).map_err(|e| e.to_string())
+}
+
+/// Bytes of physical memory, from `/proc/meminfo` (`None` elsewhere).
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -95,9 +128,29 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
         ..RuntimeConfig::default()
     })
     .context("failed to start the wasm runtime")?;
+    let max_task_memory = runtime.config().max_task_memory;
+    if args.default_memory > max_task_memory {
+        anyhow::bail!(
+            "--default-memory {} is above the per-task maximum of {max_task_memory} bytes",
+            args.default_memory
+        );
+    }
     let mut config = ApiConfig::new(data_dir.clone(), token);
     config.slots = args.slots;
     config.restart_backoff = args.restart_backoff;
+    // Half of the machine leaves room for the server itself, compiling,
+    // and the page cache; an edge node that needs more says so.
+    config.memory_budget = args.memory_budget.or(physical_memory().map(|m| m / 2));
+    config.default_memory = Some(args.default_memory);
+    config.default_timeout = args.default_timeout;
+    config.remote_policy.allow = args.allow_registry_networks;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    config.guest_threads = Some(
+        args.guest_threads
+            .unwrap_or(cores)
+            .min(args.slots.unwrap_or(usize::MAX))
+            .max(1),
+    );
 
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

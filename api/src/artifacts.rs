@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use wharf_registry::Registry;
-use wharf_registry::client::RegistryClient;
 use wharf_registry::digest::Digest;
 use wharf_registry::path::{Name, Reference};
+use wharf_registry::remote::Remote;
 use wharf_registry::wasm;
 use wharf_runtime::{Artifact, Runtime};
 
@@ -19,6 +19,10 @@ use crate::error::{ApiError, Result};
 /// Wasm layers larger than this are refused: the layer is read into
 /// memory to compile it, and no real task is near this size.
 pub const MAX_WASM_BYTES: u64 = 256 << 20;
+
+/// The longest a remote layer download may take in all (connects and
+/// silences have their own, shorter timeouts in [`Remote`]).
+pub const REMOTE_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Where an artifact lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,15 +105,22 @@ pub struct Resolved {
 pub(crate) struct Artifacts {
     registry: Arc<Registry>,
     runtime: Arc<Runtime>,
+    remote: Remote,
     scratch: PathBuf,
     loading: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Artifacts {
-    pub(crate) fn new(registry: Arc<Registry>, runtime: Arc<Runtime>, scratch: PathBuf) -> Self {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        runtime: Arc<Runtime>,
+        remote: Remote,
+        scratch: PathBuf,
+    ) -> Self {
         Artifacts {
             registry,
             runtime,
+            remote,
             scratch,
             loading: DashMap::new(),
         }
@@ -143,17 +154,18 @@ impl Artifacts {
                 })
             }
             ArtifactRef::Remote(reference) => {
-                let client = RegistryClient::new(&reference, None)
-                    .map_err(|e| ApiError::invalid("artifact", e))?;
-                let inspected = client
-                    .inspect(&reference)
+                // Through the guarded client: no internal destinations, no
+                // upstream body in the error.
+                let manifest = self
+                    .remote
+                    .manifest(&reference)
                     .await
                     .map_err(|e| ApiError::invalid("artifact", e))?;
-                let layer = wasm_layer(inspected.layers.iter()).ok_or_else(|| {
+                let layer = wasm_layer(manifest.layers.iter()).ok_or_else(|| {
                     ApiError::invalid("artifact", format!("{reference} has no Wasm layer"))
                 })?;
                 Ok(Resolved {
-                    manifest: inspected.digest,
+                    manifest: manifest.digest,
                     wasm: layer.to_owned(),
                 })
             }
@@ -193,12 +205,20 @@ impl Artifacts {
         manifest_digest: &str,
         wasm_digest: &str,
     ) -> std::result::Result<Arc<Artifact>, String> {
-        let bytes = self.fetch(artifact, manifest_digest, wasm_digest).await?;
+        let fetched = self.fetch(artifact, manifest_digest, wasm_digest).await?;
         let runtime = self.runtime.clone();
-        let loaded = tokio::task::spawn_blocking(move || runtime.load(&bytes))
-            .await
-            .map_err(|e| format!("compiling failed: {e}"))?
-            .map_err(|e| format!("cannot load the artifact: {e}"))?;
+        // Reading a downloaded file and compiling are blocking work.
+        let loaded = tokio::task::spawn_blocking(move || match fetched {
+            Fetched::Bytes(bytes) => runtime.load(&bytes),
+            Fetched::File(path) => {
+                let loaded = runtime.load_file(&path);
+                let _ = std::fs::remove_file(&path);
+                loaded
+            }
+        })
+        .await
+        .map_err(|e| format!("compiling failed: {e}"))?
+        .map_err(|e| format!("cannot load the artifact: {e}"))?;
         Ok(loaded.artifact)
     }
 
@@ -207,7 +227,7 @@ impl Artifacts {
         artifact: &str,
         manifest_digest: &str,
         wasm_digest: &str,
-    ) -> std::result::Result<Vec<u8>, String> {
+    ) -> std::result::Result<Fetched, String> {
         let digest: Digest = wasm_digest
             .parse()
             .map_err(|_| format!("bad digest {wasm_digest}"))?;
@@ -227,7 +247,7 @@ impl Artifacts {
                 if digest.same_algorithm_of(&bytes) != digest {
                     return Err(format!("the stored layer {wasm_digest} is corrupt"));
                 }
-                Ok(bytes)
+                Ok(Fetched::Bytes(bytes))
             }
             ArtifactRef::Remote(reference) => {
                 let repo = reference
@@ -239,24 +259,56 @@ impl Artifacts {
                     _ => repo,
                 };
                 let pinned = format!("{repo}@{manifest_digest}");
-                let client = RegistryClient::new(&pinned, None).map_err(|e| e.to_string())?;
-                std::fs::create_dir_all(&self.scratch).map_err(|e| e.to_string())?;
-                let file = self.scratch.join(digest.hex());
-                let got = client
-                    .pull_wasm(&pinned, &file, |_, _| {})
+                tokio::fs::create_dir_all(&self.scratch)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let file = self.scratch.join(format!("{}.wasm", digest.hex()));
+                // The pinned manifest still names this layer (a registry
+                // may not serve a blob its manifests do not reference).
+                let manifest = self
+                    .remote
+                    .manifest(&pinned)
                     .await
                     .map_err(|e| format!("cannot pull {pinned}: {e}"))?;
-                let bytes = std::fs::read(&file).map_err(|e| e.to_string());
-                let _ = std::fs::remove_file(&file);
-                if got != wasm_digest {
+                if wasm_layer(manifest.layers.iter()) != Some(wasm_digest) {
                     return Err(format!(
-                        "{pinned} now has layer {got}, not the registered {wasm_digest}"
+                        "{pinned} no longer has the registered layer {wasm_digest}"
                     ));
                 }
-                bytes
+                // A declared size above the cap is refused before asking.
+                let declared = manifest
+                    .layers
+                    .iter()
+                    .find(|l| l.get("digest").and_then(|d| d.as_str()) == Some(wasm_digest))
+                    .and_then(|l| l.get("size"))
+                    .and_then(|s| s.as_u64())
+                    .unwrap_or(0);
+                if declared > MAX_WASM_BYTES {
+                    return Err(format!(
+                        "the layer {wasm_digest} is {declared} bytes, above the limit of {MAX_WASM_BYTES}"
+                    ));
+                }
+                let download = self
+                    .remote
+                    .blob_to_file(&pinned, &digest, MAX_WASM_BYTES, &file);
+                match tokio::time::timeout(REMOTE_FETCH_TIMEOUT, download).await {
+                    Ok(Ok(_)) => Ok(Fetched::File(file)),
+                    Ok(Err(e)) => Err(format!("cannot pull {pinned}: {e}")),
+                    Err(_) => Err(format!(
+                        "cannot pull {pinned}: the download took longer than {}s",
+                        REMOTE_FETCH_TIMEOUT.as_secs()
+                    )),
+                }
             }
         }
     }
+}
+
+/// A fetched Wasm layer: in memory (from the built-in store) or in a
+/// verified scratch file (from another registry).
+enum Fetched {
+    Bytes(Vec<u8>),
+    File(PathBuf),
 }
 
 #[cfg(test)]

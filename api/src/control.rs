@@ -399,6 +399,17 @@ impl Control {
                 self.config.max_task_memory,
             )?;
         }
+        // The server's defaults fill what neither the definition nor the
+        // overrides set; the task's record shows the limits it ran with.
+        if limits.memory_bytes.is_none() {
+            limits.memory_bytes = self.config.default_memory;
+        }
+        if limits.timeout_ms.is_none() {
+            limits.timeout_ms = self
+                .config
+                .default_timeout
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        }
         let repository = crate::artifacts::artifact_repository(&def.artifact)?;
         for (var, secret) in &def.secrets {
             let (stored, scope) = self.store.secret(secret).await?.ok_or_else(|| {

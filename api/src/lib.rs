@@ -42,7 +42,7 @@ use axum::routing::get;
 use tokio::sync::{mpsc, watch};
 use wharf_registry::Registry;
 use wharf_registry::storage::Storage;
-use wharf_runtime::{Executor, Runtime};
+use wharf_runtime::{Executor, ExecutorConfig, Runtime};
 
 pub use error::{ApiError, ErrorCode};
 
@@ -78,6 +78,24 @@ pub struct ApiConfig {
     pub shutdown_grace: Duration,
     /// The node's per-task memory maximum (set from the runtime).
     pub max_task_memory: u64,
+    /// Bytes of linear memory the local node's running tasks may reserve
+    /// together; each reserves its memory limit (default `None`: no budget;
+    /// `wharf server` passes half of the machine's memory).
+    pub memory_budget: Option<u64>,
+    /// Threads that run guest code, apart from the API's own (default
+    /// `None`: guests share the caller's runtime; `wharf server` passes
+    /// the number of cores, at most the slots).
+    pub guest_threads: Option<usize>,
+    /// The memory limit of tasks whose definition and overrides set none
+    /// (default `None`: the node's per-task maximum).
+    pub default_memory: Option<u64>,
+    /// Which internal networks task definitions may name registries in
+    /// (default: none; loopback, private and link-local destinations are
+    /// refused).
+    pub remote_policy: wharf_registry::remote::RemotePolicy,
+    /// The timeout of tasks whose definition and overrides set none
+    /// (default `None`: no timeout, as long-running service tasks need).
+    pub default_timeout: Option<Duration>,
 }
 
 impl ApiConfig {
@@ -94,6 +112,11 @@ impl ApiConfig {
             max_restart_backoff: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
             max_task_memory: 0,
+            memory_budget: None,
+            guest_threads: None,
+            default_memory: None,
+            default_timeout: None,
+            remote_policy: Default::default(),
         }
     }
 }
@@ -143,15 +166,23 @@ impl Api {
             registry_storage,
             Arc::new(auth::RegistryAuthorizer(tokens.clone())),
         );
+        let remote = wharf_registry::remote::Remote::new(config.remote_policy.clone())
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         let artifacts = Arc::new(artifacts::Artifacts::new(
             registry.clone(),
             runtime.clone(),
+            remote,
             config.data_dir.join("tmp"),
         ));
-        let slots = config
-            .slots
-            .unwrap_or(runtime.config().max_instances as usize);
-        let executor = Executor::new(runtime, slots);
+        let executor = Executor::with_config(
+            runtime,
+            &ExecutorConfig {
+                slots: config.slots.unwrap_or(0),
+                memory_budget: config.memory_budget,
+                guest_threads: config.guest_threads,
+            },
+        )
+        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         let metrics = Metrics::new();
         let (stopped_tx, stopped_rx) = mpsc::unbounded_channel();
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -296,6 +327,15 @@ impl Drainer {
 
 async fn render_metrics(State(control): State<Arc<Control>>) -> String {
     control.refresh_service_metrics().await;
+    let executor = control.tasks.executor();
+    control
+        .metrics
+        .memory_reserved
+        .set(i64::try_from(executor.stats().memory_reserved).unwrap_or(i64::MAX));
+    control
+        .metrics
+        .memory_budget
+        .set(i64::try_from(executor.memory_budget().unwrap_or(0)).unwrap_or(i64::MAX));
     let (bytes_in, bytes_out) = control.registry.metrics.totals();
     Metrics::mirror(
         &control.metrics.registry_bytes.with_label_values(&["in"]),

@@ -2,8 +2,8 @@
 //! one `prometheus::Registry` rendered at `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets from 10 µs to 60 s: task starts are microseconds, runs up to
@@ -43,6 +43,10 @@ pub struct Metrics {
     /// Mutating calls refused for want of a valid token (not audited: the
     /// audit log holds authenticated callers only).
     pub unauthenticated: IntCounter,
+    /// Bytes of the node's memory budget reserved by admitted tasks.
+    pub memory_reserved: IntGauge,
+    /// The node's memory budget (0: none).
+    pub memory_budget: IntGauge,
 }
 
 impl Default for Metrics {
@@ -112,6 +116,16 @@ impl Metrics {
                 "Mutating /v1/ and /v2/ calls without a valid token (not audited)",
             )
             .expect("valid"),
+            memory_reserved: IntGauge::new(
+                "wharf_node_memory_reserved_bytes",
+                "Memory reserved by the local node's admitted tasks (their limits)",
+            )
+            .expect("valid"),
+            memory_budget: IntGauge::new(
+                "wharf_node_memory_budget_bytes",
+                "The local node's memory budget for tasks (0: none)",
+            )
+            .expect("valid"),
             registry,
         };
         for c in [
@@ -127,6 +141,8 @@ impl Metrics {
             Box::new(m.service_desired.clone()),
             Box::new(m.service_running.clone()),
             Box::new(m.unauthenticated.clone()),
+            Box::new(m.memory_reserved.clone()),
+            Box::new(m.memory_budget.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

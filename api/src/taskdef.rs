@@ -377,3 +377,69 @@ timeout = "30s"
         assert_eq!(limits.timeout_ms, Some(1));
     }
 }
+
+/// Property-based fuzzing of task definition files: whatever a client
+/// sends, parsing and checking answer with an error naming a field, never
+/// a panic. A failure proptest finds is saved under
+/// `proptest-regressions/` and replayed first from then on.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Keys and values near the real ones, in TOML or JSON.
+    fn file() -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            "\\PC{0,24}".prop_map(|s| format!("{s:?}")),
+            any::<i64>().prop_map(|n| n.to_string()),
+            Just("\"64MiB\"".to_owned()),
+            Just("\"18446744073709551615GiB\"".to_owned()),
+            Just("\"1.5s\"".to_owned()),
+            Just("\"-1ms\"".to_owned()),
+            Just("[\"a\", 1]".to_owned()),
+            Just("{}".to_owned()),
+        ];
+        let key = prop_oneof![
+            Just("family"),
+            Just("artifact"),
+            Just("kind"),
+            Just("args"),
+            Just("fuel"),
+            Just("memory"),
+            Just("timeout"),
+            Just("unknown"),
+        ];
+        let section = prop_oneof![
+            Just(""),
+            Just("[limits]\n"),
+            Just("[env]\n"),
+            Just("[secrets]\n")
+        ];
+        prop::collection::vec((section, key, value), 0..10).prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|(s, k, v)| format!("{s}{k} = {v}\n"))
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn task_definition_files_parse_and_check_without_panicking(
+            toml in file(),
+            json in "\\{\\PC{0,120}",
+            raw in "\\PC{0,200}",
+        ) {
+            for text in [&toml, &json, &raw] {
+                if let Ok(input) = parse_file(text)
+                    && let Err(e) = input.check(1 << 30)
+                {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+        }
+    }
+}

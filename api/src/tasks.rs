@@ -163,7 +163,9 @@ impl Tasks {
         let entry = Arc::new(TaskEntry {
             state: Mutex::new(EntryState {
                 task: task.clone(),
-                stop: None,
+                // Stops a task still fetching its artifact; replaced by the
+                // executor's own signal once it runs.
+                stop: Some(StopSignal::new()),
                 reason: None,
                 finishing: false,
             }),
@@ -178,6 +180,11 @@ impl Tasks {
         self.writer.send(Write::Task(Box::new(task.clone())));
         tokio::spawn(self.clone().drive(entry, launch, Instant::now()));
         Ok(task)
+    }
+
+    /// The node's executor.
+    pub(crate) fn executor(&self) -> &Executor {
+        &self.executor
     }
 
     /// Commits the writes queued so far (a launched task's record).
@@ -202,11 +209,23 @@ impl Tasks {
 
     async fn drive(self: Arc<Self>, entry: Arc<TaskEntry>, launch: Launch, accepted: Instant) {
         let def = &launch.def;
-        let artifact = match self
-            .artifacts
-            .load(&def.artifact, &def.artifact_digest, &def.wasm_digest)
-            .await
-        {
+        let early = entry
+            .state
+            .lock()
+            .expect("task lock")
+            .stop
+            .clone()
+            .unwrap_or_default();
+        // A registry that never answers must not keep the task, or a stop,
+        // waiting: the fetch races the stop signal (and has its own timeouts).
+        let loaded = tokio::select! {
+            loaded = self.artifacts.load(&def.artifact, &def.artifact_digest, &def.wasm_digest) => loaded,
+            () = early.wait() => {
+                let outcome = Outcome::not_started(StopCode::UserStopped, "stopped before it started");
+                return self.finish(&entry, outcome).await;
+            }
+        };
+        let artifact = match loaded {
             Ok(a) => a,
             Err(message) => {
                 return self

@@ -4,6 +4,8 @@
 //! the `harness` binary reports p50/p99 and throughput for
 //! `docs/PERFORMANCE.md`.
 
+pub mod soak;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,10 +103,20 @@ pub fn wharf_bin() -> std::path::PathBuf {
 /// A `wharf server` on a loopback port over `dir`: the process, its base
 /// URL and its admin token.
 pub fn spawn_wharf_server(dir: &std::path::Path) -> (std::process::Child, String, String) {
+    spawn_server(&wharf_bin(), dir, &[])
+}
+
+/// `bin server` on a loopback port over `dir` with extra `flags`.
+pub fn spawn_server(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    flags: &[&str],
+) -> (std::process::Child, String, String) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(wharf_bin())
+    let mut child = std::process::Command::new(bin)
         .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .args(flags)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start wharf server (build it with cargo build --release -p wharf)");

@@ -74,8 +74,7 @@ pub struct RegistryClient {
 }
 
 fn is_loopback(registry: &str) -> bool {
-    let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
-    host == "localhost" || host.starts_with("127.") || host == "[::1]"
+    crate::remote::is_loopback_host(registry)
 }
 
 fn parse(reference: &str) -> Result<Reference, ClientError> {
@@ -85,9 +84,13 @@ fn parse(reference: &str) -> Result<Reference, ClientError> {
 }
 
 impl RegistryClient {
-    /// A client for `reference`'s registry using `token` (as the password
-    /// of HTTP Basic, which every registry client speaks).
-    pub fn new(reference: &str, token: Option<&str>) -> Result<Self, ClientError> {
+    /// A client for `reference`'s registry with `credentials` (user name
+    /// and password, as HTTP Basic, which every registry speaks; a Wharf
+    /// token is the password), or anonymous.
+    pub fn new(
+        reference: &str,
+        credentials: Option<(String, String)>,
+    ) -> Result<Self, ClientError> {
         let registry = parse(reference)?.resolve_registry().to_owned();
         let protocol = if is_loopback(&registry) {
             ClientProtocol::HttpsExcept(vec![registry])
@@ -98,8 +101,8 @@ impl RegistryClient {
             protocol,
             ..ClientConfig::default()
         });
-        let auth = match token {
-            Some(t) => RegistryAuth::Basic("wharf".into(), t.to_owned()),
+        let auth = match credentials {
+            Some((user, password)) => RegistryAuth::Basic(user, password),
             None => RegistryAuth::Anonymous,
         };
         Ok(RegistryClient { client, auth })

@@ -19,6 +19,7 @@ pub mod error;
 pub mod gc;
 pub mod http;
 pub mod path;
+pub mod remote;
 pub mod storage;
 pub mod store;
 pub mod wasm;

@@ -1,10 +1,22 @@
-//! Runs many tasks at once on tokio with a bounded number of slots.
+//! Runs many tasks at once on tokio with a bounded number of slots and a
+//! memory budget.
 //!
 //! A task holds a slot from instantiation to teardown. When every slot is
 //! taken, [`Executor::spawn`] queues the task until one frees (the task is
 //! `Pending` meanwhile) and [`Executor::try_spawn`] refuses at once with
 //! [`Busy`]. Slots never exceed the instance pool, so a pool-exhausted
-//! error cannot surface from load. Every finished task is counted by stop
+//! error cannot surface from load.
+//!
+//! A task also reserves its memory limit from the node's budget before it
+//! starts: tasks wait `Pending` while the budget is spent, and a task whose
+//! limit exceeds the whole budget fails at once with a message naming it.
+//! The reservation is the limit, not what the guest touched, so a node can
+//! never be pushed past its budget however its guests grow.
+//!
+//! With [`ExecutorConfig::guest_threads`] set, guest code runs on the
+//! executor's own tokio runtime, so a busy guest never delays the caller's
+//! runtime (the control plane's HTTP API); the kernel shares the cores
+//! between the two sets of threads. Every finished task is counted by stop
 //! code.
 
 use std::sync::Arc;
@@ -47,6 +59,8 @@ pub struct ExecutorStats {
     pub stopped: [u64; StopCode::ALL.len()],
     /// Slots currently held.
     pub running: usize,
+    /// Bytes of the memory budget reserved by admitted tasks.
+    pub memory_reserved: u64,
 }
 
 impl ExecutorStats {
@@ -62,12 +76,63 @@ struct Counters {
     stopped: [AtomicU64; StopCode::ALL.len()],
 }
 
+/// How an [`Executor`] admits and places tasks.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutorConfig {
+    /// Concurrent tasks, capped at the runtime's `max_instances`
+    /// (0 means the cap).
+    pub slots: usize,
+    /// Bytes of linear memory the running tasks may reserve together: a
+    /// task reserves its memory limit (or the runtime's `max_task_memory`
+    /// when it sets none). `None`: no budget beyond the pool.
+    pub memory_budget: Option<u64>,
+    /// Threads of the executor's own runtime for guest code. `None`: tasks
+    /// run on the runtime of whoever calls [`Executor::spawn`].
+    pub guest_threads: Option<usize>,
+}
+
+/// The unit of memory reservations: a WebAssembly page. Budgets and limits
+/// are rounded up to it, and a `u32` of pages covers 256 TiB.
+const PAGE: u64 = 64 << 10;
+
+fn pages(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(PAGE)).unwrap_or(u32::MAX)
+}
+
+#[derive(Debug)]
+struct MemoryBudget {
+    bytes: u64,
+    pages: Arc<Semaphore>,
+}
+
+/// The executor's own runtime for guest code. Shut down in the background
+/// when the last executor handle goes, which is allowed from async code
+/// (dropping a runtime there would panic).
+#[derive(Debug)]
+struct GuestRuntime(Option<tokio::runtime::Runtime>);
+
+impl GuestRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("taken only on drop").handle()
+    }
+}
+
+impl Drop for GuestRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// A per-node pool of task slots over a [`Runtime`].
 #[derive(Debug, Clone)]
 pub struct Executor {
     runtime: Arc<Runtime>,
     slots: Arc<Semaphore>,
     slot_count: usize,
+    memory: Option<Arc<MemoryBudget>>,
+    guests: Option<Arc<GuestRuntime>>,
     counters: Arc<Counters>,
 }
 
@@ -135,18 +200,56 @@ impl TaskHandle {
 
 impl Executor {
     /// An executor with `slots` concurrent tasks, capped at the runtime's
-    /// `max_instances`.
+    /// `max_instances`, no memory budget, running guests on the caller's
+    /// tokio runtime.
     pub fn new(runtime: Arc<Runtime>, slots: usize) -> Self {
-        let slot_count = slots.clamp(1, runtime.config().max_instances as usize);
-        Executor {
+        Self::with_config(
+            runtime,
+            &ExecutorConfig {
+                slots,
+                ..ExecutorConfig::default()
+            },
+        )
+        .expect("no guest runtime to start")
+    }
+
+    /// An executor as `config` says; fails only if the guest threads
+    /// cannot be started.
+    pub fn with_config(runtime: Arc<Runtime>, config: &ExecutorConfig) -> crate::Result<Self> {
+        let max = runtime.config().max_instances as usize;
+        let slot_count = match config.slots {
+            0 => max,
+            n => n.clamp(1, max),
+        };
+        let guests = match config.guest_threads {
+            Some(threads) => Some(Arc::new(GuestRuntime(Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads.max(1))
+                    .thread_name("wharf-guest")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| {
+                        crate::Error::Engine(format!("cannot start guest threads: {e}"))
+                    })?,
+            )))),
+            None => None,
+        };
+        Ok(Executor {
             runtime,
             slots: Arc::new(Semaphore::new(slot_count)),
             slot_count,
+            memory: config.memory_budget.map(|bytes| {
+                Arc::new(MemoryBudget {
+                    bytes,
+                    pages: Arc::new(Semaphore::new(pages(bytes) as usize)),
+                })
+            }),
+            guests,
             counters: Arc::new(Counters {
                 started: AtomicU64::new(0),
                 stopped: Default::default(),
             }),
-        }
+        })
     }
 
     /// The runtime tasks run on.
@@ -181,9 +284,15 @@ impl Executor {
             Stdio::Capture(logs) => Some(logs.clone()),
             Stdio::Inherit => None,
         };
-        let join = tokio::spawn({
+        let task = {
+            // The task does not keep the guest runtime alive: the last
+            // handle to it must not be dropped on one of its own threads.
+            let this = Executor {
+                guests: None,
+                ..self.clone()
+            };
             let (this, stop, phase, changed, logs) = (
-                self.clone(),
+                this,
                 stop.clone(),
                 phase.clone(),
                 phase_changed.clone(),
@@ -201,7 +310,11 @@ impl Executor {
                 changed.notify_waiters();
                 outcome
             }
-        });
+        };
+        let join = match &self.guests {
+            Some(guests) => guests.handle().spawn(task),
+            None => tokio::spawn(task),
+        };
         TaskHandle {
             logs,
             stop,
@@ -215,7 +328,7 @@ impl Executor {
         &self,
         artifact: &Artifact,
         spec: &TaskSpec,
-        stop: &StopSignal,
+        stop: &Arc<StopSignal>,
         phase: &AtomicU8,
         phase_changed: &Notify,
         permit: Option<OwnedSemaphorePermit>,
@@ -230,10 +343,42 @@ impl Executor {
                 }
             },
         };
+        let _memory = match &self.memory {
+            None => None,
+            Some(budget) => {
+                let limit = spec
+                    .limits
+                    .memory
+                    .unwrap_or(self.runtime.config().max_task_memory);
+                if pages(limit) as usize > pages(budget.bytes) as usize {
+                    return Outcome::not_started(
+                        StopCode::FailedToStart,
+                        format!(
+                            "the task's memory limit of {limit} bytes exceeds this node's memory budget of {} bytes",
+                            budget.bytes
+                        ),
+                    );
+                }
+                tokio::select! {
+                    biased;
+                    p = budget.pages.clone().acquire_many_owned(pages(limit)) => {
+                        Some(p.expect("the memory semaphore is never closed"))
+                    }
+                    () = stop.wait() => {
+                        return Outcome::not_started(StopCode::UserStopped, "stopped before it started");
+                    }
+                }
+            }
+        };
         phase.store(1, Ordering::Release);
         phase_changed.notify_waiters();
         self.counters.started.fetch_add(1, Ordering::Relaxed);
         self.runtime.run_with_stop(artifact, spec, stop).await
+    }
+
+    /// The memory budget, if there is one.
+    pub fn memory_budget(&self) -> Option<u64> {
+        self.memory.as_ref().map(|m| m.bytes)
     }
 
     /// Total slots.
@@ -251,6 +396,9 @@ impl Executor {
             started: self.counters.started.load(Ordering::Relaxed),
             stopped,
             running: self.slot_count - self.slots.available_permits(),
+            memory_reserved: self.memory.as_ref().map_or(0, |m| {
+                (pages(m.bytes) as usize - m.pages.available_permits()) as u64 * PAGE
+            }),
         }
     }
 }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 pub use artifact::{Artifact, ArtifactKind, Loaded};
 pub use cache::{ArtifactSource, CacheStats, digest};
 pub use engine::{Allocator, RuntimeConfig};
-pub use executor::{Busy, Executor, ExecutorStats, TaskHandle, TaskPhase};
+pub use executor::{Busy, Executor, ExecutorConfig, ExecutorStats, TaskHandle, TaskPhase};
 pub use limits::{Limits, parse_duration, parse_size};
 pub use logs::{
     DEFAULT_RETAINED_BYTES, LINE_OVERHEAD_BYTES, LogBuffer, LogLine, LogPage, LogStream,
@@ -143,8 +143,7 @@ impl Runtime {
 
     /// Runs one task to its end in a fresh sandbox.
     pub async fn run(&self, artifact: &Artifact, spec: &TaskSpec) -> Outcome {
-        self.run_with_stop(artifact, spec, &StopSignal::default())
-            .await
+        self.run_with_stop(artifact, spec, &StopSignal::new()).await
     }
 
     /// Runs one task; firing `stop` ends it with `UserStopped`.
@@ -152,7 +151,7 @@ impl Runtime {
         &self,
         artifact: &Artifact,
         spec: &TaskSpec,
-        stop: &StopSignal,
+        stop: &Arc<StopSignal>,
     ) -> Outcome {
         sandbox::run(
             &self.engine,

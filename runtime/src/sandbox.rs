@@ -200,7 +200,23 @@ fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
     Ok(b)
 }
 
-fn new_store<T: HasLimiter>(engine: &Engine, state: T, fuel: Option<u64>) -> Store<T> {
+/// Why the epoch callback ended a busy guest: an error type of our own,
+/// so the outcome is found by downcasting, never by reading a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Preempted {
+    #[error("the task's deadline passed")]
+    Deadline,
+    #[error("the task was asked to stop")]
+    Stopped,
+}
+
+fn new_store<T: HasLimiter>(
+    engine: &Engine,
+    state: T,
+    fuel: Option<u64>,
+    deadline: Option<Instant>,
+    stop: &Arc<StopSignal>,
+) -> Store<T> {
     let mut store = Store::new(engine, state);
     store.limiter(|s| s.limiter());
     if engine.get_consume_fuel() {
@@ -208,9 +224,21 @@ fn new_store<T: HasLimiter>(engine: &Engine, state: T, fuel: Option<u64>) -> Sto
             .set_fuel(fuel.unwrap_or(u64::MAX))
             .expect("fuel is enabled on this engine");
     }
-    // A busy guest yields to the scheduler at every epoch tick, which is
-    // where a timeout or stop (raced against the run below) takes effect.
-    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    // At every epoch tick a busy guest checks its deadline and stop signal
+    // itself, then yields to the scheduler. The check does not depend on
+    // the scheduler polling the timer raced in `supervise` (which, with
+    // every worker busy with guests, runs late); that race remains for
+    // guests blocked in WASI calls, which run no code to notice.
+    let stop = stop.clone();
+    store.epoch_deadline_callback(move |_| {
+        if stop.is_stopped() {
+            return Err(Preempted::Stopped.into());
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Preempted::Deadline.into());
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
     store.set_epoch_deadline(1);
     store
 }
@@ -222,7 +250,7 @@ enum Ended<T> {
     Stopped,
 }
 
-async fn supervise<F: Future>(
+async fn supervise<F: Future<Output = Result<(), Failure>>>(
     run: F,
     timeout: Option<Duration>,
     stop: &StopSignal,
@@ -233,12 +261,22 @@ async fn supervise<F: Future>(
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
+    let ended = tokio::select! {
         biased;
         result = run => Ended::Finished(result),
         () = stop.wait() => Ended::Stopped,
         () = deadline => Ended::TimedOut,
+    };
+    // The epoch callback's own verdicts end the run the same way.
+    if let Ended::Finished(Err(Failure::Run(e) | Failure::Start(e))) = &ended
+        && let Some(preempted) = e.downcast_ref::<Preempted>()
+    {
+        return match preempted {
+            Preempted::Stopped => Ended::Stopped,
+            Preempted::Deadline => Ended::TimedOut,
+        };
     }
+    ended
 }
 
 /// A failure, and whether guest code had started running.
@@ -254,7 +292,7 @@ pub(crate) async fn run(
     max_memory: u64,
     artifact: &Artifact,
     spec: &TaskSpec,
-    stop: &StopSignal,
+    stop: &Arc<StopSignal>,
 ) -> Outcome {
     let memory_limit = match spec.limits.memory {
         Some(m) if m > max_memory => {
@@ -273,6 +311,7 @@ pub(crate) async fn run(
         Err(message) => return Outcome::not_started(StopCode::FailedToStart, message),
     };
     let started = Instant::now();
+    let deadline = spec.limits.timeout.and_then(|t| started.checked_add(t));
     // Nanoseconds from `started` to the end of instantiation; MAX: not
     // instantiated. An atomic because the run future must be Send.
     let instantiated = AtomicU64::new(u64::MAX);
@@ -288,7 +327,7 @@ pub(crate) async fn run(
                 wasi: builder.build_p1(),
                 limiter,
             };
-            let mut store = new_store(engine, state, fuel);
+            let mut store = new_store(engine, state, fuel, deadline, stop);
             let ended = supervise(
                 async {
                     let instance = pre
@@ -320,7 +359,7 @@ pub(crate) async fn run(
                 table: ResourceTable::new(),
                 limiter,
             };
-            let mut store = new_store(engine, state, fuel);
+            let mut store = new_store(engine, state, fuel, deadline, stop);
             let ended = supervise(
                 async {
                     let command = pre

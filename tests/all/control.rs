@@ -529,7 +529,11 @@ fn a_crash_looping_service_backs_off_and_records_events() {
         .api("GET", "/v1/tasks?service=loop&limit=1000", None)
         .json();
     let n = tasks.as_array().unwrap().len();
-    assert!((3..=8).contains(&n), "{n} attempts in 4 s");
+    assert!(
+        (3..=8).contains(&n),
+        "{n} attempts in 4 s: {:?}",
+        events(&s, "loop")
+    );
     assert!(
         tasks
             .as_array()

@@ -11,6 +11,7 @@ fn wharf(server: &Server, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args(args)
         .env("WHARF_TOKEN", &server.token)
+        .env("WHARF_SERVER", &server.base)
         .env_remove("WHARF_DATA_DIR")
         .output()
         .unwrap();

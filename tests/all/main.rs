@@ -3,11 +3,15 @@
 mod cli;
 mod control;
 mod crash;
+mod fake;
 mod hardening;
 mod image;
+mod isolation;
 mod peers;
 mod registry;
+mod remote;
 mod run;
 mod samples;
 mod server;
+mod soak;
 mod support;

@@ -106,6 +106,7 @@ impl Server {
             .arg(wharf_testkit::wasm(sample, target))
             .arg(format!("{}/{repo_tag}", self.host()))
             .env("WHARF_TOKEN", &self.token)
+            .env("WHARF_SERVER", &self.base)
             .output()
             .unwrap();
         assert!(

@@ -162,6 +162,7 @@ impl Server {
             .arg(wasm(sample, Target::P1))
             .arg(format!("{}/{reference}", self.host()))
             .env("WHARF_TOKEN", self.auth.trim_start_matches("Bearer "))
+            .env("WHARF_SERVER", &self.base)
             .output()
             .expect("run wharf push");
         assert!(
@@ -820,7 +821,7 @@ fn service(summary: &mut Vec<String>) -> Value {
             "family": "beat",
             "artifact": artifact,
             "args": ["1000"],
-            "limits": { "memory": "16MiB", "fuel": 1_000_000_000u64, "timeout": "30m" },
+            "limits": { "memory": "8MiB", "fuel": 1_000_000_000u64, "timeout": "30m" },
         })),
     );
     // Load the artifact (fetch, compile, pre-link) before the baseline:
@@ -924,7 +925,7 @@ fn service(summary: &mut Vec<String>) -> Value {
     let h_start = Hist::delta(&before, &after, "wharf_task_start_latency_seconds", &[]);
 
     summary.push(format!(
-        "## 3. service of {SERVICE_TASKS} heartbeat tasks (1 beat/s, 16 MiB, fresh server)\n\
+        "## 3. service of {SERVICE_TASKS} heartbeat tasks (1 beat/s, 8 MiB, fresh server)\n\
          - converged (running_count = {SERVICE_TASKS}) in {:.1} ms ({polls} polls of GET /v1/services/s); task accepted → slot {}\n\
          - held {HOLD_SECONDS} s, sampled each second: running {}–{}, pending {}–{}, stops during the hold {hold_stops:?}: {}\n\
          - server CPU while holding: {:.3} cores\n\

@@ -2,6 +2,8 @@
 //! `tower::ServiceExt::oneshot`) and its store: lifecycle, garbage
 //! collection, tag immutability.
 
+mod fuzz;
+
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -2,6 +2,7 @@
 
 mod cache;
 mod executor;
+mod fuzz;
 mod hostile;
 mod sandbox;
 
