@@ -67,28 +67,36 @@ pub(crate) struct RegistryCredentials {
     registry_auth: Option<String>,
 }
 
-/// `host:port` with `localhost` spelled as `127.0.0.1`, so both name the
-/// same local server.
+/// `host:port` with `localhost` spelled as `127.0.0.1` and Docker Hub's
+/// aliases as one name, so both spellings name the same registry.
 fn same_host(a: &str, b: &str) -> bool {
     let norm = |h: &str| {
         let h = h.trim_end_matches('/').to_ascii_lowercase();
-        match h.strip_prefix("localhost") {
+        let h = match h.strip_prefix("localhost") {
             Some(rest) => format!("127.0.0.1{rest}"),
             None => h,
+        };
+        match h.as_str() {
+            "docker.io" | "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+            _ => h,
         }
     };
     norm(a) == norm(b)
 }
 
 impl RegistryCredentials {
-    /// The user name and password to send to `reference`'s registry.
+    /// The user name and password to send to `reference`'s registry. The
+    /// registry is the one the client will contact (`127.0.0.1:7070` with
+    /// no repository is Docker Hub's `library/127.0.0.1`), and the Wharf
+    /// token goes only to a reference that names the `--server` itself.
     pub(crate) fn for_reference(&self, reference: &str) -> Result<Option<(String, String)>> {
-        let registry = reference.split('/').next().unwrap_or_default();
+        let (registry, explicit) = wharf_registry::client::registry_of(reference)?;
         let server = self
             .server
             .trim_start_matches("http://")
-            .trim_start_matches("https://");
-        if same_host(registry, server) {
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        if explicit && same_host(&registry, server) {
             return Ok(self
                 .credentials
                 .token()?
@@ -102,7 +110,7 @@ impl RegistryCredentials {
                 let Some((host, creds)) = entry.split_once('=') else {
                     anyhow::bail!("WHARF_REGISTRY_AUTH entries are HOST=USER:PASSWORD");
                 };
-                if same_host(host, registry) {
+                if same_host(host, &registry) {
                     let (user, password) = creds.split_once(':').with_context(|| {
                         format!("WHARF_REGISTRY_AUTH entry for {host} is not USER:PASSWORD")
                     })?;
@@ -110,7 +118,7 @@ impl RegistryCredentials {
                 }
             }
         }
-        Ok(docker_config_auth(registry))
+        Ok(docker_config_auth(&registry))
     }
 }
 
@@ -128,6 +136,7 @@ fn docker_config_auth(registry: &str) -> Option<(String, String)> {
     let config: serde_json::Value = serde_json::from_str(&text).ok()?;
     let auths = config.get("auths")?.as_object()?;
     let entry = auths.iter().find_map(|(host, entry)| {
+        // Keys are hosts or URLs (`https://index.docker.io/v1/`).
         let host = host
             .trim_start_matches("https://")
             .trim_start_matches("http://")
@@ -302,5 +311,51 @@ pub(crate) fn image(command: ImageCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> RegistryCredentials {
+        RegistryCredentials {
+            credentials: Credentials {
+                token: Some("the-wharf-token".into()),
+                data_dir: None,
+            },
+            server: "http://127.0.0.1:7070".into(),
+            username: None,
+            password: None,
+            registry_auth: Some("ghcr.io=alice:pw docker.io=bob:pw2".into()),
+        }
+    }
+
+    #[test]
+    fn the_wharf_token_goes_only_to_a_reference_naming_the_server() {
+        let c = creds();
+        let token = Some(("wharf".to_owned(), "the-wharf-token".to_owned()));
+        for to_server in ["127.0.0.1:7070/team/app:v1", "localhost:7070/team/app"] {
+            assert_eq!(c.for_reference(to_server).unwrap(), token, "{to_server}");
+        }
+        // Docker Hub (no registry, or a host without a repository, which
+        // oci-client reads as docker.io/library/HOST), other ports, others.
+        for elsewhere in [
+            "team/app:v1",
+            "127.0.0.1:7070",
+            "localhost:7070",
+            "127.0.0.1:7071/team/app",
+            "ghcr.io/team/app:v1",
+        ] {
+            assert_ne!(c.for_reference(elsewhere).unwrap(), token, "{elsewhere}");
+        }
+        assert_eq!(
+            c.for_reference("ghcr.io/team/app:v1").unwrap(),
+            Some(("alice".to_owned(), "pw".to_owned()))
+        );
+        assert_eq!(
+            c.for_reference("team/app:v1").unwrap(),
+            Some(("bob".to_owned(), "pw2".to_owned()))
+        );
     }
 }

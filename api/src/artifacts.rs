@@ -173,9 +173,12 @@ impl Artifacts {
     }
 
     /// The compiled artifact for a task definition's pinned Wasm layer.
-    /// Concurrent first runs of one digest compile it once.
+    /// Concurrent first runs of one digest compile it once. The fetch and
+    /// compile run in a task of their own: a waiter that gives up (its task
+    /// was stopped) does not cancel them, so the next run finds the result
+    /// instead of starting over beside an orphaned compile.
     pub(crate) async fn load(
-        &self,
+        self: &Arc<Self>,
         artifact: &str,
         manifest_digest: &str,
         wasm_digest: &str,
@@ -183,6 +186,28 @@ impl Artifacts {
         if let Some(a) = self.runtime.cached(wasm_digest) {
             return Ok(a);
         }
+        let this = self.clone();
+        let (artifact, manifest_digest, wasm_digest) = (
+            artifact.to_owned(),
+            manifest_digest.to_owned(),
+            wasm_digest.to_owned(),
+        );
+        tokio::spawn(async move {
+            this.load_once(&artifact, &manifest_digest, &wasm_digest)
+                .await
+        })
+        .await
+        .map_err(|e| format!("loading the artifact failed: {e}"))?
+    }
+
+    /// One fetch and compile per digest at a time; later callers wait for
+    /// it and find the result in the cache.
+    async fn load_once(
+        &self,
+        artifact: &str,
+        manifest_digest: &str,
+        wasm_digest: &str,
+    ) -> std::result::Result<Arc<Artifact>, String> {
         let lock = self
             .loading
             .entry(wasm_digest.to_owned())

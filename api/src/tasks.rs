@@ -219,11 +219,12 @@ impl Tasks {
         // A registry that never answers must not keep the task, or a stop,
         // waiting: the fetch races the stop signal (and has its own timeouts).
         let loaded = tokio::select! {
-            loaded = self.artifacts.load(&def.artifact, &def.artifact_digest, &def.wasm_digest) => loaded,
+            biased;
             () = early.wait() => {
                 let outcome = Outcome::not_started(StopCode::UserStopped, "stopped before it started");
                 return self.finish(&entry, outcome).await;
             }
+            loaded = self.artifacts.load(&def.artifact, &def.artifact_digest, &def.wasm_digest) => loaded,
         };
         let artifact = match loaded {
             Ok(a) => a,

@@ -77,6 +77,16 @@ fn is_loopback(registry: &str) -> bool {
     crate::remote::is_loopback_host(registry)
 }
 
+/// The registry a reference will be sent to, as `oci-client` resolves it
+/// (`team/app` and `127.0.0.1:7070` with no repository go to Docker Hub),
+/// and whether the reference names that registry itself.
+pub fn registry_of(reference: &str) -> Result<(String, bool), ClientError> {
+    let parsed = parse(reference)?;
+    let named = parsed.registry().to_owned();
+    let explicit = reference.starts_with(&format!("{named}/"));
+    Ok((parsed.resolve_registry().to_owned(), explicit))
+}
+
 fn parse(reference: &str) -> Result<Reference, ClientError> {
     reference
         .parse()

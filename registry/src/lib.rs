@@ -184,7 +184,11 @@ impl Registry {
         else {
             return Ok(None); // unknown blob: put_manifest reports it; too large: not scanned
         };
-        wasm::scan(&bytes).map(Some).map_err(|e| {
+        // Validating up to 256 MiB is CPU work: off the async workers.
+        let scanned = tokio::task::spawn_blocking(move || wasm::scan(&bytes))
+            .await
+            .map_err(|e| RegistryError::Internal(format!("the scan failed: {e}")))?;
+        scanned.map(Some).map_err(|e| {
             RegistryError::new(
                 ErrorCode::ManifestInvalid,
                 format!("the Wasm layer {digest} is not valid: {e}"),

@@ -43,6 +43,9 @@ use crate::digest::{Digest, Hasher};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a response may stay silent between bytes.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a manifest (with its token exchange) may take in all: a
+/// registry that trickles a byte per read timeout is cut off here.
+pub const MANIFEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Redirect hops followed (registries redirect blobs to a CDN once).
 pub const MAX_REDIRECTS: usize = 5;
 /// The largest manifest read: the same cap the registry puts on pushes.
@@ -60,9 +63,10 @@ pub enum RemoteError {
     /// The reference does not parse.
     #[error("invalid reference {0:?}: expected HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]")]
     Reference(String),
-    /// The destination is an internal address and not allow-listed.
+    /// The destination is an internal address and not allow-listed. The
+    /// address itself is logged, not shown: it would map internal names.
     #[error(
-        "{host} is refused: it resolves to the internal address {addr} (loopback, private, link-local and similar ranges need the server's registry allow-list)"
+        "{host} is refused: it resolves to an internal address (loopback, private, link-local and similar ranges need the server's registry allow-list)"
     )]
     Internal {
         /// The host asked for.
@@ -126,6 +130,7 @@ impl RemotePolicy {
         if self.permits(ip) {
             Ok(())
         } else {
+            tracing::warn!(%host, addr = %ip, "refused a remote registry on an internal address");
             Err(RemoteError::Internal {
                 host: host.to_owned(),
                 addr: ip,
@@ -134,20 +139,37 @@ impl RemotePolicy {
     }
 }
 
-/// IPv4-mapped IPv6 addresses (`::ffff:127.0.0.1`) are their IPv4 selves.
+/// IPv6 addresses that carry an IPv4 address are that address: mapped
+/// (`::ffff:a.b.c.d`), compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`)
+/// and 6to4 (`2002:AABB:CCDD::/48`), so `64:ff9b::a9fe:a9fe` is the
+/// metadata service it translates to.
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
+    let IpAddr::V6(v6) = ip else { return ip };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    let v4 = |hi: u16, lo: u16| {
+        IpAddr::V4(std::net::Ipv4Addr::from(
+            (u32::from(hi) << 16) | u32::from(lo),
+        ))
+    };
+    match v6.segments() {
+        // `::` and `::1` are themselves, not 0.0.0.0 and 0.0.0.1.
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => ip,
+        [0, 0, 0, 0, 0, 0, hi, lo] => v4(hi, lo),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => v4(hi, lo),
+        [0x2002, hi, lo, ..] => v4(hi, lo),
+        _ => ip,
     }
 }
 
-/// Loopback, private, link-local, unspecified, shared (CGNAT), multicast,
-/// broadcast and the IPv6 unique-local and site-local ranges.
+/// Loopback, private, link-local, unspecified, shared (CGNAT), benchmark,
+/// IETF-protocol, reserved, multicast, broadcast and the IPv6 unique-local,
+/// site-local, local-use NAT64 and Teredo ranges.
 pub fn is_internal(ip: IpAddr) -> bool {
     match canonical(ip) {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -155,16 +177,21 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v4.is_broadcast()
                 || v4.is_multicast()
                 || a == 0
+                || a >= 240
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (b == 18 || b == 19))
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
+            let s = v6.segments();
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || (first & 0xffc0) == 0xfec0
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
+                || (s[0] == 0x2001 && s[1] == 0)
         }
     }
 }
@@ -250,19 +277,24 @@ impl Remote {
         Ok(Remote { http, policy })
     }
 
-    /// Resolves `reference` to its manifest digest and layers.
+    /// Resolves `reference` to its manifest digest and layers, within
+    /// [`MANIFEST_TIMEOUT`].
     pub async fn manifest(&self, reference: &str) -> Result<RemoteManifest> {
         let r = parse(reference)?;
+        tokio::time::timeout(MANIFEST_TIMEOUT, self.manifest_of(reference, &r))
+            .await
+            .map_err(|_| RemoteError::Unreachable {
+                host: host_of(&r),
+                reason: format!("no manifest within {}s", MANIFEST_TIMEOUT.as_secs()),
+            })?
+    }
+
+    async fn manifest_of(&self, reference: &str, r: &Reference) -> Result<RemoteManifest> {
         let target = r.digest().or(r.tag()).unwrap_or("latest").to_owned();
-        let url = self.url(&r, &format!("manifests/{target}"))?;
-        let response = self.get(&r, url, Some(MANIFEST_ACCEPT), "manifest").await?;
-        let bytes = read_capped(
-            response,
-            MAX_REMOTE_MANIFEST_BYTES,
-            &host_of(&r),
-            "manifest",
-        )
-        .await?;
+        let url = self.url(r, &format!("manifests/{target}"))?;
+        let response = self.get(r, url, Some(MANIFEST_ACCEPT), "manifest").await?;
+        let bytes =
+            read_capped(response, MAX_REMOTE_MANIFEST_BYTES, &host_of(r), "manifest").await?;
         let digest = Digest::sha256_of(&bytes).to_string();
         if let Some(pinned) = r.digest()
             && pinned != digest
@@ -574,6 +606,14 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378::1",
+            "198.18.0.1",
+            "192.0.0.8",
+            "240.0.0.1",
         ] {
             assert!(is_internal(internal.parse().unwrap()), "{internal}");
         }
@@ -583,6 +623,8 @@ mod tests {
             "2606:4700::1111",
             "100.128.0.1",
             "172.32.0.1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
         ] {
             assert!(!is_internal(public.parse().unwrap()), "{public}");
         }

@@ -103,6 +103,49 @@ fn pages(bytes: u64) -> u32 {
 struct MemoryBudget {
     bytes: u64,
     pages: Arc<Semaphore>,
+    /// Signalled whenever a reservation ends.
+    freed: Arc<Notify>,
+}
+
+/// Pages of the budget held by one task; returned, and waiters woken,
+/// when it is dropped.
+#[derive(Debug)]
+struct Reservation {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.freed.notify_waiters();
+    }
+}
+
+impl MemoryBudget {
+    /// Waits until `n` pages are free and takes them, or `None` once `stop`
+    /// fires. Tasks are admitted as soon as they fit, not in arrival
+    /// order: a large task waiting for room never holds back smaller ones
+    /// that fit now (the tokio semaphore alone is first-come, first-served,
+    /// so one large waiter would stall every start behind it).
+    async fn reserve(&self, n: u32, stop: &StopSignal) -> Option<Reservation> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Ok(permit) = self.pages.clone().try_acquire_many_owned(n) {
+                return Some(Reservation {
+                    permit: Some(permit),
+                    freed: self.freed.clone(),
+                });
+            }
+            tokio::select! {
+                biased;
+                () = stop.wait() => return None,
+                () = freed => {}
+            }
+        }
+    }
 }
 
 /// The executor's own runtime for guest code. Shut down in the background
@@ -242,6 +285,7 @@ impl Executor {
                 Arc::new(MemoryBudget {
                     bytes,
                     pages: Arc::new(Semaphore::new(pages(bytes) as usize)),
+                    freed: Arc::new(Notify::new()),
                 })
             }),
             guests,
@@ -263,7 +307,8 @@ impl Executor {
         self.start(artifact, spec, None)
     }
 
-    /// Like [`spawn`](Self::spawn) but refuses instead of queueing.
+    /// Like [`spawn`](Self::spawn) but refuses at once when every slot is
+    /// in use (a task that does not fit the memory budget still waits).
     pub fn try_spawn(&self, artifact: Arc<Artifact>, spec: TaskSpec) -> Result<TaskHandle, Busy> {
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| Busy {
             slots: self.slot_count,
@@ -333,16 +378,9 @@ impl Executor {
         phase_changed: &Notify,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Outcome {
-        let _permit = match permit {
-            Some(p) => p,
-            None => tokio::select! {
-                biased;
-                p = self.slots.clone().acquire_owned() => p.expect("the slot semaphore is never closed"),
-                () = stop.wait() => {
-                    return Outcome::not_started(StopCode::UserStopped, "stopped before it started");
-                }
-            },
-        };
+        let stopped = || Outcome::not_started(StopCode::UserStopped, "stopped before it started");
+        // Memory first, then a slot: a task waiting for memory holds no
+        // slot that a smaller task could use.
         let _memory = match &self.memory {
             None => None,
             Some(budget) => {
@@ -350,7 +388,7 @@ impl Executor {
                     .limits
                     .memory
                     .unwrap_or(self.runtime.config().max_task_memory);
-                if pages(limit) as usize > pages(budget.bytes) as usize {
+                if pages(limit) > pages(budget.bytes) {
                     return Outcome::not_started(
                         StopCode::FailedToStart,
                         format!(
@@ -359,17 +397,24 @@ impl Executor {
                         ),
                     );
                 }
-                tokio::select! {
-                    biased;
-                    p = budget.pages.clone().acquire_many_owned(pages(limit)) => {
-                        Some(p.expect("the memory semaphore is never closed"))
-                    }
-                    () = stop.wait() => {
-                        return Outcome::not_started(StopCode::UserStopped, "stopped before it started");
-                    }
+                match budget.reserve(pages(limit), stop).await {
+                    Some(r) => Some(r),
+                    None => return stopped(),
                 }
             }
         };
+        let _permit = match permit {
+            Some(p) => p,
+            None => tokio::select! {
+                biased;
+                () = stop.wait() => return stopped(),
+                p = self.slots.clone().acquire_owned() => p.expect("the slot semaphore is never closed"),
+            },
+        };
+        // A stop that raced the waits above wins before any guest code runs.
+        if stop.is_stopped() {
+            return stopped();
+        }
         phase.store(1, Ordering::Release);
         phase_changed.notify_waiters();
         self.counters.started.fetch_add(1, Ordering::Relaxed);

@@ -621,3 +621,67 @@ fn a_task_seen_stopped_survives_a_kill_9_right_after() {
     assert_eq!(after["status"], "STOPPED");
     assert_eq!(after["stop_code"], seen["stop_code"], "{after}");
 }
+
+/// A valid core module of about `size` bytes: one custom section.
+fn big_module(size: usize) -> Vec<u8> {
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    let payload = size;
+    let mut len = payload + 2; // name length byte + name
+    m.push(0); // custom section
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            m.push(byte);
+            break;
+        }
+        m.push(byte | 0x80);
+    }
+    m.extend_from_slice(&[1, b'x']);
+    m.resize(m.len() + payload, 0);
+    m
+}
+
+#[test]
+fn concurrent_manifest_pushes_scan_within_a_memory_bound() {
+    const LAYER: usize = 96 << 20;
+    let s = Server::start();
+    let layer = big_module(LAYER);
+    let layer_digest = sha256(&layer);
+    assert_eq!(s.push_blob("team/big", &layer), layer_digest);
+    let layer_size = layer.len();
+    drop(layer);
+    let config = s.push_blob("team/big", b"{}");
+    let before = s.peak_rss_kib();
+    // Six manifests (different annotations) naming the same 96 MiB layer,
+    // pushed at once: each push scans the layer.
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let (s, config, layer_digest) = (&s, &config, &layer_digest);
+                let layer_size = layer_size;
+                scope.spawn(move || {
+                    let manifest = json!({
+                        "schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": config, "size": 2},
+                        "layers": [{"mediaType": "application/wasm", "digest": layer_digest, "size": layer_size}],
+                        "annotations": {"n": i.to_string()},
+                    });
+                    s.push_manifest("team/big", &format!("v{i}"), &manifest).status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 400),
+        "{statuses:?}"
+    );
+    let grew_mib = s.peak_rss_kib().saturating_sub(before) / 1024;
+    // Two scans at a time hold about 2 x 96 MiB; six at once held 6 x 96.
+    assert!(
+        grew_mib < 320,
+        "six concurrent scans raised the server's peak memory by {grew_mib} MiB"
+    );
+}
