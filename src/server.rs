@@ -39,6 +39,10 @@ pub(crate) struct ServerArgs {
     /// number of cores, at most the slots).
     #[arg(long, env = "WHARF_GUEST_THREADS")]
     guest_threads: Option<usize>,
+    /// Output of stopped tasks kept in the state store, newest first;
+    /// older tasks keep their records but not their output.
+    #[arg(long, env = "WHARF_KEEP_TASK_OUTPUT", default_value = "256MiB", value_parser = parse_size)]
+    keep_task_output: u64,
     /// Internal network (CIDR or address) that task definitions may name
     /// registries in; loopback, private and link-local destinations are
     /// refused otherwise. Repeatable.
@@ -144,6 +148,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     config.default_memory = Some(args.default_memory);
     config.default_timeout = args.default_timeout;
     config.remote_policy.allow = args.allow_registry_networks;
+    config.keep_log_bytes = args.keep_task_output;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     config.guest_threads = Some(
         args.guest_threads

@@ -88,6 +88,10 @@ pub trait StateStore: Send + Sync + 'static {
     async fn task_logs(&self, id: &str) -> Result<Option<LogPage>>;
     /// Deletes the oldest stopped tasks beyond `keep`; returns how many.
     async fn prune_tasks(&self, keep: u64) -> Result<u64>;
+    /// Drops the retained output of the oldest stopped tasks beyond
+    /// `keep_bytes` of output in all (the task records stay; their logs
+    /// read as empty). Returns how many tasks lost their output.
+    async fn prune_logs(&self, keep_bytes: u64) -> Result<u64>;
 
     /// Inserts or replaces a service.
     async fn put_service(&self, service: &Service) -> Result<()>;
@@ -405,6 +409,26 @@ impl StateStore for SqliteStore {
         row.map(|r| parse(r.get::<&str, _>(0))).transpose()
     }
 
+    async fn prune_logs(&self, keep_bytes: u64) -> Result<u64> {
+        // Newest first, a running total of each stopped task's stored
+        // output; whatever lies past the budget goes.
+        let done = sqlx::query(
+            "DELETE FROM task_logs WHERE task_id IN (
+                 SELECT task_id FROM (
+                     SELECT l.task_id,
+                            SUM(length(CAST(l.body AS BLOB)))
+                                OVER (ORDER BY t.created_at DESC, t.id DESC) AS upto
+                     FROM task_logs l JOIN tasks t ON t.id = l.task_id
+                     WHERE t.status = 'STOPPED')
+                 WHERE upto > ?)",
+        )
+        .bind(i64::try_from(keep_bytes).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(done)
+    }
+
     async fn prune_tasks(&self, keep: u64) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
@@ -667,6 +691,32 @@ mod tests {
         assert!(store.task("002").await.unwrap().is_none());
         assert!(store.task_logs("002").await.unwrap().is_none());
         assert!(store.task("1599").await.unwrap().is_some());
+        // Output beyond the byte budget goes, oldest first; records stay.
+        let logs = |id: &str| {
+            Write::TaskLogs(
+                id.into(),
+                Box::new(LogPage {
+                    lines: vec![crate::model::LogEntry {
+                        seq: 0,
+                        at: "now".into(),
+                        stream: "stdout".into(),
+                        text: "x".repeat(1000),
+                    }],
+                    next_seq: 1,
+                    missed: 0,
+                    closed: true,
+                }),
+            )
+        };
+        store
+            .write(&[logs("1597"), logs("1598"), logs("1599")])
+            .await
+            .unwrap();
+        assert_eq!(store.prune_logs(2_500).await.unwrap(), 1);
+        assert!(store.task_logs("1597").await.unwrap().is_none());
+        assert!(store.task_logs("1598").await.unwrap().is_some());
+        assert!(store.task_logs("1599").await.unwrap().is_some());
+        assert!(store.task("1597").await.unwrap().is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

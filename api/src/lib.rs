@@ -67,6 +67,10 @@ pub struct ApiConfig {
     pub log_retention_bytes: usize,
     /// Stopped tasks kept in the store, newest first (default 100,000).
     pub keep_stopped_tasks: u64,
+    /// Retained output of stopped tasks kept in the store, newest first,
+    /// in bytes (default 256 MiB: the 100,000 task records alone may hold
+    /// 64 KiB each, 6 GiB, which a soak filled at 1 MiB/s).
+    pub keep_log_bytes: u64,
     /// Audit entries kept in the store, newest first (default 100,000).
     pub keep_audit_entries: u64,
     /// First delay before restarting a service's failing task (default
@@ -107,6 +111,7 @@ impl ApiConfig {
             slots: None,
             log_retention_bytes: 64 << 10,
             keep_stopped_tasks: 100_000,
+            keep_log_bytes: 256 << 20,
             keep_audit_entries: 100_000,
             restart_backoff: Duration::from_secs(1),
             max_restart_backoff: Duration::from_secs(60),
@@ -135,8 +140,10 @@ impl std::fmt::Debug for Api {
     }
 }
 
-/// How often stopped tasks beyond the retention are pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often stopped tasks, their output and audit entries beyond the
+/// retention are pruned: often enough that a busy node overshoots its
+/// output budget by seconds of output, not minutes.
+const PRUNE_EVERY: Duration = Duration::from_secs(15);
 
 impl Api {
     /// Opens the state store, recovers, and starts the reconciler. Must be
@@ -198,6 +205,7 @@ impl Api {
         ));
         let keep = config.keep_stopped_tasks;
         let keep_audit = config.keep_audit_entries;
+        let keep_log_bytes = config.keep_log_bytes;
         // The key lives beside state.db, never in it.
         let secret_box = Arc::new(secrets::SecretBox::open_or_create(
             &config.data_dir.join("secrets.key"),
@@ -253,6 +261,11 @@ impl Api {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(tasks = n, "pruned stopped tasks"),
                         Err(e) => tracing::error!(error = %e, "cannot prune stopped tasks"),
+                    }
+                    match store.prune_logs(keep_log_bytes).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(tasks = n, "pruned the output of stopped tasks"),
+                        Err(e) => tracing::error!(error = %e, "cannot prune task output"),
                     }
                     match store.prune_audit(keep_audit).await {
                         Ok(0) => {}

@@ -171,7 +171,7 @@ fn main() {
         for id in &ids {
             let t = server.call(
                 "GET",
-                &format!("/v1/tasks/{id}?wait_stopped_ms=120000"),
+                &format!("/v1/tasks/{id}?wait_stopped_ms=60000"),
                 None,
             );
             assert_eq!(t["stop_code"], "Timeout", "{t}");
