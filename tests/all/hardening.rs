@@ -659,7 +659,6 @@ fn concurrent_manifest_pushes_scan_within_a_memory_bound() {
         let handles: Vec<_> = (0..6)
             .map(|i| {
                 let (s, config, layer_digest) = (&s, &config, &layer_digest);
-                let layer_size = layer_size;
                 scope.spawn(move || {
                     let manifest = json!({
                         "schemaVersion": 2,
