@@ -178,7 +178,10 @@ impl Tasks {
             .with_label_values(&["PROVISIONING"])
             .inc();
         self.writer.send(Write::Task(Box::new(task.clone())));
-        tokio::spawn(self.clone().drive(entry, launch, Instant::now()));
+        // Beside the guests: the driver's hand-offs to the sandbox stay
+        // within one runtime (it does no heavy work of its own).
+        self.executor
+            .spawn_beside(self.clone().drive(entry, launch, Instant::now()));
         Ok(task)
     }
 

@@ -421,6 +421,21 @@ impl Executor {
         self.runtime.run_with_stop(artifact, spec, stop).await
     }
 
+    /// Runs `future` where this executor runs guests: on its guest
+    /// threads if it has them, else on the caller's runtime. A task's
+    /// driver runs there too, so handing it to its sandbox and hearing it
+    /// end are wake-ups within one runtime, not across two.
+    pub fn spawn_beside<F>(&self, future: F) -> JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.guests {
+            Some(guests) => guests.handle().spawn(future),
+            None => tokio::spawn(future),
+        }
+    }
+
     /// The memory budget, if there is one.
     pub fn memory_budget(&self) -> Option<u64> {
         self.memory.as_ref().map(|m| m.bytes)
