@@ -85,6 +85,25 @@ fn same_host(a: &str, b: &str) -> bool {
 }
 
 impl RegistryCredentials {
+    /// Credentials from values a command already parsed (`wharf run`,
+    /// whose `--data-dir` is its own).
+    pub(crate) fn new(
+        token: Option<String>,
+        data_dir: Option<PathBuf>,
+        server: String,
+        username: Option<String>,
+        password: Option<String>,
+        registry_auth: Option<String>,
+    ) -> Self {
+        RegistryCredentials {
+            credentials: Credentials { token, data_dir },
+            server,
+            username,
+            password,
+            registry_auth,
+        }
+    }
+
     /// The user name and password to send to `reference`'s registry. The
     /// registry is the one the client will contact (`127.0.0.1:7070` with
     /// no repository is Docker Hub's `library/127.0.0.1`), and the Wharf

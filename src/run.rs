@@ -2,11 +2,12 @@
 //! everywhere; stdio passes through and the process exits with the guest's
 //! exit code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use wharf_registry::client::RegistryClient;
 use wharf_runtime::{
     DirGrant, Limits, Outcome, Runtime, RuntimeConfig, Stdio, StopCode, StopSignal, TaskSpec,
 };
@@ -36,14 +37,101 @@ pub(crate) struct RunArgs {
     /// Write the outcome as one JSON object to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
-    /// Data directory (compile cache).
+    /// Data directory (compile cache, pulled artifacts).
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The .wasm (or .wat) file to run.
-    file: PathBuf,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// The .wasm (or .wat) file to run, or a registry reference
+    /// (HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]) pulled and cached by digest.
+    #[arg(value_name = "FILE|REF")]
+    file: String,
     /// Arguments for the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
+}
+
+/// Where a reference is pulled from, with which credentials (the same
+/// rules as `wharf pull`: the Wharf token goes only to `--server`).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Registry options (FILE|REF is a reference)")]
+struct RegistryArgs {
+    /// The Wharf server the Wharf token belongs to.
+    #[arg(long, env = "WHARF_SERVER", default_value = "http://127.0.0.1:7070")]
+    server: String,
+    /// Wharf token (default: the local server's admin token).
+    #[arg(long, env = "WHARF_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// User name for a registry other than the Wharf server.
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    /// Password for a registry other than the Wharf server.
+    #[arg(
+        long,
+        requires = "username",
+        env = "WHARF_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// `HOST=USER:PASSWORD` entries for other registries.
+    #[arg(long, env = "WHARF_REGISTRY_AUTH", hide_env_values = true, hide = true)]
+    registry_auth: Option<String>,
+}
+
+/// Whether `target` names a registry artifact rather than a file: it is
+/// not a file here, and its first part is a host (`.`, `:` or
+/// `localhost`), as in `docker run`.
+fn is_reference(target: &str) -> bool {
+    if Path::new(target).exists() {
+        return false;
+    }
+    match target.split_once('/') {
+        Some((host, rest)) => {
+            !rest.is_empty() && (host.contains(['.', ':']) || host == "localhost")
+        }
+        None => false,
+    }
+}
+
+/// The reference's Wasm layer as a local file, pulled once per manifest
+/// digest into `DATA_DIR/cache/pulled/`; a reference with a digest that is
+/// already there needs no registry at all.
+fn pull_cached(reference: &str, registry: &RegistryArgs, data_dir: &Path) -> Result<PathBuf> {
+    let credentials = crate::image::RegistryCredentials::new(
+        registry.token.clone(),
+        Some(data_dir.to_owned()),
+        registry.server.clone(),
+        registry.username.clone(),
+        registry.password.clone(),
+        registry.registry_auth.clone(),
+    )
+    .for_reference(reference)?;
+    let client = RegistryClient::new(reference, credentials)?;
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let digest = tokio
+        .block_on(client.manifest_digest(reference))
+        .with_context(|| format!("failed to resolve {reference}"))?;
+    let dir = data_dir.join("cache").join("pulled");
+    // Digests are `alg:hex`, validated by the client; `:` is kept out of
+    // file names.
+    let file = dir.join(format!("{}.wasm", digest.replace(':', "-")));
+    if file.is_file() {
+        return Ok(file);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let repo = reference.split('@').next().unwrap_or(reference);
+    let repo = match repo.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => repo,
+    };
+    // Pinned to the digest just resolved, so the file holds what its name says.
+    tokio
+        .block_on(client.pull_wasm(&format!("{repo}@{digest}"), &file, |_, _| {}))
+        .with_context(|| format!("failed to pull {reference}"))?;
+    Ok(file)
 }
 
 fn parse_fuel(text: &str) -> Result<u64, String> {
@@ -103,11 +191,20 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         cache_dir: Some(crate::paths::compile_cache(&data_dir)),
         ..RuntimeConfig::default()
     };
-    let program = args
-        .file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "main.wasm".into());
+    let (file, program) = if is_reference(&args.file) {
+        let file = pull_cached(&args.file, &args.registry, &data_dir)?;
+        let repo = args.file.split(['@']).next().unwrap_or_default();
+        let last = repo.rsplit('/').next().unwrap_or("main");
+        let name = last.split(':').next().unwrap_or("main");
+        (file, format!("{name}.wasm"))
+    } else {
+        let file = PathBuf::from(&args.file);
+        let program = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "main.wasm".into());
+        (file, program)
+    };
     let spec = TaskSpec {
         program,
         args: args.args.clone(),
@@ -126,7 +223,7 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         .build()
         .context("failed to start the async runtime")?;
     let runtime = Runtime::new(config).context("failed to start the wasm runtime")?;
-    let (outcome, source) = match runtime.load_file(&args.file) {
+    let (outcome, source) = match runtime.load_file(&file) {
         Ok(loaded) => {
             let stop = StopSignal::new();
             let outcome = tokio.block_on(async {

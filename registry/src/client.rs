@@ -231,6 +231,19 @@ impl RegistryClient {
         Ok(expected.to_string())
     }
 
+    /// The digest of `reference`'s manifest: the one in the reference if
+    /// it names one (no request), else the registry's answer for the tag.
+    pub async fn manifest_digest(&self, reference: &str) -> Result<String, ClientError> {
+        let reference_parsed = parse(reference)?;
+        if let Some(digest) = reference_parsed.digest() {
+            return Ok(digest.to_owned());
+        }
+        Ok(self
+            .client
+            .fetch_manifest_digest(&reference_parsed, &self.auth)
+            .await?)
+    }
+
     /// The manifest, config and scan of `reference`.
     pub async fn inspect(&self, reference: &str) -> Result<Inspected, ClientError> {
         let reference_parsed = parse(reference)?;

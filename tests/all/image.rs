@@ -188,3 +188,65 @@ fn registry_refuses_invalid_wasm_layers_and_accepts_spin_and_runwasi_types_on_pu
     assert!(stderr.contains("not a Wasm artifact"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn wharf_run_takes_a_reference_pulls_it_once_and_runs_it_from_the_cache_by_digest() {
+    let s = Server::start();
+    s.push_sample("echo", Target::P1, "team/echo:v1");
+    let data = tempfile::tempdir().unwrap();
+    let run = |reference: &str| {
+        Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(["run", "--data-dir"])
+            .arg(data.path())
+            .arg(reference)
+            .args(["--", "from-a-registry"])
+            .env("WHARF_TOKEN", &s.token)
+            .env("WHARF_SERVER", &s.base)
+            .env_remove("WHARF_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    let out = run(&format!("{}/team/echo:v1", s.host()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("from-a-registry"), "{stdout}");
+    let pulled: Vec<_> = std::fs::read_dir(data.path().join("cache/pulled"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(pulled.len(), 1, "{pulled:?}");
+    let digest = pulled[0].trim_end_matches(".wasm").replacen('-', ":", 1);
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    // With the registry gone, the same artifact by digest runs from the
+    // cache; a tag cannot be resolved and says so.
+    let reference = format!("{}/team/echo@{digest}", s.host());
+    let tag = format!("{}/team/echo:v1", s.host());
+    drop(s);
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["run", "--data-dir"])
+        .arg(data.path())
+        .arg(&reference)
+        .env_remove("WHARF_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["run", "--data-dir"])
+        .arg(data.path())
+        .arg(&tag)
+        .env_remove("WHARF_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("failed to resolve"), "{stderr}");
+}
