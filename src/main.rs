@@ -8,6 +8,7 @@ mod paths;
 mod registry_cmd;
 mod run;
 mod secret_cmd;
+mod serve;
 mod server;
 mod service_cmd;
 mod task_cmd;
@@ -31,6 +32,9 @@ enum Command {
     /// Run a Wasm module or component once, locally, in a limited sandbox
     /// (like `wasmtime run`).
     Run(run::RunArgs),
+    /// Serve a wasi:http component locally, a fresh instance per request
+    /// (like `wasmtime serve`).
+    Serve(serve::ServeArgs),
     /// Serve the registry (and, with the control-plane work, the API) from
     /// one data directory.
     Server(server::ServerArgs),
@@ -104,11 +108,15 @@ enum Output {
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Server(_) | Command::Run(_)) {
+    if !matches!(
+        cli.command,
+        Command::Server(_) | Command::Run(_) | Command::Serve(_)
+    ) {
         default_sigpipe();
     }
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Serve(args) => serve::main(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Server(args) => server::main(args).map(|()| ExitCode::SUCCESS),
         Command::Push(args) => image::push(args).map(|()| ExitCode::SUCCESS),
         Command::Pull(args) => image::pull(args).map(|()| ExitCode::SUCCESS),

@@ -10,8 +10,10 @@ use wasmtime::{Engine, ExternType, InstancePre, Module};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::cache::{ArtifactCache, ArtifactSource};
+use crate::http::HttpState;
 use crate::sandbox::{P1State, P2State};
 use crate::{Error, Result};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// What kind of program an artifact is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -21,11 +23,15 @@ pub enum ArtifactKind {
     P1Module,
     /// A component exporting `wasi:cli/run` (WASI preview 2 command).
     P2Command,
+    /// A component exporting `wasi:http/incoming-handler` (the
+    /// `wasi:http/proxy` world), served one instance per request.
+    HttpProxy,
 }
 
 pub(crate) enum Prepared {
     P1(InstancePre<P1State>),
     P2(CommandPre<P2State>),
+    Http(ProxyPre<HttpState>),
 }
 
 /// A compiled and linked program, shared by every task that runs it.
@@ -72,6 +78,7 @@ pub struct Loaded {
 pub(crate) struct Linkers {
     p1: OnceLock<wasmtime::Linker<P1State>>,
     p2: OnceLock<wasmtime::component::Linker<P2State>>,
+    http: OnceLock<wasmtime::component::Linker<HttpState>>,
 }
 
 fn engine_error(e: wasmtime::Error) -> Error {
@@ -87,6 +94,16 @@ impl Linkers {
         wasmtime_wasi::p1::add_to_linker_async(&mut p1, |s: &mut P1State| &mut s.wasi)
             .map_err(engine_error)?;
         Ok(self.p1.get_or_init(|| p1))
+    }
+
+    fn http(&self, engine: &Engine) -> Result<&wasmtime::component::Linker<HttpState>> {
+        if let Some(linker) = self.http.get() {
+            return Ok(linker);
+        }
+        let mut http = wasmtime::component::Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut http).map_err(engine_error)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http).map_err(engine_error)?;
+        Ok(self.http.get_or_init(|| http))
     }
 
     fn p2(&self, engine: &Engine) -> Result<&wasmtime::component::Linker<P2State>> {
@@ -146,6 +163,25 @@ pub(crate) fn load(
             },
             Component::serialize,
         )?;
+        let exports_http = component
+            .component_type()
+            .exports(engine)
+            .any(|(name, _)| name.starts_with("wasi:http/incoming-handler@"));
+        if exports_http {
+            let pre = linkers
+                .http(engine)?
+                .instantiate_pre(&component)
+                .map_err(|e| Error::Unsupported(format!("cannot link the component: {e:#}")))?;
+            let proxy = ProxyPre::new(pre).map_err(|e| {
+                Error::Unsupported(format!("not a wasi:http/proxy component: {e:#}"))
+            })?;
+            let artifact = cache.insert(Arc::new(Artifact {
+                digest,
+                kind: ArtifactKind::HttpProxy,
+                prepared: Prepared::Http(proxy),
+            }));
+            return Ok(Loaded { artifact, source });
+        }
         let pre = linkers
             .p2(engine)?
             .instantiate_pre(&component)
@@ -193,6 +229,7 @@ pub(crate) fn load(
     let kind = match prepared {
         Prepared::P1(_) => ArtifactKind::P1Module,
         Prepared::P2(_) => ArtifactKind::P2Command,
+        Prepared::Http(_) => ArtifactKind::HttpProxy,
     };
     let artifact = cache.insert(Arc::new(Artifact {
         digest,

@@ -17,6 +17,7 @@ mod artifact;
 mod cache;
 mod engine;
 mod executor;
+mod http;
 mod limits;
 mod logs;
 mod outcome;
@@ -29,6 +30,7 @@ pub use artifact::{Artifact, ArtifactKind, Loaded};
 pub use cache::{ArtifactSource, CacheStats, digest};
 pub use engine::{Allocator, RuntimeConfig};
 pub use executor::{Busy, Executor, ExecutorConfig, ExecutorStats, TaskHandle, TaskPhase};
+pub use http::{RequestOutcome, STOP_CODE_HEADER, text_response};
 pub use limits::{Limits, parse_duration, parse_size};
 pub use logs::{
     DEFAULT_RETAINED_BYTES, LINE_OVERHEAD_BYTES, LogBuffer, LogLine, LogPage, LogStream,

@@ -156,7 +156,7 @@ impl WasiView for P2State {
     }
 }
 
-trait HasLimiter: Send + 'static {
+pub(crate) trait HasLimiter: Send + 'static {
     fn limiter(&mut self) -> &mut MemoryLimiter;
 }
 
@@ -203,14 +203,14 @@ fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
 /// Why the epoch callback ended a busy guest: an error type of our own,
 /// so the outcome is found by downcasting, never by reading a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-enum Preempted {
+pub(crate) enum Preempted {
     #[error("the task's deadline passed")]
     Deadline,
     #[error("the task was asked to stop")]
     Stopped,
 }
 
-fn new_store<T: HasLimiter>(
+pub(crate) fn new_store<T: HasLimiter>(
     engine: &Engine,
     state: T,
     fuel: Option<u64>,
@@ -280,9 +280,17 @@ async fn supervise<F: Future<Output = Result<(), Failure>>>(
 }
 
 /// A failure, and whether guest code had started running.
-enum Failure {
+pub(crate) enum Failure {
     Start(wasmtime::Error),
     Run(wasmtime::Error),
+}
+
+impl Failure {
+    pub(crate) fn error(&self) -> &wasmtime::Error {
+        match self {
+            Failure::Start(e) | Failure::Run(e) => e,
+        }
+    }
 }
 
 /// Runs one task to its end. Never panics on guest behaviour; every way a
@@ -322,6 +330,11 @@ pub(crate) async fn run(
     let limiter = MemoryLimiter::new(memory_limit);
     let fuel = spec.limits.fuel;
     match &artifact.prepared {
+        Prepared::Http(_) => Outcome::not_started(
+            StopCode::FailedToStart,
+            "the component exports wasi:http/incoming-handler: it is an HTTP component, served \
+             per request (`wharf serve`), not run as a command",
+        ),
         Prepared::P1(pre) => {
             let state = P1State {
                 wasi: builder.build_p1(),
@@ -445,7 +458,7 @@ fn human_duration(d: Duration) -> String {
 const MEMORY_DENIED: &str = "a memory grow was denied: the task reached its memory limit";
 
 /// Maps an error to a stop code by its type, never by its message.
-fn classify(failure: Failure, memory_denied: bool) -> (StopCode, Option<i32>, String) {
+pub(crate) fn classify(failure: Failure, memory_denied: bool) -> (StopCode, Option<i32>, String) {
     let (error, started) = match failure {
         Failure::Start(e) => (e, false),
         Failure::Run(e) => (e, true),

@@ -12,6 +12,7 @@ mod registry;
 mod remote;
 mod run;
 mod samples;
+mod serve;
 mod server;
 mod soak;
 mod support;

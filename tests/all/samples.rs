@@ -36,6 +36,19 @@ fn hello() {
 }
 
 #[test]
+fn http_hello() {
+    // An HTTP component is served per request (`tests/all/serve.rs`), not
+    // run as a command; built as a core module it has no `_start`.
+    let wharf = Wharf::new();
+    let r = wharf.run(&[], &wasm("http_hello", Target::P2), &[]);
+    r.assert("FailedToStart", 126);
+    assert!(r.message().contains("HTTP component"), "{r:#?}");
+    assert_eq!(r.report["kind"], "http_proxy");
+    let r = wharf.run(&[], &wasm("http_hello", Target::P1), &[]);
+    r.assert("FailedToStart", 126);
+}
+
+#[test]
 fn echo() {
     let wharf = Wharf::new();
     for target in Target::ALL {

@@ -1,0 +1,126 @@
+//! `wharf serve`: one `wasi:http/proxy` component on a local port, like
+//! `wasmtime serve` — a fresh instance per request from the cached
+//! pre-instantiation, with fuel, memory and a timeout per request, at most
+//! `--max-concurrency` requests in flight (more get 503 with `Retry-After`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use wharf_runtime::{ArtifactKind, Limits, Runtime, RuntimeConfig, text_response};
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Fuel per request; default unlimited.
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Memory limit per request, e.g. 64MiB; default 1GiB.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Time limit per request (504 past it), e.g. 500ms, 30s.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    timeout: std::time::Duration,
+    /// Requests in flight at once; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_concurrency: usize,
+    /// Data directory (compile cache).
+    #[arg(long, env = "WHARF_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The component (.wasm) to serve.
+    file: PathBuf,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    wharf_runtime::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    wharf_runtime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+pub(crate) fn main(args: ServeArgs) -> Result<()> {
+    let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
+    let max = args.max_concurrency.max(1);
+    let runtime = Runtime::new(RuntimeConfig {
+        // One instance per request in flight, and a little headroom for
+        // instances still being torn down.
+        max_instances: u32::try_from(max + max / 4 + 1).unwrap_or(u32::MAX),
+        max_task_memory: args
+            .memory
+            .unwrap_or(0)
+            .max(RuntimeConfig::default().max_task_memory),
+        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
+        ..RuntimeConfig::default()
+    })
+    .context("failed to start the wasm runtime")?;
+    let loaded = runtime
+        .load_file(&args.file)
+        .with_context(|| format!("cannot load {}", args.file.display()))?;
+    if loaded.artifact.kind() != ArtifactKind::HttpProxy {
+        anyhow::bail!(
+            "{} is a {:?}, not an HTTP component: `wharf serve` needs a component that exports \
+             wasi:http/incoming-handler (the wasi:http/proxy world); run commands with `wharf run`",
+            args.file.display(),
+            loaded.artifact.kind()
+        );
+    }
+    let limits = Limits {
+        fuel: args.fuel,
+        memory: args.memory,
+        timeout: Some(args.timeout),
+    };
+    let artifact = loaded.artifact;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    tokio.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("failed to listen on {}", args.listen))?;
+        // Scripts and tests wait for this line.
+        eprintln!("wharf: serving http://{}", listener.local_addr()?);
+        loop {
+            let (socket, _) = tokio::select! {
+                accepted = listener.accept() => accepted.context("accept failed")?,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            let (runtime, artifact, slots) = (runtime.clone(), artifact.clone(), slots.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let (runtime, artifact, slots) =
+                        (runtime.clone(), artifact.clone(), slots.clone());
+                    async move {
+                        let Ok(_slot) = slots.try_acquire_owned() else {
+                            let mut busy =
+                                text_response(503, format!("all {max} request slots are in use\n"));
+                            busy.headers_mut().insert(
+                                hyper::header::RETRY_AFTER,
+                                hyper::header::HeaderValue::from_static("1"),
+                            );
+                            return Ok::<_, std::convert::Infallible>(busy);
+                        };
+                        let (response, outcome) =
+                            runtime.handle_http(&artifact, &limits, request).await;
+                        if let Some(code) = outcome.stop_code {
+                            eprintln!("wharf: request ended {code}: {}", outcome.message);
+                        }
+                        Ok(response)
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    })
+}

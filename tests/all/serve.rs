@@ -1,0 +1,131 @@
+//! `wharf serve` over a real socket: the component answers, and a trap,
+//! the fuel and memory limits, a timeout and overload each end as the
+//! response a client understands, while the server keeps serving.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use wharf_testkit::{Target, wasm};
+
+use crate::server::{Response, call};
+
+struct Serve {
+    child: Child,
+    base: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(flags: &[&str]) -> Serve {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .args(flags)
+        .arg(wasm("http_hello", Target::P2))
+        .env_remove("WHARF_DATA_DIR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("wharf serve printed its address")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("wharf: serving ") {
+            break rest.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Serve {
+        child,
+        base,
+        _data: data,
+    }
+}
+
+fn get(s: &Serve, path: &str) -> Response {
+    call(
+        ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .get(&format!("{}{path}", s.base))
+            .call(),
+    )
+}
+
+#[test]
+fn requests_get_the_components_answers_and_limits_end_as_status_codes() {
+    let s = serve(&["--timeout", "1s", "--memory", "32MiB"]);
+    let r = get(&s, "/hello?x=1");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        "hello from wharf: GET /hello?x=1\n"
+    );
+    assert_eq!(get(&s, "/status/418").status, 418);
+
+    for (path, status, code) in [
+        ("/trap", 500, "Trap"),
+        ("/grow", 500, "MemoryLimit"),
+        ("/spin", 504, "Timeout"),
+    ] {
+        let r = get(&s, path);
+        assert_eq!(r.status, status, "{path}: {r:?}");
+        assert_eq!(r.header("x-wharf-stop-code"), Some(code), "{path}: {r:?}");
+        // The server keeps serving whatever one request did.
+        assert_eq!(get(&s, "/after").status, 200, "after {path}");
+    }
+
+    let s = serve(&["--fuel", "100000"]);
+    let r = get(&s, "/spin");
+    assert_eq!(
+        (r.status, r.header("x-wharf-stop-code")),
+        (500, Some("OutOfFuel")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn requests_beyond_the_concurrency_limit_get_503_with_retry_after() {
+    let s = serve(&["--timeout", "2s", "--max-concurrency", "1"]);
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| get(&s, "/spin"));
+        // Until the slow request holds the only slot.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let busy = loop {
+            let r = get(&s, "/quick");
+            if r.status == 503 {
+                break r;
+            }
+            assert!(std::time::Instant::now() < deadline, "never busy: {r:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(busy.header("retry-after"), Some("1"), "{busy:?}");
+        assert_eq!(slow.join().unwrap().status, 504);
+    });
+    assert_eq!(get(&s, "/quick").status, 200);
+}
+
+#[test]
+fn a_command_is_refused_with_what_it_is() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg(wasm("hello", Target::P2))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not an HTTP component") && stderr.contains("P2Command"),
+        "{stderr}"
+    );
+}
