@@ -55,7 +55,7 @@ pub(crate) struct RunArgs {
 /// rules as `wharf pull`: the Wharf token goes only to `--server`).
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Registry options (FILE|REF is a reference)")]
-struct RegistryArgs {
+pub(crate) struct RegistryArgs {
     /// The Wharf server the Wharf token belongs to.
     #[arg(long, env = "WHARF_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
@@ -169,9 +169,9 @@ pub(crate) fn exit_status(stop_code: StopCode, exit_code: Option<i32>) -> u8 {
     }
 }
 
-pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
-    let env = args
-        .env
+/// `--env` values: `K=V`, or `K` to pass the host's value.
+pub(crate) fn host_env(flags: &[String]) -> Result<Vec<(String, String)>> {
+    flags
         .iter()
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
@@ -179,7 +179,33 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
                 .map(|v| (kv.clone(), v))
                 .with_context(|| format!("--env {kv}: the host has no variable {kv} to pass")),
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// The file to load for `target` (pulling a reference once per digest)
+/// and the program name the guest sees as `argv[0]`.
+pub(crate) fn resolve_target(
+    target: &str,
+    registry: &RegistryArgs,
+    data_dir: &Path,
+) -> Result<(PathBuf, String)> {
+    if is_reference(target) {
+        let file = pull_cached(target, registry, data_dir)?;
+        let repo = target.split(['@']).next().unwrap_or_default();
+        let last = repo.rsplit('/').next().unwrap_or("main");
+        let name = last.split(':').next().unwrap_or("main");
+        return Ok((file, format!("{name}.wasm")));
+    }
+    let file = PathBuf::from(target);
+    let program = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "main.wasm".into());
+    Ok((file, program))
+}
+
+pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
+    let env = host_env(&args.env)?;
     let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
     let config = RuntimeConfig {
         // One task: a small pool, sized for the memory asked for.
@@ -191,20 +217,7 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         cache_dir: Some(crate::paths::compile_cache(&data_dir)),
         ..RuntimeConfig::default()
     };
-    let (file, program) = if is_reference(&args.file) {
-        let file = pull_cached(&args.file, &args.registry, &data_dir)?;
-        let repo = args.file.split(['@']).next().unwrap_or_default();
-        let last = repo.rsplit('/').next().unwrap_or("main");
-        let name = last.split(':').next().unwrap_or("main");
-        (file, format!("{name}.wasm"))
-    } else {
-        let file = PathBuf::from(&args.file);
-        let program = file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "main.wasm".into());
-        (file, program)
-    };
+    let (file, program) = resolve_target(&args.file, &args.registry, &data_dir)?;
     let spec = TaskSpec {
         program,
         args: args.args.clone(),

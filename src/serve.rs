@@ -11,7 +11,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use wharf_runtime::{ArtifactKind, Limits, Runtime, RuntimeConfig, text_response};
+use wharf_runtime::{
+    ArtifactKind, DirGrant, Limits, Runtime, RuntimeConfig, Stdio, TaskSpec, text_response,
+};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -27,18 +29,33 @@ pub(crate) struct ServeArgs {
     /// Time limit per request (504 past it), e.g. 500ms, 30s.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     timeout: std::time::Duration,
+    /// Environment variable for the component: K=V, or K to pass the
+    /// host's value. It sees no others.
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Directory for the component: HOST[:GUEST][:ro]. It sees no others.
+    #[arg(long = "dir", value_name = "HOST[:GUEST][:ro]", value_parser = parse_dir)]
+    dirs: Vec<DirGrant>,
     /// Requests in flight at once; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_concurrency: usize,
     /// Data directory (compile cache).
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The component (.wasm) to serve.
-    file: PathBuf,
+    #[command(flatten)]
+    registry: crate::run::RegistryArgs,
+    /// The component (.wasm) to serve, or a registry reference
+    /// (HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]) pulled and cached by digest.
+    #[arg(value_name = "FILE|REF")]
+    file: String,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
     wharf_runtime::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_dir(text: &str) -> Result<DirGrant, String> {
+    DirGrant::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -47,6 +64,8 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 
 pub(crate) fn main(args: ServeArgs) -> Result<()> {
     let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
+    let env = crate::run::host_env(&args.env)?;
+    let (file, program) = crate::run::resolve_target(&args.file, &args.registry, &data_dir)?;
     let max = args.max_concurrency.max(1);
     let runtime = Runtime::new(RuntimeConfig {
         // One instance per request in flight, and a little headroom for
@@ -61,21 +80,29 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
     })
     .context("failed to start the wasm runtime")?;
     let loaded = runtime
-        .load_file(&args.file)
-        .with_context(|| format!("cannot load {}", args.file.display()))?;
+        .load_file(&file)
+        .with_context(|| format!("cannot load {}", args.file))?;
     if loaded.artifact.kind() != ArtifactKind::HttpProxy {
         anyhow::bail!(
             "{} is a {:?}, not an HTTP component: `wharf serve` needs a component that exports \
              wasi:http/incoming-handler (the wasi:http/proxy world); run commands with `wharf run`",
-            args.file.display(),
+            args.file,
             loaded.artifact.kind()
         );
     }
-    let limits = Limits {
-        fuel: args.fuel,
-        memory: args.memory,
-        timeout: Some(args.timeout),
-    };
+    // Guest output passes through to the server's own stdout and stderr.
+    let spec = Arc::new(TaskSpec {
+        program,
+        args: Vec::new(),
+        env,
+        dirs: args.dirs.clone(),
+        limits: Limits {
+            fuel: args.fuel,
+            memory: args.memory,
+            timeout: Some(args.timeout),
+        },
+        stdio: Stdio::Inherit,
+    });
     let artifact = loaded.artifact;
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
     let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -93,11 +120,20 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                 accepted = listener.accept() => accepted.context("accept failed")?,
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             };
-            let (runtime, artifact, slots) = (runtime.clone(), artifact.clone(), slots.clone());
+            let (runtime, artifact, slots, spec) = (
+                runtime.clone(),
+                artifact.clone(),
+                slots.clone(),
+                spec.clone(),
+            );
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
-                    let (runtime, artifact, slots) =
-                        (runtime.clone(), artifact.clone(), slots.clone());
+                    let (runtime, artifact, slots, spec) = (
+                        runtime.clone(),
+                        artifact.clone(),
+                        slots.clone(),
+                        spec.clone(),
+                    );
                     async move {
                         let Ok(_slot) = slots.try_acquire_owned() else {
                             let mut busy =
@@ -109,7 +145,7 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                             return Ok::<_, std::convert::Infallible>(busy);
                         };
                         let (response, outcome) =
-                            runtime.handle_http(&artifact, &limits, request).await;
+                            runtime.handle_http(&artifact, &spec, request).await;
                         if let Some(code) = outcome.stop_code {
                             eprintln!("wharf: request ended {code}: {}", outcome.message);
                         }

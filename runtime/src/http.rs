@@ -15,15 +15,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::artifact::{Artifact, Prepared};
-use crate::limits::{Limits, MemoryLimiter};
+use crate::limits::MemoryLimiter;
 use crate::outcome::StopCode;
-use crate::sandbox::{Failure, HasLimiter, StopSignal, classify, new_store};
+use crate::sandbox::{
+    Failure, HasLimiter, StopSignal, TaskSpec, classify, new_store, wasi_builder,
+};
 
 /// The header that names the stop code of a request a limit ended.
 pub const STOP_CODE_HEADER: &str = "x-wharf-stop-code";
@@ -139,14 +141,15 @@ fn failed(
 
 impl crate::Runtime {
     /// Serves one request with a fresh instance of `artifact` (an HTTP
-    /// component) under `limits` (per request). The guest's own response
+    /// component) granted what `spec` grants (env, directories, stdio) and
+    /// limited by its limits, per request. The guest's own response
     /// is passed on; a trap, fuel or memory limit is a 500 with the stop
     /// code in [`STOP_CODE_HEADER`]; a request that outlives its timeout is
     /// a 504 and its instance is dropped.
     pub async fn handle_http<B>(
         &self,
         artifact: &Artifact,
-        limits: &Limits,
+        spec: &TaskSpec,
         request: http::Request<B>,
     ) -> (http::Response<HyperOutgoingBody>, RequestOutcome)
     where
@@ -154,6 +157,7 @@ impl crate::Runtime {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let started = Instant::now();
+        let limits = &spec.limits;
         let Prepared::Http(pre) = &artifact.prepared else {
             return failed(
                 500,
@@ -166,10 +170,10 @@ impl crate::Runtime {
             .memory
             .unwrap_or(self.config().max_task_memory)
             .min(self.config().max_task_memory);
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
+        let mut wasi = match wasi_builder(spec) {
+            Ok(b) => b,
+            Err(message) => return failed(500, StopCode::FailedToStart, message, started),
+        };
         let state = HttpState {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),

@@ -172,7 +172,7 @@ impl HasLimiter for P2State {
     }
 }
 
-fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
+pub(crate) fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.arg(&spec.program).args(&spec.args).envs(&spec.env);
     // Closed by default: no network, even if a later WASI default changes.

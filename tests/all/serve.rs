@@ -24,13 +24,18 @@ impl Drop for Serve {
 }
 
 fn serve(flags: &[&str]) -> Serve {
+    serve_target(flags, wasm("http_hello", Target::P2).to_str().unwrap(), &[])
+}
+
+fn serve_target(flags: &[&str], target: &str, env: &[(&str, &str)]) -> Serve {
     let data = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
         .args(flags)
-        .arg(wasm("http_hello", Target::P2))
+        .arg(target)
         .env_remove("WHARF_DATA_DIR")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -128,4 +133,39 @@ fn a_command_is_refused_with_what_it_is() {
         stderr.contains("not an HTTP component") && stderr.contains("P2Command"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_component_sees_only_the_env_and_directories_it_is_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("note.txt"), "granted file").unwrap();
+    let closed = serve(&[]);
+    assert_eq!(get(&closed, "/env/HOME").body, b"<unset>");
+    assert!(get(&closed, "/read/note.txt").body.starts_with(b"<"));
+    let granted = serve(&[
+        "--env",
+        "GREETING=hi",
+        "--dir",
+        &format!("{}:/data:ro", dir.path().display()),
+    ]);
+    assert_eq!(get(&granted, "/env/GREETING").body, b"hi");
+    assert_eq!(get(&granted, "/env/HOME").body, b"<unset>");
+    assert_eq!(get(&granted, "/read/note.txt").body, b"granted file");
+}
+
+#[test]
+fn a_component_is_served_from_a_registry_reference() {
+    let registry = crate::server::Server::start();
+    registry.push_sample("http_hello", Target::P2, "team/api:v1");
+    let s = serve_target(
+        &[],
+        &format!("{}/team/api:v1", registry.host()),
+        &[
+            ("WHARF_TOKEN", &registry.token),
+            ("WHARF_SERVER", &registry.base),
+        ],
+    );
+    let r = get(&s, "/from-a-registry");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, b"hello from wharf: GET /from-a-registry\n");
 }

@@ -1,7 +1,9 @@
 //! A `wasi:http/proxy` component (meaningful for wasm32-wasip2): answers
 //! `hello from wharf: METHOD PATH`, and misbehaves on request to exercise
 //! the server's limits: `/trap` aborts, `/spin` loops forever, `/grow`
-//! grows memory without end, `/status/N` answers with status N.
+//! grows memory without end, `/status/N` answers with status N; `/env/K`
+//! answers the variable K and `/read/F` the file `/data/F`, to show what a
+//! server grants (nothing unless asked).
 #![no_main]
 
 use wasi::http::types::{
@@ -21,6 +23,7 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
             other => format!("{other:?}"),
         };
         let mut status = 200;
+        let mut text = format!("hello from wharf: {method} {path}\n");
         match path.as_str() {
             "/trap" => std::process::abort(),
             "/spin" => {
@@ -38,6 +41,13 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
             p if p.starts_with("/status/") => {
                 status = p["/status/".len()..].parse().unwrap_or(500);
             }
+            p if p.starts_with("/env/") => {
+                text = std::env::var(&p["/env/".len()..]).unwrap_or_else(|_| "<unset>".into());
+            }
+            p if p.starts_with("/read/") => {
+                text = std::fs::read_to_string(format!("/data/{}", &p["/read/".len()..]))
+                    .unwrap_or_else(|e| format!("<{e}>"));
+            }
             _ => {}
         }
         let response = OutgoingResponse::new(Fields::new());
@@ -46,7 +56,7 @@ impl wasi::exports::http::incoming_handler::Guest for Hello {
         ResponseOutparam::set(out, Ok(response));
         let stream = body.write().unwrap();
         stream
-            .blocking_write_and_flush(format!("hello from wharf: {method} {path}\n").as_bytes())
+            .blocking_write_and_flush(text.as_bytes())
             .unwrap();
         drop(stream);
         OutgoingBody::finish(body, None).unwrap();
