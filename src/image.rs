@@ -42,6 +42,15 @@ impl Credentials {
 pub(crate) struct RegistryCredentials {
     #[command(flatten)]
     credentials: Credentials,
+    #[command(flatten)]
+    options: RegistryOptions,
+}
+
+/// Which registry the Wharf token belongs to, and the credentials for any
+/// other: shared by `wharf push/pull/image` and `wharf run/serve` (whose
+/// token flag sits beside their own `--data-dir`).
+#[derive(Debug, Args)]
+pub(crate) struct RegistryOptions {
     /// The Wharf server the Wharf token belongs to.
     #[arg(
         long,
@@ -85,30 +94,30 @@ fn same_host(a: &str, b: &str) -> bool {
 }
 
 impl RegistryCredentials {
-    /// Credentials from values a command already parsed (`wharf run`,
-    /// whose `--data-dir` is its own).
-    pub(crate) fn new(
-        token: Option<String>,
-        data_dir: Option<PathBuf>,
-        server: String,
-        username: Option<String>,
-        password: Option<String>,
-        registry_auth: Option<String>,
-    ) -> Self {
-        RegistryCredentials {
-            credentials: Credentials { token, data_dir },
-            server,
-            username,
-            password,
-            registry_auth,
-        }
+    /// The user name and password to send to `reference`'s registry.
+    pub(crate) fn for_reference(&self, reference: &str) -> Result<Option<(String, String)>> {
+        self.options.for_reference(reference, &self.credentials)
     }
+}
 
+impl Credentials {
+    /// A token flag and the data directory to fall back on.
+    pub(crate) fn new(token: Option<String>, data_dir: Option<PathBuf>) -> Self {
+        Credentials { token, data_dir }
+    }
+}
+
+impl RegistryOptions {
     /// The user name and password to send to `reference`'s registry. The
     /// registry is the one the client will contact (`127.0.0.1:7070` with
     /// no repository is Docker Hub's `library/127.0.0.1`), and the Wharf
-    /// token goes only to a reference that names the `--server` itself.
-    pub(crate) fn for_reference(&self, reference: &str) -> Result<Option<(String, String)>> {
+    /// token (from `wharf`) goes only to a reference that names the
+    /// `--server` itself.
+    pub(crate) fn for_reference(
+        &self,
+        reference: &str,
+        wharf: &Credentials,
+    ) -> Result<Option<(String, String)>> {
         let (registry, explicit) = wharf_registry::client::registry_of(reference)?;
         let server = self
             .server
@@ -116,10 +125,7 @@ impl RegistryCredentials {
             .trim_start_matches("https://")
             .trim_end_matches('/');
         if explicit && same_host(&registry, server) {
-            return Ok(self
-                .credentials
-                .token()?
-                .map(|token| ("wharf".to_owned(), token)));
+            return Ok(wharf.token()?.map(|token| ("wharf".to_owned(), token)));
         }
         if let (Some(user), Some(password)) = (&self.username, &self.password) {
             return Ok(Some((user.clone(), password.clone())));
@@ -343,10 +349,12 @@ mod tests {
                 token: Some("the-wharf-token".into()),
                 data_dir: None,
             },
-            server: "http://127.0.0.1:7070".into(),
-            username: None,
-            password: None,
-            registry_auth: Some("ghcr.io=alice:pw docker.io=bob:pw2".into()),
+            options: RegistryOptions {
+                server: "http://127.0.0.1:7070".into(),
+                username: None,
+                password: None,
+                registry_auth: Some("ghcr.io=alice:pw docker.io=bob:pw2".into()),
+            },
         }
     }
 

@@ -56,26 +56,29 @@ pub(crate) struct RunArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Registry options (FILE|REF is a reference)")]
 pub(crate) struct RegistryArgs {
-    /// The Wharf server the Wharf token belongs to.
-    #[arg(long, env = "WHARF_SERVER", default_value = "http://127.0.0.1:7070")]
-    server: String,
     /// Wharf token (default: the local server's admin token).
     #[arg(long, env = "WHARF_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// User name for a registry other than the Wharf server.
-    #[arg(long, requires = "password")]
-    username: Option<String>,
-    /// Password for a registry other than the Wharf server.
-    #[arg(
-        long,
-        requires = "username",
-        env = "WHARF_REGISTRY_PASSWORD",
-        hide_env_values = true
-    )]
-    password: Option<String>,
-    /// `HOST=USER:PASSWORD` entries for other registries.
-    #[arg(long, env = "WHARF_REGISTRY_AUTH", hide_env_values = true, hide = true)]
-    registry_auth: Option<String>,
+    #[command(flatten)]
+    options: crate::image::RegistryOptions,
+}
+
+/// The runtime of a local command (`wharf run`, `wharf serve`): a pool of
+/// `max_instances`, sized for the memory asked for, compiled code cached
+/// in the data directory.
+pub(crate) fn local_runtime_config(
+    max_instances: u32,
+    memory: Option<u64>,
+    data_dir: &Path,
+) -> RuntimeConfig {
+    RuntimeConfig {
+        max_instances,
+        max_task_memory: memory
+            .unwrap_or(0)
+            .max(RuntimeConfig::default().max_task_memory),
+        cache_dir: Some(crate::paths::compile_cache(data_dir)),
+        ..RuntimeConfig::default()
+    }
 }
 
 /// Whether `target` names a registry artifact rather than a file: it is
@@ -97,15 +100,8 @@ fn is_reference(target: &str) -> bool {
 /// digest into `DATA_DIR/cache/pulled/`; a reference with a digest that is
 /// already there needs no registry at all.
 fn pull_cached(reference: &str, registry: &RegistryArgs, data_dir: &Path) -> Result<PathBuf> {
-    let credentials = crate::image::RegistryCredentials::new(
-        registry.token.clone(),
-        Some(data_dir.to_owned()),
-        registry.server.clone(),
-        registry.username.clone(),
-        registry.password.clone(),
-        registry.registry_auth.clone(),
-    )
-    .for_reference(reference)?;
+    let wharf = crate::image::Credentials::new(registry.token.clone(), Some(data_dir.to_owned()));
+    let credentials = registry.options.for_reference(reference, &wharf)?;
     let client = RegistryClient::new(reference, credentials)?;
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -207,16 +203,8 @@ pub(crate) fn resolve_target(
 pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
     let env = host_env(&args.env)?;
     let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
-    let config = RuntimeConfig {
-        // One task: a small pool, sized for the memory asked for.
-        max_instances: 2,
-        max_task_memory: args
-            .memory
-            .unwrap_or(0)
-            .max(RuntimeConfig::default().max_task_memory),
-        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
-        ..RuntimeConfig::default()
-    };
+    // One task: a pool of two.
+    let config = local_runtime_config(2, args.memory, &data_dir);
     let (file, program) = resolve_target(&args.file, &args.registry, &data_dir)?;
     let spec = TaskSpec {
         program,

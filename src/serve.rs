@@ -11,9 +11,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use wharf_runtime::{
-    ArtifactKind, DirGrant, Limits, Runtime, RuntimeConfig, Stdio, TaskSpec, text_response,
-};
+use wharf_runtime::{ArtifactKind, DirGrant, Limits, Runtime, Stdio, TaskSpec, text_response};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -67,17 +65,14 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
     let env = crate::run::host_env(&args.env)?;
     let (file, program) = crate::run::resolve_target(&args.file, &args.registry, &data_dir)?;
     let max = args.max_concurrency.max(1);
-    let runtime = Runtime::new(RuntimeConfig {
-        // One instance per request in flight, and a little headroom for
-        // instances still being torn down.
-        max_instances: u32::try_from(max + max / 4 + 1).unwrap_or(u32::MAX),
-        max_task_memory: args
-            .memory
-            .unwrap_or(0)
-            .max(RuntimeConfig::default().max_task_memory),
-        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
-        ..RuntimeConfig::default()
-    })
+    // One instance per request in flight, and a little headroom for
+    // instances still being torn down.
+    let instances = u32::try_from(max + max / 4 + 1).unwrap_or(u32::MAX);
+    let runtime = Runtime::new(crate::run::local_runtime_config(
+        instances,
+        args.memory,
+        &data_dir,
+    ))
     .context("failed to start the wasm runtime")?;
     let loaded = runtime
         .load_file(&file)

@@ -9,24 +9,12 @@ use serde_json::{Value, json};
 
 use crate::server::Server;
 
-/// A guest that fills 64 MiB of memory over and over: `memory.fill` is one
-/// long instruction, the worst case for a scheduler that waits for guests
-/// to yield.
-const FILL: &str = r#"
-(module
-  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-  (memory (export "memory") 1024)
-  (func (export "_start")
-    (loop $again
-      (memory.fill (i32.const 0) (i32.const 1) (i32.const 67108864))
-      (br $again))))
-"#;
-
-/// Pushes WebAssembly text as `repo_tag` with `wharf push`.
-pub(crate) fn push_wat(s: &Server, wat: &str, repo_tag: &str) {
+/// Pushes the WAT sample `name` (`samples/wat/`) as `repo_tag` with
+/// `wharf push`.
+pub(crate) fn push_wat(s: &Server, name: &str, repo_tag: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("guest.wasm");
-    std::fs::write(&file, wat::parse_str(wat).unwrap()).unwrap();
+    std::fs::write(&file, wat::parse_file(wharf_testkit::wat(name)).unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .arg("push")
         .arg(&file)
@@ -61,15 +49,6 @@ fn task(s: &Server, id: &str) -> Value {
     s.api("GET", &format!("/v1/tasks/{id}"), None).json()
 }
 
-fn wait_stopped(s: &Server, id: &str) -> Value {
-    s.api(
-        "GET",
-        &format!("/v1/tasks/{id}?wait_stopped_ms=60000"),
-        None,
-    )
-    .json()
-}
-
 /// Waits until `pred` holds for the tasks' statuses.
 fn wait_for(s: &Server, ids: &[String], what: &str, pred: impl Fn(&[String]) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -89,7 +68,7 @@ fn wait_for(s: &Server, ids: &[String], what: &str, pred: impl Fn(&[String]) -> 
 #[test]
 fn busy_guests_do_not_stall_the_api_and_their_timeouts_hold() {
     let s = Server::start();
-    push_wat(&s, FILL, "team/fill:v1");
+    push_wat(&s, "fill", "team/fill:v1");
     let r = s.api(
         "POST",
         "/v1/taskdefs",
@@ -121,7 +100,7 @@ fn busy_guests_do_not_stall_the_api_and_their_timeouts_hold() {
     );
 
     for id in &ids {
-        let t = wait_stopped(&s, id);
+        let t = s.wait_stopped(id);
         assert_eq!(t["stop_code"], "Timeout", "{t}");
         let ms = t["duration_ms"].as_f64().unwrap();
         // Within 25 % of the 4 s timeout (it was 35-75 % late before).
@@ -174,7 +153,7 @@ fn the_memory_budget_admits_tasks_by_their_limits_and_defaults_fill_the_gaps() {
     assert!(metrics.contains("wharf_node_memory_budget_bytes 268435456"));
     // The default timeout ends them all, the pending one after the others.
     for id in &ids {
-        let t = wait_stopped(&s, id);
+        let t = s.wait_stopped(id);
         assert_eq!(t["stop_code"], "Timeout", "{t}");
     }
 
@@ -185,7 +164,7 @@ fn the_memory_budget_admits_tasks_by_their_limits_and_defaults_fill_the_gaps() {
         Some(json!({"family": "huge", "artifact": "team/spin:v1", "limits": {"memory": "512MiB"}})),
     );
     assert_eq!(r.status, 201, "{r:?}");
-    let t = wait_stopped(&s, &run(&s, "huge", 1)[0]);
+    let t = s.wait_stopped(&run(&s, "huge", 1)[0]);
     assert_eq!(t["stop_code"], "FailedToStart", "{t}");
     assert!(
         t["message"]

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use wharf_testkit::Target;
 
@@ -69,15 +69,6 @@ fn run(s: &Server, family: &str) -> String {
     );
     assert_eq!(r.status, 201, "{r:?}");
     r.json()[0]["id"].as_str().unwrap().to_owned()
-}
-
-fn wait_stopped(s: &Server, id: &str) -> Value {
-    s.api(
-        "GET",
-        &format!("/v1/tasks/{id}?wait_stopped_ms=60000"),
-        None,
-    )
-    .json()
 }
 
 #[test]
@@ -146,7 +137,7 @@ fn an_allowed_registry_serves_a_task_but_its_redirects_and_realms_are_rechecked(
     // The allow-listed registry works end to end.
     let r = register(&s, "good", &format!("{}/team/hello:v1", good.addr));
     assert_eq!(r.status, 201, "{r:?}");
-    let t = wait_stopped(&s, &run(&s, "good"));
+    let t = s.wait_stopped(&run(&s, "good"));
     assert_eq!(t["stop_code"], "Completed", "{t}");
 
     // Its redirect to a loopback address outside the list is not followed.
@@ -156,7 +147,7 @@ fn an_allowed_registry_serves_a_task_but_its_redirects_and_realms_are_rechecked(
         &format!("{}/team/hello:v1", redirecting.addr),
     );
     assert_eq!(r.status, 201, "{r:?}");
-    let t = wait_stopped(&s, &run(&s, "redirected"));
+    let t = s.wait_stopped(&run(&s, "redirected"));
     assert_eq!(t["stop_code"], "FailedToStart", "{t}");
     assert!(
         t["message"].as_str().unwrap().contains("internal address"),
@@ -219,7 +210,7 @@ fn a_remote_layer_above_the_cap_is_refused_without_downloading_it() {
     for (family, fake) in [("big", &big), ("honest", &honest)] {
         let r = register(&s, family, &format!("{}/team/big:v1", fake.addr));
         assert_eq!(r.status, 201, "{r:?}");
-        let t = wait_stopped(&s, &run(&s, family));
+        let t = s.wait_stopped(&run(&s, family));
         assert_eq!(t["stop_code"], "FailedToStart", "{t}");
         assert!(t["message"].as_str().unwrap().contains("limit"), "{t}");
         let written = *fake.written.lock().unwrap();
@@ -258,7 +249,7 @@ fn a_task_whose_registry_never_answers_stops_when_asked() {
     let asked = Instant::now();
     let r = s.api("POST", &format!("/v1/tasks/{id}/stop"), None);
     assert_eq!(r.status, 200, "{r:?}");
-    let t = wait_stopped(&s, &id);
+    let t = s.wait_stopped(&id);
     assert_eq!(t["stop_code"], "UserStopped", "{t}");
     assert!(
         asked.elapsed() < Duration::from_secs(5),

@@ -70,6 +70,16 @@ impl Server {
         self.base.trim_start_matches("http://")
     }
 
+    /// A task once it is `STOPPED` (the server waits up to a minute).
+    pub(crate) fn wait_stopped(&self, id: &str) -> serde_json::Value {
+        self.api(
+            "GET",
+            &format!("/v1/tasks/{id}?wait_stopped_ms=60000"),
+            None,
+        )
+        .json()
+    }
+
     /// The server's peak resident memory so far (Linux `VmHWM`), KiB.
     pub(crate) fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();

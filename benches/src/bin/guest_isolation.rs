@@ -18,16 +18,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use wharf_bench::{spawn_wharf_server, wharf_bin};
 
-const FILL: &str = r#"
-(module
-  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-  (memory (export "memory") 1024)
-  (func (export "_start")
-    (loop $again
-      (memory.fill (i32.const 0) (i32.const 1) (i32.const 67108864))
-      (br $again))))
-"#;
-
 struct Server {
     base: String,
     auth: String,
@@ -96,7 +86,7 @@ fn main() {
         _dir: dir,
     };
     let file = server._dir.path().join("fill.wasm");
-    std::fs::write(&file, wat::parse_str(FILL).unwrap()).unwrap();
+    std::fs::write(&file, wat::parse_file(wharf_testkit::wat("fill")).unwrap()).unwrap();
     let out = Command::new(wharf_bin())
         .arg("push")
         .arg(&file)
