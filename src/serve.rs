@@ -11,7 +11,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use wharf_runtime::{ArtifactKind, DirGrant, Limits, Runtime, Stdio, TaskSpec, text_response};
+use wharf_runtime::{
+    ArtifactKind, DirGrant, HttpOptions, Limits, OutboundRule, Runtime, Stdio, TaskSpec,
+    text_response,
+};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -37,6 +40,11 @@ pub(crate) struct ServeArgs {
     /// Requests in flight at once; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_concurrency: usize,
+    /// A destination the component may call with wasi:http/outgoing-handler:
+    /// SCHEME://HOST[:PORT], `*` as the port or `*.` before the host.
+    /// Repeatable; without it, every outbound request is denied.
+    #[arg(long = "allow-outbound", value_name = "URL", value_parser = parse_outbound)]
+    allow_outbound: Vec<OutboundRule>,
     /// Data directory (compile cache).
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -50,6 +58,10 @@ pub(crate) struct ServeArgs {
 
 fn parse_size(text: &str) -> Result<u64, String> {
     wharf_runtime::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_outbound(text: &str) -> Result<OutboundRule, String> {
+    OutboundRule::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_dir(text: &str) -> Result<DirGrant, String> {
@@ -99,6 +111,7 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
         stdio: Stdio::Inherit,
     });
     let artifact = loaded.artifact;
+    let outbound: Arc<[OutboundRule]> = args.allow_outbound.clone().into();
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -115,19 +128,21 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                 accepted = listener.accept() => accepted.context("accept failed")?,
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             };
-            let (runtime, artifact, slots, spec) = (
+            let (runtime, artifact, slots, spec, outbound) = (
                 runtime.clone(),
                 artifact.clone(),
                 slots.clone(),
                 spec.clone(),
+                outbound.clone(),
             );
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
-                    let (runtime, artifact, slots, spec) = (
+                    let (runtime, artifact, slots, spec, outbound) = (
                         runtime.clone(),
                         artifact.clone(),
                         slots.clone(),
                         spec.clone(),
+                        outbound.clone(),
                     );
                     async move {
                         let Ok(_slot) = slots.try_acquire_owned() else {
@@ -139,8 +154,13 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                             );
                             return Ok::<_, std::convert::Infallible>(busy);
                         };
-                        let (response, outcome) =
-                            runtime.handle_http(&artifact, &spec, request).await;
+                        let options = HttpOptions {
+                            outbound,
+                            on_end: None,
+                        };
+                        let (response, outcome) = runtime
+                            .handle_http_with(&artifact, &spec, request, options)
+                            .await;
                         if let Some(code) = outcome.stop_code {
                             eprintln!("wharf: request ended {code}: {}", outcome.message);
                         }

@@ -52,6 +52,16 @@ pub(crate) struct ServerArgs {
     /// with each consecutive failure.
     #[arg(long, env = "WHARF_RESTART_BACKOFF", default_value = "1s", value_parser = parse_duration)]
     restart_backoff: std::time::Duration,
+    /// Address of the ingress that serves HTTP services (`off`: none).
+    #[arg(long, env = "WHARF_INGRESS", default_value = "127.0.0.1:7080")]
+    ingress: String,
+    /// How long a stopping HTTP task may finish its requests in flight.
+    #[arg(long, env = "WHARF_DEREGISTRATION_DELAY", default_value = "10s", value_parser = parse_duration)]
+    deregistration_delay: std::time::Duration,
+    /// How long a starting HTTP task's health check may keep failing
+    /// before the task fails to start.
+    #[arg(long, env = "WHARF_HEALTH_CHECK_GRACE", default_value = "30s", value_parser = parse_duration)]
+    health_check_grace: std::time::Duration,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -119,6 +129,12 @@ pub(crate) fn admin_token(data_dir: &Path) -> Result<String> {
 }
 
 pub(crate) fn main(args: ServerArgs) -> Result<()> {
+    let ingress: Option<SocketAddr> = match args.ingress.as_str() {
+        "off" => None,
+        addr => Some(addr.parse().with_context(|| {
+            format!("--ingress {addr:?} is not an address such as 127.0.0.1:7080, or off")
+        })?),
+    };
     let data_dir = crate::paths::data_dir(args.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create {}", data_dir.display()))?;
@@ -149,6 +165,8 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     config.default_timeout = args.default_timeout;
     config.remote_policy.allow = args.allow_registry_networks;
     config.keep_log_bytes = args.keep_task_output;
+    config.deregistration_delay = args.deregistration_delay;
+    config.health_check_grace = args.health_check_grace;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     config.guest_threads = Some(
         args.guest_threads
@@ -170,6 +188,14 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         let local = listener.local_addr()?;
+        if let Some(addr) = ingress {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on {addr} for the ingress"))?;
+            // Scripts and tests wait for this line too.
+            eprintln!("wharf: ingress on http://{}", listener.local_addr()?);
+            api.serve_ingress(listener);
+        }
         // Scripts and tests wait for this line.
         eprintln!(
             "wharf: listening on http://{local} (data dir {})",

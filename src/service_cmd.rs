@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
+use wharf_api::autoscale::Autoscaling;
 use wharf_api::model::{Service, ServiceEvent};
 use wharf_api::services::{CreateServiceRequest, UpdateServiceRequest};
 
@@ -31,6 +32,10 @@ pub(crate) enum ServiceCommand {
         /// A rolling deployment runs at most this percentage (default 200).
         #[arg(long)]
         max_percent: Option<u32>,
+        /// Where the ingress sends requests: HOST, HOST/PATH or /PATH
+        /// (HTTP services; repeatable).
+        #[arg(long = "route")]
+        routes: Vec<String>,
     },
     /// List services.
     Ls,
@@ -47,13 +52,44 @@ pub(crate) enum ServiceCommand {
         /// The new desired count.
         desired_count: u32,
     },
-    /// Roll a service out to another task definition revision.
+    /// Roll a service out to another task definition revision, or change
+    /// its routes.
     Update {
         /// The service's name.
         name: String,
         /// FAMILY:REVISION to deploy.
         #[arg(long = "taskdef")]
-        task_definition: String,
+        task_definition: Option<String>,
+        /// Replaces the service's routes (repeatable).
+        #[arg(long = "route")]
+        routes: Vec<String>,
+        /// Removes every route.
+        #[arg(long, conflicts_with = "routes")]
+        no_routes: bool,
+    },
+    /// Scale an HTTP service on requests in flight per task, to and from
+    /// zero with --min 0.
+    Autoscale {
+        /// The service's name.
+        name: String,
+        /// The fewest tasks (0: scale to zero when idle).
+        #[arg(long, required_unless_present = "off")]
+        min: Option<u32>,
+        /// The most tasks.
+        #[arg(long, required_unless_present = "off")]
+        max: Option<u32>,
+        /// Requests in flight per task to aim for.
+        #[arg(long, required_unless_present = "off")]
+        target_inflight: Option<f64>,
+        /// Time after a change before scaling in.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        scale_in_cooldown: std::time::Duration,
+        /// Time without a request before a --min 0 service goes to zero.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        idle_to_zero: std::time::Duration,
+        /// Turn autoscaling off (the desired count stays where it is).
+        #[arg(long, conflicts_with_all = ["min", "max", "target_inflight"])]
+        off: bool,
     },
     /// Delete a service: it drains (its tasks stop), then disappears.
     Rm {
@@ -73,6 +109,7 @@ pub(crate) fn main(api: ApiArgs, command: ServiceCommand) -> Result<()> {
             desired_count,
             min_healthy_percent,
             max_percent,
+            routes,
         } => {
             let request = CreateServiceRequest {
                 name,
@@ -80,6 +117,7 @@ pub(crate) fn main(api: ApiArgs, command: ServiceCommand) -> Result<()> {
                 desired_count,
                 minimum_healthy_percent: min_healthy_percent,
                 maximum_percent: max_percent,
+                routes,
             };
             show(output, client.post("/v1/services", request)?, describe)
         }
@@ -116,15 +154,63 @@ pub(crate) fn main(api: ApiArgs, command: ServiceCommand) -> Result<()> {
         ServiceCommand::Update {
             name,
             task_definition,
+            routes,
+            no_routes,
         } => {
+            if task_definition.is_none() && routes.is_empty() && !no_routes {
+                anyhow::bail!("nothing to update: give --taskdef, --route or --no-routes");
+            }
             let request = UpdateServiceRequest {
-                task_definition: Some(task_definition),
+                task_definition,
+                routes: (no_routes || !routes.is_empty()).then_some(routes),
+                ..Default::default()
+            };
+            show(output, client.patch(&path(&name), request)?, describe)
+        }
+        ServiceCommand::Autoscale {
+            name,
+            min,
+            max,
+            target_inflight,
+            scale_in_cooldown,
+            idle_to_zero,
+            off,
+        } => {
+            let policy = match (off, min, max, target_inflight) {
+                (true, ..) => None,
+                (false, Some(min), Some(max), Some(target_inflight)) => Some(Autoscaling {
+                    min,
+                    max,
+                    target_inflight,
+                    scale_in_cooldown_ms: millis(scale_in_cooldown),
+                    idle_to_zero_ms: millis(idle_to_zero),
+                }),
+                _ => anyhow::bail!("give --min, --max and --target-inflight, or --off"),
+            };
+            let request = UpdateServiceRequest {
+                autoscaling: Some(policy),
                 ..Default::default()
             };
             show(output, client.patch(&path(&name), request)?, describe)
         }
         ServiceCommand::Rm { name } => show(output, client.delete(&path(&name))?, describe),
     }
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    wharf_runtime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn humantime_ms(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn list(services: Vec<Service>) {
@@ -157,6 +243,21 @@ fn describe(s: Service) {
         ("pending", s.pending_count.to_string()),
         ("min healthy", format!("{}%", s.minimum_healthy_percent)),
         ("max", format!("{}%", s.maximum_percent)),
+        ("routes", s.routes.join(", ")),
+        (
+            "autoscaling",
+            match &s.autoscaling {
+                None => "off".to_owned(),
+                Some(a) => format!(
+                    "{} to {} tasks at {} in flight per task (scale in after {}, to zero after {} idle)",
+                    a.min,
+                    a.max,
+                    a.target_inflight,
+                    humantime_ms(a.scale_in_cooldown_ms),
+                    humantime_ms(a.idle_to_zero_ms)
+                ),
+            },
+        ),
         ("created", s.created_at),
     ]);
     println!();

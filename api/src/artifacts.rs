@@ -172,6 +172,43 @@ impl Artifacts {
         }
     }
 
+    /// What a built-in artifact's Wasm layer exports, from the same
+    /// wasmparser scan the registry runs at push. `None` for another
+    /// registry's artifact (checked when its tasks start instead).
+    pub(crate) async fn scan(
+        &self,
+        artifact: &str,
+        resolved: &Resolved,
+    ) -> Result<Option<wasm::Scan>> {
+        let ArtifactRef::Local { name, .. } = ArtifactRef::parse(artifact)? else {
+            return Ok(None);
+        };
+        let digest: Digest = resolved
+            .wasm
+            .parse()
+            .map_err(|_| ApiError::invalid("artifact", format!("bad digest {}", resolved.wasm)))?;
+        let bytes = self
+            .registry
+            .store
+            .read_blob(&name, &digest, MAX_WASM_BYTES)
+            .await
+            .map_err(|e| ApiError::invalid("artifact", e))?
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "artifact",
+                    format!(
+                        "the Wasm layer {} is missing or larger than {MAX_WASM_BYTES} bytes",
+                        resolved.wasm
+                    ),
+                )
+            })?;
+        let scan = tokio::task::spawn_blocking(move || wasm::scan(&bytes))
+            .await
+            .map_err(|e| ApiError::invalid("artifact", e))?
+            .map_err(|e| ApiError::invalid("artifact", e))?;
+        Ok(Some(scan))
+    }
+
     /// The compiled artifact for a task definition's pinned Wasm layer.
     /// Concurrent first runs of one digest compile it once. The fetch and
     /// compile run in a task of their own: a waiter that gives up (its task

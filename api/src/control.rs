@@ -17,7 +17,9 @@ use crate::auth::{self, Tokens};
 use crate::db::{StateStore, TaskFilter};
 use crate::error::{ApiError, ErrorCode, Result};
 use crate::metrics::Metrics;
-use crate::model::{self, Role, Secret, Task, TaskDefinition, TaskDefinitionStatus, Token};
+use crate::model::{
+    self, Role, Secret, Task, TaskDefinition, TaskDefinitionStatus, TaskKind, Token,
+};
 use crate::secrets::{self, SecretBox};
 use crate::services::ServiceState;
 use crate::taskdef::{Overrides, TaskDefinitionInput, check_name};
@@ -96,6 +98,12 @@ pub struct Control {
     latest: DashMap<String, u32>,
     pub(crate) services: tokio::sync::Mutex<BTreeMap<String, ServiceState>>,
     pub(crate) wake: Arc<Notify>,
+    /// The ingress's routes, rebuilt whenever a service's routes change.
+    routes: std::sync::RwLock<Arc<crate::ingress::RouteTable>>,
+    /// What the ingress saw per service, for the autoscaler.
+    pub(crate) traffic: crate::autoscale::TrafficBook,
+    /// The autoscaler's memory per service.
+    pub(crate) scalers: DashMap<String, crate::autoscale::ScalerState>,
 }
 
 impl std::fmt::Debug for Control {
@@ -167,6 +175,47 @@ fn check_secret_use(
     }
 }
 
+/// Refuses a definition whose kind its artifact cannot be: an `http` task
+/// needs a component exporting `wasi:http/incoming-handler`; a `command`
+/// needs `_start` or `wasi:cli/run`. The message names what it exports.
+fn check_kind(kind: TaskKind, artifact: &str, scan: &wharf_registry::wasm::Scan) -> Result<()> {
+    let exports = |prefix: &str| scan.exports.iter().any(|e| e.starts_with(prefix));
+    let is_http = exports("wasi:http/incoming-handler");
+    let what = || {
+        let shown: Vec<&str> = scan.exports.iter().take(8).map(String::as_str).collect();
+        if shown.is_empty() {
+            "nothing".to_owned()
+        } else {
+            shown.join(", ")
+        }
+    };
+    match kind {
+        TaskKind::Http if !is_http => Err(ApiError::invalid(
+            "kind",
+            format!(
+                "\"http\" needs a component that exports wasi:http/incoming-handler (the wasi:http/proxy world); {artifact} is a {} {} that exports {}",
+                scan.os,
+                if scan.kind == wharf_registry::wasm::Kind::Module {
+                    "module"
+                } else {
+                    "component"
+                },
+                what()
+            ),
+        )),
+        // The runtime serves a component that exports the HTTP handler as
+        // HTTP, even if a toolchain's adapter also added `wasi:cli/run`.
+        TaskKind::Command if is_http => Err(ApiError::invalid(
+            "kind",
+            format!(
+                "{artifact} is an HTTP component (it exports {}): register it with kind = \"http\" and run it as a service",
+                what()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Control {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -195,7 +244,37 @@ impl Control {
             latest: DashMap::new(),
             services: tokio::sync::Mutex::new(BTreeMap::new()),
             wake,
+            routes: Default::default(),
+            traffic: Default::default(),
+            scalers: DashMap::new(),
         }
+    }
+
+    /// The ingress's current routes.
+    pub(crate) fn routes(&self) -> Arc<crate::ingress::RouteTable> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the routes from the services (called with their lock held,
+    /// so tables are built in the order the services changed).
+    pub(crate) fn rebuild_routes(&self, services: &BTreeMap<String, ServiceState>) {
+        let routes = services
+            .values()
+            .flat_map(|s| {
+                let name = &s.service().name;
+                s.service()
+                    .routes
+                    .iter()
+                    .filter_map(|r| crate::ingress::Route::parse(r).ok())
+                    .map(|r| (r, name.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(crate::ingress::RouteTable::new(routes));
     }
 
     // ----- task definitions -----
@@ -222,6 +301,9 @@ impl Control {
             check_secret_use(Some(who), secret, scope.as_deref(), &repository)?;
         }
         let resolved = self.artifacts.resolve(&checked.artifact).await?;
+        if let Some(scan) = self.artifacts.scan(&checked.artifact, &resolved).await? {
+            check_kind(checked.kind, &checked.artifact, &scan)?;
+        }
         let def = TaskDefinition {
             family: checked.family,
             revision: 0,
@@ -235,6 +317,7 @@ impl Control {
             env: checked.env,
             secrets: checked.secrets,
             limits: checked.limits,
+            http: checked.http,
             labels: checked.labels,
             registered_at: model::now(),
             deregistered_at: None,
@@ -457,6 +540,12 @@ impl Control {
             return Err(ApiError::conflict(format!(
                 "task definition {} is INACTIVE: register a new revision",
                 def.task_definition
+            )));
+        }
+        if def.kind == TaskKind::Http {
+            return Err(ApiError::conflict(format!(
+                "task definition {} is kind \"http\": its tasks serve requests behind the ingress, so they run in a service (wharf service create NAME --taskdef {} --desired N --route ...), not as one-off tasks",
+                def.task_definition, def.family
             )));
         }
         let launch = self.prepare(def, request.overrides.as_ref(), None).await?;

@@ -629,6 +629,7 @@ mod tests {
             created_at: format!("2026-01-01T00:00:00.{id}Z"),
             started_at: None,
             stopped_at: None,
+            http: None,
         }
     }
 
@@ -738,6 +739,7 @@ mod tests {
             env: Default::default(),
             secrets: Default::default(),
             limits: TaskLimits::default(),
+            http: None,
             labels: Default::default(),
             registered_at: "now".into(),
             deregistered_at: None,

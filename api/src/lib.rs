@@ -20,14 +20,17 @@
 
 pub mod artifacts;
 pub mod auth;
+pub mod autoscale;
 pub mod control;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod ingress;
 pub mod metrics;
 pub mod model;
 pub mod secrets;
 pub mod services;
+mod serving;
 pub mod taskdef;
 mod tasks;
 mod writer;
@@ -100,6 +103,13 @@ pub struct ApiConfig {
     /// The timeout of tasks whose definition and overrides set none
     /// (default `None`: no timeout, as long-running service tasks need).
     pub default_timeout: Option<Duration>,
+    /// How long a stopping HTTP task may finish the requests it has in
+    /// flight, after it takes no new ones (default 10 s, as an ALB's
+    /// deregistration delay).
+    pub deregistration_delay: Duration,
+    /// How long a starting HTTP task's health check may keep failing
+    /// before the task fails to start (default 30 s).
+    pub health_check_grace: Duration,
 }
 
 impl ApiConfig {
@@ -122,6 +132,8 @@ impl ApiConfig {
             default_memory: None,
             default_timeout: None,
             remote_policy: Default::default(),
+            deregistration_delay: Duration::from_secs(10),
+            health_check_grace: Duration::from_secs(30),
         }
     }
 }
@@ -144,6 +156,9 @@ impl std::fmt::Debug for Api {
 /// retention are pruned: often enough that a busy node overshoots its
 /// output budget by seconds of output, not minutes.
 const PRUNE_EVERY: Duration = Duration::from_secs(15);
+
+/// How often the autoscaler looks at the ingress's traffic.
+const AUTOSCALE_EVERY: Duration = Duration::from_secs(1);
 
 impl Api {
     /// Opens the state store, recovers, and starts the reconciler. Must be
@@ -202,6 +217,8 @@ impl Api {
             config.log_retention_bytes,
             stopped_tx,
             wake.clone(),
+            config.deregistration_delay,
+            config.health_check_grace,
         ));
         let keep = config.keep_stopped_tasks;
         let keep_audit = config.keep_audit_entries;
@@ -248,6 +265,19 @@ impl Api {
             stopped_rx,
             shutdown_rx.clone(),
         ));
+        let autoscaler = tokio::spawn({
+            let control = control.clone();
+            let mut shutdown = shutdown_rx.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        () = tokio::time::sleep(AUTOSCALE_EVERY) => {}
+                    }
+                    control.autoscale().await;
+                }
+            }
+        });
         let janitor = tokio::spawn({
             let store = store.clone();
             let mut shutdown = shutdown_rx;
@@ -278,7 +308,7 @@ impl Api {
         Ok(Api {
             control,
             shutdown: Arc::new(shutdown),
-            background: vec![reconciler, janitor],
+            background: vec![reconciler, autoscaler, janitor],
             writer_join,
         })
     }
@@ -293,6 +323,16 @@ impl Api {
             .merge(http::router(control.clone()))
             .merge(wharf_registry::http::router(control.registry.clone()))
             .layer(axum::middleware::from_fn_with_state(control, http::observe))
+    }
+
+    /// Serves the ingress (the data plane for HTTP services) on
+    /// `listener` until shutdown begins.
+    pub fn serve_ingress(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(ingress::serve(
+            self.control.clone(),
+            listener,
+            self.shutdown.subscribe(),
+        ))
     }
 
     /// A handle that drains the node: the reconciler stops, no new task is

@@ -2,7 +2,7 @@
 //! one `prometheus::Registry` rendered at `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -47,7 +47,28 @@ pub struct Metrics {
     pub memory_reserved: IntGauge,
     /// The node's memory budget (0: none).
     pub memory_budget: IntGauge,
+    /// Ingress requests by service and status code.
+    pub ingress_requests: IntCounterVec,
+    /// Ingress latency to the response head, by service.
+    pub ingress_duration: HistogramVec,
+    /// Ingress requests in flight, by service.
+    pub ingress_in_flight: IntGaugeVec,
+    /// Requests held while a service scaled to zero starts, by service.
+    pub ingress_queued: IntGaugeVec,
+    /// Fuel per request, by service.
+    pub ingress_fuel: HistogramVec,
+    /// Instances created for requests, by service.
+    pub ingress_instances: IntCounterVec,
+    /// Outbound requests denied, by service.
+    pub outbound_denied: IntCounterVec,
+    /// The autoscaler's metric: average requests in flight per task.
+    pub autoscaler_inflight: GaugeVec,
+    /// Requests per second per task, over the autoscaler's last interval.
+    pub autoscaler_rate: GaugeVec,
 }
+
+/// Fuel buckets from a thousand to ten billion units.
+const FUEL_BUCKETS: &[f64] = &[1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -96,7 +117,7 @@ impl Metrics {
             )
             .expect("valid"),
             http_requests: HistogramVec::new(
-                HistogramOpts::new("wharf_http_request_duration_seconds", "API latency")
+                HistogramOpts::new("wharf_api_request_duration_seconds", "API latency")
                     .buckets(LATENCY_BUCKETS.to_vec()),
                 &["method", "route", "status"],
             )
@@ -126,6 +147,77 @@ impl Metrics {
                 "The local node's memory budget for tasks (0: none)",
             )
             .expect("valid"),
+            ingress_requests: IntCounterVec::new(
+                Opts::new(
+                    "wharf_http_requests_total",
+                    "Requests through the ingress, by service and status code",
+                ),
+                &["service", "code"],
+            )
+            .expect("valid"),
+            ingress_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "wharf_http_request_duration_seconds",
+                    "Ingress time to the response head, by service",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["service"],
+            )
+            .expect("valid"),
+            ingress_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "wharf_http_requests_in_flight",
+                    "Ingress requests being served, by service",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
+            ingress_queued: IntGaugeVec::new(
+                Opts::new(
+                    "wharf_http_requests_queued",
+                    "Requests held while a service scaled to zero starts",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
+            ingress_fuel: HistogramVec::new(
+                HistogramOpts::new("wharf_http_request_fuel", "Fuel per request, by service")
+                    .buckets(FUEL_BUCKETS.to_vec()),
+                &["service"],
+            )
+            .expect("valid"),
+            ingress_instances: IntCounterVec::new(
+                Opts::new(
+                    "wharf_http_instances_total",
+                    "Instances created for requests, by service",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
+            outbound_denied: IntCounterVec::new(
+                Opts::new(
+                    "wharf_http_outbound_denied_total",
+                    "Outbound requests of components that no rule allowed, by service",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
+            autoscaler_inflight: GaugeVec::new(
+                Opts::new(
+                    "wharf_service_inflight_per_task",
+                    "Average requests in flight per task over the autoscaler's last interval",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
+            autoscaler_rate: GaugeVec::new(
+                Opts::new(
+                    "wharf_service_requests_per_second_per_task",
+                    "Requests per second per task over the autoscaler's last interval",
+                ),
+                &["service"],
+            )
+            .expect("valid"),
             registry,
         };
         for c in [
@@ -143,6 +235,15 @@ impl Metrics {
             Box::new(m.unauthenticated.clone()),
             Box::new(m.memory_reserved.clone()),
             Box::new(m.memory_budget.clone()),
+            Box::new(m.ingress_requests.clone()),
+            Box::new(m.ingress_duration.clone()),
+            Box::new(m.ingress_in_flight.clone()),
+            Box::new(m.ingress_queued.clone()),
+            Box::new(m.ingress_fuel.clone()),
+            Box::new(m.ingress_instances.clone()),
+            Box::new(m.outbound_denied.clone()),
+            Box::new(m.autoscaler_inflight.clone()),
+            Box::new(m.autoscaler_rate.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

@@ -34,6 +34,52 @@ pub enum TaskKind {
     /// Runs to completion: a wasip1 module or a wasip2 command component.
     #[default]
     Command,
+    /// Serves requests: a `wasi:http/proxy` component, one instance per
+    /// request, behind the ingress.
+    Http,
+}
+
+impl TaskKind {
+    /// The spelling used in task definitions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Command => "command",
+            TaskKind::Http => "http",
+        }
+    }
+}
+
+/// How the tasks of an `http` task definition serve requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HttpSettings {
+    /// Requests one task serves at once; more go to other tasks or get 503.
+    pub max_concurrency: u32,
+    /// Milliseconds a request may take before it is a 504.
+    pub request_timeout_ms: u64,
+    /// The largest request body in bytes; larger ones get 413.
+    pub max_request_body: u64,
+    /// A path the task must answer `GET` with 2xx before it takes traffic.
+    pub health_check: Option<String>,
+    /// Outbound destinations (`SCHEME://HOST[:PORT]`, `*` ports and
+    /// `*.` hosts allowed); empty: none.
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+/// What a task of an HTTP service has served.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HttpStats {
+    /// Requests answered, by status class (`2xx`, `3xx`, `4xx`, `5xx`).
+    pub responses: BTreeMap<String, u64>,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Requests refused because the task was at `max_concurrency`.
+    pub refused: u64,
+    /// Outbound requests the component made that were denied.
+    pub outbound_denied: u64,
+    /// Median time to the response head, in milliseconds.
+    pub latency_p50_ms: Option<f64>,
+    /// 99th percentile time to the response head, in milliseconds.
+    pub latency_p99_ms: Option<f64>,
 }
 
 /// Per-task limits of a task definition (absent: the node's defaults).
@@ -74,8 +120,11 @@ pub struct TaskDefinition {
     /// Environment variables whose values come from the secret store:
     /// variable name → secret name.
     pub secrets: BTreeMap<String, String>,
-    /// Limits.
+    /// Limits (for `http`: per request).
     pub limits: TaskLimits,
+    /// How `http` tasks serve (absent for `command`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSettings>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
     /// When it was registered.
@@ -147,7 +196,7 @@ pub struct Task {
     pub stop_code: Option<String>,
     /// The guest's exit code, when it exited by itself.
     pub exit_code: Option<i32>,
-    /// Fuel consumed.
+    /// Fuel consumed (an HTTP task: by all its requests so far).
     pub fuel_consumed: Option<u64>,
     /// The most linear memory it held, in bytes.
     pub peak_memory_bytes: Option<u64>,
@@ -165,6 +214,9 @@ pub struct Task {
     pub started_at: Option<String>,
     /// When it stopped.
     pub stopped_at: Option<String>,
+    /// What a task of an HTTP service has served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpStats>,
 }
 
 /// A line of a task's output.
@@ -253,7 +305,7 @@ pub enum ServiceStatus {
 }
 
 /// A service: keeps `desired_count` tasks of a task definition running.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Service {
     /// The service's name.
     pub name: String,
@@ -274,6 +326,13 @@ pub struct Service {
     pub maximum_percent: u32,
     /// The primary deployment first, then older active ones.
     pub deployments: Vec<Deployment>,
+    /// Where the ingress sends requests to it (`HOST`, `HOST/PATH` or
+    /// `/PATH`); HTTP services only.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Target tracking on in-flight requests per task (HTTP services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<crate::autoscale::Autoscaling>,
     /// When it was created.
     pub created_at: String,
 }

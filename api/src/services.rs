@@ -72,6 +72,10 @@ pub struct CreateServiceRequest {
     /// Default 200.
     #[serde(default)]
     pub maximum_percent: Option<u32>,
+    /// Where the ingress sends requests (`HOST`, `HOST/PATH` or `/PATH`);
+    /// HTTP services only.
+    #[serde(default)]
+    pub routes: Vec<String>,
 }
 
 /// `PATCH /v1/services/{name}`: scale, or deploy a new revision.
@@ -90,6 +94,77 @@ pub struct UpdateServiceRequest {
     /// New upper bound of a rolling deployment.
     #[serde(default)]
     pub maximum_percent: Option<u32>,
+    /// Replaces the service's routes.
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
+    /// Sets the autoscaling policy; `null` turns it off.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<crate::autoscale::Autoscaling>)]
+    pub autoscaling: Option<Option<crate::autoscale::Autoscaling>>,
+}
+
+/// A field that is present (even as `null`) is `Some`.
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// The most routes one service may have.
+pub const MAX_ROUTES: usize = 32;
+
+/// Checks a service's routes: well formed, only for HTTP services, and
+/// held by no other service (409). Returns them in their normal form.
+fn check_routes(
+    name: &str,
+    routes: &[String],
+    kind: crate::model::TaskKind,
+    services: &std::collections::BTreeMap<String, ServiceState>,
+) -> Result<Vec<String>> {
+    if routes.len() > MAX_ROUTES {
+        return Err(ApiError::invalid(
+            "routes",
+            format!("a service has at most {MAX_ROUTES} routes"),
+        ));
+    }
+    if !routes.is_empty() && kind != crate::model::TaskKind::Http {
+        return Err(ApiError::invalid(
+            "routes",
+            "only services of kind \"http\" task definitions take routes",
+        ));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for text in routes {
+        let route = crate::ingress::Route::parse(text.trim())
+            .map_err(|e| ApiError::invalid("routes", e))?;
+        for other in services.values() {
+            if other.service.name == name {
+                continue;
+            }
+            let taken = other
+                .service
+                .routes
+                .iter()
+                .any(|r| crate::ingress::Route::parse(r).is_ok_and(|r| r == route));
+            if taken {
+                return Err(ApiError::conflict(format!(
+                    "route {route} already belongs to service {}",
+                    other.service.name
+                )));
+            }
+        }
+        let shown = route.to_string();
+        if !out.contains(&shown) {
+            out.push(shown);
+        }
+    }
+    Ok(out)
 }
 
 /// The reconciler's memory of a service.
@@ -100,6 +175,13 @@ pub(crate) struct ServiceState {
     next_start: Option<Instant>,
     steady: bool,
     start_error: Option<String>,
+}
+
+impl ServiceState {
+    /// The service as stored.
+    pub(crate) fn service(&self) -> &Service {
+        &self.service
+    }
 }
 
 fn check_counts(desired: u32, min: u32, max: u32) -> Result<()> {
@@ -177,6 +259,7 @@ impl Control {
                 },
             );
         }
+        self.rebuild_routes(&services);
         Ok(())
     }
 
@@ -230,6 +313,7 @@ impl Control {
                 request.name
             )));
         }
+        let routes = check_routes(&request.name, &request.routes, def.kind, &services)?;
         let service = Service {
             name: request.name.clone(),
             task_definition: def.task_definition.clone(),
@@ -240,6 +324,8 @@ impl Control {
             minimum_healthy_percent: min,
             maximum_percent: max,
             deployments: vec![new_deployment(&def.task_definition)],
+            routes,
+            autoscaling: None,
             created_at: model::now(),
         };
         self.store.put_service(&service).await?;
@@ -260,6 +346,7 @@ impl Control {
                 start_error: None,
             },
         );
+        self.rebuild_routes(&services);
         drop(services);
         self.wake.notify_one();
         Ok(service)
@@ -356,22 +443,58 @@ impl Control {
             )));
         }
         let mut service = state.service.clone();
-        let desired = request.desired_count.unwrap_or(service.desired_count);
+        let kind = match &def {
+            Some(d) => d.kind,
+            None => self.task_definition(&service.task_definition).await?.kind,
+        };
+        let routes = request.routes.as_ref().unwrap_or(&service.routes).clone();
+        let services_view = &*services;
+        let routes = check_routes(name, &routes, kind, services_view)?;
+        let state = services
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found(format!("service {name} does not exist")))?;
+        let mut desired = request.desired_count.unwrap_or(service.desired_count);
+        let mut events = Vec::new();
+        if let Some(policy) = &request.autoscaling {
+            if let Some(p) = policy {
+                p.check()?;
+                if kind != crate::model::TaskKind::Http {
+                    return Err(ApiError::invalid(
+                        "autoscaling",
+                        "only services of kind \"http\" task definitions autoscale (on requests in flight)",
+                    ));
+                }
+                desired = desired.clamp(p.min, p.max);
+                events.push(format!(
+                    "service {name} autoscales from {} to {} tasks at {} requests in flight per task",
+                    p.min, p.max, p.target_inflight
+                ));
+            } else if service.autoscaling.is_some() {
+                events.push(format!("service {name} no longer autoscales"));
+            }
+            service.autoscaling = policy.clone();
+        }
         let min = request
             .minimum_healthy_percent
             .unwrap_or(service.minimum_healthy_percent);
         let max = request.maximum_percent.unwrap_or(service.maximum_percent);
         check_counts(desired, min, max)?;
-        let mut events = Vec::new();
         if desired != service.desired_count {
             events.push(format!(
                 "service {name} desired count changed from {} to {desired}",
                 service.desired_count
             ));
         }
+        if routes != service.routes {
+            events.push(format!(
+                "service {name} routes changed to [{}]",
+                routes.join(", ")
+            ));
+        }
         service.desired_count = desired;
         service.minimum_healthy_percent = min;
         service.maximum_percent = max;
+        service.routes = routes;
         if let Some(def) = def {
             if def.status == TaskDefinitionStatus::Inactive {
                 return Err(ApiError::conflict(format!(
@@ -400,9 +523,48 @@ impl Control {
         }
         state.service = service.clone();
         state.steady = false;
+        self.rebuild_routes(&services);
         drop(services);
         self.wake.notify_one();
         Ok(self.with_counts(service))
+    }
+
+    /// Sets a service's desired count (the autoscaler's way), with `why`
+    /// in its event.
+    pub(crate) async fn set_desired(&self, name: &str, desired: u32, why: &str) -> Result<()> {
+        let mut services = self.services.lock().await;
+        let state = services
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found(format!("service {name} does not exist")))?;
+        if state.service.status != ServiceStatus::Active || state.service.desired_count == desired {
+            return Ok(());
+        }
+        let mut service = state.service.clone();
+        service.desired_count = desired;
+        self.store.put_service(&service).await?;
+        self.event(name, format!("service {name} {why}"));
+        state.service = service;
+        state.steady = false;
+        drop(services);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Raises a service's desired count to `at_least` if it is below.
+    pub(crate) async fn set_desired_at_least(
+        &self,
+        name: &str,
+        at_least: u32,
+        why: &str,
+    ) -> Result<()> {
+        let current = {
+            let services = self.services.lock().await;
+            services.get(name).map(|s| s.service.desired_count)
+        };
+        match current {
+            Some(n) if n < at_least => self.set_desired(name, at_least, why).await,
+            _ => Ok(()),
+        }
     }
 
     /// Starts deleting a service: it scales to zero, then disappears.
@@ -667,6 +829,7 @@ impl Control {
                 match self.store.delete_service(name).await {
                     Ok(()) => {
                         services.remove(name);
+                        self.rebuild_routes(&services);
                         self.event(name, format!("service {name} deleted"));
                     }
                     Err(e) => {

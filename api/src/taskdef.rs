@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, Result};
-use crate::model::{TaskKind, TaskLimits};
+use crate::model::{HttpSettings, TaskKind, TaskLimits};
 
 /// A task definition as written in a file or sent to
 /// `POST /v1/taskdefs`. Unknown fields are refused.
@@ -20,7 +20,7 @@ pub struct TaskDefinitionInput {
     /// `repo:tag` or `repo@digest` in the built-in registry, or
     /// `host/repo:tag` of another OCI registry.
     pub artifact: String,
-    /// `command` (the default).
+    /// `command` (the default) or `http`.
     #[serde(default)]
     pub kind: Option<String>,
     /// Arguments after the program name.
@@ -32,12 +32,110 @@ pub struct TaskDefinitionInput {
     /// Environment variable name → secret name.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
-    /// Limits.
+    /// Limits (for `http`: per request).
     #[serde(default)]
     pub limits: LimitsInput,
+    /// How `http` tasks serve.
+    #[serde(default)]
+    pub http: Option<HttpInput>,
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// The `[http]` section as people write it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpInput {
+    /// Requests in flight per task (default 64).
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    /// Time limit per request, e.g. `10s` (default 30s).
+    #[serde(default)]
+    pub request_timeout: Option<String>,
+    /// The largest request body, e.g. `8MiB` (the default).
+    #[serde(default)]
+    pub max_request_body: Option<Quantity>,
+    /// A path that must answer `GET` with 2xx before a task takes traffic.
+    #[serde(default)]
+    pub health_check: Option<String>,
+    /// Outbound destinations: `SCHEME://HOST[:PORT]`, `*` as the port or
+    /// `*.` before the host; none by default.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+/// Requests in flight per HTTP task unless the definition says.
+pub const DEFAULT_HTTP_CONCURRENCY: u32 = 64;
+/// The most requests one HTTP task may serve at once.
+pub const MAX_HTTP_CONCURRENCY: u32 = 4096;
+/// An HTTP request's time limit unless the definition says.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// The longest request time limit.
+pub const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
+/// The largest request body unless the definition says.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 8 << 20;
+/// The largest request body a definition may allow.
+pub const MAX_REQUEST_BODY: u64 = 1 << 30;
+
+impl HttpInput {
+    fn check(&self) -> Result<HttpSettings> {
+        let max_concurrency = self.max_concurrency.unwrap_or(DEFAULT_HTTP_CONCURRENCY);
+        if !(1..=MAX_HTTP_CONCURRENCY).contains(&max_concurrency) {
+            return Err(ApiError::invalid(
+                "http.max_concurrency",
+                format!("must be 1 to {MAX_HTTP_CONCURRENCY}"),
+            ));
+        }
+        let request_timeout_ms = match &self.request_timeout {
+            None => DEFAULT_REQUEST_TIMEOUT_MS,
+            Some(t) => {
+                let d = wharf_runtime::parse_duration(t)
+                    .map_err(|e| ApiError::invalid("http.request_timeout", e))?;
+                let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                if !(1..=MAX_REQUEST_TIMEOUT_MS).contains(&ms) {
+                    return Err(ApiError::invalid(
+                        "http.request_timeout",
+                        "must be between 1ms and 1h",
+                    ));
+                }
+                ms
+            }
+        };
+        let max_request_body = match &self.max_request_body {
+            None => DEFAULT_MAX_REQUEST_BODY,
+            Some(Quantity::Number(n)) => *n,
+            Some(Quantity::Text(t)) => wharf_runtime::parse_size(t)
+                .map_err(|e| ApiError::invalid("http.max_request_body", e))?,
+        };
+        if max_request_body > MAX_REQUEST_BODY {
+            return Err(ApiError::invalid(
+                "http.max_request_body",
+                format!("must be at most {MAX_REQUEST_BODY} bytes"),
+            ));
+        }
+        if let Some(path) = &self.health_check
+            && (!path.starts_with('/')
+                || path.len() > 1024
+                || path.parse::<http::uri::PathAndQuery>().is_err())
+        {
+            return Err(ApiError::invalid(
+                "http.health_check",
+                format!("{path:?} is not a path such as /healthz"),
+            ));
+        }
+        for host in &self.allowed_outbound_hosts {
+            wharf_runtime::OutboundRule::parse(host)
+                .map_err(|e| ApiError::invalid("http.allowed_outbound_hosts", e))?;
+        }
+        Ok(HttpSettings {
+            max_concurrency,
+            request_timeout_ms,
+            max_request_body,
+            health_check: self.health_check.clone(),
+            allowed_outbound_hosts: self.allowed_outbound_hosts.clone(),
+        })
+    }
 }
 
 /// Limits as people write them.
@@ -75,6 +173,7 @@ pub struct CheckedDefinition {
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) secrets: BTreeMap<String, String>,
     pub(crate) limits: TaskLimits,
+    pub(crate) http: Option<HttpSettings>,
     pub(crate) labels: BTreeMap<String, String>,
 }
 
@@ -177,19 +276,30 @@ impl TaskDefinitionInput {
         crate::artifacts::ArtifactRef::parse(&self.artifact)?;
         let kind = match self.kind.as_deref() {
             None | Some("command") => TaskKind::Command,
-            Some("http") => {
-                return Err(ApiError::invalid(
-                    "kind",
-                    "\"http\" tasks are not supported yet (they arrive with HTTP services); use \"command\"",
-                ));
-            }
+            Some("http") => TaskKind::Http,
             Some(other) => {
                 return Err(ApiError::invalid(
                     "kind",
-                    format!("{other:?} is not a task kind: expected \"command\""),
+                    format!("{other:?} is not a task kind: expected \"command\" or \"http\""),
                 ));
             }
         };
+        let http = match (kind, &self.http) {
+            (TaskKind::Http, input) => Some(input.clone().unwrap_or_default().check()?),
+            (TaskKind::Command, None) => None,
+            (TaskKind::Command, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "http",
+                    "is only for kind = \"http\" task definitions",
+                ));
+            }
+        };
+        if kind == TaskKind::Http && self.limits.timeout.is_some() {
+            return Err(ApiError::invalid(
+                "limits.timeout",
+                "an http task serves until it is stopped: set the per-request limit as http.request_timeout",
+            ));
+        }
         if self.args.iter().any(|a| a.contains('\0')) {
             return Err(ApiError::invalid("args", "must not contain NUL"));
         }
@@ -213,6 +323,7 @@ impl TaskDefinitionInput {
             env: self.env.clone(),
             secrets: self.secrets.clone(),
             limits,
+            http,
             labels: self.labels.clone(),
         })
     }
@@ -350,6 +461,54 @@ timeout = "30s"
         check_error(
             "family = \"a\"\nartifact = \"x:1\"\n[env]\nA = \"1\"\n[secrets]\nA = \"s\"",
             "secrets.A",
+        );
+    }
+
+    #[test]
+    fn http_definitions_parse_with_defaults_and_refuse_what_does_not_fit() {
+        let def = input(
+            r#"
+family = "api"
+artifact = "team/api:v1"
+kind = "http"
+
+[http]
+max_concurrency = 64
+request_timeout = "10s"
+max_request_body = "8MiB"
+health_check = "/healthz"
+allowed_outbound_hosts = ["http://127.0.0.1:*", "https://api.example.com"]
+
+[limits]
+fuel = 50_000_000
+memory = "64MiB"
+"#,
+        )
+        .check(MAX)
+        .unwrap();
+        assert_eq!(def.kind, TaskKind::Http);
+        let http = def.http.unwrap();
+        assert_eq!(http.request_timeout_ms, 10_000);
+        assert_eq!(http.max_request_body, 8 << 20);
+        assert_eq!(http.health_check.as_deref(), Some("/healthz"));
+        let bare = input("family = \"a\"\nartifact = \"x:1\"\nkind = \"http\"")
+            .check(MAX)
+            .unwrap();
+        let http = bare.http.unwrap();
+        assert_eq!(http.max_concurrency, DEFAULT_HTTP_CONCURRENCY);
+        assert_eq!(http.request_timeout_ms, DEFAULT_REQUEST_TIMEOUT_MS);
+        assert!(http.allowed_outbound_hosts.is_empty());
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\n[http]\nmax_concurrency = 2",
+            "http",
+        );
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\nkind = \"http\"\n[limits]\ntimeout = \"1s\"",
+            "limits.timeout",
+        );
+        check_error(
+            "family = \"a\"\nartifact = \"x:1\"\nkind = \"http\"\n[http]\nrequest_timeout = \"2h\"",
+            "http.request_timeout",
         );
     }
 

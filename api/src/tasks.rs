@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -20,7 +20,10 @@ use crate::artifacts::Artifacts;
 use crate::db::{StateStore, Write};
 use crate::error::{ApiError, Result};
 use crate::metrics::Metrics;
-use crate::model::{self, LogEntry, LogPage, Task, TaskDefinition, TaskLimits, TaskStatus};
+use crate::model::{
+    self, LogEntry, LogPage, Task, TaskDefinition, TaskKind, TaskLimits, TaskStatus,
+};
+use crate::serving::{Backends, HttpTask};
 use crate::writer::Writer;
 
 /// What a new task runs with, after overrides and secrets.
@@ -55,11 +58,19 @@ pub(crate) struct TaskEntry {
     state: Mutex<EntryState>,
     logs: Arc<LogBuffer>,
     status: watch::Sender<TaskStatus>,
+    /// The server slot of an HTTP task, once it has one.
+    http: OnceLock<Arc<HttpTask>>,
 }
 
 impl TaskEntry {
     fn snapshot(&self) -> Task {
-        self.state.lock().expect("task lock").task.clone()
+        let mut task = self.state.lock().expect("task lock").task.clone();
+        if let Some(slot) = self.http.get() {
+            let (stats, fuel) = slot.stats();
+            task.http = Some(stats);
+            task.fuel_consumed = Some(fuel);
+        }
+        task
     }
 }
 
@@ -77,7 +88,15 @@ pub(crate) struct Tasks {
     /// retires old tasks and notices a steady state at once).
     service_changed: Arc<Notify>,
     draining: AtomicBool,
+    backends: Arc<Backends>,
+    /// How long a stopping HTTP task finishes its requests in flight.
+    deregistration_delay: Duration,
+    /// How long a starting HTTP task's health check may keep failing.
+    health_check_grace: Duration,
 }
+
+/// Time between health checks of a starting HTTP task.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// The node name tasks of this server report.
 pub(crate) const LOCAL_NODE: &str = "local";
@@ -115,6 +134,8 @@ impl Tasks {
         log_retention: usize,
         stopped: mpsc::UnboundedSender<Task>,
         service_changed: Arc<Notify>,
+        deregistration_delay: Duration,
+        health_check_grace: Duration,
     ) -> Self {
         Tasks {
             live: DashMap::new(),
@@ -127,7 +148,15 @@ impl Tasks {
             stopped,
             service_changed,
             draining: AtomicBool::new(false),
+            backends: Arc::default(),
+            deregistration_delay,
+            health_check_grace,
         }
+    }
+
+    /// The HTTP tasks that take traffic, per service.
+    pub(crate) fn backends(&self) -> &Arc<Backends> {
+        &self.backends
     }
 
     /// Accepts a task: records it `PROVISIONING` and starts its driver.
@@ -158,6 +187,7 @@ impl Tasks {
             created_at: model::now(),
             started_at: None,
             stopped_at: None,
+            http: None,
         };
         let (status, _) = watch::channel(TaskStatus::Provisioning);
         let entry = Arc::new(TaskEntry {
@@ -171,6 +201,7 @@ impl Tasks {
             }),
             logs: LogBuffer::new(self.log_retention),
             status,
+            http: OnceLock::new(),
         });
         self.live.insert(task.id.clone(), entry.clone());
         self.metrics
@@ -245,6 +276,9 @@ impl Tasks {
             return self.finish(&entry, outcome).await;
         }
         self.transition(&entry, TaskStatus::Pending, |_| {});
+        if def.kind == TaskKind::Http {
+            return self.serve_http(entry, launch, artifact, early).await;
+        }
         let mut spec = TaskSpec::new(entry.logs.clone());
         spec.program = def.family.clone();
         spec.args = launch.args.clone();
@@ -280,6 +314,111 @@ impl Tasks {
         self.finish(&entry, outcome).await;
     }
 
+    /// An HTTP task: a server slot that holds the component's
+    /// pre-instantiation and serves requests from the ingress until it is
+    /// asked to stop, then drains (no new requests; those in flight may
+    /// finish within the deregistration delay).
+    async fn serve_http(
+        self: Arc<Self>,
+        entry: Arc<TaskEntry>,
+        launch: Launch,
+        artifact: Arc<wharf_runtime::Artifact>,
+        stop: Arc<StopSignal>,
+    ) {
+        let def = &launch.def;
+        if artifact.kind() != wharf_runtime::ArtifactKind::HttpProxy {
+            let outcome = Outcome::not_started(
+                StopCode::FailedToStart,
+                format!(
+                    "kind \"http\" needs a component that exports wasi:http/incoming-handler; this artifact is a {:?}",
+                    artifact.kind()
+                ),
+            );
+            return self.finish(&entry, outcome).await;
+        }
+        let Some(settings) = def.http.clone() else {
+            let outcome = Outcome::not_started(StopCode::FailedToStart, "no http settings");
+            return self.finish(&entry, outcome).await;
+        };
+        let Some(service) = launch.service.clone() else {
+            let outcome =
+                Outcome::not_started(StopCode::FailedToStart, "http tasks run in services");
+            return self.finish(&entry, outcome).await;
+        };
+        let mut spec = TaskSpec::new(entry.logs.clone());
+        spec.program = def.family.clone();
+        spec.env = launch.env.into_iter().collect();
+        spec.limits = wharf_runtime::Limits {
+            fuel: launch.limits.fuel,
+            memory: launch.limits.memory_bytes,
+            timeout: Some(Duration::from_millis(settings.request_timeout_ms)),
+        };
+        let task_id = entry.state.lock().expect("task lock").task.id.clone();
+        let slot = HttpTask::new(
+            task_id,
+            service,
+            artifact,
+            spec,
+            settings.clone(),
+            self.executor.clone(),
+            self.metrics.clone(),
+        );
+        let _ = entry.http.set(slot.clone());
+        let began = Instant::now();
+        if let Some(path) = &settings.health_check {
+            let deadline = began + self.health_check_grace;
+            loop {
+                let checked = tokio::select! {
+                    biased;
+                    () = stop.wait() => {
+                        let outcome = Outcome::not_started(StopCode::UserStopped, "stopped before its health check passed");
+                        return self.finish(&entry, outcome).await;
+                    }
+                    checked = slot.check_health(path) => checked,
+                };
+                match checked {
+                    Ok(()) => break,
+                    Err(why) if Instant::now() >= deadline => {
+                        let outcome = Outcome::not_started(
+                            StopCode::FailedToStart,
+                            format!(
+                                "its health check did not pass within {}: {why}",
+                                humantime::format_duration(self.health_check_grace)
+                            ),
+                        );
+                        return self.finish(&entry, outcome).await;
+                    }
+                    Err(_) => tokio::time::sleep(HEALTH_CHECK_EVERY).await,
+                }
+            }
+        }
+        let now = model::now();
+        self.transition(&entry, TaskStatus::Running, |t| t.started_at = Some(now));
+        self.metrics.task_starts.inc();
+        self.backends.add(slot.clone());
+        self.service_changed.notify_one();
+        let running = Instant::now();
+        stop.wait().await;
+        // No new requests from here; those in flight may finish.
+        self.backends.remove(&slot);
+        let left = slot.drain(self.deregistration_delay).await;
+        if left > 0 {
+            entry.logs.write(
+                wharf_runtime::Stream::Stderr,
+                format!(
+                    "wharf: {left} requests were still in flight after the deregistration delay of {}s\n",
+                    self.deregistration_delay.as_secs()
+                )
+                .as_bytes(),
+            );
+        }
+        let (_, fuel) = slot.stats();
+        let mut outcome = Outcome::not_started(StopCode::UserStopped, "");
+        outcome.fuel_consumed = fuel;
+        outcome.duration_ms = running.elapsed().as_secs_f64() * 1000.0;
+        self.finish(&entry, outcome).await;
+    }
+
     async fn finish(&self, entry: &Arc<TaskEntry>, mut outcome: Outcome) {
         let now = SystemTime::now();
         let (task, from, committed) = {
@@ -307,6 +446,9 @@ impl Tasks {
                 t.started_at = Some(model::timestamp(now - ran));
             }
             t.stopped_at = Some(model::timestamp(now));
+            if let Some(slot) = entry.http.get() {
+                t.http = Some(slot.stats().0);
+            }
             st.finishing = true;
             let page = convert_page(entry.logs.read_from(0, usize::MAX));
             // Queued under the lock, after every earlier record of the task.
@@ -389,7 +531,12 @@ impl Tasks {
         self.live
             .iter()
             .filter_map(|e| {
-                let st = e.value().state.lock().expect("task lock");
+                let entry = e.value();
+                if entry.http.get().is_some() {
+                    let kept = keep(&entry.state.lock().expect("task lock").task);
+                    return kept.then(|| entry.snapshot());
+                }
+                let st = entry.state.lock().expect("task lock");
                 keep(&st.task).then(|| st.task.clone())
             })
             .collect()

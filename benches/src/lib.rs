@@ -113,9 +113,16 @@ pub fn spawn_server(
     flags: &[&str],
 ) -> (std::process::Child, String, String) {
     use std::io::{BufRead, BufReader};
+    // Side by side with other servers: the ingress gets a free port too.
+    let ingress: &[&str] = if flags.contains(&"--ingress") {
+        &[]
+    } else {
+        &["--ingress", "127.0.0.1:0"]
+    };
     let mut child = std::process::Command::new(bin)
         .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .args(ingress)
         .args(flags)
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -50,6 +50,26 @@ pub struct Busy {
     pub slots: usize,
 }
 
+/// Refusal from [`Executor::try_admit`]: the node cannot take one more
+/// request now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Every slot (instance of the pool) is in use.
+    #[error("all {0} instance slots on this node are in use")]
+    Slots(usize),
+    /// The memory budget has no room for the request's memory limit.
+    #[error("the node's memory budget has no room for {0} more bytes")]
+    Memory(u64),
+}
+
+/// One request's hold on the node: a slot and its memory reservation,
+/// released when dropped.
+#[derive(Debug)]
+pub struct Admission {
+    _memory: Option<Reservation>,
+    _slot: OwnedSemaphorePermit,
+}
+
 /// Counters of an executor's work.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecutorStats {
@@ -419,6 +439,35 @@ impl Executor {
         phase_changed.notify_waiters();
         self.counters.started.fetch_add(1, Ordering::Relaxed);
         self.runtime.run_with_stop(artifact, spec, stop).await
+    }
+
+    /// Admits one short-lived instance (an HTTP request) at once, or
+    /// refuses: it takes a slot, and its memory limit (`None`: the
+    /// runtime's per-task maximum) from the budget. Nothing waits, so a
+    /// burst is refused (503) instead of queueing without bound.
+    pub fn try_admit(&self, memory: Option<u64>) -> Result<Admission, Refused> {
+        let reservation = match &self.memory {
+            None => None,
+            Some(budget) => {
+                let limit = memory.unwrap_or(self.runtime.config().max_task_memory);
+                match budget.pages.clone().try_acquire_many_owned(pages(limit)) {
+                    Ok(permit) => Some(Reservation {
+                        permit: Some(permit),
+                        freed: budget.freed.clone(),
+                    }),
+                    Err(_) => return Err(Refused::Memory(limit)),
+                }
+            }
+        };
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refused::Slots(self.slot_count))?;
+        Ok(Admission {
+            _memory: reservation,
+            _slot: slot,
+        })
     }
 
     /// Runs `future` where this executor runs guests: on its guest

@@ -2,14 +2,17 @@
 //! from the artifact's pre-instantiation, with the task limits applied per
 //! request — fuel, memory, and a deadline the epoch callback enforces —
 //! and every way a request can end mapped to a response a client
-//! understands. Outbound HTTP is closed: the guest gets the WASI HTTP
-//! "request denied" error and no connection is made.
+//! understands. Outbound HTTP is closed unless an [`OutboundRule`] allows
+//! the destination: any other request gets the WASI HTTP "request denied"
+//! error and no connection is made.
 //!
 //! This module knows `wasi:http` as a guest interface and the `http`
 //! request/response types it is written in; listeners, routing and
 //! balancing are the binary's and the control plane's.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,9 +25,10 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 use crate::artifact::{Artifact, Prepared};
 use crate::limits::MemoryLimiter;
+use crate::logs::Stream;
 use crate::outcome::StopCode;
 use crate::sandbox::{
-    Failure, HasLimiter, StopSignal, TaskSpec, classify, new_store, wasi_builder,
+    Failure, HasLimiter, Stdio, StopSignal, TaskSpec, classify, new_store, wasi_builder,
 };
 
 /// The header that names the stop code of a request a limit ended.
@@ -37,7 +41,7 @@ pub(crate) struct HttpState {
     http: WasiHttpCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
-    hooks: DenyOutbound,
+    hooks: Outbound,
 }
 
 impl WasiView for HttpState {
@@ -65,15 +69,115 @@ impl HasLimiter for HttpState {
     }
 }
 
-/// Outbound HTTP is closed by default: every request is denied before any
-/// connection is made.
-struct DenyOutbound;
+/// One destination a component may call: `SCHEME://HOST[:PORT]`, where
+/// the host may be `*` or start with `*.` and the port may be `*`; without
+/// a port, the scheme's default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRule {
+    scheme: String,
+    host: String,
+    /// `None`: any port.
+    port: Option<u16>,
+}
 
-impl WasiHttpHooks for DenyOutbound {
+impl OutboundRule {
+    /// Parses `http://127.0.0.1:*`, `https://api.example.com`,
+    /// `https://*.example.com:8443`.
+    pub fn parse(text: &str) -> crate::Result<OutboundRule> {
+        let invalid = |why: &str| {
+            crate::Error::InvalidInput(format!(
+                "invalid outbound host {text:?}: {why} (expected e.g. https://api.example.com or http://127.0.0.1:*)"
+            ))
+        };
+        let (scheme, rest) = text.split_once("://").ok_or_else(|| invalid("no scheme"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(invalid("the scheme must be http or https"));
+        }
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(invalid("only a scheme, a host and a port"));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => (h, Some(p)),
+            _ => (rest, None),
+        };
+        let port = match port {
+            None => Some(if scheme == "https" { 443 } else { 80 }),
+            Some("*") => None,
+            Some(p) => Some(p.parse::<u16>().map_err(|_| invalid("a bad port"))?),
+        };
+        let host = host.to_ascii_lowercase();
+        let bare = host.strip_prefix("*.").unwrap_or(&host);
+        if host.is_empty()
+            || (host != "*"
+                && (bare.is_empty()
+                    || !bare
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.[]:".contains(c))))
+        {
+            return Err(invalid("a bad host"));
+        }
+        Ok(OutboundRule { scheme, host, port })
+    }
+
+    /// Whether a request to `scheme://host:port` is allowed by this rule.
+    pub fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let host_ok = match self.host.strip_prefix("*.") {
+            _ if self.host == "*" => true,
+            Some(suffix) => host
+                .strip_suffix(suffix)
+                .is_some_and(|h| h.ends_with('.') && h.len() > 1),
+            None => self.host == host,
+        };
+        self.scheme.eq_ignore_ascii_case(scheme) && host_ok && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl std::fmt::Display for OutboundRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}://{}:{p}", self.scheme, self.host),
+            None => write!(f, "{}://{}:*", self.scheme, self.host),
+        }
+    }
+}
+
+/// The longest an allowed outbound request may take to connect.
+const OUTBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Outbound HTTP: closed unless a rule allows the destination. A denied
+/// request makes no connection; it is counted and written to the guest's
+/// stderr log, so the operator sees what the component tried.
+struct Outbound {
+    rules: Arc<[OutboundRule]>,
+    denied: Arc<AtomicU32>,
+    stdio: Stdio,
+}
+
+impl Outbound {
+    fn allowed(&self, uri: &http::Uri) -> bool {
+        let scheme = uri.scheme_str().unwrap_or("https");
+        let Some(host) = uri.host() else {
+            return false;
+        };
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme.eq_ignore_ascii_case("https") {
+                443
+            } else {
+                80
+            });
+        self.rules.iter().any(|r| r.allows(scheme, host, port))
+    }
+}
+
+impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
         dyn Future<
@@ -86,7 +190,80 @@ impl WasiHttpHooks for DenyOutbound {
                 >,
             > + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        if !self.allowed(request.uri()) {
+            self.denied.fetch_add(1, Ordering::Relaxed);
+            let line = format!(
+                "wharf: outbound request to {} denied: not an allowed outbound host\n",
+                request.uri()
+            );
+            match &self.stdio {
+                Stdio::Capture(logs) => logs.write(Stream::Stderr, line.as_bytes()),
+                Stdio::Inherit => eprint!("{line}"),
+            }
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        let mut options = options.unwrap_or_default();
+        options.connect_timeout = Some(
+            options
+                .connect_timeout
+                .unwrap_or(OUTBOUND_CONNECT_TIMEOUT)
+                .min(OUTBOUND_CONNECT_TIMEOUT),
+        );
+        Box::new(async move {
+            let (response, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// What one request's instance used, reported when it is gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestEnd {
+    /// Fuel the instance consumed; `None` when it was dropped at its
+    /// timeout before it could say.
+    pub fuel_consumed: Option<u64>,
+    /// Outbound requests it made that no rule allowed.
+    pub outbound_denied: u32,
+}
+
+/// What a request may reach beyond its [`TaskSpec`], and who hears when
+/// its instance is gone.
+#[derive(Default)]
+pub struct HttpOptions {
+    /// Destinations the component may call (empty: none).
+    pub outbound: Arc<[OutboundRule]>,
+    /// Called once when the request's instance is dropped — after the
+    /// guest returns (it may write the body after the response head), or
+    /// when it is abandoned at its timeout. What it captures (a slot, a
+    /// memory reservation) is held until then.
+    pub on_end: Option<Box<dyn FnOnce(GuestEnd) + Send>>,
+}
+
+impl std::fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpOptions")
+            .field("outbound", &self.outbound)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Calls `on_end` when the guest's task ends or is dropped.
+struct EndGuard {
+    on_end: Option<Box<dyn FnOnce(GuestEnd) + Send>>,
+    end: GuestEnd,
+    denied: Arc<AtomicU32>,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            self.end.outbound_denied = self.denied.load(Ordering::Relaxed);
+            f(self.end);
+        }
     }
 }
 
@@ -156,6 +333,29 @@ impl crate::Runtime {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        self.handle_http_with(artifact, spec, request, HttpOptions::default())
+            .await
+    }
+
+    /// [`handle_http`](Self::handle_http) with outbound rules and an
+    /// end-of-instance callback.
+    pub async fn handle_http_with<B>(
+        &self,
+        artifact: &Artifact,
+        spec: &TaskSpec,
+        request: http::Request<B>,
+        options: HttpOptions,
+    ) -> (http::Response<HyperOutgoingBody>, RequestOutcome)
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let denied = Arc::new(AtomicU32::new(0));
+        let mut guard = EndGuard {
+            on_end: options.on_end,
+            end: GuestEnd::default(),
+            denied: denied.clone(),
+        };
         let started = Instant::now();
         let limits = &spec.limits;
         let Prepared::Http(pre) = &artifact.prepared else {
@@ -179,7 +379,11 @@ impl crate::Runtime {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory),
-            hooks: DenyOutbound,
+            hooks: Outbound {
+                rules: options.outbound,
+                denied,
+                stdio: spec.stdio.clone(),
+            },
         };
         let stop = StopSignal::new();
         let deadline = limits.timeout.and_then(|t| started.checked_add(t));
@@ -200,6 +404,7 @@ impl crate::Runtime {
         // The guest runs in its own task: it may go on writing the body
         // after the response head is sent. The epoch callback ends it at
         // the deadline either way.
+        let budget = limits.fuel.unwrap_or(u64::MAX);
         let guest = tokio::spawn(async move {
             let result = async {
                 let proxy = pre
@@ -214,6 +419,9 @@ impl crate::Runtime {
             }
             .await;
             let denied = store.data_mut().limiter().denied();
+            guard.end.fuel_consumed = store.get_fuel().ok().map(|left| budget - left);
+            drop(store);
+            drop(guard);
             (result, denied)
         });
         let head = async {
@@ -275,6 +483,40 @@ impl crate::Runtime {
                 }
                 Err(e) => failed(500, StopCode::Trap, format!("internal error: {e}"), started),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbound_rules_match_scheme_host_and_port() {
+        let rule = |t: &str| OutboundRule::parse(t).unwrap();
+        let any_port = rule("http://127.0.0.1:*");
+        assert!(any_port.allows("http", "127.0.0.1", 8080));
+        assert!(!any_port.allows("https", "127.0.0.1", 8080));
+        assert!(!any_port.allows("http", "localhost", 8080));
+        let default_port = rule("https://API.example.com/");
+        assert!(default_port.allows("https", "api.example.com", 443));
+        assert!(!default_port.allows("https", "api.example.com", 8443));
+        assert!(!default_port.allows("https", "evil-api.example.com", 443));
+        let wildcard = rule("https://*.example.com:8443");
+        assert!(wildcard.allows("https", "a.b.example.com", 8443));
+        assert!(!wildcard.allows("https", "example.com", 8443));
+        assert!(!wildcard.allows("https", "badexample.com", 8443));
+        assert_eq!(wildcard.to_string(), "https://*.example.com:8443");
+        for bad in [
+            "127.0.0.1",
+            "ftp://x",
+            "http://",
+            "http://a/b",
+            "http://user@a",
+            "http://a:99999",
+            "http://a b",
+        ] {
+            assert!(OutboundRule::parse(bad).is_err(), "{bad:?}");
         }
     }
 }

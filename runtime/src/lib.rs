@@ -29,8 +29,12 @@ use std::sync::Arc;
 pub use artifact::{Artifact, ArtifactKind, Loaded};
 pub use cache::{ArtifactSource, CacheStats, digest};
 pub use engine::{Allocator, RuntimeConfig};
-pub use executor::{Busy, Executor, ExecutorConfig, ExecutorStats, TaskHandle, TaskPhase};
-pub use http::{RequestOutcome, STOP_CODE_HEADER, text_response};
+pub use executor::{
+    Admission, Busy, Executor, ExecutorConfig, ExecutorStats, Refused, TaskHandle, TaskPhase,
+};
+pub use http::{
+    GuestEnd, HttpOptions, OutboundRule, RequestOutcome, STOP_CODE_HEADER, text_response,
+};
 pub use limits::{Limits, parse_duration, parse_size};
 pub use logs::{
     DEFAULT_RETAINED_BYTES, LINE_OVERHEAD_BYTES, LogBuffer, LogLine, LogPage, LogStream,
@@ -38,6 +42,10 @@ pub use logs::{
 };
 pub use outcome::{Outcome, StopCode};
 pub use sandbox::{DirGrant, Stdio, StopSignal, TaskSpec};
+/// The error type request bodies given to an HTTP component convert into.
+pub use wasmtime_wasi_http::Error as HttpError;
+/// The response body of an HTTP component.
+pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody as HttpBody;
 
 /// Errors of this crate. Guest behaviour is never an error: it is an
 /// [`Outcome`]. These are about loading artifacts and building the engine.

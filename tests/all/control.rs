@@ -862,7 +862,7 @@ fn metrics_and_the_openapi_document_match_the_server() {
         "wharf_registry_bytes_total{direction=\"in\"}",
         "wharf_service_desired_tasks{service=\"idle\"} 0",
         "wharf_service_running_tasks{service=\"idle\"} 0",
-        "wharf_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/tasks\",status=\"201\"} 1",
+        "wharf_api_request_duration_seconds_count{method=\"POST\",route=\"/v1/tasks\",status=\"201\"} 1",
     ] {
         assert!(
             metrics.contains(needle),

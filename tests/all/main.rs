@@ -6,6 +6,7 @@ mod crash;
 mod fake;
 mod hardening;
 mod image;
+mod ingress;
 mod isolation;
 mod peers;
 mod registry;

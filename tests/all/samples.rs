@@ -49,6 +49,67 @@ fn http_hello() {
 }
 
 #[test]
+fn http_echo() {
+    let s = crate::serve::serve_target(&[], wasm("http_echo", Target::P2).to_str().unwrap(), &[]);
+    let r = crate::server::call(
+        ureq::post(&format!("{}/a/b?c=d", s.base))
+            .set("X-Test", "yes")
+            .send_string("the body"),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/a/b?c=d");
+    assert_eq!(v["body"], "the body");
+    assert!(
+        v["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h[0] == "x-test" && h[1] == "yes"),
+        "{v}"
+    );
+    assert_eq!(crate::serve::get(&s, "/healthz").body, b"ok\n");
+    assert_eq!(crate::serve::get(&s, "/fail-health").status, 500);
+}
+
+#[test]
+fn http_slow() {
+    let s = crate::serve::serve_target(
+        &["--timeout", "1s"],
+        wasm("http_slow", Target::P2).to_str().unwrap(),
+        &[],
+    );
+    let started = std::time::Instant::now();
+    let r = crate::serve::get(&s, "/300");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, b"waited 300 ms\n");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    // Blocked in a WASI clock past the timeout: 504.
+    assert_eq!(crate::serve::get(&s, "/5000").status, 504);
+}
+
+#[test]
+fn http_fetch() {
+    let hello =
+        crate::serve::serve_target(&[], wasm("http_hello", Target::P2).to_str().unwrap(), &[]);
+    let fetch = wasm("http_fetch", Target::P2);
+    let open = crate::serve::serve_target(
+        &["--allow-outbound", "http://127.0.0.1:*"],
+        fetch.to_str().unwrap(),
+        &[],
+    );
+    let closed = crate::serve::serve_target(&[], fetch.to_str().unwrap(), &[]);
+    let url = format!("/?url={}/x", hello.base);
+    let r = crate::serve::get(&open, &url);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, b"fetched 200: hello from wharf: GET /x\n");
+    let r = crate::serve::get(&closed, &url);
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(String::from_utf8_lossy(&r.body).contains("HttpRequestDenied"));
+}
+
+#[test]
 fn echo() {
     let wharf = Wharf::new();
     for target in Target::ALL {

@@ -10,9 +10,9 @@ use wharf_testkit::{Target, wasm};
 
 use crate::server::{Response, call};
 
-struct Serve {
+pub(crate) struct Serve {
     child: Child,
-    base: String,
+    pub(crate) base: String,
     _data: tempfile::TempDir,
 }
 
@@ -27,7 +27,7 @@ fn serve(flags: &[&str]) -> Serve {
     serve_target(flags, wasm("http_hello", Target::P2).to_str().unwrap(), &[])
 }
 
-fn serve_target(flags: &[&str], target: &str, env: &[(&str, &str)]) -> Serve {
+pub(crate) fn serve_target(flags: &[&str], target: &str, env: &[(&str, &str)]) -> Serve {
     let data = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -57,7 +57,7 @@ fn serve_target(flags: &[&str], target: &str, env: &[(&str, &str)]) -> Serve {
     }
 }
 
-fn get(s: &Serve, path: &str) -> Response {
+pub(crate) fn get(s: &Serve, path: &str) -> Response {
     call(
         ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(30))

@@ -11,6 +11,8 @@ use sha2::{Digest as _, Sha256};
 pub(crate) struct Server {
     child: Child,
     pub(crate) base: String,
+    /// The ingress's base URL (`http://127.0.0.1:PORT`), unless it is off.
+    pub(crate) ingress: Option<String>,
     pub(crate) token: String,
     data: PathBuf,
     _dir: Option<tempfile::TempDir>,
@@ -33,9 +35,16 @@ impl Server {
 
     /// Starts a server on `data` with extra `wharf server` flags.
     pub(crate) fn start_with(data: &Path, flags: &[&str]) -> Server {
+        // Tests run side by side: the ingress gets a free port too.
+        let ingress_flags: &[&str] = if flags.contains(&"--ingress") {
+            &[]
+        } else {
+            &["--ingress", "127.0.0.1:0"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
+            .args(ingress_flags)
             .args(flags)
             .env_remove("WHARF_DATA_DIR")
             .stdout(Stdio::null())
@@ -44,8 +53,12 @@ impl Server {
             .expect("spawn wharf server");
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
+        let mut ingress = None;
         let base = loop {
             let line = lines.next().expect("server printed its address").unwrap();
+            if let Some(rest) = line.strip_prefix("wharf: ingress on ") {
+                ingress = Some(rest.trim().to_owned());
+            }
             if let Some(rest) = line.strip_prefix("wharf: listening on ") {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
@@ -59,6 +72,7 @@ impl Server {
         Server {
             child,
             base,
+            ingress,
             token,
             data: data.to_owned(),
             _dir: None,

@@ -534,13 +534,13 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
     let h_post = Hist::delta(
         &before,
         &after,
-        "wharf_http_request_duration_seconds",
+        "wharf_api_request_duration_seconds",
         &["method=\"POST\"", "route=\"/v1/tasks\""],
     );
     let h_get = Hist::delta(
         &before,
         &after,
-        "wharf_http_request_duration_seconds",
+        "wharf_api_request_duration_seconds",
         &["method=\"GET\"", "route=\"/v1/tasks/{id}\""],
     );
     let h_start = Hist::delta(&before, &after, "wharf_task_start_latency_seconds", &[]);
@@ -739,7 +739,7 @@ fn throughput(server: &Server, per_request: u32, summary: &mut Vec<String>) -> V
     let h_post = Hist::delta(
         &before,
         &after,
-        "wharf_http_request_duration_seconds",
+        "wharf_api_request_duration_seconds",
         &["method=\"POST\"", "route=\"/v1/tasks\""],
     );
     let h_start = Hist::delta(&before, &after, "wharf_task_start_latency_seconds", &[]);
