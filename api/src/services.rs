@@ -56,6 +56,12 @@ fn settled(task: &Task, now: std::time::SystemTime) -> bool {
 /// circuit breaker.
 pub const CIRCUIT_BREAKER_FAILURES: u32 = 3;
 
+/// The share of 5xx answers (percent) from an in-progress deployment's
+/// HTTP tasks that trips the circuit breaker...
+pub const CIRCUIT_BREAKER_5XX_PERCENT: u64 = 50;
+/// ...once they have answered at least this many requests.
+pub const CIRCUIT_BREAKER_MIN_REQUESTS: u64 = 20;
+
 /// `POST /v1/services`.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -646,17 +652,27 @@ impl Control {
         }
         primary.failed_tasks += 1;
         primary.updated_at = model::now();
-        if primary.failed_tasks < CIRCUIT_BREAKER_FAILURES || service.deployments.len() < 2 {
+        let failed_tasks = primary.failed_tasks;
+        if failed_tasks < CIRCUIT_BREAKER_FAILURES || service.deployments.len() < 2 {
             let _ = self.store.put_service(service).await;
             return;
         }
+        let reason = format!("circuit breaker: {failed_tasks} tasks failed; rolled back");
+        let failed_id = self.roll_back(state, &reason).await;
+        drop(services);
+        self.stop_deployment(name, &failed_id).await;
+    }
+
+    /// Rolls a service's in-progress primary deployment back to the
+    /// previous one (the circuit breaker); returns the failed
+    /// deployment's id. The caller stops its tasks.
+    async fn roll_back(&self, state: &mut ServiceState, reason: &str) -> String {
+        let service = &mut state.service;
+        let name = service.name.clone();
         let mut failed = service.deployments.remove(0);
         failed.status = DeploymentStatus::Inactive;
         failed.rollout_state = RolloutState::Failed;
-        failed.rollout_state_reason = format!(
-            "circuit breaker: {} tasks failed; rolled back",
-            failed.failed_tasks
-        );
+        failed.rollout_state_reason = reason.to_owned();
         let previous = &mut service.deployments[0];
         previous.status = DeploymentStatus::Primary;
         previous.failed_tasks = 0;
@@ -665,7 +681,7 @@ impl Control {
         previous.updated_at = model::now();
         service.task_definition = previous.task_definition.clone();
         self.event(
-            name,
+            &name,
             format!(
                 "service {name} deployment {} failed ({}): rolling back to {}",
                 failed.id, failed.rollout_state_reason, service.task_definition
@@ -673,11 +689,15 @@ impl Control {
         );
         state.failures = 0;
         state.next_start = None;
-        let failed_id = failed.id.clone();
-        let _ = self.store.put_service(service).await;
-        drop(services);
+        state.steady = false;
+        let _ = self.store.put_service(&state.service).await;
+        failed.id
+    }
+
+    /// Stops the live tasks of a rolled-back deployment.
+    async fn stop_deployment(&self, name: &str, deployment: &str) {
         for t in self.tasks.live_of_service(name) {
-            if t.deployment_id.as_deref() == Some(failed_id.as_str()) {
+            if t.deployment_id.as_deref() == Some(deployment) {
                 let _ = self
                     .tasks
                     .stop(
@@ -692,12 +712,31 @@ impl Control {
         }
     }
 
+    /// The 5xx share of an in-progress deployment's HTTP tasks, if they
+    /// have answered enough requests to judge.
+    fn failing_share(live: &[Task], deployment: &str) -> Option<(u64, u64)> {
+        let (mut total, mut errors) = (0u64, 0u64);
+        for t in live
+            .iter()
+            .filter(|t| t.deployment_id.as_deref() == Some(deployment))
+        {
+            if let Some(http) = &t.http {
+                total += http.responses.values().sum::<u64>();
+                errors += http.responses.get("5xx").copied().unwrap_or(0);
+            }
+        }
+        (total >= CIRCUIT_BREAKER_MIN_REQUESTS
+            && errors * 100 >= total * CIRCUIT_BREAKER_5XX_PERCENT)
+            .then_some((errors, total))
+    }
+
     /// One pass over every service. Returns when the next pass is due.
     async fn reconcile(&self) -> Option<Instant> {
         let mut due: Option<Instant> = None;
         let mut starts = Vec::new();
         let mut stops = Vec::new();
         let mut removed = Vec::new();
+        let mut rolled_back: Vec<(String, String)> = Vec::new();
         {
             let mut services = self.services.lock().await;
             for state in services.values_mut() {
@@ -708,6 +747,21 @@ impl Control {
                 let stopping = live.len();
                 live.retain(|t| t.desired_status == TaskStatus::Running);
                 let stopping = stopping - live.len();
+                // Circuit breaker on answers: a new deployment whose HTTP
+                // tasks mostly fail requests rolls back like one whose
+                // tasks keep failing.
+                if let Some(p) = state.service.deployments.first()
+                    && p.rollout_state == RolloutState::InProgress
+                    && state.service.deployments.len() >= 2
+                    && let Some((errors, total)) = Self::failing_share(&live, &p.id)
+                {
+                    let reason = format!(
+                        "circuit breaker: {errors} of {total} requests answered 5xx; rolled back"
+                    );
+                    let failed = self.roll_back(state, &reason).await;
+                    rolled_back.push((name.clone(), failed.clone()));
+                    live.retain(|t| t.deployment_id.as_deref() != Some(failed.as_str()));
+                }
                 let service = &mut state.service;
                 let desired = service.desired_count;
                 let Some(primary) = service.deployments.first().cloned() else {
@@ -837,6 +891,9 @@ impl Control {
                     }
                 }
             }
+        }
+        for (name, deployment) in rolled_back {
+            self.stop_deployment(&name, &deployment).await;
         }
         for (id, code, message) in stops {
             let _ = self.tasks.stop(&id, StopReason { code, message }).await;

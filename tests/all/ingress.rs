@@ -880,3 +880,47 @@ fn autoscaling_goes_from_zero_to_n_under_load_and_back_to_zero_when_idle() {
     // And from zero again.
     assert_eq!(get(&s, "/1").status, 200);
 }
+
+#[test]
+fn a_release_that_answers_mostly_5xx_is_rolled_back_by_the_circuit_breaker() {
+    let s = Server::start();
+    s.push_sample("http_echo", Target::P2, "team/api:good");
+    s.push_sample("http_trap", Target::P2, "team/api:bad");
+    let def = |tag: &str| {
+        json!({"family": "api", "artifact": format!("team/api:{tag}"), "kind": "http",
+               "http": {"health_check": "/healthz"}})
+    };
+    register(&s, def("good"));
+    create_service(
+        &s,
+        json!({"name": "api", "task_definition": "api:1", "desired_count": 2, "routes": ["/"]}),
+    );
+    converged(&s, "api", 2);
+    let load = Load::start(&s, "/work", 2);
+    // The bad release passes its health check, then traps on every request.
+    register(&s, def("bad"));
+    let r = s.api(
+        "PATCH",
+        "/v1/services/api",
+        Some(json!({"task_definition": "api:2"})),
+    );
+    assert_eq!(r.status, 200);
+    eventually(Duration::from_secs(60), "the rollback to api:1", || {
+        let svc = service(&s, "api");
+        (svc["task_definition"] == "api:1").then_some(())
+    });
+    let svc = converged(&s, "api", 2);
+    assert_eq!(svc["task_definition"], "api:1");
+    // Served by the good release again.
+    let r = get(&s, "/after");
+    assert_eq!(r.status, 200, "{r:?}");
+    let (ok, _, _) = load.finish();
+    assert!(ok > 0);
+    let events = events(&s, "api");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("requests answered 5xx") && e.contains("rolling back to api:1")),
+        "{events:#?}"
+    );
+}

@@ -90,6 +90,37 @@ fn http_slow() {
 }
 
 #[test]
+fn http_trap() {
+    let s = crate::serve::serve_target(&[], wasm("http_trap", Target::P2).to_str().unwrap(), &[]);
+    assert_eq!(crate::serve::get(&s, "/healthz").body, b"ok\n");
+    let r = crate::serve::get(&s, "/anything");
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(r.header("x-wharf-stop-code"), Some("Trap"));
+    assert_eq!(crate::serve::get(&s, "/healthz").status, 200);
+}
+
+#[test]
+fn http_spin() {
+    let s = crate::serve::serve_target(
+        &["--timeout", "300ms"],
+        wasm("http_spin", Target::P2).to_str().unwrap(),
+        &[],
+    );
+    let r = crate::serve::get(&s, "/forever");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(r.header("x-wharf-stop-code"), Some("Timeout"));
+    let s = crate::serve::serve_target(
+        &["--fuel", "1000000"],
+        wasm("http_spin", Target::P2).to_str().unwrap(),
+        &[],
+    );
+    let r = crate::serve::get(&s, "/forever");
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(r.header("x-wharf-stop-code"), Some("OutOfFuel"));
+    assert_eq!(crate::serve::get(&s, "/healthz").body, b"ok\n");
+}
+
+#[test]
 fn http_fetch() {
     let hello =
         crate::serve::serve_target(&[], wasm("http_hello", Target::P2).to_str().unwrap(), &[]);
