@@ -154,8 +154,11 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                             );
                             return Ok::<_, std::convert::Infallible>(busy);
                         };
+                        // Local and single-user: the operator's own
+                        // allow-list is the whole policy.
                         let options = HttpOptions {
                             outbound,
+                            address_ok: None,
                             on_end: None,
                         };
                         let (response, outcome) = runtime

@@ -58,6 +58,11 @@ pub(crate) struct ServerArgs {
     /// How long a stopping HTTP task may finish its requests in flight.
     #[arg(long, env = "WHARF_DEREGISTRATION_DELAY", default_value = "10s", value_parser = parse_duration)]
     deregistration_delay: std::time::Duration,
+    /// Internal network (CIDR or address) that components' allowed
+    /// outbound destinations may resolve to; loopback, private and
+    /// link-local addresses are refused otherwise. Repeatable.
+    #[arg(long = "allow-outbound-network", env = "WHARF_ALLOW_OUTBOUND_NETWORKS", value_delimiter = ',', value_parser = wharf_registry::remote::RemotePolicy::parse_network)]
+    allow_outbound_networks: Vec<wharf_registry::remote::IpNet>,
     /// How long a starting HTTP task's health check may keep failing
     /// before the task fails to start.
     #[arg(long, env = "WHARF_HEALTH_CHECK_GRACE", default_value = "30s", value_parser = parse_duration)]
@@ -167,6 +172,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     config.keep_log_bytes = args.keep_task_output;
     config.deregistration_delay = args.deregistration_delay;
     config.health_check_grace = args.health_check_grace;
+    config.outbound_policy.allow = args.allow_outbound_networks;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     config.guest_threads = Some(
         args.guest_threads

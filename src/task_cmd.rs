@@ -279,6 +279,27 @@ fn list(tasks: Vec<Task>) {
 }
 
 fn describe(t: Task) {
+    let http = t.http.as_ref().map(|h| {
+        let responses: Vec<String> = h
+            .responses
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}ms"));
+        format!(
+            "{} | in flight {} | refused {} | outbound denied {} | p50 {} | p99 {}",
+            if responses.is_empty() {
+                "no requests".to_owned()
+            } else {
+                responses.join(", ")
+            },
+            h.in_flight,
+            h.refused,
+            h.outbound_denied,
+            ms(h.latency_p50_ms),
+            ms(h.latency_p99_ms)
+        )
+    });
     block(&[
         ("id", t.id),
         ("task definition", t.task_definition),
@@ -304,5 +325,6 @@ fn describe(t: Task) {
         ("created", t.created_at),
         ("started", or_dash(t.started_at)),
         ("stopped", or_dash(t.stopped_at)),
+        ("requests", or_dash(http)),
     ]);
 }

@@ -110,6 +110,10 @@ pub struct ApiConfig {
     /// How long a starting HTTP task's health check may keep failing
     /// before the task fails to start (default 30 s).
     pub health_check_grace: Duration,
+    /// Which internal networks components' allowed outbound destinations
+    /// may resolve to (default: none; loopback, private and link-local
+    /// addresses are refused even when a definition names them).
+    pub outbound_policy: wharf_registry::remote::RemotePolicy,
 }
 
 impl ApiConfig {
@@ -134,6 +138,7 @@ impl ApiConfig {
             remote_policy: Default::default(),
             deregistration_delay: Duration::from_secs(10),
             health_check_grace: Duration::from_secs(30),
+            outbound_policy: Default::default(),
         }
     }
 }
@@ -219,6 +224,10 @@ impl Api {
             wake.clone(),
             config.deregistration_delay,
             config.health_check_grace,
+            {
+                let policy = config.outbound_policy.clone();
+                Arc::new(move |ip| policy.permits(ip))
+            },
         ));
         let keep = config.keep_stopped_tasks;
         let keep_audit = config.keep_audit_entries;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 use wharf_runtime::{
-    Artifact, Executor, GuestEnd, HttpOptions, OutboundRule, STOP_CODE_HEADER, TaskSpec,
-    text_response,
+    AddressCheck, Artifact, Executor, GuestEnd, HttpOptions, OutboundRule, STOP_CODE_HEADER,
+    TaskSpec, text_response,
 };
 
 use crate::metrics::Metrics;
@@ -54,6 +54,7 @@ pub(crate) struct HttpTask {
     artifact: Arc<Artifact>,
     spec: Arc<TaskSpec>,
     outbound: Arc<[OutboundRule]>,
+    address_ok: AddressCheck,
     pub(crate) settings: HttpSettings,
     /// Requests whose instance is not yet gone.
     in_flight: AtomicU64,
@@ -95,6 +96,7 @@ impl HttpTask {
         artifact: Arc<Artifact>,
         spec: TaskSpec,
         settings: HttpSettings,
+        address_ok: AddressCheck,
         executor: Executor,
         metrics: Metrics,
     ) -> Arc<Self> {
@@ -111,6 +113,7 @@ impl HttpTask {
             artifact,
             spec: Arc::new(spec),
             outbound: outbound.into(),
+            address_ok,
             settings,
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
@@ -131,6 +134,20 @@ impl HttpTask {
     pub(crate) async fn serve<B>(
         self: &Arc<Self>,
         request: http::Request<B>,
+    ) -> Result<http::Response<Body>, (NotTaken, http::Request<B>)>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wharf_runtime::HttpError>,
+    {
+        self.serve_counted(request, true).await
+    }
+
+    /// [`serve`](Self::serve); `count: false` keeps the request out of
+    /// the task's answer counts and latencies (health checks).
+    async fn serve_counted<B>(
+        self: &Arc<Self>,
+        request: http::Request<B>,
+        count: bool,
     ) -> Result<http::Response<Body>, (NotTaken, http::Request<B>)>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -185,10 +202,11 @@ impl HttpTask {
         });
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
         let runtime = self.executor.runtime().clone();
-        let (artifact, spec, outbound) = (
+        let (artifact, spec, outbound, address_ok) = (
             self.artifact.clone(),
             self.spec.clone(),
             self.outbound.clone(),
+            self.address_ok.clone(),
         );
         let joined = self
             .executor
@@ -200,6 +218,7 @@ impl HttpTask {
                         request,
                         HttpOptions {
                             outbound,
+                            address_ok: Some(address_ok),
                             on_end: Some(on_end),
                         },
                     )
@@ -214,7 +233,7 @@ impl HttpTask {
             }
         };
         let status = response.status().as_u16();
-        {
+        if count {
             let mut c = self.lock();
             c.classes[usize::from((status / 100).clamp(1, 5) - 1)] += 1;
             if c.latencies_ms.len() == LATENCY_WINDOW {
@@ -301,7 +320,7 @@ impl HttpTask {
             .header(http::header::USER_AGENT, "wharf-health-check")
             .body(http_body_util::Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        match self.serve(request).await {
+        match self.serve_counted(request, false).await {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => {
                 let code = r

@@ -93,6 +93,8 @@ pub(crate) struct Tasks {
     deregistration_delay: Duration,
     /// How long a starting HTTP task's health check may keep failing.
     health_check_grace: Duration,
+    /// Which addresses components' outbound requests may reach.
+    outbound_check: wharf_runtime::AddressCheck,
 }
 
 /// Time between health checks of a starting HTTP task.
@@ -136,6 +138,7 @@ impl Tasks {
         service_changed: Arc<Notify>,
         deregistration_delay: Duration,
         health_check_grace: Duration,
+        outbound_check: wharf_runtime::AddressCheck,
     ) -> Self {
         Tasks {
             live: DashMap::new(),
@@ -151,6 +154,7 @@ impl Tasks {
             backends: Arc::default(),
             deregistration_delay,
             health_check_grace,
+            outbound_check,
         }
     }
 
@@ -360,6 +364,7 @@ impl Tasks {
             artifact,
             spec,
             settings.clone(),
+            self.outbound_check.clone(),
             self.executor.clone(),
             self.metrics.clone(),
         );

@@ -152,8 +152,42 @@ const OUTBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// stderr log, so the operator sees what the component tried.
 struct Outbound {
     rules: Arc<[OutboundRule]>,
+    address_ok: Option<AddressCheck>,
     denied: Arc<AtomicU32>,
     stdio: Stdio,
+}
+
+/// Decides whether an address a destination resolves to may be reached.
+pub type AddressCheck = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+
+/// How long resolving an allowed destination may take.
+const OUTBOUND_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Resolves `host:port` and keeps the first address if every address
+/// passes `check` (a name with one internal address is refused whole).
+async fn resolve_checked(
+    host: &str,
+    port: u16,
+    check: &AddressCheck,
+) -> Result<std::net::SocketAddr, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let lookup = tokio::net::lookup_host((host, port));
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(OUTBOUND_RESOLVE_TIMEOUT, lookup).await {
+            Ok(Ok(a)) => a.collect(),
+            Ok(Err(e)) => return Err(format!("cannot resolve {host}: {e}")),
+            Err(_) => return Err(format!("resolving {host} timed out")),
+        };
+    if let Some(bad) = addrs.iter().find(|a| !check(a.ip())) {
+        return Err(format!(
+            "{host} resolves to the internal address {}, which this server does not let components reach",
+            bad.ip()
+        ));
+    }
+    addrs
+        .first()
+        .copied()
+        .ok_or_else(|| format!("{host} has no address"))
 }
 
 impl Outbound {
@@ -170,6 +204,22 @@ impl Outbound {
                 80
             });
         self.rules.iter().any(|r| r.allows(scheme, host, port))
+    }
+}
+
+/// Counts a denied outbound request and writes why to the guest's stderr.
+fn deny(denied: &AtomicU32, stdio: &Stdio, uri: &http::Uri, why: &str) {
+    denied.fetch_add(1, Ordering::Relaxed);
+    let line = format!("wharf: outbound request to {uri} denied: {why}\n");
+    match stdio {
+        Stdio::Capture(logs) => logs.write(Stream::Stderr, line.as_bytes()),
+        Stdio::Inherit => eprint!("{line}"),
+    }
+}
+
+impl Outbound {
+    fn deny(&self, uri: &http::Uri, why: &str) {
+        deny(&self.denied, &self.stdio, uri, why);
     }
 }
 
@@ -191,15 +241,7 @@ impl WasiHttpHooks for Outbound {
             > + Send,
     > {
         if !self.allowed(request.uri()) {
-            self.denied.fetch_add(1, Ordering::Relaxed);
-            let line = format!(
-                "wharf: outbound request to {} denied: not an allowed outbound host\n",
-                request.uri()
-            );
-            match &self.stdio {
-                Stdio::Capture(logs) => logs.write(Stream::Stderr, line.as_bytes()),
-                Stdio::Inherit => eprint!("{line}"),
-            }
+            self.deny(request.uri(), "not an allowed outbound host");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         let mut options = options.unwrap_or_default();
@@ -209,7 +251,37 @@ impl WasiHttpHooks for Outbound {
                 .unwrap_or(OUTBOUND_CONNECT_TIMEOUT)
                 .min(OUTBOUND_CONNECT_TIMEOUT),
         );
+        let check = self.address_ok.clone();
+        let (denied, stdio) = (self.denied.clone(), self.stdio.clone());
+        let mut request = request;
         Box::new(async move {
+            // Allowed by name; the addresses the name resolves to must be
+            // reachable too (no internal address unless the operator
+            // allows its network). Plain HTTP then connects to the checked
+            // address itself, so the name cannot resolve elsewhere later;
+            // HTTPS connects by name for its certificate check.
+            if let Some(check) = check {
+                let uri = request.uri().clone();
+                let https = uri
+                    .scheme_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+                let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+                let host = uri.host().unwrap_or_default().to_owned();
+                match resolve_checked(&host, port, &check).await {
+                    Ok(addr) if !https => {
+                        let mut parts = uri.into_parts();
+                        parts.authority = addr.to_string().parse().ok();
+                        if let Ok(pinned) = http::Uri::from_parts(parts) {
+                            *request.uri_mut() = pinned;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(why) => {
+                        deny(&denied, &stdio, request.uri(), &why);
+                        return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
+                    }
+                }
+            }
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
@@ -236,6 +308,9 @@ pub struct GuestEnd {
 pub struct HttpOptions {
     /// Destinations the component may call (empty: none).
     pub outbound: Arc<[OutboundRule]>,
+    /// Which addresses an allowed destination may resolve to (`None`:
+    /// any, as for `wharf serve`, where the operator is the user).
+    pub address_ok: Option<AddressCheck>,
     /// Called once when the request's instance is dropped — after the
     /// guest returns (it may write the body after the response head), or
     /// when it is abandoned at its timeout. What it captures (a slot, a
@@ -381,6 +456,7 @@ impl crate::Runtime {
             limiter: MemoryLimiter::new(memory),
             hooks: Outbound {
                 rules: options.outbound,
+                address_ok: options.address_ok,
                 denied,
                 stdio: spec.stdio.clone(),
             },

@@ -33,7 +33,8 @@ pub use executor::{
     Admission, Busy, Executor, ExecutorConfig, ExecutorStats, Refused, TaskHandle, TaskPhase,
 };
 pub use http::{
-    GuestEnd, HttpOptions, OutboundRule, RequestOutcome, STOP_CODE_HEADER, text_response,
+    AddressCheck, GuestEnd, HttpOptions, OutboundRule, RequestOutcome, STOP_CODE_HEADER,
+    text_response,
 };
 pub use limits::{Limits, parse_duration, parse_size};
 pub use logs::{

@@ -680,7 +680,14 @@ fn a_rolling_update_under_load_loses_no_request_and_a_broken_revision_rolls_back
 
 #[test]
 fn outbound_http_is_closed_unless_the_definition_allows_the_destination() {
-    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The operator lets components reach loopback (this test's only
+    // network); other internal addresses stay closed whatever a
+    // definition says.
+    let s = Server::start_with(
+        &dir.path().join("data"),
+        &["--allow-outbound-network", "127.0.0.1"],
+    );
     s.push_sample("http_fetch", Target::P2, "team/fetch:v1");
     register(
         &s,
@@ -715,9 +722,47 @@ fn outbound_http_is_closed_unless_the_definition_allows_the_destination() {
     let port = s.base.rsplit(':').next().unwrap();
     let r = get(&s, &format!("/open?url=http://localhost:{port}/healthz"));
     assert_eq!(r.status, 502, "{r:?}");
+    // A hostile definition allowing the cloud metadata address gets
+    // nothing: it is internal and the operator did not allow its network.
+    register(
+        &s,
+        json!({"family": "meta", "artifact": "team/fetch:v1", "kind": "http",
+               "http": {"allowed_outbound_hosts": ["http://169.254.169.254"]}}),
+    );
+    create_service(
+        &s,
+        json!({"name": "meta", "task_definition": "meta", "desired_count": 1, "routes": ["/meta"]}),
+    );
+    converged(&s, "meta", 1);
+    let started = Instant::now();
+    let r = get(&s, "/meta?url=http://169.254.169.254/latest/meta-data/");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("HttpRequestDenied"),
+        "{r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a connection was tried"
+    );
+    let meta = &tasks_of(&s, "meta")[0];
+    let logs = s.api(
+        "GET",
+        &format!("/v1/tasks/{}/logs", meta["id"].as_str().unwrap()),
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&logs.body).contains("internal address 169.254.169.254"),
+        "{}",
+        String::from_utf8_lossy(&logs.body)
+    );
     let m = metrics(&s);
     assert!(
         m.contains("wharf_http_outbound_denied_total{service=\"closed\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("wharf_http_outbound_denied_total{service=\"meta\"} 1"),
         "{m}"
     );
     let task = &tasks_of(&s, "closed")[0];
