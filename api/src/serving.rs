@@ -90,6 +90,7 @@ impl Drop for InFlight {
 }
 
 impl HttpTask {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         id: String,
         service: String,
