@@ -107,7 +107,24 @@ pub(crate) struct Traffic {
     requests: AtomicU64,
     /// Requests held while the service scales from zero.
     pub(crate) held: AtomicU64,
-    last_request: std::sync::Mutex<Option<Instant>>,
+    /// When the last request began, in ms after [`epoch`] (0: never).
+    last_request_ms: AtomicU64,
+}
+
+/// The instant `last_request_ms` counts from (the first use).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Traffic {
+    /// How long ago the last request began, if one did.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        match self.last_request_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(now.saturating_duration_since(epoch() + Duration::from_millis(ms - 1))),
+        }
+    }
 }
 
 /// Per-service traffic, written by the ingress, read by the autoscaler.
@@ -127,13 +144,12 @@ impl TrafficBook {
             .clone()
     }
 
-    /// Books a request that began.
+    /// Books a request that began (lock-free: one store per request).
     pub(crate) fn began(&self, service: &str) {
-        *self
-            .of(service)
-            .last_request
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let ms = epoch().elapsed().as_millis() as u64 + 1;
+        self.of(service)
+            .last_request_ms
+            .store(ms, Ordering::Relaxed);
     }
 
     /// Books a request that ended after `took`.
@@ -202,11 +218,7 @@ impl Control {
                     .set(rate);
                 let current = service.desired_count;
                 let mut want = policy.desired_for(concurrency);
-                let idle_for = traffic
-                    .last_request
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .map(|at| now.duration_since(at));
+                let idle_for = traffic.idle_for(now);
                 let idle_long =
                     idle_for.is_none_or(|d| d >= Duration::from_millis(policy.idle_to_zero_ms));
                 // Zero only after the idle period; until then, one task.

@@ -369,6 +369,15 @@ fn scaled_to_three_requests_are_spread_over_every_task() {
         .collect();
     assert_eq!(served.iter().sum::<u64>(), 91, "{served:?}");
     assert!(served.iter().all(|&n| n >= 5), "unbalanced: {served:?}");
+    // `wharf task stop` of an HTTP task: it leaves the balancer, stops
+    // with UserStopped, and the service replaces it.
+    let id = tasks[0]["id"].as_str().unwrap().to_owned();
+    let r = s.api("POST", &format!("/v1/tasks/{id}/stop"), Some(json!({})));
+    assert_eq!(r.status, 200, "{r:?}");
+    let t = s.wait_stopped(&id);
+    assert_eq!(t["stop_code"], "UserStopped", "{t}");
+    converged(&s, "web", 3);
+    assert_eq!(get(&s, "/after-stop").status, 200);
 }
 
 #[test]
