@@ -85,7 +85,9 @@ fn start_wharf(component: &Path, data: &Path) -> (Running, String) {
 fn start_wasmtime(wasmtime: &Path, component: &Path) -> (Running, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(wasmtime)
-        .args(["serve", "--addr", &addr])
+        // `-Scli`: the component reads its environment (wasi:cli), which
+        // `wasmtime serve` links only when asked; Wharf links it always.
+        .args(["serve", "-Scli", "--addr", &addr])
         .arg(component)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -333,6 +335,11 @@ fn main() {
         eprintln!("note: wasmtime not found (set WASMTIME); its row is skipped");
     }
     rows.push((INGRESS, Vec::new()));
+    // `ONLY=wharf` keeps the rows whose name contains it (for quick looks;
+    // the published table runs them all).
+    if let Ok(only) = std::env::var("ONLY") {
+        rows.retain(|(name, _)| name.contains(only.as_str()));
+    }
     for _ in 0..runs {
         for (name, results) in rows.iter_mut() {
             let server_data = tempfile::tempdir().unwrap();
@@ -378,6 +385,9 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
+    if samples == 0 {
+        return;
+    }
     let (cold, warm) = cold_starts(&component, samples);
     let added: Vec<f64> = cold.iter().zip(&warm).map(|(c, w)| c - w).collect();
     println!("\n## Scale from zero: {samples} requests to a service at zero (ms)\n");
