@@ -132,6 +132,7 @@ fn check_routes(
     routes: &[String],
     kind: crate::model::TaskKind,
     services: &std::collections::BTreeMap<String, ServiceState>,
+    who: &crate::auth::Principal,
 ) -> Result<Vec<String>> {
     if routes.len() > MAX_ROUTES {
         return Err(ApiError::invalid(
@@ -159,10 +160,15 @@ fn check_routes(
                 .iter()
                 .any(|r| crate::ingress::Route::parse(r).is_ok_and(|r| r == route));
             if taken {
-                return Err(ApiError::conflict(format!(
-                    "route {route} already belongs to service {}",
-                    other.service.name
-                )));
+                // A scoped token is not told another team's service name.
+                return Err(ApiError::conflict(if who.repositories.is_empty() {
+                    format!(
+                        "route {route} already belongs to service {}",
+                        other.service.name
+                    )
+                } else {
+                    format!("route {route} already belongs to another service")
+                }));
             }
         }
         let shown = route.to_string();
@@ -319,7 +325,7 @@ impl Control {
                 request.name
             )));
         }
-        let routes = check_routes(&request.name, &request.routes, def.kind, &services)?;
+        let routes = check_routes(&request.name, &request.routes, def.kind, &services, who)?;
         let service = Service {
             name: request.name.clone(),
             task_definition: def.task_definition.clone(),
@@ -455,7 +461,7 @@ impl Control {
         };
         let routes = request.routes.as_ref().unwrap_or(&service.routes).clone();
         let services_view = &*services;
-        let routes = check_routes(name, &routes, kind, services_view)?;
+        let routes = check_routes(name, &routes, kind, services_view, who)?;
         let state = services
             .get_mut(name)
             .ok_or_else(|| ApiError::not_found(format!("service {name} does not exist")))?;

@@ -978,3 +978,65 @@ fn a_release_that_answers_mostly_5xx_is_rolled_back_by_the_circuit_breaker() {
         "{events:#?}"
     );
 }
+
+#[test]
+fn a_scoped_token_cannot_see_take_or_change_another_teams_http_service() {
+    let s = Server::start();
+    http_def(&s, "http_hello", "web", json!({}));
+    create_service(
+        &s,
+        json!({"name": "theirs", "task_definition": "web", "desired_count": 0, "routes": ["/shop"]}),
+    );
+    // A deployer of other/* only, with an HTTP component of its own.
+    let token = s
+        .api(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"name": "other", "role": "deployer", "repositories": ["other/*"]})),
+        )
+        .json()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.push_sample("http_echo", Target::P2, "other/echo:v1");
+    let r = s.api_as(
+        &token,
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "mine", "artifact": "other/echo:v1", "kind": "http"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    // It cannot take the route, nor learn whose it is.
+    let r = s.api_as(
+        &token,
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "mine", "task_definition": "mine", "desired_count": 0, "routes": ["/shop"]})),
+    );
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("theirs"),
+        "{r:?}"
+    );
+    // It cannot see or change the other service (404, as if absent).
+    for (method, body) in [
+        ("GET", None),
+        ("PATCH", Some(json!({"routes": ["/x"]}))),
+        (
+            "PATCH",
+            Some(json!({"autoscaling": {"min": 0, "max": 1, "target_inflight": 1.0}})),
+        ),
+    ] {
+        let r = s.api_as(&token, method, "/v1/services/theirs", body);
+        assert_eq!(r.status, 404, "{method}: {r:?}");
+    }
+    // Nor run the other team's HTTP definition in a service of its own.
+    let r = s.api_as(
+        &token,
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "copy", "task_definition": "web", "desired_count": 1, "routes": ["/copy"]})),
+    );
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(service(&s, "theirs")["routes"], json!(["/shop"]));
+}
