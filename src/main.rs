@@ -4,6 +4,7 @@
 
 mod client;
 mod image;
+mod node_cmd;
 mod paths;
 mod registry_cmd;
 mod run;
@@ -73,6 +74,13 @@ enum Command {
         #[command(subcommand)]
         command: service_cmd::ServiceCommand,
     },
+    /// Nodes: the machines that run tasks.
+    Node {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: node_cmd::NodeCommand,
+    },
     /// Secrets that task definitions pass to tasks as environment variables.
     Secret {
         #[command(flatten)]
@@ -129,6 +137,7 @@ fn main() -> ExitCode {
         Command::Service { api, command } => {
             service_cmd::main(api, command).map(|()| ExitCode::SUCCESS)
         }
+        Command::Node { api, command } => node_cmd::main(api, command).map(|()| ExitCode::SUCCESS),
         Command::Secret { api, command } => {
             secret_cmd::main(api, command).map(|()| ExitCode::SUCCESS)
         }

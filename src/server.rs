@@ -63,6 +63,9 @@ pub(crate) struct ServerArgs {
     /// link-local addresses are refused otherwise. Repeatable.
     #[arg(long = "allow-outbound-network", env = "WHARF_ALLOW_OUTBOUND_NETWORKS", value_delimiter = ',', value_parser = wharf_registry::remote::RemotePolicy::parse_network)]
     allow_outbound_networks: Vec<wharf_registry::remote::IpNet>,
+    /// Labels of the server's own node, for placement: KEY=VALUE,...
+    #[arg(long, env = "WHARF_NODE_LABELS", default_value = "", value_parser = wharf_api::nodes::parse_labels)]
+    node_labels: std::collections::BTreeMap<String, String>,
     /// How long a starting HTTP task's health check may keep failing
     /// before the task fails to start.
     #[arg(long, env = "WHARF_HEALTH_CHECK_GRACE", default_value = "30s", value_parser = parse_duration)]
@@ -173,6 +176,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     config.deregistration_delay = args.deregistration_delay;
     config.health_check_grace = args.health_check_grace;
     config.outbound_policy.allow = args.allow_outbound_networks;
+    config.local_node.labels = args.node_labels;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     config.guest_threads = Some(
         args.guest_threads

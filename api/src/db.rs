@@ -99,6 +99,10 @@ pub trait StateStore: Send + Sync + 'static {
     async fn delete_service(&self, name: &str) -> Result<()>;
     /// Every service.
     async fn services(&self) -> Result<Vec<Service>>;
+    /// Inserts or replaces what an operator set on a node.
+    async fn put_node(&self, node: &crate::model::NodeState) -> Result<()>;
+    /// What operators set on nodes.
+    async fn nodes(&self) -> Result<Vec<crate::model::NodeState>>;
     /// A service's latest events, newest first.
     async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>>;
 
@@ -467,6 +471,22 @@ impl StateStore for SqliteStore {
 
     async fn services(&self) -> Result<Vec<Service>> {
         let rows = sqlx::query("SELECT body FROM services ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn put_node(&self, node: &crate::model::NodeState) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO nodes (name, body) VALUES (?, ?)")
+            .bind(&node.name)
+            .bind(json(node))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<crate::model::NodeState>> {
+        let rows = sqlx::query("SELECT body FROM nodes ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()

@@ -22,8 +22,8 @@ use crate::control::{
 use crate::db::{TaskFilter, Write};
 use crate::error::{ApiError, ErrorCode, Result};
 use crate::model::{
-    self, AuditEntry, LogEntry, LogPage, Role, Secret, Service, ServiceEvent, Task, TaskDefinition,
-    TaskStatus, Token,
+    self, AuditEntry, LogEntry, LogPage, Node, NodeStatus, Role, Secret, Service, ServiceEvent,
+    Task, TaskDefinition, TaskStatus, Token,
 };
 use crate::services::{CreateServiceRequest, UpdateServiceRequest};
 use crate::taskdef::TaskDefinitionInput;
@@ -99,6 +99,10 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/audit", get(audit))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", get(describe_node))
+        .route("/v1/nodes/{name}/drain", post(drain_node))
+        .route("/v1/nodes/{name}/activate", post(activate_node))
         .fallback(|| async { ApiError::not_found("no such route in the /v1/ API") })
         .layer(middleware::from_fn_with_state(
             control.clone(),
@@ -669,6 +673,43 @@ async fn audit(
     Ok(Json(c.store.audit(limit).await?))
 }
 
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, body = Vec<Node>, description = "Every node"), (status = "4XX", body = ApiError)))]
+async fn list_nodes(State(c): Ctl) -> Json<Vec<Node>> {
+    Json(c.nodes().await)
+}
+
+#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, body = Node, description = "The node"), (status = "4XX", body = ApiError)))]
+async fn describe_node(State(c): Ctl, Path(name): Path<String>) -> Result<Json<Node>> {
+    Ok(Json(c.node(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, body = Node, description = "The node, DRAINING: it takes no new tasks"), (status = "4XX", body = ApiError)))]
+async fn drain_node(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<Json<Node>> {
+    who.require(Role::Admin)?;
+    Ok(Json(c.set_node_status(&name, NodeStatus::Draining).await?))
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/activate", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, body = Node, description = "The node, READY"), (status = "4XX", body = ApiError)))]
+async fn activate_node(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<Json<Node>> {
+    who.require(Role::Admin)?;
+    Ok(Json(c.set_node_status(&name, NodeStatus::Ready).await?))
+}
+
 use crate::error::ApiError as ApiErrorSchema;
 
 struct Security;
@@ -693,6 +734,7 @@ impl utoipa::Modify for Security {
         run_task, list_tasks, describe_task, stop_task, task_logs,
         create_service, list_services, describe_service, update_service, delete_service, service_events,
         put_secret, list_secrets, delete_secret, create_token, list_tokens, revoke_token, audit,
+        list_nodes, describe_node, drain_node, activate_node,
     ),
     components(schemas(ApiErrorSchema, ErrorCode)),
     modifiers(&Security),

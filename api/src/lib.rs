@@ -28,6 +28,7 @@ pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod model;
+pub mod nodes;
 pub mod secrets;
 pub mod services;
 mod serving;
@@ -114,6 +115,8 @@ pub struct ApiConfig {
     /// may resolve to (default: none; loopback, private and link-local
     /// addresses are refused even when a definition names them).
     pub outbound_policy: wharf_registry::remote::RemotePolicy,
+    /// The server's own node: its labels.
+    pub local_node: nodes::LocalNodeConfig,
 }
 
 impl ApiConfig {
@@ -139,6 +142,7 @@ impl ApiConfig {
             deregistration_delay: Duration::from_secs(10),
             health_check_grace: Duration::from_secs(30),
             outbound_policy: Default::default(),
+            local_node: Default::default(),
         }
     }
 }
@@ -253,6 +257,10 @@ impl Api {
             Ok(n) => tracing::info!(secrets = n, "sealed secrets stored in plain text"),
             Err(e) => return Err(sqlx::Error::Protocol(e.message)),
         }
+        control
+            .load_nodes()
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.message))?;
         control
             .load_services()
             .await

@@ -430,3 +430,67 @@ pub struct AuditEntry {
     /// The answer's status code.
     pub status: u16,
 }
+
+/// Whether a node takes new tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum NodeStatus {
+    /// Takes new tasks.
+    #[default]
+    Ready,
+    /// Takes no new tasks; those running go on (`wharf node drain`).
+    Draining,
+    /// Stopped sending heartbeats; its tasks are `NodeLost`.
+    Lost,
+}
+
+/// What an operator set on a node, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// The node's name.
+    pub name: String,
+    /// `READY` or `DRAINING`.
+    pub status: NodeStatus,
+}
+
+/// Slots and memory of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeResources {
+    /// Task slots (instances of the pool).
+    pub slots: u64,
+    /// Bytes of the memory budget (absent: no budget).
+    pub memory_bytes: Option<u64>,
+}
+
+/// A node: a machine that runs tasks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    /// Its name (`local` for the server's own node).
+    pub name: String,
+    /// `READY`, `DRAINING` or `LOST`.
+    pub status: NodeStatus,
+    /// Whether it is the server's own node.
+    pub local: bool,
+    /// Labels for placement.
+    pub labels: BTreeMap<String, String>,
+    /// What it has.
+    pub capacity: NodeResources,
+    /// What is free now.
+    pub free: NodeResources,
+    /// Tasks on it that have not stopped.
+    pub running_tasks: u64,
+    /// Its last heartbeat (the local node's is now).
+    pub last_heartbeat: String,
+    /// Wharf's version on it.
+    pub version: String,
+    /// The engine it runs.
+    pub engine_version: String,
+    /// Runtimes with the same hash share precompiled code.
+    pub compatibility_hash: String,
+    /// CPU architecture (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// Operating system.
+    pub os: String,
+    /// The WASI interfaces its runtime provides to guests.
+    pub wasi_interfaces: Vec<String>,
+}

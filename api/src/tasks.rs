@@ -95,6 +95,8 @@ pub(crate) struct Tasks {
     health_check_grace: Duration,
     /// Which addresses components' outbound requests may reach.
     outbound_check: wharf_runtime::AddressCheck,
+    /// The node's status: a draining node starts no new task.
+    node_status: Mutex<model::NodeStatus>,
 }
 
 /// Time between health checks of a starting HTTP task.
@@ -155,7 +157,23 @@ impl Tasks {
             deregistration_delay,
             health_check_grace,
             outbound_check,
+            node_status: Mutex::new(model::NodeStatus::Ready),
         }
+    }
+
+    /// The local node's status.
+    pub(crate) fn node_status(&self) -> model::NodeStatus {
+        *self.node_status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the local node's status.
+    pub(crate) fn set_node_status(&self, status: model::NodeStatus) {
+        *self.node_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// Tasks that have not stopped.
+    pub(crate) fn live_count(&self) -> usize {
+        self.live.len()
     }
 
     /// The HTTP tasks that take traffic, per service.
@@ -247,6 +265,20 @@ impl Tasks {
 
     async fn drive(self: Arc<Self>, entry: Arc<TaskEntry>, launch: Launch, accepted: Instant) {
         let def = &launch.def;
+        let status = self.node_status();
+        if status != model::NodeStatus::Ready {
+            let outcome = Outcome::not_started(
+                StopCode::FailedToStart,
+                format!(
+                    "no READY node: {LOCAL_NODE} is {} (wharf node activate {LOCAL_NODE})",
+                    serde_json::to_value(status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ),
+            );
+            return self.finish(&entry, outcome).await;
+        }
         let early = entry
             .state
             .lock()

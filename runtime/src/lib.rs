@@ -45,6 +45,25 @@ pub use outcome::{Outcome, StopCode};
 pub use sandbox::{DirGrant, Stdio, StopSignal, TaskSpec};
 /// The error type request bodies given to an HTTP component convert into.
 pub use wasmtime_wasi_http::Error as HttpError;
+/// The wasmtime version this runtime is built on.
+pub const ENGINE_VERSION: &str = "wasmtime 48.0.8";
+
+/// The WASI interfaces (packages, and `wasi:http`'s interfaces) this
+/// runtime links for guests: what a node advertises. Sockets are linked
+/// but closed (no address is granted).
+pub const PROVIDED_INTERFACES: &[&str] = &[
+    "wasi_snapshot_preview1",
+    "wasi:cli",
+    "wasi:clocks",
+    "wasi:filesystem",
+    "wasi:io",
+    "wasi:random",
+    "wasi:sockets",
+    "wasi:http/types",
+    "wasi:http/outgoing-handler",
+    "wasi:http/incoming-handler",
+];
+
 /// The response body of an HTTP component.
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody as HttpBody;
 
@@ -121,6 +140,18 @@ impl Runtime {
     /// The configuration the runtime was built with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// The engine's compatibility hash (16 hex digits): runtimes with the
+    /// same hash can share precompiled code. It names the compile cache's
+    /// directory, and nodes advertise it.
+    pub fn compatibility_hash(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
     }
 
     /// The allocator in use.

@@ -8,6 +8,7 @@ mod hardening;
 mod image;
 mod ingress;
 mod isolation;
+mod nodes;
 mod peers;
 mod registry;
 mod remote;

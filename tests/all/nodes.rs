@@ -1,0 +1,119 @@
+//! Nodes as resources through the real server: the server's own node is
+//! listed with its capacity, engine and WASI interfaces, and an admin's
+//! drain stops new tasks from starting on it (surviving a restart) until
+//! it is activated.
+
+use std::process::Command;
+
+use serde_json::json;
+use wharf_testkit::Target;
+
+use crate::server::Server;
+
+fn wharf(s: &Server, token: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(args)
+        .env("WHARF_SERVER", &s.base)
+        .env("WHARF_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+fn token(s: &Server, role: &str) -> String {
+    let r = s.api(
+        "POST",
+        "/v1/tokens",
+        Some(json!({"name": role, "role": role})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    r.json()["secret"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_local_node_is_listed_and_an_admin_drain_stops_new_tasks_until_activated() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let flags = [
+        "--node-labels",
+        "zone=eu-west-1a,disk=ssd",
+        "--memory-budget",
+        "1GiB",
+    ];
+    let s = Server::start_with(&data, &flags);
+    let r = s.api("GET", "/v1/nodes/local", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    let node = r.json();
+    assert_eq!(node["status"], "READY");
+    assert_eq!(node["local"], true);
+    assert_eq!(node["labels"], json!({"zone": "eu-west-1a", "disk": "ssd"}));
+    assert!(node["capacity"]["slots"].as_u64().unwrap() > 0, "{node}");
+    assert_eq!(node["capacity"]["memory_bytes"], 1u64 << 30);
+    assert_eq!(node["free"]["memory_bytes"], 1u64 << 30);
+    assert_eq!(node["engine_version"], "wasmtime 48.0.8");
+    assert_eq!(node["compatibility_hash"].as_str().unwrap().len(), 16);
+    assert_eq!(node["arch"], std::env::consts::ARCH);
+    let wasi: Vec<&str> = node["wasi_interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(wasi.contains(&"wasi:http/incoming-handler"), "{wasi:?}");
+    assert!(wasi.contains(&"wasi_snapshot_preview1"), "{wasi:?}");
+    assert_eq!(s.api("GET", "/v1/nodes/elsewhere", None).status, 404);
+
+    let out = wharf(&s, &s.token, &["node", "ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("local") && text.contains("READY"), "{text}");
+
+    // Readers see nodes; only admins drain them.
+    let reader = token(&s, "reader");
+    let deployer = token(&s, "deployer");
+    assert_eq!(s.api_as(&reader, "GET", "/v1/nodes", None).status, 200);
+    assert_eq!(
+        s.api_as(&deployer, "POST", "/v1/nodes/local/drain", None)
+            .status,
+        403
+    );
+    let out = wharf(&s, &s.token, &["node", "drain", "local"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DRAINING"));
+
+    // A draining node starts nothing new, and says why.
+    s.push_sample("hello", Target::P1, "team/hello:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "hello", "artifact": "team/hello:v1"})),
+    );
+    assert_eq!(r.status, 201);
+    let run = |s: &Server| {
+        let r = s.api(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"task_definition": "hello"})),
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+        let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+        s.wait_stopped(&id)
+    };
+    let t = run(&s);
+    assert_eq!(t["stop_code"], "FailedToStart", "{t}");
+    assert!(
+        t["message"].as_str().unwrap().contains("local is DRAINING"),
+        "{t}"
+    );
+
+    // The drain survives a restart.
+    s.terminate();
+    let s = Server::start_with(&data, &flags);
+    assert_eq!(
+        s.api("GET", "/v1/nodes/local", None).json()["status"],
+        "DRAINING"
+    );
+    let out = wharf(&s, &s.token, &["node", "activate", "local"]);
+    assert!(out.status.success(), "{out:?}");
+    let t = run(&s);
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+}
