@@ -6,25 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use wharf_testkit::Target;
 
-use crate::server::Server;
-
-/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
-fn eventually<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn register(s: &Server, def: Value) -> Value {
-    let r = s.api("POST", "/v1/taskdefs", Some(def));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
+use crate::server::{Server, converged, events, eventually, register, service};
 
 fn run(s: &Server, body: Value) -> Vec<String> {
     let r = s.api("POST", "/v1/tasks", Some(body));
@@ -61,41 +43,6 @@ fn logs(s: &Server, id: &str) -> Vec<String> {
         .iter()
         .map(|l| l["text"].as_str().unwrap().to_owned())
         .collect()
-}
-
-fn service(s: &Server, name: &str) -> Value {
-    let r = s.api("GET", &format!("/v1/services/{name}"), None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
-
-fn events(s: &Server, name: &str) -> Vec<String> {
-    let r = s.api(
-        "GET",
-        &format!("/v1/services/{name}/events?limit=1000"),
-        None,
-    );
-    assert_eq!(r.status, 200);
-    r.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// Waits until the service runs exactly `n` tasks with nothing pending and
-/// one completed deployment.
-fn converged(s: &Server, name: &str, n: u64) -> Value {
-    eventually(Duration::from_secs(30), &format!("{name} at {n}"), || {
-        let svc = service(s, name);
-        let deployments = svc["deployments"].as_array().unwrap();
-        let done = svc["running_count"] == n
-            && svc["pending_count"] == 0
-            && deployments.len() == 1
-            && deployments[0]["rollout_state"] == "COMPLETED";
-        done.then_some(svc)
-    })
 }
 
 fn beat_def(family: &str) -> Value {

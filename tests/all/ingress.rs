@@ -12,25 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use wharf_testkit::Target;
 
-use crate::server::{Response, Server, call};
-
-/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
-fn eventually<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn register(s: &Server, def: Value) -> Value {
-    let r = s.api("POST", "/v1/taskdefs", Some(def));
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
+use crate::server::{Response, Server, call, converged, events, eventually, register, service};
 
 fn create_service(s: &Server, body: Value) -> Value {
     let r = s.api("POST", "/v1/services", Some(body));
@@ -38,38 +20,14 @@ fn create_service(s: &Server, body: Value) -> Value {
     r.json()
 }
 
-fn service(s: &Server, name: &str) -> Value {
-    let r = s.api("GET", &format!("/v1/services/{name}"), None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r.json()
-}
-
-fn events(s: &Server, name: &str) -> Vec<String> {
-    let r = s.api(
+/// A task's output so far, as text.
+fn log_text(s: &Server, task: &Value) -> String {
+    let logs = s.api(
         "GET",
-        &format!("/v1/services/{name}/events?limit=1000"),
+        &format!("/v1/tasks/{}/logs", task["id"].as_str().unwrap()),
         None,
     );
-    r.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// Waits until the service runs `n` tasks, nothing pending, one
-/// completed deployment.
-fn converged(s: &Server, name: &str, n: u64) -> Value {
-    eventually(Duration::from_secs(60), &format!("{name} at {n}"), || {
-        let svc = service(s, name);
-        let deployments = svc["deployments"].as_array().unwrap();
-        let done = svc["running_count"] == n
-            && svc["pending_count"] == 0
-            && deployments.len() == 1
-            && deployments[0]["rollout_state"] == "COMPLETED";
-        done.then_some(svc)
-    })
+    String::from_utf8_lossy(&logs.body).into_owned()
 }
 
 /// Live tasks of a service.
@@ -212,16 +170,8 @@ fn a_pushed_component_is_served_through_the_ingress_with_forwarding_headers() {
     assert!(m.contains("wharf_http_request_fuel_count{service=\"api\"}"));
     assert!(m.contains("wharf_http_instances_total{service=\"api\"}"));
     // The guest's stdout reaches the task's log.
-    let logs = s.api(
-        "GET",
-        &format!("/v1/tasks/{}/logs", task["id"].as_str().unwrap()),
-        None,
-    );
-    assert!(
-        String::from_utf8_lossy(&logs.body).contains("echo: POST /api/v1/users?x=1"),
-        "{}",
-        String::from_utf8_lossy(&logs.body)
-    );
+    let logs = log_text(&s, task);
+    assert!(logs.contains("echo: POST /api/v1/users?x=1"), "{logs}");
 }
 
 #[test]
@@ -755,16 +705,8 @@ fn outbound_http_is_closed_unless_the_definition_allows_the_destination() {
         "a connection was tried"
     );
     let meta = &tasks_of(&s, "meta")[0];
-    let logs = s.api(
-        "GET",
-        &format!("/v1/tasks/{}/logs", meta["id"].as_str().unwrap()),
-        None,
-    );
-    assert!(
-        String::from_utf8_lossy(&logs.body).contains("internal address 169.254.169.254"),
-        "{}",
-        String::from_utf8_lossy(&logs.body)
-    );
+    let logs = log_text(&s, meta);
+    assert!(logs.contains("internal address 169.254.169.254"), "{logs}");
     let m = metrics(&s);
     assert!(
         m.contains("wharf_http_outbound_denied_total{service=\"closed\"} 1"),
@@ -776,15 +718,10 @@ fn outbound_http_is_closed_unless_the_definition_allows_the_destination() {
     );
     let task = &tasks_of(&s, "closed")[0];
     assert_eq!(task["http"]["outbound_denied"], 1, "{task}");
-    let logs = s.api(
-        "GET",
-        &format!("/v1/tasks/{}/logs", task["id"].as_str().unwrap()),
-        None,
-    );
+    let logs = log_text(&s, task);
     assert!(
-        String::from_utf8_lossy(&logs.body).contains("denied: not an allowed outbound host"),
-        "{}",
-        String::from_utf8_lossy(&logs.body)
+        logs.contains("denied: not an allowed outbound host"),
+        "{logs}"
     );
 }
 

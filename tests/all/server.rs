@@ -240,6 +240,73 @@ impl Drop for Server {
     }
 }
 
+/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
+pub(crate) fn eventually<T>(
+    limit: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Registers a task definition (201 expected) and returns it.
+pub(crate) fn register(s: &Server, def: serde_json::Value) -> serde_json::Value {
+    let r = s.api("POST", "/v1/taskdefs", Some(def));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// A service as the API describes it.
+pub(crate) fn service(s: &Server, name: &str) -> serde_json::Value {
+    let r = s.api("GET", &format!("/v1/services/{name}"), None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+/// A service's event messages, newest first.
+pub(crate) fn events(s: &Server, name: &str) -> Vec<String> {
+    let r = s.api(
+        "GET",
+        &format!("/v1/services/{name}/events?limit=1000"),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until the service runs exactly `n` tasks with nothing pending and
+/// one completed deployment.
+pub(crate) fn converged(s: &Server, name: &str, n: u64) -> serde_json::Value {
+    eventually(
+        std::time::Duration::from_secs(60),
+        &format!("{name} at {n}"),
+        || {
+            let svc = service(s, name);
+            let deployments = svc["deployments"].as_array().unwrap();
+            let done = svc["running_count"] == n
+                && svc["pending_count"] == 0
+                && deployments.len() == 1
+                && deployments[0]["rollout_state"] == "COMPLETED";
+            done.then_some(svc)
+        },
+    )
+}
+
 /// A response, whatever its status.
 #[derive(Debug)]
 pub(crate) struct Response {

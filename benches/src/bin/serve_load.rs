@@ -102,6 +102,23 @@ fn start_wasmtime(wasmtime: &Path, component: &Path) -> (Running, String) {
 /// tasks routed at `/`. Returns the process, the API base, the token and
 /// the ingress address.
 fn start_ingress(component: &Path, data: &Path, tasks: u32) -> (Running, String, String, String) {
+    deploy(
+        component,
+        data,
+        serde_json::json!({"max_concurrency": 256}),
+        tasks,
+    )
+}
+
+/// A `wharf server` with its ingress on a free port, `component` pushed
+/// and registered as `kind = "http"` with `http` settings, and a service
+/// `hello` of `tasks` tasks routed at `/`.
+fn deploy(
+    component: &Path,
+    data: &Path,
+    http: serde_json::Value,
+    tasks: u32,
+) -> (Running, String, String, String) {
     let ingress = format!("127.0.0.1:{}", free_port());
     let (child, base, token) =
         wharf_bench::spawn_server(&wharf_bin(), data, &["--ingress", &ingress]);
@@ -126,7 +143,7 @@ fn start_ingress(component: &Path, data: &Path, tasks: u32) -> (Running, String,
         "POST",
         "/v1/taskdefs",
         serde_json::json!({"family": "hello", "artifact": "bench/hello:v1", "kind": "http",
-                           "http": {"max_concurrency": 256}}),
+                           "http": http}),
     );
     api(
         "POST",
@@ -191,43 +208,16 @@ fn cold_starts(component: &Path, samples: usize) -> (Vec<f64>, Vec<f64>) {
 /// then the running count reached 8.
 fn autoscale_step() -> (f64, f64) {
     let data = tempfile::tempdir().unwrap();
-    let ingress = format!("127.0.0.1:{}", free_port());
-    let (child, base, token) =
-        wharf_bench::spawn_server(&wharf_bin(), data.path(), &["--ingress", &ingress]);
-    let _running = Running(child);
-    let host = base.trim_start_matches("http://").to_owned();
-    let pushed = Command::new(wharf_bin())
-        .arg("push")
-        .arg(wasm("http_slow", Target::P2))
-        .arg(format!("{host}/bench/slow:v1"))
-        .env("WHARF_TOKEN", &token)
-        .env("WHARF_SERVER", &base)
-        .output()
-        .expect("wharf push");
-    assert!(pushed.status.success(), "{pushed:?}");
-    let api = |method: &str, path: &str, body: serde_json::Value| {
-        ureq::request(method, &format!("{base}{path}"))
-            .set("Authorization", &format!("Bearer {token}"))
-            .send_json(body)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    };
-    api(
-        "POST",
-        "/v1/taskdefs",
-        serde_json::json!({"family": "hello", "artifact": "bench/slow:v1", "kind": "http"}),
+    let (_running, base, token, ingress) = deploy(
+        &wasm("http_slow", Target::P2),
+        data.path(),
+        serde_json::json!({}),
+        1,
     );
-    api(
-        "POST",
-        "/v1/services",
-        serde_json::json!({"name": "hello", "task_definition": "hello",
-                           "desired_count": 1, "routes": ["/"]}),
-    );
-    api(
-        "PATCH",
-        "/v1/services/hello",
-        serde_json::json!({"autoscaling": {"min": 1, "max": 8, "target_inflight": 4.0}}),
-    );
-    wait_running(&base, &token, 1);
+    ureq::request("PATCH", &format!("{base}/v1/services/hello"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(serde_json::json!({"autoscaling": {"min": 1, "max": 8, "target_inflight": 4.0}}))
+        .expect("autoscaling");
     let wrk = std::env::var("WRK").unwrap_or_else(|_| "wrk".into());
     let start = std::time::Instant::now();
     let mut load = Command::new(wrk)
