@@ -318,6 +318,7 @@ impl Control {
             secrets: checked.secrets,
             limits: checked.limits,
             http: checked.http,
+            placement_constraints: checked.constraints,
             labels: checked.labels,
             registered_at: model::now(),
             deregistered_at: None,

@@ -760,6 +760,7 @@ mod tests {
             secrets: Default::default(),
             limits: TaskLimits::default(),
             http: None,
+            placement_constraints: Vec::new(),
             labels: Default::default(),
             registered_at: "now".into(),
             deregistered_at: None,

@@ -233,6 +233,7 @@ impl Api {
                 Arc::new(move |ip| policy.permits(ip))
             },
         ));
+        tasks.set_node_labels(config.local_node.labels.clone());
         let keep = config.keep_stopped_tasks;
         let keep_audit = config.keep_audit_entries;
         let keep_log_bytes = config.keep_log_bytes;

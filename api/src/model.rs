@@ -125,6 +125,9 @@ pub struct TaskDefinition {
     /// How `http` tasks serve (absent for `command`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSettings>,
+    /// Constraints on node labels its tasks must meet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement_constraints: Vec<String>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
     /// When it was registered.

@@ -42,6 +42,63 @@ pub fn parse_labels(text: &str) -> std::result::Result<BTreeMap<String, String>,
     Ok(labels)
 }
 
+/// A placement constraint on node labels: `KEY == VALUE`, `KEY != VALUE`
+/// or `KEY in [V1, V2]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    key: String,
+    negated: bool,
+    values: Vec<String>,
+}
+
+impl Constraint {
+    /// Parses a constraint; the error says what is expected.
+    pub fn parse(text: &str) -> std::result::Result<Constraint, String> {
+        let bad = || {
+            format!(
+                "{text:?} is not a constraint: expected KEY == VALUE, KEY != VALUE or KEY in [V1, V2]"
+            )
+        };
+        let word = |s: &str| {
+            let s = s.trim();
+            (!s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)))
+            .then(|| s.to_owned())
+        };
+        let (key, negated, values) = if let Some((k, v)) = text.split_once("==") {
+            (k, false, vec![word(v).ok_or_else(bad)?])
+        } else if let Some((k, v)) = text.split_once("!=") {
+            (k, true, vec![word(v).ok_or_else(bad)?])
+        } else if let Some((k, v)) = text.split_once(" in ") {
+            let list = v
+                .trim()
+                .strip_prefix('[')
+                .and_then(|l| l.strip_suffix(']'))
+                .ok_or_else(bad)?;
+            let values: Option<Vec<String>> = list.split(',').map(word).collect();
+            (k, false, values.ok_or_else(bad)?)
+        } else {
+            return Err(bad());
+        };
+        Ok(Constraint {
+            key: word(key).ok_or_else(bad)?,
+            negated,
+            values,
+        })
+    }
+
+    /// Whether a node with `labels` satisfies it (a missing label matches
+    /// only `!=`).
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let hit = labels
+            .get(&self.key)
+            .is_some_and(|v| self.values.iter().any(|w| w == v));
+        hit != self.negated
+    }
+}
+
 impl Control {
     /// Restores what operators set on nodes (at start).
     pub(crate) async fn load_nodes(&self) -> Result<()> {
@@ -124,6 +181,29 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn constraints_parse_and_match_labels() {
+        let labels = parse_labels("region=eu-west,zone=a").unwrap();
+        let yes = |t: &str| Constraint::parse(t).unwrap().matches(&labels);
+        assert!(yes("region == eu-west"));
+        assert!(!yes("region == us-east"));
+        assert!(yes("region != us-east"));
+        assert!(yes("zone in [a, b]"));
+        assert!(!yes("zone in [c]"));
+        assert!(!yes("disk == ssd"), "a missing label does not match ==");
+        assert!(yes("disk != ssd"));
+        for bad in [
+            "region",
+            "region = x",
+            "== x",
+            "zone in a, b",
+            "zone in [a, ]",
+            "a b == c",
+        ] {
+            assert!(Constraint::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn labels_parse_and_bad_ones_are_named() {

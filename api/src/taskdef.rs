@@ -38,10 +38,26 @@ pub struct TaskDefinitionInput {
     /// How `http` tasks serve.
     #[serde(default)]
     pub http: Option<HttpInput>,
+    /// Where tasks may run.
+    #[serde(default)]
+    pub placement: Option<PlacementInput>,
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
+
+/// The `[placement]` section as people write it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementInput {
+    /// Constraints on node labels: `KEY == VALUE`, `KEY != VALUE`,
+    /// `KEY in [V1, V2]`; a task runs only on a node meeting all of them.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+}
+
+/// The most placement constraints one definition may have.
+pub const MAX_CONSTRAINTS: usize = 16;
 
 /// The `[http]` section as people write it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -174,6 +190,7 @@ pub struct CheckedDefinition {
     pub(crate) secrets: BTreeMap<String, String>,
     pub(crate) limits: TaskLimits,
     pub(crate) http: Option<HttpSettings>,
+    pub(crate) constraints: Vec<String>,
     pub(crate) labels: BTreeMap<String, String>,
 }
 
@@ -315,6 +332,21 @@ impl TaskDefinitionInput {
             check_name(&format!("secrets.{var}"), secret)?;
         }
         let limits = check_limits("limits", &self.limits, max_memory)?;
+        let constraints = self
+            .placement
+            .as_ref()
+            .map(|p| p.constraints.clone())
+            .unwrap_or_default();
+        if constraints.len() > MAX_CONSTRAINTS {
+            return Err(ApiError::invalid(
+                "placement.constraints",
+                format!("at most {MAX_CONSTRAINTS}"),
+            ));
+        }
+        for c in &constraints {
+            crate::nodes::Constraint::parse(c)
+                .map_err(|e| ApiError::invalid("placement.constraints", e))?;
+        }
         Ok(CheckedDefinition {
             family: self.family.clone(),
             artifact: self.artifact.trim().to_owned(),
@@ -324,6 +356,7 @@ impl TaskDefinitionInput {
             secrets: self.secrets.clone(),
             limits,
             http,
+            constraints,
             labels: self.labels.clone(),
         })
     }

@@ -97,6 +97,8 @@ pub(crate) struct Tasks {
     outbound_check: wharf_runtime::AddressCheck,
     /// The node's status: a draining node starts no new task.
     node_status: Mutex<model::NodeStatus>,
+    /// The node's labels, which placement constraints are checked against.
+    node_labels: Mutex<BTreeMap<String, String>>,
 }
 
 /// Time between health checks of a starting HTTP task.
@@ -158,7 +160,28 @@ impl Tasks {
             health_check_grace,
             outbound_check,
             node_status: Mutex::new(model::NodeStatus::Ready),
+            node_labels: Mutex::default(),
         }
+    }
+
+    /// Sets the local node's labels.
+    pub(crate) fn set_node_labels(&self, labels: BTreeMap<String, String>) {
+        *self.node_labels.lock().unwrap_or_else(|p| p.into_inner()) = labels;
+    }
+
+    /// The first placement constraint of `def` the local node does not
+    /// meet, and the node's labels.
+    fn unmet_constraint(&self, def: &TaskDefinition) -> Option<(String, String)> {
+        let labels = self.node_labels.lock().unwrap_or_else(|p| p.into_inner());
+        def.placement_constraints
+            .iter()
+            .find(|c| {
+                crate::nodes::Constraint::parse(c).is_ok_and(|parsed| !parsed.matches(&labels))
+            })
+            .map(|c| {
+                let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                (c.clone(), shown.join(","))
+            })
     }
 
     /// The local node's status.
@@ -275,6 +298,15 @@ impl Tasks {
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default()
+                ),
+            );
+            return self.finish(&entry, outcome).await;
+        }
+        if let Some((constraint, labels)) = self.unmet_constraint(def) {
+            let outcome = Outcome::not_started(
+                StopCode::FailedToStart,
+                format!(
+                    "no READY node meets the constraint {constraint:?} ({LOCAL_NODE} has labels [{labels}])"
                 ),
             );
             return self.finish(&entry, outcome).await;

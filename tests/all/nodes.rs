@@ -117,3 +117,58 @@ fn the_local_node_is_listed_and_an_admin_drain_stops_new_tasks_until_activated()
     let t = run(&s);
     assert_eq!(t["stop_code"], "Completed", "{t}");
 }
+
+#[test]
+fn placement_constraints_are_checked_against_the_nodes_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &dir.path().join("data"),
+        &["--node-labels", "region=eu-west,zone=a"],
+    );
+    s.push_sample("hello", Target::P1, "team/hello:v1");
+    let register = |family: &str, constraints: serde_json::Value| {
+        s.api(
+            "POST",
+            "/v1/taskdefs",
+            Some(json!({"family": family, "artifact": "team/hello:v1",
+                        "placement": {"constraints": constraints}})),
+        )
+    };
+    // A malformed constraint names its field.
+    let r = register("bad", json!(["region = eu-west"]));
+    assert_eq!(r.status, 422, "{r:?}");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("placement.constraints")
+    );
+    let r = register(
+        "fits",
+        json!(["region == eu-west", "zone in [a, b]", "disk != hdd"]),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        r.json()["placement_constraints"].as_array().unwrap().len(),
+        3
+    );
+    assert_eq!(
+        register("elsewhere", json!(["region == us-east"])).status,
+        201
+    );
+    let run = |family: &str| {
+        let r = s.api(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"task_definition": family})),
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+        s.wait_stopped(r.json()[0]["id"].as_str().unwrap())
+    };
+    assert_eq!(run("fits")["stop_code"], "Completed");
+    let t = run("elsewhere");
+    assert_eq!(t["stop_code"], "FailedToStart", "{t}");
+    let message = t["message"].as_str().unwrap();
+    assert!(message.contains("region == us-east"), "{message}");
+    assert!(message.contains("region=eu-west"), "{message}");
+}
