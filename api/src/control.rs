@@ -301,8 +301,10 @@ impl Control {
             check_secret_use(Some(who), secret, scope.as_deref(), &repository)?;
         }
         let resolved = self.artifacts.resolve(&checked.artifact).await?;
+        let mut requires_interfaces = Vec::new();
         if let Some(scan) = self.artifacts.scan(&checked.artifact, &resolved).await? {
             check_kind(checked.kind, &checked.artifact, &scan)?;
+            requires_interfaces = crate::nodes::required_interfaces(&scan.imports);
         }
         let def = TaskDefinition {
             family: checked.family,
@@ -319,6 +321,7 @@ impl Control {
             limits: checked.limits,
             http: checked.http,
             placement_constraints: checked.constraints,
+            requires_interfaces,
             labels: checked.labels,
             registered_at: model::now(),
             deregistered_at: None,

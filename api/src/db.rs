@@ -761,6 +761,7 @@ mod tests {
             limits: TaskLimits::default(),
             http: None,
             placement_constraints: Vec::new(),
+            requires_interfaces: Vec::new(),
             labels: Default::default(),
             registered_at: "now".into(),
             deregistered_at: None,

@@ -128,6 +128,10 @@ pub struct TaskDefinition {
     /// Constraints on node labels its tasks must meet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement_constraints: Vec<String>,
+    /// What the artifact imports (WASI interfaces without their version,
+    /// or core module names): a node must provide all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires_interfaces: Vec<String>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
     /// When it was registered.

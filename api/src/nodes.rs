@@ -99,6 +99,29 @@ impl Constraint {
     }
 }
 
+/// What a scan's imports require of a node: component imports as
+/// interfaces without their version (`wasi:http/outgoing-handler`), core
+/// imports as their module (`wasi_snapshot_preview1`); sorted, once each.
+pub fn required_interfaces(imports: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = imports
+        .iter()
+        .map(|i| match i.split_once("::") {
+            Some((module, _)) => module.to_owned(),
+            None => i.split('@').next().unwrap_or(i).to_owned(),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a runtime providing `provided` (interfaces, or whole packages
+/// such as `wasi:cli`) provides `interface`.
+pub fn provides(provided: &[&str], interface: &str) -> bool {
+    let package = interface.split('/').next().unwrap_or(interface);
+    provided.iter().any(|p| *p == interface || *p == package)
+}
+
 impl Control {
     /// Restores what operators set on nodes (at start).
     pub(crate) async fn load_nodes(&self) -> Result<()> {
@@ -203,6 +226,31 @@ mod tests {
         ] {
             assert!(Constraint::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn required_interfaces_are_matched_by_interface_or_package() {
+        let required = required_interfaces(&[
+            "wasi:cli/environment@0.2.4".into(),
+            "wasi:http/outgoing-handler@0.2.4".into(),
+            "wasi:cli/stdout@0.2.4".into(),
+            "wasi_snapshot_preview1::fd_write".into(),
+            "wasi:keyvalue/store@0.2.0-draft".into(),
+        ]);
+        assert_eq!(
+            required,
+            [
+                "wasi:cli/environment",
+                "wasi:cli/stdout",
+                "wasi:http/outgoing-handler",
+                "wasi:keyvalue/store",
+                "wasi_snapshot_preview1"
+            ]
+        );
+        let provided = wharf_runtime::PROVIDED_INTERFACES;
+        let missing: Vec<&String> = required.iter().filter(|i| !provides(provided, i)).collect();
+        assert_eq!(missing, ["wasi:keyvalue/store"]);
+        assert!(!provides(provided, "wasi:http/handler"));
     }
 
     #[test]

@@ -302,6 +302,17 @@ impl Tasks {
             );
             return self.finish(&entry, outcome).await;
         }
+        if let Some(missing) = def
+            .requires_interfaces
+            .iter()
+            .find(|i| !crate::nodes::provides(wharf_runtime::PROVIDED_INTERFACES, i))
+        {
+            let outcome = Outcome::not_started(
+                StopCode::FailedToStart,
+                format!("no READY node provides {missing} (the artifact imports it)"),
+            );
+            return self.finish(&entry, outcome).await;
+        }
         if let Some((constraint, labels)) = self.unmet_constraint(def) {
             let outcome = Outcome::not_started(
                 StopCode::FailedToStart,

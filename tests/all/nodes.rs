@@ -172,3 +172,43 @@ fn placement_constraints_are_checked_against_the_nodes_labels() {
     assert!(message.contains("region == us-east"), "{message}");
     assert!(message.contains("region=eu-west"), "{message}");
 }
+
+#[test]
+fn a_task_whose_artifact_imports_what_no_node_provides_is_refused_by_name() {
+    let s = Server::start();
+    // A core module that needs wasi-nn, which no Wharf node provides.
+    let wat = r#"(module
+        (import "wasi_ephemeral_nn" "load" (func (param i32 i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (func (export "_start")))"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nn.wasm");
+    std::fs::write(&file, wat::parse_str(wat).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("push")
+        .arg(&file)
+        .arg(format!("{}/team/nn:v1", s.host()))
+        .env("WHARF_TOKEN", &s.token)
+        .env("WHARF_SERVER", &s.base)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "nn", "artifact": "team/nn:v1"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        r.json()["requires_interfaces"],
+        json!(["wasi_ephemeral_nn"])
+    );
+    let r = s.api("POST", "/v1/tasks", Some(json!({"task_definition": "nn"})));
+    assert_eq!(r.status, 201, "{r:?}");
+    let t = s.wait_stopped(r.json()[0]["id"].as_str().unwrap());
+    assert_eq!(t["stop_code"], "FailedToStart", "{t}");
+    assert_eq!(
+        t["message"],
+        "no READY node provides wasi_ephemeral_nn (the artifact imports it)"
+    );
+}
