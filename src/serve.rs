@@ -124,8 +124,15 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
         },
     )
     .context("failed to start the guest threads")?;
-    let outbound: Arc<[OutboundRule]> = args.allow_outbound.clone().into();
-    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let served = Arc::new(Served {
+        runtime: runtime.clone(),
+        executor,
+        artifact,
+        spec,
+        outbound: args.allow_outbound.clone().into(),
+        slots: Arc::new(tokio::sync::Semaphore::new(max)),
+        max,
+    });
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,59 +148,11 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                 accepted = listener.accept() => accepted.context("accept failed")?,
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             };
-            let (runtime, artifact, slots, spec, outbound, executor) = (
-                runtime.clone(),
-                artifact.clone(),
-                slots.clone(),
-                spec.clone(),
-                outbound.clone(),
-                executor.clone(),
-            );
+            let served = served.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
-                    let (runtime, artifact, slots, spec, outbound, executor) = (
-                        runtime.clone(),
-                        artifact.clone(),
-                        slots.clone(),
-                        spec.clone(),
-                        outbound.clone(),
-                        executor.clone(),
-                    );
-                    async move {
-                        let Ok(_slot) = slots.try_acquire_owned() else {
-                            let mut busy =
-                                text_response(503, format!("all {max} request slots are in use\n"));
-                            busy.headers_mut().insert(
-                                hyper::header::RETRY_AFTER,
-                                hyper::header::HeaderValue::from_static("1"),
-                            );
-                            return Ok::<_, std::convert::Infallible>(busy);
-                        };
-                        // Local and single-user: the operator's own
-                        // allow-list is the whole policy.
-                        let options = HttpOptions {
-                            outbound,
-                            address_ok: None,
-                            on_end: None,
-                        };
-                        let handled = executor
-                            .spawn_beside(async move {
-                                runtime
-                                    .handle_http_with(&artifact, &spec, request, options)
-                                    .await
-                            })
-                            .await;
-                        let (response, outcome) = match handled {
-                            Ok(r) => r,
-                            Err(e) => {
-                                return Ok(text_response(500, format!("internal error: {e}\n")));
-                            }
-                        };
-                        if let Some(code) = outcome.stop_code {
-                            eprintln!("wharf: request ended {code}: {}", outcome.message);
-                        }
-                        Ok(response)
-                    }
+                    let served = served.clone();
+                    async move { Ok::<_, std::convert::Infallible>(served.handle(request).await) }
                 });
                 let _ = http1::Builder::new()
                     .keep_alive(true)
@@ -202,4 +161,64 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
             });
         }
     })
+}
+
+/// What every request of `wharf serve` shares.
+struct Served {
+    runtime: Arc<Runtime>,
+    executor: Executor,
+    artifact: Arc<wharf_runtime::Artifact>,
+    spec: Arc<TaskSpec>,
+    outbound: Arc<[OutboundRule]>,
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+impl Served {
+    /// One request: a slot (503 with `Retry-After` when none is free, held
+    /// until the instance is gone, not just until the response head), then
+    /// a fresh instance on the guest threads.
+    async fn handle(
+        &self,
+        request: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<wharf_runtime::HttpBody> {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            let mut busy =
+                text_response(503, format!("all {} request slots are in use\n", self.max));
+            busy.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static("1"),
+            );
+            return busy;
+        };
+        // Local and single-user: the operator's own allow-list is the
+        // whole policy.
+        let options = HttpOptions {
+            outbound: self.outbound.clone(),
+            address_ok: None,
+            on_end: Some(Box::new(move |_| drop(slot))),
+        };
+        let (runtime, artifact, spec) = (
+            self.runtime.clone(),
+            self.artifact.clone(),
+            self.spec.clone(),
+        );
+        let handled = self
+            .executor
+            .spawn_beside(async move {
+                runtime
+                    .handle_http_with(&artifact, &spec, request, options)
+                    .await
+            })
+            .await;
+        match handled {
+            Ok((response, outcome)) => {
+                if let Some(code) = outcome.stop_code {
+                    eprintln!("wharf: request ended {code}: {}", outcome.message);
+                }
+                response
+            }
+            Err(e) => text_response(500, format!("internal error: {e}\n")),
+        }
+    }
 }

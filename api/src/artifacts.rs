@@ -172,9 +172,10 @@ impl Artifacts {
         }
     }
 
-    /// What a built-in artifact's Wasm layer exports, from the same
-    /// wasmparser scan the registry runs at push. `None` for another
-    /// registry's artifact (checked when its tasks start instead).
+    /// What a built-in artifact imports and exports: the scan the
+    /// registry stored when it was pushed. `None` for another registry's
+    /// artifact, or a layer too large to have been scanned (checked when
+    /// its tasks start instead).
     pub(crate) async fn scan(
         &self,
         artifact: &str,
@@ -183,30 +184,13 @@ impl Artifacts {
         let ArtifactRef::Local { name, .. } = ArtifactRef::parse(artifact)? else {
             return Ok(None);
         };
-        let digest: Digest = resolved
-            .wasm
-            .parse()
-            .map_err(|_| ApiError::invalid("artifact", format!("bad digest {}", resolved.wasm)))?;
-        let bytes = self
-            .registry
-            .store
-            .read_blob(&name, &digest, MAX_WASM_BYTES)
+        let manifest: Digest = resolved.manifest.parse().map_err(|_| {
+            ApiError::invalid("artifact", format!("bad digest {}", resolved.manifest))
+        })?;
+        self.registry
+            .stored_scan(&name, &manifest)
             .await
-            .map_err(|e| ApiError::invalid("artifact", e))?
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "artifact",
-                    format!(
-                        "the Wasm layer {} is missing or larger than {MAX_WASM_BYTES} bytes",
-                        resolved.wasm
-                    ),
-                )
-            })?;
-        let scan = tokio::task::spawn_blocking(move || wasm::scan(&bytes))
-            .await
-            .map_err(|e| ApiError::invalid("artifact", e))?
-            .map_err(|e| ApiError::invalid("artifact", e))?;
-        Ok(Some(scan))
+            .map_err(|e| ApiError::invalid("artifact", e))
     }
 
     /// The compiled artifact for a task definition's pinned Wasm layer.

@@ -330,18 +330,12 @@ impl Control {
             limit,
             exceeded: exceeded.clone(),
         });
-        // The balancer's pick first; if it is full, any other with room.
-        let first = pick(&tasks).cloned();
-        let mut order: Vec<_> = first.iter().cloned().collect();
-        let mut rest: Vec<_> = tasks
-            .iter()
-            .filter(|t| first.as_ref().is_none_or(|f| f.id != t.id))
-            .cloned()
-            .collect();
-        rest.sort_by_key(|t| t.load());
-        order.extend(rest);
-        let mut why = String::from("every task is at its max_concurrency");
-        for task in order {
+        // The balancer's pick first; only if it is full, the others with
+        // room, least loaded first (built then, off the common path).
+        let mut next = pick(&tasks).cloned();
+        let mut rest: Option<std::vec::IntoIter<Arc<crate::serving::HttpTask>>> = None;
+        let mut node_full = None;
+        while let Some(task) = next {
             match task.serve(request).await {
                 Ok(response) => {
                     if exceeded.load(Ordering::Acquire) {
@@ -357,12 +351,21 @@ impl Control {
                 }
                 Err((reason, back)) => {
                     request = back;
-                    if let NotTaken::Node(w) = reason {
-                        why = w;
+                    if let NotTaken::Node(why) = reason {
+                        node_full = Some(why);
                     }
                 }
             }
+            next = rest
+                .get_or_insert_with(|| {
+                    let mut others: Vec<_> =
+                        tasks.iter().filter(|t| t.id != task.id).cloned().collect();
+                    others.sort_by_key(|t| t.load());
+                    others.into_iter()
+                })
+                .next();
         }
+        let why = node_full.unwrap_or_else(|| "every task is at its max_concurrency".into());
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "SERVICE_UNAVAILABLE",

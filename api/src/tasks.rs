@@ -172,6 +172,9 @@ impl Tasks {
     /// The first placement constraint of `def` the local node does not
     /// meet, and the node's labels.
     fn unmet_constraint(&self, def: &TaskDefinition) -> Option<(String, String)> {
+        if def.placement_constraints.is_empty() {
+            return None;
+        }
         let labels = self.node_labels.lock().unwrap_or_else(|p| p.into_inner());
         def.placement_constraints
             .iter()

@@ -196,6 +196,50 @@ impl Registry {
         })
     }
 
+    /// The scan stored at push for manifest `subject` of `name`, if any
+    /// (layers above [`MAX_SCANNED_WASM_BYTES`] have none). Reads the small
+    /// referrer and its scan blob, never the Wasm layer.
+    pub async fn stored_scan(
+        &self,
+        name: &path::Name,
+        subject: &digest::Digest,
+    ) -> Result<Option<wasm::Scan>> {
+        /// A scan document is a few KiB; anything larger is not ours.
+        const MAX_SCAN_BYTES: u64 = 1 << 20;
+        for referrer in self
+            .store
+            .referrers(name, subject, Some(wasm::SCAN_ARTIFACT_TYPE))
+            .await?
+        {
+            let Some(digest) = referrer
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| d.parse::<digest::Digest>().ok())
+            else {
+                continue;
+            };
+            let manifest = self
+                .store
+                .manifest(name, &path::Reference::Digest(digest))
+                .await?;
+            let json: serde_json::Value = serde_json::from_slice(&manifest.bytes)
+                .map_err(|e| RegistryError::Internal(format!("a stored scan manifest: {e}")))?;
+            let Some(layer) = json
+                .pointer("/layers/0/digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| d.parse::<digest::Digest>().ok())
+            else {
+                continue;
+            };
+            if let Some(bytes) = self.store.read_blob(name, &layer, MAX_SCAN_BYTES).await?
+                && let Ok(scan) = serde_json::from_slice(&bytes)
+            {
+                return Ok(Some(scan));
+            }
+        }
+        Ok(None)
+    }
+
     /// Records a scan as a referrer of the manifest it describes, so any OCI
     /// client can find it with the referrers API.
     pub(crate) async fn attach_scan(

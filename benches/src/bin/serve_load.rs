@@ -155,15 +155,20 @@ fn deploy(
     (running, base, token, ingress)
 }
 
+/// Service `hello` as the API describes it.
+fn hello_service(base: &str, token: &str) -> serde_json::Value {
+    ureq::get(&format!("{base}/v1/services/hello"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
+}
+
 /// Waits until service `hello` runs `n` tasks.
 fn wait_running(base: &str, token: &str, n: u32) {
     for _ in 0..3000 {
-        let svc: serde_json::Value = ureq::get(&format!("{base}/v1/services/hello"))
-            .set("Authorization", &format!("Bearer {token}"))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
+        let svc = hello_service(base, token);
         if svc["running_count"] == n && svc["pending_count"] == 0 {
             return;
         }
@@ -228,12 +233,7 @@ fn autoscale_step() -> (f64, f64) {
         .expect("wrk");
     let (mut desired_at, mut running_at) = (None, None);
     while running_at.is_none() && start.elapsed() < Duration::from_secs(20) {
-        let svc: serde_json::Value = ureq::get(&format!("{base}/v1/services/hello"))
-            .set("Authorization", &format!("Bearer {token}"))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
+        let svc = hello_service(&base, &token);
         if desired_at.is_none() && svc["desired_count"] == 8 {
             desired_at = Some(start.elapsed().as_secs_f64());
         }
