@@ -42,6 +42,21 @@ pub(crate) struct ApiArgs {
 }
 
 impl ApiArgs {
+    /// The server's URL.
+    pub(crate) fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// `--token` as given (no fallback to the local admin token).
+    pub(crate) fn explicit_token(&self) -> Option<String> {
+        self.credentials.explicit_token()
+    }
+
+    /// `--data-dir` as given.
+    pub(crate) fn data_dir_flag(&self) -> Option<std::path::PathBuf> {
+        self.credentials.data_dir_flag()
+    }
+
     pub(crate) fn client(&self) -> Result<Client> {
         Ok(Client {
             base: self.server.trim_end_matches('/').to_owned(),

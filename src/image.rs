@@ -22,6 +22,16 @@ pub(crate) struct Credentials {
 }
 
 impl Credentials {
+    /// `--token` as given.
+    pub(crate) fn explicit_token(&self) -> Option<String> {
+        self.token.clone()
+    }
+
+    /// `--data-dir` as given.
+    pub(crate) fn data_dir_flag(&self) -> Option<PathBuf> {
+        self.data_dir.clone()
+    }
+
     pub(crate) fn token(&self) -> Result<Option<String>> {
         if let Some(t) = &self.token {
             return Ok(Some(t.clone()));

@@ -2,6 +2,7 @@
 //! subscriber, reads the environment, and hands validated values to the
 //! library crates. No logic of its own beyond that.
 
+mod agent;
 mod client;
 mod image;
 mod node_cmd;
@@ -118,7 +119,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Server(_) | Command::Run(_) | Command::Serve(_)
+        Command::Server(_)
+            | Command::Run(_)
+            | Command::Serve(_)
+            | Command::Node {
+                command: node_cmd::NodeCommand::Join(_),
+                ..
+            }
     ) {
         default_sigpipe();
     }

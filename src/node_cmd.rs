@@ -1,5 +1,7 @@
-//! `wharf node ls | describe | drain | activate`: the cluster's nodes
-//! through the `/v1/nodes` API (today the server's own node, `local`).
+//! `wharf node ls | describe | drain | activate | rm | token`: the
+//! cluster's nodes through the `/v1/nodes` and `/v1/join-tokens` API, and
+//! `wharf node join`, which runs this machine as an edge node
+//! ([`crate::agent`]).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -26,9 +28,46 @@ pub(crate) enum NodeCommand {
         /// The node's name.
         name: String,
     },
+    /// Remove an edge node (admin): its credential is refused at once and
+    /// its tasks stop NodeLost (services start them elsewhere).
+    Rm {
+        /// The node's name.
+        name: String,
+    },
+    /// Join tokens, which edge nodes join with (admin).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Run this machine as an edge node of the server (--server URL
+    /// --token JOIN_TOKEN; --data-dir keeps its credential and caches).
+    Join(crate::agent::JoinArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Make a join token; it is shown once.
+    Create {
+        /// How long it is accepted.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Labels every node joining with it gets: KEY=VALUE,...
+        #[arg(long, default_value = "", value_parser = wharf_api::nodes::parse_labels)]
+        labels: std::collections::BTreeMap<String, String>,
+    },
+    /// List join tokens (without their secrets).
+    Ls,
 }
 
 pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
+    if let NodeCommand::Join(args) = command {
+        return crate::agent::main(
+            args,
+            api.server(),
+            api.explicit_token(),
+            api.data_dir_flag(),
+        );
+    }
     let client = api.client()?;
     let output = api.output;
     let path = |name: &str| format!("/v1/nodes/{}", segment(name));
@@ -45,6 +84,44 @@ pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
             client.post(&format!("{}/activate", path(&name)), serde_json::json!({}))?,
             describe,
         ),
+        NodeCommand::Rm { name } => show(output, client.delete(&path(&name))?, describe),
+        NodeCommand::Token {
+            command: TokenCommand::Create { ttl, labels },
+        } => show(
+            output,
+            client.post(
+                "/v1/join-tokens",
+                serde_json::json!({"ttl": ttl, "labels": labels}),
+            )?,
+            |created: serde_json::Value| {
+                println!("{}", created["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "wharf: join token {} expires at {}; it is shown only once",
+                    created["join_token"]["id"].as_str().unwrap_or_default(),
+                    created["join_token"]["expires_at"]
+                        .as_str()
+                        .unwrap_or_default()
+                );
+            },
+        ),
+        NodeCommand::Token {
+            command: TokenCommand::Ls,
+        } => show(
+            output,
+            client.get("/v1/join-tokens", &[])?,
+            |tokens: Vec<wharf_api::model::JoinToken>| {
+                let rows = tokens
+                    .into_iter()
+                    .map(|t| {
+                        let labels: Vec<String> =
+                            t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        [t.id, t.expires_at, labels.join(",")]
+                    })
+                    .collect();
+                table(["ID", "EXPIRES", "LABELS"], rows);
+            },
+        ),
+        NodeCommand::Join(_) => unreachable!("handled above"),
     }
 }
 

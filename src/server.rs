@@ -66,18 +66,29 @@ pub(crate) struct ServerArgs {
     /// Labels of the server's own node, for placement: KEY=VALUE,...
     #[arg(long, env = "WHARF_NODE_LABELS", default_value = "", value_parser = wharf_api::nodes::parse_labels)]
     node_labels: std::collections::BTreeMap<String, String>,
+    /// Run no tasks on this server: a pure control plane for edge nodes
+    /// (`wharf node join`).
+    #[arg(long, env = "WHARF_NO_LOCAL_NODE")]
+    no_local_node: bool,
+    /// How often edge nodes sync when nothing happens.
+    #[arg(long, env = "WHARF_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
+    heartbeat: std::time::Duration,
+    /// An edge node silent this long is LOST: its tasks stop NodeLost and
+    /// services start them elsewhere.
+    #[arg(long, env = "WHARF_NODE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    node_timeout: std::time::Duration,
     /// How long a starting HTTP task's health check may keep failing
     /// before the task fails to start.
     #[arg(long, env = "WHARF_HEALTH_CHECK_GRACE", default_value = "30s", value_parser = parse_duration)]
     health_check_grace: std::time::Duration,
 }
 
-fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     wharf_runtime::parse_size(text).map_err(|e| e.to_string())
 }
 
 /// Bytes of physical memory, from `/proc/meminfo` (`None` elsewhere).
-fn physical_memory() -> Option<u64> {
+pub(crate) fn physical_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -177,6 +188,16 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     config.health_check_grace = args.health_check_grace;
     config.outbound_policy.allow = args.allow_outbound_networks;
     config.local_node.labels = args.node_labels;
+    config.local_node.disabled = args.no_local_node;
+    if args.heartbeat >= args.node_timeout {
+        anyhow::bail!(
+            "--heartbeat ({:?}) must be shorter than --node-timeout ({:?}), or every node is lost between two heartbeats",
+            args.heartbeat,
+            args.node_timeout
+        );
+    }
+    config.heartbeat = args.heartbeat;
+    config.node_timeout = args.node_timeout;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     config.guest_threads = Some(
         args.guest_threads
@@ -230,7 +251,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -25,6 +25,9 @@ pub struct Principal {
     pub role: Role,
     /// Registry repository patterns; empty: all.
     pub repositories: Vec<String>,
+    /// The edge node whose credential this is: it may only call the node
+    /// protocol (`/v1/agent/`) and pull the artifacts of its own tasks.
+    pub node: Option<String>,
 }
 
 impl Principal {
@@ -86,6 +89,7 @@ impl Tokens {
                 name: "admin".into(),
                 role: Role::Admin,
                 repositories: Vec::new(),
+                node: None,
             }),
         );
         tokens
@@ -104,8 +108,28 @@ impl Tokens {
                 name: token.name.clone(),
                 role: token.role,
                 repositories: token.repositories.clone(),
+                node: None,
             }),
         );
+    }
+
+    /// Accepts the credential of edge node `name` (by its hash).
+    pub fn load_node(&self, name: &str, hash: &str) {
+        self.by_hash.insert(
+            hash.to_owned(),
+            Arc::new(Principal {
+                token_id: format!("node:{name}"),
+                name: format!("node {name}"),
+                role: Role::Reader,
+                repositories: Vec::new(),
+                node: Some(name.to_owned()),
+            }),
+        );
+    }
+
+    /// Refuses a credential from now on.
+    pub fn forget(&self, hash: &str) {
+        self.by_hash.remove(hash);
     }
 
     /// Who `token` belongs to.
@@ -121,9 +145,15 @@ pub fn token_of(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The registry's authorizer: roles decide pull/push/delete, repository
-/// patterns scope them.
-#[derive(Debug, Clone)]
-pub struct RegistryAuthorizer(pub Arc<Tokens>);
+/// patterns scope them; a node pulls only what its tasks run.
+#[derive(Clone)]
+pub struct RegistryAuthorizer(pub Arc<Tokens>, pub(crate) Arc<crate::fleet::Fleet>);
+
+impl std::fmt::Debug for RegistryAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuthorizer").finish_non_exhaustive()
+    }
+}
 
 impl Authorizer for RegistryAuthorizer {
     fn check(&self, token: Option<&str>, access: &Access) -> Result<(), RegistryError> {
@@ -145,6 +175,16 @@ impl Authorizer for RegistryAuthorizer {
                 format!("token {:?} may not {what} {name}", who.name),
             ))
         };
+        if let Some(node) = &who.node {
+            return match access {
+                Access::Base => Ok(()),
+                Access::Pull(name) if self.1.may_pull(node, name.as_str()) => Ok(()),
+                Access::Pull(name) => denied("pull from", name.as_str()),
+                Access::Catalog => denied("list", "the catalog"),
+                Access::Push(name) => denied("push to", name.as_str()),
+                Access::Delete(name) => denied("delete from", name.as_str()),
+            };
+        }
         match access {
             Access::Base | Access::Catalog => Ok(()),
             Access::Pull(name) if who.may_reach(name.as_str()) => Ok(()),
@@ -182,7 +222,11 @@ mod tests {
         let tokens = Arc::new(Tokens::with_admin("root"));
         let (t, h) = token(Role::Reader, &["team/*"]);
         tokens.load(&t, &h);
-        let auth = RegistryAuthorizer(tokens.clone());
+        let fleet = Arc::new(crate::fleet::Fleet::new(
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(10),
+        ));
+        let auth = RegistryAuthorizer(tokens.clone(), fleet.clone());
         let name = |n: &str| Name::parse(n).unwrap();
         assert!(
             auth.check(Some("secret"), &Access::Pull(name("team/a")))
@@ -215,6 +259,25 @@ mod tests {
         t.revoked_at = Some("now".into());
         tokens.load(&t, &h);
         assert!(tokens.authenticate("secret").is_none());
+        // A node pulls only from repositories its tasks run from.
+        tokens.load_node("edge", &hash("node-secret"));
+        let node = fleet.add("edge", crate::model::NodeStatus::Ready, Default::default());
+        let pull = |repo: &str| auth.check(Some("node-secret"), &Access::Pull(name(repo)));
+        assert_eq!(code(pull("team/a")), Some(OciCode::Denied));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        node.hold("t1", None, 0, None, "team/a".into(), tx);
+        assert!(pull("team/a").is_ok());
+        assert_eq!(code(pull("team/b")), Some(OciCode::Denied));
+        assert_eq!(
+            code(auth.check(Some("node-secret"), &Access::Push(name("team/a")))),
+            Some(OciCode::Denied)
+        );
+        assert_eq!(
+            code(auth.check(Some("node-secret"), &Access::Catalog)),
+            Some(OciCode::Denied)
+        );
+        tokens.forget(&hash("node-secret"));
+        assert_eq!(code(pull("team/a")), Some(OciCode::Unauthorized));
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub struct Control {
     pub(crate) traffic: crate::autoscale::TrafficBook,
     /// The autoscaler's memory per service.
     pub(crate) scalers: DashMap<String, crate::autoscale::ScalerState>,
+    /// Joins one at a time (a name is checked and taken together).
+    pub(crate) join_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Control {
@@ -247,6 +249,7 @@ impl Control {
             routes: Default::default(),
             traffic: Default::default(),
             scalers: DashMap::new(),
+            join_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -321,6 +324,7 @@ impl Control {
             limits: checked.limits,
             http: checked.http,
             placement_constraints: checked.constraints,
+            placement_strategy: checked.strategy,
             requires_interfaces,
             labels: checked.labels,
             registered_at: model::now(),

@@ -64,8 +64,15 @@ pub trait StateStore: Send + Sync + 'static {
     /// Applies a batch of writes in one transaction.
     async fn write(&self, batch: &[Write]) -> Result<()>;
     /// Marks every task that is not `STOPPED` as stopped with `NodeLost`
-    /// (the node that ran it is gone); returns them.
-    async fn recover_lost_tasks(&self, at: &str) -> Result<Vec<Task>>;
+    /// (the node that ran it is gone) and returns them, except the tasks
+    /// of `remote` nodes that had started (`PENDING` or `RUNNING`): those
+    /// nodes run on without the server, and such tasks are returned
+    /// second, unchanged.
+    async fn recover_lost_tasks(
+        &self,
+        at: &str,
+        remote: &std::collections::BTreeSet<String>,
+    ) -> Result<(Vec<Task>, Vec<Task>)>;
 
     /// Stores a new revision, numbering it one past the family's last.
     async fn register_task_definition(&self, def: TaskDefinition) -> Result<TaskDefinition>;
@@ -103,6 +110,14 @@ pub trait StateStore: Send + Sync + 'static {
     async fn put_node(&self, node: &crate::model::NodeState) -> Result<()>;
     /// What operators set on nodes.
     async fn nodes(&self) -> Result<Vec<crate::model::NodeState>>;
+    /// Forgets a node (`wharf node rm`).
+    async fn delete_node(&self, name: &str) -> Result<()>;
+    /// Stores a join token with the hash of its secret.
+    async fn put_join_token(&self, token: &crate::model::JoinToken, hash: &str) -> Result<()>;
+    /// The join token whose secret hashes to `hash`.
+    async fn join_token(&self, hash: &str) -> Result<Option<crate::model::JoinToken>>;
+    /// Every join token.
+    async fn join_tokens(&self) -> Result<Vec<crate::model::JoinToken>>;
     /// A service's latest events, newest first.
     async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>>;
 
@@ -291,14 +306,25 @@ impl StateStore for SqliteStore {
         done.map(|_| ())
     }
 
-    async fn recover_lost_tasks(&self, at: &str) -> Result<Vec<Task>> {
+    async fn recover_lost_tasks(
+        &self,
+        at: &str,
+        remote: &std::collections::BTreeSet<String>,
+    ) -> Result<(Vec<Task>, Vec<Task>)> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query("SELECT body FROM tasks WHERE status != 'STOPPED'")
             .fetch_all(&mut *tx)
             .await?;
         let mut lost = Vec::with_capacity(rows.len());
+        let mut kept = Vec::new();
         for row in rows {
             let mut task: Task = parse(row.get::<&str, _>(0))?;
+            if remote.contains(&task.node)
+                && matches!(task.status, TaskStatus::Pending | TaskStatus::Running)
+            {
+                kept.push(task);
+                continue;
+            }
             task.status = TaskStatus::Stopped;
             task.desired_status = TaskStatus::Stopped;
             task.stop_code = Some("NodeLost".into());
@@ -310,7 +336,7 @@ impl StateStore for SqliteStore {
             put_tasks(&mut tx, chunk).await?;
         }
         tx.commit().await?;
-        Ok(lost)
+        Ok((lost, kept))
     }
 
     async fn register_task_definition(&self, def: TaskDefinition) -> Result<TaskDefinition> {
@@ -487,6 +513,39 @@ impl StateStore for SqliteStore {
 
     async fn nodes(&self) -> Result<Vec<crate::model::NodeState>> {
         let rows = sqlx::query("SELECT body FROM nodes ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn delete_node(&self, name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM nodes WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_join_token(&self, token: &crate::model::JoinToken, hash: &str) -> Result<()> {
+        sqlx::query("INSERT INTO join_tokens (id, hash, body) VALUES (?, ?, ?)")
+            .bind(&token.id)
+            .bind(hash)
+            .bind(json(token))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn join_token(&self, hash: &str) -> Result<Option<crate::model::JoinToken>> {
+        let row = sqlx::query("SELECT body FROM join_tokens WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse(r.get::<&str, _>(0))).transpose()
+    }
+
+    async fn join_tokens(&self) -> Result<Vec<crate::model::JoinToken>> {
+        let rows = sqlx::query("SELECT body FROM join_tokens ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
@@ -701,14 +760,31 @@ mod tests {
         store.close().await;
 
         let store = SqliteStore::open(&path).await.unwrap();
-        let lost = store.recover_lost_tasks("later").await.unwrap();
+        // A started task of an edge node outlives the server's restart.
+        let mut edge = task("edge-1", TaskStatus::Running);
+        edge.node = "edge".into();
+        store.write(&[Write::Task(Box::new(edge))]).await.unwrap();
+        let remote: std::collections::BTreeSet<String> = ["edge".to_owned()].into();
+        let (lost, kept) = store.recover_lost_tasks("later", &remote).await.unwrap();
         assert_eq!(lost.len(), 1);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].id, "edge-1");
+        assert_eq!(
+            store.task("edge-1").await.unwrap().unwrap().status,
+            TaskStatus::Running
+        );
         let t = store.task("001").await.unwrap().unwrap();
         assert_eq!(t.status, TaskStatus::Stopped);
         assert_eq!(t.stop_code.as_deref(), Some("NodeLost"));
-        assert!(store.recover_lost_tasks("again").await.unwrap().is_empty());
+        let (lost, _) = store.recover_lost_tasks("again", &remote).await.unwrap();
+        assert!(lost.is_empty());
+        let (lost, _) = store
+            .recover_lost_tasks("gone", &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(lost.len(), 1, "the edge node was removed");
         // Pruning drops the oldest stopped tasks and their logs.
-        assert_eq!(store.prune_tasks(600).await.unwrap(), 2);
+        assert_eq!(store.prune_tasks(601).await.unwrap(), 2);
         assert!(store.task("002").await.unwrap().is_none());
         assert!(store.task_logs("002").await.unwrap().is_none());
         assert!(store.task("1599").await.unwrap().is_some());
@@ -761,6 +837,7 @@ mod tests {
             limits: TaskLimits::default(),
             http: None,
             placement_constraints: Vec::new(),
+            placement_strategy: None,
             requires_interfaces: Vec::new(),
             labels: Default::default(),
             registered_at: "now".into(),

@@ -100,7 +100,12 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", get(describe_node))
+        .route("/v1/nodes/{name}", get(describe_node).delete(remove_node))
+        .route(
+            "/v1/join-tokens",
+            post(create_join_token).get(list_join_tokens),
+        )
+        .route("/v1/agent/sync", post(agent_sync))
         .route("/v1/nodes/{name}/drain", post(drain_node))
         .route("/v1/nodes/{name}/activate", post(activate_node))
         .fallback(|| async { ApiError::not_found("no such route in the /v1/ API") })
@@ -127,8 +132,33 @@ async fn authenticate(State(control): Ctl, mut req: Request, next: Next) -> Resp
         )
         .into_response();
     };
+    // A node's credential reaches the node protocol and nothing else; the
+    // node protocol takes nothing else.
+    let agent_route = req.uri().path().starts_with("/v1/agent/");
+    match (&who.node, agent_route) {
+        (Some(node), false) => {
+            return ApiError::new(
+                ErrorCode::AccessDenied,
+                format!(
+                    "the credential of node {node} may only call the node protocol (/v1/agent/)"
+                ),
+            )
+            .into_response();
+        }
+        (None, true) => {
+            return ApiError::new(
+                ErrorCode::AccessDenied,
+                "the node protocol takes node credentials (wharf node join), not tokens",
+            )
+            .into_response();
+        }
+        _ => {}
+    }
     let reading = matches!(*req.method(), Method::GET | Method::HEAD);
-    if !reading && let Err(e) = who.require(Role::Deployer) {
+    if !reading
+        && !agent_route
+        && let Err(e) = who.require(Role::Deployer)
+    {
         return e.into_response();
     }
     req.extensions_mut().insert(who.clone());
@@ -710,6 +740,74 @@ async fn activate_node(
     Ok(Json(c.set_node_status(&name, NodeStatus::Ready).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, body = Node, description = "The removed node: its credential is refused from now on, its tasks stop NodeLost"), (status = "4XX", body = ApiError)))]
+async fn remove_node(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<Json<Node>> {
+    who.require(Role::Admin)?;
+    Ok(Json(c.remove_node(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/join-tokens", tag = "nodes",
+    request_body = crate::nodes::CreateJoinTokenRequest,
+    responses((status = 200, body = crate::nodes::CreatedJoinToken, description = "The token, shown once"), (status = "4XX", body = ApiError)))]
+async fn create_join_token(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Json(req): Json<crate::nodes::CreateJoinTokenRequest>,
+) -> Result<Json<crate::nodes::CreatedJoinToken>> {
+    who.require(Role::Admin)?;
+    Ok(Json(c.create_join_token(req).await?))
+}
+
+#[utoipa::path(get, path = "/v1/join-tokens", tag = "nodes",
+    responses((status = 200, body = Vec<model::JoinToken>, description = "Join tokens, without their secrets"), (status = "4XX", body = ApiError)))]
+async fn list_join_tokens(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+) -> Result<Json<Vec<model::JoinToken>>> {
+    who.require(Role::Admin)?;
+    Ok(Json(c.join_tokens().await?))
+}
+
+/// The node protocol's sync (a heartbeat and a long poll); nodes only.
+async fn agent_sync(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Json(report): Json<crate::fleet::Report>,
+) -> Result<Json<crate::fleet::SyncResponse>> {
+    let Some(node) = who.node.as_deref() else {
+        return Err(ApiError::new(ErrorCode::AccessDenied, "nodes only"));
+    };
+    Ok(Json(c.agent_sync(node, report).await?))
+}
+
+/// `POST /v1/agent/join`, authenticated by a join token rather than a
+/// token (so outside [`router`]'s authentication).
+pub fn join_router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/v1/agent/join", post(agent_join))
+        .with_state(control)
+}
+
+async fn agent_join(
+    State(c): Ctl,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<crate::fleet::JoinRequest>,
+) -> Result<Json<crate::fleet::JoinResponse>> {
+    let Some(secret) = token_of(&headers) else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "a join needs the join token's secret as Authorization: Bearer",
+        ));
+    };
+    Ok(Json(c.join(&secret, req).await?))
+}
+
 use crate::error::ApiError as ApiErrorSchema;
 
 struct Security;
@@ -734,7 +832,8 @@ impl utoipa::Modify for Security {
         run_task, list_tasks, describe_task, stop_task, task_logs,
         create_service, list_services, describe_service, update_service, delete_service, service_events,
         put_secret, list_secrets, delete_secret, create_token, list_tokens, revoke_token, audit,
-        list_nodes, describe_node, drain_node, activate_node,
+        list_nodes, describe_node, drain_node, activate_node, remove_node,
+        create_join_token, list_join_tokens,
     ),
     components(schemas(ApiErrorSchema, ErrorCode)),
     modifiers(&Security),

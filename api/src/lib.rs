@@ -24,6 +24,7 @@ pub mod autoscale;
 pub mod control;
 pub mod db;
 pub mod error;
+pub mod fleet;
 pub mod http;
 pub mod ingress;
 pub mod metrics;
@@ -117,6 +118,14 @@ pub struct ApiConfig {
     pub outbound_policy: wharf_registry::remote::RemotePolicy,
     /// The server's own node: its labels.
     pub local_node: nodes::LocalNodeConfig,
+    /// How often edge nodes sync when nothing happens (default 2 s).
+    pub heartbeat: Duration,
+    /// An edge node silent this long is `LOST` and its tasks stop
+    /// `NodeLost` (default 10 s).
+    pub node_timeout: Duration,
+    /// The SHA-256 of the server's CA certificate (DER, hex), which join
+    /// tokens carry so nodes can pin the server (`None`: no TLS).
+    pub ca_fingerprint: Option<String>,
 }
 
 impl ApiConfig {
@@ -143,6 +152,9 @@ impl ApiConfig {
             health_check_grace: Duration::from_secs(30),
             outbound_policy: Default::default(),
             local_node: Default::default(),
+            heartbeat: Duration::from_secs(2),
+            node_timeout: Duration::from_secs(10),
+            ca_fingerprint: None,
         }
     }
 }
@@ -166,6 +178,9 @@ impl std::fmt::Debug for Api {
 /// output budget by seconds of output, not minutes.
 const PRUNE_EVERY: Duration = Duration::from_secs(15);
 
+/// How often edge nodes' heartbeats are checked.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
 /// How often the autoscaler looks at the ingress's traffic.
 const AUTOSCALE_EVERY: Duration = Duration::from_secs(1);
 
@@ -181,7 +196,16 @@ impl Api {
         std::fs::create_dir_all(&config.data_dir)?;
         let store: Arc<dyn StateStore> =
             Arc::new(SqliteStore::open(&config.data_dir.join("state.db")).await?);
-        let lost = store.recover_lost_tasks(&model::now()).await?;
+        // Edge nodes run on while the server is down: their started tasks
+        // are taken back below, the rest (the local node's) are lost.
+        let remote: std::collections::BTreeSet<String> = store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.credential_hash.is_some())
+            .map(|n| n.name)
+            .collect();
+        let (lost, kept) = store.recover_lost_tasks(&model::now(), &remote).await?;
         if !lost.is_empty() {
             tracing::warn!(
                 tasks = lost.len(),
@@ -189,13 +213,14 @@ impl Api {
             );
         }
         let (writer, writer_join) = Writer::start(store.clone());
+        let fleet = Arc::new(fleet::Fleet::new(config.heartbeat, config.node_timeout));
         let tokens = Arc::new(auth::Tokens::with_admin(&config.admin_token));
         for (token, hash) in store.tokens().await? {
             tokens.load(&token, &hash);
         }
         let registry = Registry::new(
             registry_storage,
-            Arc::new(auth::RegistryAuthorizer(tokens.clone())),
+            Arc::new(auth::RegistryAuthorizer(tokens.clone(), fleet.clone())),
         );
         let remote = wharf_registry::remote::Remote::new(config.remote_policy.clone())
             .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
@@ -232,6 +257,9 @@ impl Api {
                 let policy = config.outbound_policy.clone();
                 Arc::new(move |ip| policy.permits(ip))
             },
+            fleet.clone(),
+            config.local_node.disabled,
+            config.default_memory.unwrap_or(config.max_task_memory),
         ));
         tasks.set_node_labels(config.local_node.labels.clone());
         let keep = config.keep_stopped_tasks;
@@ -262,6 +290,15 @@ impl Api {
             .load_nodes()
             .await
             .map_err(|e| sqlx::Error::Protocol(e.message))?;
+        for task in kept {
+            let memory = task.limits.memory_bytes.unwrap_or(
+                control
+                    .config
+                    .default_memory
+                    .unwrap_or(control.config.max_task_memory),
+            );
+            control.tasks.adopt(task, memory);
+        }
         control
             .load_services()
             .await
@@ -296,6 +333,21 @@ impl Api {
                 }
             }
         });
+        let sweeper = tokio::spawn({
+            let fleet = fleet.clone();
+            let mut shutdown = shutdown_rx.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        () = tokio::time::sleep(SWEEP_EVERY) => {}
+                    }
+                    for (node, tasks) in fleet.sweep() {
+                        tracing::warn!(%node, tasks, "node lost: no heartbeat within the timeout");
+                    }
+                }
+            }
+        });
         let janitor = tokio::spawn({
             let store = store.clone();
             let mut shutdown = shutdown_rx;
@@ -326,7 +378,7 @@ impl Api {
         Ok(Api {
             control,
             shutdown: Arc::new(shutdown),
-            background: vec![reconciler, autoscaler, janitor],
+            background: vec![reconciler, autoscaler, sweeper, janitor],
             writer_join,
         })
     }
@@ -338,6 +390,7 @@ impl Api {
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/metrics", get(render_metrics).with_state(control.clone()))
+            .merge(http::join_router(control.clone()))
             .merge(http::router(control.clone()))
             .merge(wharf_registry::http::router(control.registry.clone()))
             .layer(axum::middleware::from_fn_with_state(control, http::observe))

@@ -128,6 +128,10 @@ pub struct TaskDefinition {
     /// Constraints on node labels its tasks must meet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement_constraints: Vec<String>,
+    /// How its tasks spread over nodes: `spread` (the default),
+    /// `spread(LABEL)` or `binpack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_strategy: Option<String>,
     /// What the artifact imports (WASI interfaces without their version,
     /// or core module names): a node must provide all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -451,13 +455,37 @@ pub enum NodeStatus {
     Lost,
 }
 
-/// What an operator set on a node, as stored.
+/// What is stored of a node: what an operator set on it and, for an edge
+/// node, what it joined with.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     /// The node's name.
     pub name: String,
     /// `READY` or `DRAINING`.
     pub status: NodeStatus,
+    /// Labels it joined with (the join token's, then its own).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The SHA-256 of its credential (edge nodes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_hash: Option<String>,
+    /// When it joined (edge nodes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_at: Option<String>,
+}
+
+/// A join token as stored and listed (its secret is shown once, at
+/// creation, and only its hash is kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    /// Its id.
+    pub id: String,
+    /// Labels every node joining with it gets (they win over the node's own).
+    pub labels: BTreeMap<String, String>,
+    /// When it was made.
+    pub created_at: String,
+    /// When it stops being accepted.
+    pub expires_at: String,
 }
 
 /// Slots and memory of a node.

@@ -1,15 +1,17 @@
-//! Nodes as resources. Today the cluster is the server's own node,
-//! `local`: listed with its capacity, what is free, its running tasks,
-//! engine and WASI interfaces, and drained or activated by an admin. A
-//! draining node takes no new tasks (they stop `FailedToStart`, naming
-//! why); what it runs goes on. Edge nodes that join over the network are
-//! the rest of this work.
+//! Nodes as resources: the server's own node, `local`, and the edge nodes
+//! that joined with a join token (see [`crate::fleet`] for their
+//! protocol). Each is listed with its capacity, what is free, its tasks,
+//! engine and WASI interfaces, drained or activated by an admin, and an
+//! edge node is removed with its credential. A draining node takes no new
+//! tasks; what it runs goes on.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::control::Control;
-use crate::error::{ApiError, Result};
-use crate::model::{self, Node, NodeResources, NodeState, NodeStatus};
+use crate::error::{ApiError, ErrorCode, Result};
+use crate::fleet::{JoinRequest, JoinResponse, Report, SyncResponse};
+use crate::model::{self, JoinToken, Node, NodeResources, NodeState, NodeStatus};
 use crate::tasks::LOCAL_NODE;
 
 /// The local node's settings from the server's flags.
@@ -17,6 +19,57 @@ use crate::tasks::LOCAL_NODE;
 pub struct LocalNodeConfig {
     /// Labels for placement (`--node-labels zone=a,disk=ssd`).
     pub labels: BTreeMap<String, String>,
+    /// The server runs no tasks itself (`--no-local-node`): a pure
+    /// control plane for edge nodes.
+    pub disabled: bool,
+}
+
+/// The most edge nodes a cluster takes.
+pub const MAX_NODES: usize = 10_000;
+
+/// The longest a join token may live.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// `POST /v1/join-tokens`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJoinTokenRequest {
+    /// How long it is accepted (`1h`, `30m`; default 1h).
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// Labels nodes joining with it get.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A new join token: the secret is shown once.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct CreatedJoinToken {
+    /// `WJ1.<CA fingerprint or none>.<secret>`, for `wharf node join --token`.
+    pub token: String,
+    /// What is stored of it.
+    pub join_token: JoinToken,
+}
+
+/// Whether `name` may name a node: 1–63 lowercase letters, digits and
+/// `-`, starting with a letter or digit.
+fn check_node_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-');
+    if !ok {
+        return Err(ApiError::invalid(
+            "name",
+            "a node name is 1 to 63 lowercase letters, digits or '-', not starting with '-'",
+        ));
+    }
+    if name == LOCAL_NODE {
+        return Err(ApiError::conflict("\"local\" is the server's own node"));
+    }
+    Ok(())
 }
 
 /// Parses `k=v,k2=v2` labels; the error names the bad entry.
@@ -123,11 +176,17 @@ pub fn provides(provided: &[&str], interface: &str) -> bool {
 }
 
 impl Control {
-    /// Restores what operators set on nodes (at start).
+    /// Restores what operators set on nodes, and the edge nodes with their
+    /// credentials (at start).
     pub(crate) async fn load_nodes(&self) -> Result<()> {
         for node in self.store.nodes().await? {
             if node.name == LOCAL_NODE {
                 self.tasks.set_node_status(node.status);
+            } else if let Some(hash) = &node.credential_hash {
+                self.tasks
+                    .fleet()
+                    .add(&node.name, node.status, node.labels.clone());
+                self.tokens.load_node(&node.name, hash);
             }
         }
         Ok(())
@@ -135,7 +194,12 @@ impl Control {
 
     /// Every node.
     pub async fn nodes(&self) -> Vec<Node> {
-        vec![self.local_node()]
+        let mut nodes = Vec::new();
+        if !self.config.local_node.disabled {
+            nodes.push(self.local_node());
+        }
+        nodes.extend(self.tasks.fleet().all().iter().map(|n| n.view()));
+        nodes
     }
 
     /// One node.
@@ -156,16 +220,188 @@ impl Control {
                 "LOST is set by heartbeats, not by people",
             ));
         }
+        let stored = self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.name == name);
         self.store
             .put_node(&NodeState {
-                name: name.to_owned(),
                 status,
+                ..stored.unwrap_or_else(|| NodeState {
+                    name: name.to_owned(),
+                    ..NodeState::default()
+                })
             })
             .await?;
-        self.tasks.set_node_status(status);
+        match self.tasks.fleet().get(name) {
+            Some(node) => node.set_status(status),
+            None => self.tasks.set_node_status(status),
+        }
         tracing::info!(node = name, status = ?status, "node status changed");
         self.wake.notify_one();
         self.node(name).await
+    }
+
+    /// Removes an edge node: its credential is refused from now on, and
+    /// its tasks stop `NodeLost` (services start them elsewhere).
+    pub async fn remove_node(&self, name: &str) -> Result<Node> {
+        if name == LOCAL_NODE {
+            return Err(ApiError::conflict(
+                "the server's own node cannot be removed (start the server with --no-local-node)",
+            ));
+        }
+        let node = self.node(name).await?;
+        let stored = self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.name == name);
+        if let Some(hash) = stored.as_ref().and_then(|n| n.credential_hash.as_ref()) {
+            self.tokens.forget(hash);
+        }
+        self.store.delete_node(name).await?;
+        if let Some(n) = self.tasks.fleet().remove(name) {
+            tracing::warn!(node = %n.name, "node removed");
+        }
+        self.wake.notify_one();
+        Ok(node)
+    }
+
+    /// Makes a join token (the secret is returned once).
+    pub async fn create_join_token(&self, req: CreateJoinTokenRequest) -> Result<CreatedJoinToken> {
+        let ttl = match req.ttl.as_deref() {
+            None => Duration::from_secs(3600),
+            Some(text) => humantime::parse_duration(text)
+                .map_err(|e| ApiError::invalid("ttl", format!("{text:?}: {e}")))?,
+        };
+        if ttl.is_zero() || ttl > MAX_JOIN_TOKEN_TTL {
+            return Err(ApiError::invalid("ttl", "between 1s and 366 days"));
+        }
+        for (k, v) in &req.labels {
+            parse_labels(&format!("{k}={v}")).map_err(|e| ApiError::invalid("labels", e))?;
+        }
+        let secret = crate::auth::new_secret();
+        let created = std::time::SystemTime::now();
+        let token = JoinToken {
+            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            labels: req.labels,
+            created_at: model::timestamp(created),
+            expires_at: model::timestamp(created + ttl),
+        };
+        self.store
+            .put_join_token(&token, &crate::auth::hash(&secret))
+            .await?;
+        let fingerprint = self
+            .config
+            .ca_fingerprint
+            .clone()
+            .unwrap_or_else(|| "none".into());
+        Ok(CreatedJoinToken {
+            token: format!("{}.{fingerprint}.{secret}", crate::fleet::JOIN_TOKEN_PREFIX),
+            join_token: token,
+        })
+    }
+
+    /// Every join token (without secrets).
+    pub async fn join_tokens(&self) -> Result<Vec<JoinToken>> {
+        Ok(self.store.join_tokens().await?)
+    }
+
+    /// Exchanges a join token's secret for a node credential.
+    pub async fn join(&self, secret: &str, req: JoinRequest) -> Result<JoinResponse> {
+        let refused = |why: &str| ApiError::new(ErrorCode::Unauthorized, why.to_owned());
+        let Some(token) = self.store.join_token(&crate::auth::hash(secret)).await? else {
+            return Err(refused("the join token is not valid"));
+        };
+        if token.expires_at <= model::now() {
+            return Err(refused(&format!(
+                "the join token expired at {} (make a new one with wharf node token create)",
+                token.expires_at
+            )));
+        }
+        check_node_name(&req.name)?;
+        let mut labels = req.labels.clone();
+        for (k, v) in &labels {
+            parse_labels(&format!("{k}={v}")).map_err(|e| ApiError::invalid("labels", e))?;
+        }
+        labels.extend(token.labels.clone());
+        let _guard = self.join_lock.lock().await;
+        if self.store.nodes().await?.iter().any(|n| n.name == req.name) {
+            return Err(ApiError::conflict(format!(
+                "a node named {} has joined already (wharf node rm {} first, or choose another --name)",
+                req.name, req.name
+            )));
+        }
+        if self.tasks.fleet().all().len() >= MAX_NODES {
+            return Err(ApiError::conflict(format!(
+                "the cluster has {MAX_NODES} nodes, the most it takes"
+            )));
+        }
+        let credential = crate::auth::new_secret();
+        let hash = crate::auth::hash(&credential);
+        self.store
+            .put_node(&NodeState {
+                name: req.name.clone(),
+                status: NodeStatus::Ready,
+                labels: labels.clone(),
+                credential_hash: Some(hash.clone()),
+                joined_at: Some(model::now()),
+            })
+            .await?;
+        self.tasks
+            .fleet()
+            .add(&req.name, NodeStatus::Ready, labels.clone());
+        self.tokens.load_node(&req.name, &hash);
+        tracing::info!(node = %req.name, token = %token.id, "node joined");
+        Ok(JoinResponse {
+            name: req.name,
+            credential,
+            labels,
+        })
+    }
+
+    /// One sync of the node protocol: takes the node's report, then
+    /// answers with what the node should do, holding the answer up to the
+    /// report's `wait_ms` when there is nothing yet.
+    pub async fn agent_sync(&self, node: &str, report: Report) -> Result<SyncResponse> {
+        let fleet = self.tasks.fleet().clone();
+        let Some(remote) = fleet.get(node) else {
+            return Err(ApiError::new(
+                ErrorCode::AccessDenied,
+                format!("node {node} was removed"),
+            ));
+        };
+        let tasks = self.tasks.clone();
+        let received = remote.receive(&report, &fleet.epoch, &|id| tasks.log_buffer(id));
+        let mut ack = received.ack;
+        let mut stop = received.stop;
+        let answered = !ack.is_empty() || !stop.is_empty() || !received.finished.is_empty();
+        for (id, done) in received.finished {
+            // Acknowledged only once the record is durable: a node that
+            // misses the answer reports the outcome again.
+            if tokio::time::timeout(Duration::from_secs(10), done)
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                ack.push(id);
+            }
+        }
+        let wait = Duration::from_millis(report.wait_ms).min(crate::fleet::MAX_WAIT);
+        if !answered && !wait.is_zero() {
+            remote.wait_for_change(wait, &report, &fleet.epoch).await;
+        }
+        let (assign, stopping) = remote.pending(&report, &fleet.epoch);
+        stop.extend(stopping);
+        Ok(SyncResponse {
+            epoch: fleet.epoch.clone(),
+            assign,
+            stop,
+            ack,
+            heartbeat_ms: fleet.heartbeat.as_millis() as u64,
+        })
     }
 
     fn local_node(&self) -> Node {

@@ -185,6 +185,7 @@ mod tests {
             name: "t".into(),
             role,
             repositories: repos.iter().map(|s| s.to_string()).collect(),
+            node: None,
         };
         assert!(!may_use_scope(&who(Role::Deployer, &[]), None));
         assert!(may_use_scope(&who(Role::Admin, &[]), None));

@@ -54,6 +54,12 @@ pub struct PlacementInput {
     /// `KEY in [V1, V2]`; a task runs only on a node meeting all of them.
     #[serde(default)]
     pub constraints: Vec<String>,
+    /// How tasks spread over the nodes that qualify: `spread` (fewest
+    /// tasks of the service per node; the default), `spread(LABEL)` (per
+    /// value of a label such as `zone` first) or `binpack` (the node with
+    /// the least free memory that fits).
+    #[serde(default)]
+    pub strategy: Option<String>,
 }
 
 /// The most placement constraints one definition may have.
@@ -191,6 +197,7 @@ pub struct CheckedDefinition {
     pub(crate) limits: TaskLimits,
     pub(crate) http: Option<HttpSettings>,
     pub(crate) constraints: Vec<String>,
+    pub(crate) strategy: Option<String>,
     pub(crate) labels: BTreeMap<String, String>,
 }
 
@@ -347,6 +354,11 @@ impl TaskDefinitionInput {
             crate::nodes::Constraint::parse(c)
                 .map_err(|e| ApiError::invalid("placement.constraints", e))?;
         }
+        let strategy = self.placement.as_ref().and_then(|p| p.strategy.clone());
+        if let Some(text) = &strategy {
+            crate::tasks::Strategy::parse(text)
+                .map_err(|e| ApiError::invalid("placement.strategy", e))?;
+        }
         Ok(CheckedDefinition {
             family: self.family.clone(),
             artifact: self.artifact.trim().to_owned(),
@@ -357,6 +369,7 @@ impl TaskDefinitionInput {
             limits,
             http,
             constraints,
+            strategy,
             labels: self.labels.clone(),
         })
     }

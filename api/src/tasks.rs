@@ -19,6 +19,7 @@ use wharf_runtime::{Executor, LogBuffer, Outcome, StopCode, StopSignal, TaskPhas
 use crate::artifacts::Artifacts;
 use crate::db::{StateStore, Write};
 use crate::error::{ApiError, Result};
+use crate::fleet::{Assignment, Candidate, Fleet, RemoteNode, Update};
 use crate::metrics::Metrics;
 use crate::model::{
     self, LogEntry, LogPage, Task, TaskDefinition, TaskKind, TaskLimits, TaskStatus,
@@ -99,6 +100,103 @@ pub(crate) struct Tasks {
     node_status: Mutex<model::NodeStatus>,
     /// The node's labels, which placement constraints are checked against.
     node_labels: Mutex<BTreeMap<String, String>>,
+    /// The edge nodes.
+    fleet: Arc<Fleet>,
+    /// The server runs no tasks itself (`--no-local-node`).
+    no_local_node: bool,
+    /// The memory a task without a limit is counted with in placement.
+    default_memory: u64,
+}
+
+/// Where placement put a task.
+enum Target {
+    Local,
+    Remote(Arc<RemoteNode>),
+}
+
+/// How a task definition spreads its tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Strategy {
+    /// Fewest tasks of the same service (then fewest tasks) per node, or
+    /// per value of a label first.
+    Spread(Option<String>),
+    /// The node with the least free memory that still fits.
+    Binpack,
+}
+
+impl Strategy {
+    /// Parses `spread`, `spread(LABEL)` or `binpack`.
+    pub(crate) fn parse(text: &str) -> std::result::Result<Strategy, String> {
+        let text = text.trim();
+        if text == "spread" {
+            return Ok(Strategy::Spread(None));
+        }
+        if text == "binpack" {
+            return Ok(Strategy::Binpack);
+        }
+        if let Some(label) = text
+            .strip_prefix("spread(")
+            .and_then(|l| l.strip_suffix(')'))
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && l.len() <= 63)
+        {
+            return Ok(Strategy::Spread(Some(label.to_owned())));
+        }
+        Err(format!(
+            "{text:?} is not a strategy: expected spread, spread(LABEL) or binpack"
+        ))
+    }
+}
+
+/// Picks a node among `candidates` (all READY and fitting) by `strategy`.
+fn pick<'a>(
+    candidates: &[&'a Candidate],
+    strategy: &Strategy,
+    service: Option<&str>,
+    memory: u64,
+) -> Option<&'a Candidate> {
+    let of_service =
+        |c: &Candidate| service.map_or(0, |s| c.service_tasks.get(s).copied().unwrap_or(0));
+    match strategy {
+        Strategy::Binpack => {
+            let fits = |c: &&&Candidate| c.free_memory.is_none_or(|m| m >= memory);
+            candidates
+                .iter()
+                .filter(fits)
+                .min_by_key(|c| {
+                    (
+                        c.free_memory.unwrap_or(u64::MAX),
+                        std::cmp::Reverse(c.tasks),
+                        c.name.clone(),
+                    )
+                })
+                .copied()
+                .or_else(|| pick(candidates, &Strategy::Spread(None), service, memory))
+        }
+        Strategy::Spread(label) => {
+            let group = |c: &Candidate| -> u64 {
+                let Some(label) = label else { return 0 };
+                let value = c.labels.get(label);
+                candidates
+                    .iter()
+                    .filter(|o| o.labels.get(label) == value)
+                    .map(|o| of_service(o))
+                    .sum()
+            };
+            candidates
+                .iter()
+                .min_by_key(|c| {
+                    (
+                        group(c),
+                        of_service(c),
+                        c.free_slots == 0,
+                        c.tasks,
+                        c.name.clone(),
+                    )
+                })
+                .copied()
+        }
+    }
 }
 
 /// Time between health checks of a starting HTTP task.
@@ -143,6 +241,9 @@ impl Tasks {
         deregistration_delay: Duration,
         health_check_grace: Duration,
         outbound_check: wharf_runtime::AddressCheck,
+        fleet: Arc<Fleet>,
+        no_local_node: bool,
+        default_memory: u64,
     ) -> Self {
         Tasks {
             live: DashMap::new(),
@@ -161,30 +262,182 @@ impl Tasks {
             outbound_check,
             node_status: Mutex::new(model::NodeStatus::Ready),
             node_labels: Mutex::default(),
+            fleet,
+            no_local_node,
+            default_memory,
         }
+    }
+
+    /// The edge nodes.
+    pub(crate) fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// The local node for placement.
+    fn local_candidate(&self) -> Candidate {
+        let stats = self.executor.stats();
+        let slots = self.executor.slots() as u64;
+        let mut tasks = 0;
+        let mut service_tasks = std::collections::HashMap::new();
+        for e in &self.live {
+            let st = e.state.lock().expect("task lock");
+            if st.task.node != LOCAL_NODE {
+                continue;
+            }
+            tasks += 1;
+            if let Some(s) = &st.task.service {
+                *service_tasks.entry(s.clone()).or_insert(0) += 1;
+            }
+        }
+        Candidate {
+            name: LOCAL_NODE.into(),
+            status: self.node_status(),
+            labels: self
+                .node_labels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            interfaces: wharf_runtime::PROVIDED_INTERFACES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            free_slots: slots.saturating_sub(tasks),
+            free_memory: self
+                .executor
+                .memory_budget()
+                .map(|b| b.saturating_sub(stats.memory_reserved)),
+            tasks,
+            service_tasks,
+        }
+    }
+
+    /// Chooses the node for a task: READY, providing every interface the
+    /// artifact imports, meeting every constraint, then by the
+    /// definition's strategy. The error names what no node had.
+    fn place(
+        &self,
+        def: &TaskDefinition,
+        service: Option<&str>,
+        memory: u64,
+    ) -> std::result::Result<Target, String> {
+        let mut candidates = Vec::new();
+        if !self.no_local_node {
+            candidates.push(self.local_candidate());
+        }
+        // Edge nodes run command tasks of the built-in registry (HTTP
+        // services and other registries' artifacts stay on the server).
+        let remote_ok = def.kind == TaskKind::Command
+            && matches!(
+                crate::artifacts::ArtifactRef::parse(&def.artifact),
+                Ok(crate::artifacts::ArtifactRef::Local { .. })
+            );
+        let mut remote = std::collections::HashMap::new();
+        if remote_ok {
+            for node in self.fleet.all() {
+                if let Some(c) = node.candidate() {
+                    remote.insert(c.name.clone(), node);
+                    candidates.push(c);
+                }
+            }
+        }
+        let status_name = |s: model::NodeStatus| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        if candidates.is_empty() {
+            return Err(if remote_ok {
+                "no node: the server runs no tasks (--no-local-node) and no edge node has joined"
+                    .into()
+            } else {
+                "no node can run it: edge nodes run command tasks of the built-in registry, and the server runs no tasks (--no-local-node)".into()
+            });
+        }
+        let ready: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.status == model::NodeStatus::Ready)
+            .collect();
+        if ready.is_empty() {
+            let states: Vec<String> = candidates
+                .iter()
+                .map(|c| format!("{} is {}", c.name, status_name(c.status)))
+                .collect();
+            let hint = match candidates.as_slice() {
+                [only] if only.status == model::NodeStatus::Draining => {
+                    format!(" (wharf node activate {})", only.name)
+                }
+                _ => String::new(),
+            };
+            return Err(format!("no READY node: {}{hint}", states.join(", ")));
+        }
+        let provided: Vec<&Candidate> = ready
+            .iter()
+            .copied()
+            .filter(|c| {
+                let have: Vec<&str> = c.interfaces.iter().map(String::as_str).collect();
+                def.requires_interfaces
+                    .iter()
+                    .all(|i| crate::nodes::provides(&have, i))
+            })
+            .collect();
+        if provided.is_empty() {
+            let have: Vec<&str> = ready[0].interfaces.iter().map(String::as_str).collect();
+            let missing = def
+                .requires_interfaces
+                .iter()
+                .find(|i| !crate::nodes::provides(&have, i))
+                .cloned()
+                .unwrap_or_default();
+            return Err(format!(
+                "no READY node provides {missing} (the artifact imports it)"
+            ));
+        }
+        let constraints: Vec<(String, crate::nodes::Constraint)> = def
+            .placement_constraints
+            .iter()
+            .filter_map(|c| Some((c.clone(), crate::nodes::Constraint::parse(c).ok()?)))
+            .collect();
+        let fitting: Vec<&Candidate> = provided
+            .iter()
+            .copied()
+            .filter(|c| constraints.iter().all(|(_, k)| k.matches(&c.labels)))
+            .collect();
+        if fitting.is_empty() {
+            let first = &provided[0];
+            let unmet = constraints
+                .iter()
+                .find(|(_, k)| !k.matches(&first.labels))
+                .map(|(c, _)| c.clone())
+                .unwrap_or_default();
+            let shown: Vec<String> = provided
+                .iter()
+                .map(|c| {
+                    let labels: Vec<String> =
+                        c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("{} has labels [{}]", c.name, labels.join(","))
+                })
+                .collect();
+            return Err(format!(
+                "no READY node meets the constraint {unmet:?} ({})",
+                shown.join("; ")
+            ));
+        }
+        let strategy = def
+            .placement_strategy
+            .as_deref()
+            .and_then(|s| Strategy::parse(s).ok())
+            .unwrap_or(Strategy::Spread(None));
+        let chosen = pick(&fitting, &strategy, service, memory).unwrap_or(fitting[0]);
+        Ok(match remote.remove(&chosen.name) {
+            Some(node) => Target::Remote(node),
+            None => Target::Local,
+        })
     }
 
     /// Sets the local node's labels.
     pub(crate) fn set_node_labels(&self, labels: BTreeMap<String, String>) {
         *self.node_labels.lock().unwrap_or_else(|p| p.into_inner()) = labels;
-    }
-
-    /// The first placement constraint of `def` the local node does not
-    /// meet, and the node's labels.
-    fn unmet_constraint(&self, def: &TaskDefinition) -> Option<(String, String)> {
-        if def.placement_constraints.is_empty() {
-            return None;
-        }
-        let labels = self.node_labels.lock().unwrap_or_else(|p| p.into_inner());
-        def.placement_constraints
-            .iter()
-            .find(|c| {
-                crate::nodes::Constraint::parse(c).is_ok_and(|parsed| !parsed.matches(&labels))
-            })
-            .map(|c| {
-                let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                (c.clone(), shown.join(","))
-            })
     }
 
     /// The local node's status.
@@ -291,39 +544,18 @@ impl Tasks {
 
     async fn drive(self: Arc<Self>, entry: Arc<TaskEntry>, launch: Launch, accepted: Instant) {
         let def = &launch.def;
-        let status = self.node_status();
-        if status != model::NodeStatus::Ready {
-            let outcome = Outcome::not_started(
-                StopCode::FailedToStart,
-                format!(
-                    "no READY node: {LOCAL_NODE} is {} (wharf node activate {LOCAL_NODE})",
-                    serde_json::to_value(status)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default()
-                ),
-            );
-            return self.finish(&entry, outcome).await;
-        }
-        if let Some(missing) = def
-            .requires_interfaces
-            .iter()
-            .find(|i| !crate::nodes::provides(wharf_runtime::PROVIDED_INTERFACES, i))
-        {
-            let outcome = Outcome::not_started(
-                StopCode::FailedToStart,
-                format!("no READY node provides {missing} (the artifact imports it)"),
-            );
-            return self.finish(&entry, outcome).await;
-        }
-        if let Some((constraint, labels)) = self.unmet_constraint(def) {
-            let outcome = Outcome::not_started(
-                StopCode::FailedToStart,
-                format!(
-                    "no READY node meets the constraint {constraint:?} ({LOCAL_NODE} has labels [{labels}])"
-                ),
-            );
-            return self.finish(&entry, outcome).await;
+        let memory = launch.limits.memory_bytes.unwrap_or(self.default_memory);
+        match self.place(def, launch.service.as_deref(), memory) {
+            Err(message) => {
+                let outcome = Outcome::not_started(StopCode::FailedToStart, message);
+                return self.finish(&entry, outcome).await;
+            }
+            Ok(Target::Remote(node)) => {
+                return self
+                    .drive_remote(entry, launch, node, memory, accepted)
+                    .await;
+            }
+            Ok(Target::Local) => {}
         }
         let early = entry
             .state
@@ -394,6 +626,166 @@ impl Tasks {
         }
         let outcome = handle.wait().await;
         self.finish(&entry, outcome).await;
+    }
+
+    /// A task placed on an edge node: the node is handed its assignment
+    /// and runs it; this driver follows what the node reports (status,
+    /// output, outcome), passes a stop on, and finishes the task
+    /// `NodeLost` if the node is lost or removed first.
+    async fn drive_remote(
+        self: Arc<Self>,
+        entry: Arc<TaskEntry>,
+        launch: Launch,
+        node: Arc<RemoteNode>,
+        memory: u64,
+        accepted: Instant,
+    ) {
+        let def = &launch.def;
+        let repository = match crate::artifacts::ArtifactRef::parse(&def.artifact) {
+            Ok(crate::artifacts::ArtifactRef::Local { name, .. }) => name.as_str().to_owned(),
+            _ => String::new(),
+        };
+        let task_id = {
+            let mut st = entry.state.lock().expect("task lock");
+            st.task.node = node.name.clone();
+            // Queued under the lock, in order with the task's other records.
+            self.writer.send(Write::Task(Box::new(st.task.clone())));
+            st.task.id.clone()
+        };
+        let assignment = Assignment {
+            seq: 0,
+            task_id: task_id.clone(),
+            family: def.family.clone(),
+            repository: repository.clone(),
+            wasm_digest: def.wasm_digest.clone(),
+            args: launch.args.clone(),
+            env: launch.env.clone(),
+            limits: launch.limits,
+            service: launch.service.clone(),
+        };
+        self.follow_remote(entry, node, Some(assignment), memory, repository, accepted)
+            .await;
+    }
+
+    async fn follow_remote(
+        self: Arc<Self>,
+        entry: Arc<TaskEntry>,
+        node: Arc<RemoteNode>,
+        assignment: Option<Assignment>,
+        memory: u64,
+        repository: String,
+        accepted: Instant,
+    ) {
+        let (task_id, service) = {
+            let st = entry.state.lock().expect("task lock");
+            (st.task.id.clone(), st.task.service.clone())
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if !node.hold(
+            &task_id,
+            assignment,
+            memory,
+            service.clone(),
+            repository,
+            tx,
+        ) {
+            let why = node
+                .lost_reason()
+                .unwrap_or_else(|| format!("node {} was lost", node.name));
+            let outcome = Outcome::not_started(StopCode::NodeLost, why);
+            return self.finish(&entry, outcome).await;
+        }
+        let stop = entry
+            .state
+            .lock()
+            .expect("task lock")
+            .stop
+            .clone()
+            .unwrap_or_default();
+        if entry.state.lock().expect("task lock").reason.is_some() {
+            node.order_stop(&task_id);
+        }
+        let mut stop_sent = false;
+        loop {
+            tokio::select! {
+                update = rx.recv() => match update {
+                    Some(Update::Status(status, started_at)) => {
+                        let current = *entry.status.borrow();
+                        if current == TaskStatus::Provisioning {
+                            self.transition(&entry, TaskStatus::Pending, |_| {});
+                        }
+                        if status == TaskStatus::Running && current != TaskStatus::Running {
+                            let at = started_at.unwrap_or_else(model::now);
+                            self.transition(&entry, TaskStatus::Running, |t| t.started_at = Some(at));
+                            self.metrics
+                                .task_start_latency
+                                .observe(accepted.elapsed().as_secs_f64());
+                            self.metrics.task_starts.inc();
+                            if service.is_some() {
+                                self.service_changed.notify_one();
+                            }
+                        }
+                    }
+                    Some(Update::Finished(outcome, done)) => {
+                        self.finish(&entry, outcome).await;
+                        node.release(&task_id);
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        let why = node
+                            .lost_reason()
+                            .unwrap_or_else(|| format!("node {} was lost", node.name));
+                        let outcome = Outcome::not_started(StopCode::NodeLost, why);
+                        return self.finish(&entry, outcome).await;
+                    }
+                },
+                () = stop.wait(), if !stop_sent => {
+                    stop_sent = true;
+                    node.order_stop(&task_id);
+                }
+            }
+        }
+    }
+
+    /// Takes back, after a restart, a task an edge node was running: its
+    /// record is live again and follows what the node reports (or stops
+    /// `NodeLost` if the node does not come back in time).
+    pub(crate) fn adopt(self: &Arc<Self>, task: Task, memory: u64) {
+        let Some(node) = self.fleet.get(&task.node) else {
+            return;
+        };
+        let repository = String::new();
+        let (status, _) = watch::channel(task.status);
+        // A stop asked for before the restart is passed on.
+        let reason = (task.desired_status == TaskStatus::Stopped).then(|| StopReason {
+            code: StopCode::UserStopped,
+            message: "stopped while the server restarted".into(),
+        });
+        let entry = Arc::new(TaskEntry {
+            state: Mutex::new(EntryState {
+                task: task.clone(),
+                stop: Some(StopSignal::new()),
+                reason,
+                finishing: false,
+            }),
+            logs: LogBuffer::new(self.log_retention),
+            status,
+            http: OnceLock::new(),
+        });
+        self.live.insert(task.id.clone(), entry.clone());
+        self.metrics
+            .tasks
+            .with_label_values(&[task.status.as_str()])
+            .inc();
+        self.executor.spawn_beside(self.clone().follow_remote(
+            entry,
+            node,
+            None,
+            memory,
+            repository,
+            Instant::now(),
+        ));
     }
 
     /// An HTTP task: a server slot that holds the component's
@@ -559,6 +951,10 @@ impl Tasks {
             self.metrics.instantiate.observe(ms / 1000.0);
         }
         self.live.remove(&task.id);
+        // Ends the streams that follow it (the executor closes the buffer
+        // of a task it ran; a task on a node, or one that never started,
+        // ends here).
+        entry.logs.close();
         entry.status.send_replace(TaskStatus::Stopped);
         let _ = self.stopped.send(task);
     }

@@ -3,6 +3,7 @@
 mod cli;
 mod control;
 mod crash;
+mod edge;
 mod fake;
 mod hardening;
 mod image;

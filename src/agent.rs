@@ -1,0 +1,779 @@
+//! `wharf node join`: the edge node agent. It joins a server once with a
+//! join token (the credential it gets is kept in its data directory, mode
+//! 0600), then speaks the node protocol of [`wharf_api::fleet`]: one
+//! long poll that is also the heartbeat, and a quick sync whenever one of
+//! its tasks changes or writes output. Tasks run on this machine's own
+//! executor; artifacts are pulled by digest from the server's registry,
+//! verified, kept on disk, and compiled once (the compile cache survives
+//! restarts). Outcomes wait in an outbox file until the server confirms
+//! them, so a server that is away, or a restart of the node, loses none.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Notify;
+use wharf_api::fleet::{
+    Assignment, JoinRequest, JoinResponse, NodeInfo, Report, ReportedLine, SyncResponse, TaskReport,
+};
+use wharf_api::model::{self, TaskStatus};
+use wharf_runtime::{
+    Executor, ExecutorConfig, LogBuffer, Outcome, Runtime, RuntimeConfig, StopCode, StopSignal,
+    TaskPhase, TaskSpec,
+};
+
+/// The largest Wasm layer a node pulls.
+const MAX_WASM_BYTES: u64 = 256 << 20;
+
+/// How long to wait before trying the server again after a failure.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Output retained per task on the node until the server has it.
+const LOG_RETENTION: usize = 256 << 10;
+
+#[derive(Debug, Args)]
+pub(crate) struct JoinArgs {
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long, env = "WHARF_NODE_NAME")]
+    name: Option<String>,
+    /// Labels for placement: KEY=VALUE,... (the join token's win).
+    #[arg(long, env = "WHARF_NODE_LABELS", default_value = "", value_parser = wharf_api::nodes::parse_labels)]
+    labels: BTreeMap<String, String>,
+    /// Concurrent tasks on this node (default: the instance pool, 1000).
+    #[arg(long, env = "WHARF_SLOTS")]
+    slots: Option<usize>,
+    /// Memory this node's running tasks may reserve together (default:
+    /// half of the machine's memory).
+    #[arg(long, env = "WHARF_MEMORY_BUDGET", value_parser = crate::server::parse_size)]
+    memory_budget: Option<u64>,
+    /// Accept a plain-HTTP server that is not on loopback (credentials and
+    /// secrets then cross the network in the clear).
+    #[arg(long)]
+    insecure: bool,
+}
+
+/// What the node keeps of its membership (`node.json`, mode 0600).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Membership {
+    server: String,
+    name: String,
+    credential: String,
+}
+
+/// A finished task waiting for the server's confirmation (`outbox.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Finished {
+    id: String,
+    outcome: Outcome,
+    started_at: Option<String>,
+    lines: Vec<ReportedLine>,
+}
+
+struct Local {
+    status: TaskStatus,
+    started_at: Option<String>,
+    logs: Arc<LogBuffer>,
+    /// The next log line to send.
+    sent: u64,
+    stop: Arc<StopSignal>,
+    finished: Option<Finished>,
+}
+
+struct Agent {
+    http: reqwest::Client,
+    base: String,
+    credential: String,
+    executor: Executor,
+    runtime: Arc<Runtime>,
+    blobs: PathBuf,
+    outbox: PathBuf,
+    tasks: Mutex<BTreeMap<String, Local>>,
+    epoch: Mutex<String>,
+    seen: AtomicU64,
+    heartbeat_ms: AtomicU64,
+    changed: Notify,
+    /// A task's status moved since the last push.
+    moved: std::sync::atomic::AtomicBool,
+    /// Pulls of one digest at a time.
+    pulling: tokio::sync::Mutex<()>,
+}
+
+/// The default data directory of a node: `$XDG_DATA_HOME/wharf-node`, else
+/// `~/.local/share/wharf-node` (apart from a server's on the same machine).
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("wharf-node"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("cannot find a data directory: set --data-dir, WHARF_DATA_DIR or HOME")?;
+    Ok(PathBuf::from(home).join(".local/share/wharf-node"))
+}
+
+/// Writes `bytes` to `path` durably (temporary file, fsync, rename), with
+/// mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(&tmp)
+        .with_context(|| format!("failed to create {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(())
+}
+
+/// Refuses a plain-HTTP server off loopback unless `insecure`.
+fn check_transport(server: &str, insecure: bool) -> Result<()> {
+    let url =
+        url::Url::parse(server).with_context(|| format!("--server {server:?} is not a URL"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                Some(url::Host::Domain(d)) => d == "localhost",
+                None => false,
+            };
+            if loopback || insecure {
+                Ok(())
+            } else {
+                bail!(
+                    "{server} is plain HTTP off loopback: the node's credential and its tasks' secrets would cross the network in the clear (use https://, or --insecure to accept it)"
+                )
+            }
+        }
+        other => bail!("--server {server:?}: unsupported scheme {other}"),
+    }
+}
+
+pub(crate) fn main(
+    args: JoinArgs,
+    server: &str,
+    token: Option<String>,
+    data_dir: Option<PathBuf>,
+) -> Result<()> {
+    let data_dir = match data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("failed to create {}", data_dir.display()))?;
+    let _lock = crate::paths::lock_data_dir(&data_dir)?;
+    let server = server.trim_end_matches('/').to_owned();
+    check_transport(&server, args.insecure)?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .context("failed to build the HTTP client")?;
+    let membership_path = data_dir.join("node.json");
+    let membership: Membership = match std::fs::read(&membership_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is damaged", membership_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = token.context(
+                "this node has not joined yet: give the join token (--token, from wharf node token create)",
+            )?;
+            let (_fingerprint, secret) = wharf_api::fleet::parse_join_token(&token)
+                .context("--token is not a join token (WJ1.…, from wharf node token create)")?;
+            let name = match args.name.clone() {
+                Some(n) => n,
+                None => hostname()?,
+            };
+            let joined = tokio.block_on(join(&http, &server, &secret, &name, &args.labels))?;
+            let m = Membership {
+                server: server.clone(),
+                name: joined.name,
+                credential: joined.credential,
+            };
+            write_private(&membership_path, &serde_json::to_vec_pretty(&m)?)?;
+            eprintln!("wharf: joined {server} as node {}", m.name);
+            m
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("failed to read {}", membership_path.display()));
+        }
+    };
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
+        ..RuntimeConfig::default()
+    })
+    .context("failed to start the wasm runtime")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let executor = tokio
+        .block_on(async {
+            Executor::with_config(
+                runtime.clone(),
+                &ExecutorConfig {
+                    slots: args.slots.unwrap_or(0),
+                    memory_budget: args
+                        .memory_budget
+                        .or(crate::server::physical_memory().map(|m| m / 2)),
+                    guest_threads: Some(cores.min(args.slots.unwrap_or(usize::MAX)).max(1)),
+                },
+            )
+        })
+        .context("failed to start the executor")?;
+    let blobs = data_dir.join("cache").join("blobs");
+    std::fs::create_dir_all(&blobs)?;
+    let agent = Arc::new(Agent {
+        http,
+        base: server.clone(),
+        credential: membership.credential.clone(),
+        executor,
+        runtime,
+        blobs,
+        outbox: data_dir.join("outbox.json"),
+        tasks: Mutex::new(BTreeMap::new()),
+        epoch: Mutex::new(String::new()),
+        seen: AtomicU64::new(0),
+        heartbeat_ms: AtomicU64::new(2000),
+        changed: Notify::new(),
+        moved: std::sync::atomic::AtomicBool::new(false),
+        pulling: tokio::sync::Mutex::new(()),
+    });
+    agent.load_outbox()?;
+    // Scripts and tests wait for this line.
+    eprintln!(
+        "wharf: node {} attached to {server} (data dir {})",
+        membership.name,
+        data_dir.display()
+    );
+    tokio.block_on(async move {
+        let pusher = tokio::spawn(agent.clone().push_loop());
+        tokio::select! {
+            () = agent.clone().poll_loop() => {}
+            () = crate::server::shutdown_signal() => {
+                eprintln!("wharf: node stopping");
+            }
+        }
+        pusher.abort();
+        agent.stop_all().await;
+        Ok(())
+    })
+}
+
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .context("cannot find the host name: give --name")?;
+    Ok(name.trim().to_lowercase())
+}
+
+async fn join(
+    http: &reqwest::Client,
+    server: &str,
+    secret: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<JoinResponse> {
+    let response = http
+        .post(format!("{server}/v1/agent/join"))
+        .bearer_auth(secret)
+        .json(&JoinRequest {
+            name: name.to_owned(),
+            labels: labels.clone(),
+        })
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {server}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        bail!(
+            "the server refused the join ({status}): {}",
+            body["message"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(response.json().await?)
+}
+
+impl Agent {
+    fn info(&self) -> NodeInfo {
+        let stats = self.executor.stats();
+        let slots = self.executor.slots() as u64;
+        let budget = self.executor.memory_budget();
+        NodeInfo {
+            slots,
+            memory_bytes: budget,
+            free_slots: slots.saturating_sub(stats.running as u64),
+            free_memory_bytes: budget.map(|b| b.saturating_sub(stats.memory_reserved)),
+            version: env!("CARGO_PKG_VERSION").into(),
+            engine_version: wharf_runtime::ENGINE_VERSION.into(),
+            compatibility_hash: self.runtime.compatibility_hash(),
+            arch: std::env::consts::ARCH.into(),
+            os: std::env::consts::OS.into(),
+            wasi_interfaces: wharf_runtime::PROVIDED_INTERFACES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }
+    }
+
+    fn load_outbox(&self) -> Result<()> {
+        let finished: Vec<Finished> = match std::fs::read(&self.outbox) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is damaged", self.outbox.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        for f in finished {
+            tasks.insert(
+                f.id.clone(),
+                Local {
+                    status: TaskStatus::Stopped,
+                    started_at: f.started_at.clone(),
+                    logs: LogBuffer::new(0),
+                    sent: 0,
+                    stop: StopSignal::new(),
+                    finished: Some(f),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the finished tasks not yet confirmed (called with the lock).
+    fn save_outbox(&self, tasks: &BTreeMap<String, Local>) {
+        let finished: Vec<&Finished> = tasks.values().filter_map(|t| t.finished.as_ref()).collect();
+        let result = if finished.is_empty() {
+            match std::fs::remove_file(&self.outbox) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            }
+        } else {
+            serde_json::to_vec(&finished)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| write_private(&self.outbox, &b))
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot write the outbox");
+        }
+    }
+
+    /// The report of everything held, with up to the log budget of new
+    /// output; also returns, per task, how far its output was included.
+    fn report(&self, wait_ms: u64) -> (Report, Vec<(String, u64)>) {
+        let tasks = self.tasks.lock().expect("tasks lock");
+        let mut budget = wharf_api::fleet::MAX_REPORT_LOG_BYTES;
+        let mut reports = Vec::with_capacity(tasks.len());
+        let mut upto = Vec::new();
+        for (id, t) in tasks.iter() {
+            let mut lines = Vec::new();
+            if let Some(f) = &t.finished {
+                for l in &f.lines {
+                    if budget < l.text.len() {
+                        break;
+                    }
+                    budget -= l.text.len();
+                    lines.push(l.clone());
+                }
+            } else {
+                let page = t.logs.read_from(t.sent, 10_000);
+                for l in page.lines {
+                    if budget < l.text.len() {
+                        break;
+                    }
+                    budget -= l.text.len();
+                    lines.push(ReportedLine {
+                        seq: l.seq,
+                        stream: match l.stream {
+                            wharf_runtime::Stream::Stdout => "stdout".into(),
+                            wharf_runtime::Stream::Stderr => "stderr".into(),
+                        },
+                        text: l.text,
+                    });
+                }
+            }
+            if let Some(last) = lines.last() {
+                upto.push((id.clone(), last.seq + 1));
+            }
+            // An outcome goes only with the rest of its output.
+            let complete = t
+                .finished
+                .as_ref()
+                .is_some_and(|f| f.lines.len() == lines.len());
+            reports.push(TaskReport {
+                id: id.clone(),
+                status: t.status,
+                started_at: t.started_at.clone(),
+                logs: lines,
+                outcome: complete
+                    .then(|| t.finished.as_ref().map(|f| f.outcome.clone()))
+                    .flatten(),
+            });
+        }
+        let report = Report {
+            epoch: self.epoch.lock().expect("epoch lock").clone(),
+            seen: self.seen.load(Ordering::Acquire),
+            wait_ms,
+            info: self.info(),
+            tasks: reports,
+        };
+        (report, upto)
+    }
+
+    /// Whether there is anything the server has not heard yet.
+    fn has_news(&self) -> bool {
+        let tasks = self.tasks.lock().expect("tasks lock");
+        tasks
+            .values()
+            .any(|t| t.finished.is_some() || !t.logs.read_from(t.sent, 1).lines.is_empty())
+    }
+
+    /// One sync; applies the answer.
+    async fn sync(self: &Arc<Self>, wait_ms: u64) -> Result<()> {
+        let (report, upto) = self.report(wait_ms);
+        let response = self
+            .http
+            .post(format!("{}/v1/agent/sync", self.base))
+            .bearer_auth(&self.credential)
+            .timeout(Duration::from_millis(wait_ms) + Duration::from_secs(20))
+            .json(&report)
+            .send()
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            bail!(
+                "the server answered {status}: {}",
+                body["message"].as_str().unwrap_or("no reason given")
+            );
+        }
+        let answer: SyncResponse = response.json().await?;
+        self.apply(answer, upto);
+        Ok(())
+    }
+
+    fn apply(self: &Arc<Self>, answer: SyncResponse, upto: Vec<(String, u64)>) {
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        for (id, next) in upto {
+            if let Some(t) = tasks.get_mut(&id) {
+                if let Some(f) = &mut t.finished {
+                    f.lines.retain(|l| l.seq >= next);
+                } else {
+                    t.sent = t.sent.max(next);
+                }
+            }
+        }
+        let mut outbox_changed = false;
+        for id in &answer.ack {
+            if tasks.get(id).is_some_and(|t| t.finished.is_some()) {
+                tasks.remove(id);
+                outbox_changed = true;
+            }
+        }
+        if outbox_changed {
+            self.save_outbox(&tasks);
+        }
+        for id in &answer.stop {
+            if let Some(t) = tasks.get(id) {
+                t.stop.stop();
+            }
+        }
+        let mut seen = self.seen.load(Ordering::Acquire);
+        let same_epoch = *self.epoch.lock().expect("epoch lock") == answer.epoch;
+        if !same_epoch {
+            seen = 0;
+        }
+        for a in answer.assign {
+            seen = seen.max(a.seq);
+            if tasks.contains_key(&a.task_id) {
+                continue;
+            }
+            let logs = LogBuffer::new(LOG_RETENTION);
+            let stop = StopSignal::new();
+            tasks.insert(
+                a.task_id.clone(),
+                Local {
+                    status: TaskStatus::Provisioning,
+                    started_at: None,
+                    logs: logs.clone(),
+                    sent: 0,
+                    stop: stop.clone(),
+                    finished: None,
+                },
+            );
+            tokio::spawn(self.clone().run(a, logs, stop));
+        }
+        drop(tasks);
+        *self.epoch.lock().expect("epoch lock") = answer.epoch;
+        self.seen.store(seen, Ordering::Release);
+        self.heartbeat_ms
+            .store(answer.heartbeat_ms.clamp(100, 30_000), Ordering::Release);
+    }
+
+    /// The long poll, which is also the heartbeat.
+    async fn poll_loop(self: Arc<Self>) {
+        let mut failing = false;
+        loop {
+            let wait = self.heartbeat_ms.load(Ordering::Acquire);
+            match self.sync(wait).await {
+                Ok(()) => {
+                    if failing {
+                        eprintln!("wharf: reconnected to {}", self.base);
+                        failing = false;
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        eprintln!(
+                            "wharf: cannot reach {} ({e:#}); tasks keep running, retrying",
+                            self.base
+                        );
+                        failing = true;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// Sends what changed (a status, output, an outcome) without waiting
+    /// for the next heartbeat.
+    async fn push_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = self.changed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let moved = self.moved.swap(false, Ordering::AcqRel);
+            if !moved && !self.has_news() {
+                continue;
+            }
+            if self.sync(0).await.is_err() {
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+
+    fn set_status(&self, id: &str, status: TaskStatus, started_at: Option<String>) {
+        if let Some(t) = self.tasks.lock().expect("tasks lock").get_mut(id) {
+            t.status = status;
+            if started_at.is_some() {
+                t.started_at = started_at;
+            }
+        }
+        self.moved.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// Runs one assignment to its end and puts its outcome in the outbox.
+    async fn run(self: Arc<Self>, a: Assignment, logs: Arc<LogBuffer>, stop: Arc<StopSignal>) {
+        let outcome = self.execute(&a, &logs, &stop).await;
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        if let Some(t) = tasks.get_mut(&a.task_id) {
+            let lines = logs
+                .read_from(t.sent, usize::MAX)
+                .lines
+                .into_iter()
+                .map(|l| ReportedLine {
+                    seq: l.seq,
+                    stream: match l.stream {
+                        wharf_runtime::Stream::Stdout => "stdout".into(),
+                        wharf_runtime::Stream::Stderr => "stderr".into(),
+                    },
+                    text: l.text,
+                })
+                .collect();
+            t.status = TaskStatus::Stopped;
+            t.finished = Some(Finished {
+                id: a.task_id.clone(),
+                outcome,
+                started_at: t.started_at.clone(),
+                lines,
+            });
+        }
+        self.save_outbox(&tasks);
+        drop(tasks);
+        self.changed.notify_one();
+    }
+
+    async fn execute(
+        &self,
+        a: &Assignment,
+        logs: &Arc<LogBuffer>,
+        stop: &Arc<StopSignal>,
+    ) -> Outcome {
+        let artifact = tokio::select! {
+            biased;
+            () = stop.wait() => return Outcome::not_started(StopCode::UserStopped, "stopped before it started"),
+            loaded = self.artifact(a) => loaded,
+        };
+        let artifact = match artifact {
+            Ok(a) => a,
+            Err(message) => return Outcome::not_started(StopCode::FailedToStart, message),
+        };
+        self.set_status(&a.task_id, TaskStatus::Pending, None);
+        let mut spec = TaskSpec::new(logs.clone());
+        spec.program = a.family.clone();
+        spec.args = a.args.clone();
+        spec.env = a.env.clone().into_iter().collect();
+        spec.limits = wharf_runtime::Limits {
+            fuel: a.limits.fuel,
+            memory: a.limits.memory_bytes,
+            timeout: a.limits.timeout_ms.map(Duration::from_millis),
+        };
+        let handle = self.executor.spawn(artifact, spec);
+        let signal = handle.stop_signal();
+        let forward = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stop.wait().await;
+                signal.stop();
+            })
+        };
+        handle.started().await;
+        if handle.phase() == TaskPhase::Running {
+            self.set_status(&a.task_id, TaskStatus::Running, Some(model::now()));
+        }
+        let outcome = handle.wait().await;
+        forward.abort();
+        outcome
+    }
+
+    /// The compiled artifact of an assignment: from memory, else from the
+    /// blob cache on disk, else pulled by digest from the server's
+    /// registry and verified.
+    async fn artifact(
+        &self,
+        a: &Assignment,
+    ) -> std::result::Result<Arc<wharf_runtime::Artifact>, String> {
+        if let Some(artifact) = self.runtime.cached(&a.wasm_digest) {
+            return Ok(artifact);
+        }
+        let _one = self.pulling.lock().await;
+        if let Some(artifact) = self.runtime.cached(&a.wasm_digest) {
+            return Ok(artifact);
+        }
+        let hex = a
+            .wasm_digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
+            .ok_or_else(|| format!("unsupported digest {}", a.wasm_digest))?
+            .to_owned();
+        let path = self.blobs.join(&hex);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == hex => bytes,
+            _ => {
+                let bytes = self.pull(a, &hex).await?;
+                let tmp = path.with_extension("tmp");
+                let written = tokio::fs::write(&tmp, &bytes).await;
+                if written.is_ok() {
+                    let _ = tokio::fs::rename(&tmp, &path).await;
+                }
+                bytes
+            }
+        };
+        let runtime = self.runtime.clone();
+        let loaded = tokio::task::spawn_blocking(move || runtime.load(&bytes))
+            .await
+            .map_err(|e| format!("compiling failed: {e}"))?
+            .map_err(|e| format!("cannot load the artifact: {e}"))?;
+        Ok(loaded.artifact)
+    }
+
+    async fn pull(&self, a: &Assignment, hex: &str) -> std::result::Result<Vec<u8>, String> {
+        let url = format!("{}/v2/{}/blobs/{}", self.base, a.repository, a.wasm_digest);
+        let mut response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.credential)
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await
+            .map_err(|e| format!("cannot pull {}: {e}", a.wasm_digest))?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "cannot pull {} from {}: the server answered {}",
+                a.wasm_digest,
+                a.repository,
+                response.status()
+            ));
+        }
+        let mut bytes = Vec::new();
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("pulling {} failed: {e}", a.wasm_digest))?
+        {
+            if bytes.len() as u64 + chunk.len() as u64 > MAX_WASM_BYTES {
+                return Err(format!(
+                    "{} is larger than {MAX_WASM_BYTES} bytes",
+                    a.wasm_digest
+                ));
+            }
+            hasher.update(&chunk);
+            bytes.extend_from_slice(&chunk);
+        }
+        if hex::encode(hasher.finalize()) != hex {
+            return Err(format!(
+                "the pulled layer does not match its digest {}",
+                a.wasm_digest
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Stops every task (the node is shutting down) and tells the server;
+    /// outcomes it does not confirm stay in the outbox for the next start.
+    async fn stop_all(self: &Arc<Self>) {
+        let ids: Vec<String> = {
+            let tasks = self.tasks.lock().expect("tasks lock");
+            for t in tasks.values() {
+                t.stop.stop();
+            }
+            tasks.keys().cloned().collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let running = {
+                let tasks = self.tasks.lock().expect("tasks lock");
+                ids.iter()
+                    .filter(|id| tasks.get(*id).is_some_and(|t| t.finished.is_none()))
+                    .count()
+            };
+            if running == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.sync(0)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_for_loopback_unless_insecure() {
+        assert!(check_transport("http://127.0.0.1:7070", false).is_ok());
+        assert!(check_transport("http://localhost:7070", false).is_ok());
+        assert!(check_transport("http://[::1]:7070", false).is_ok());
+        assert!(check_transport("https://wharf.example:7070", false).is_ok());
+        let e = check_transport("http://10.0.0.5:7070", false).unwrap_err();
+        assert!(e.to_string().contains("--insecure"), "{e}");
+        assert!(check_transport("http://10.0.0.5:7070", true).is_ok());
+        assert!(check_transport("ftp://x", true).is_err());
+    }
+}

@@ -1,0 +1,522 @@
+//! Edge nodes through real processes: a `wharf server` and `wharf node
+//! join` agents on loopback, each with its own data directory and labels.
+//! Joining (and the tokens that are refused), placement on nodes, output
+//! and outcomes reaching the server, a node's credential refused
+//! everywhere but the node protocol, `kill -9` of a node with its service
+//! tasks started elsewhere, a node's restart with its credential and
+//! caches, and `wharf node rm`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use wharf_testkit::Target;
+
+use crate::server::{Server, converged, eventually, register, service};
+
+/// A running `wharf node join`; killed when dropped.
+pub(crate) struct Agent {
+    child: Child,
+    pub(crate) data: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent; `token` is `None` for a node that joined before.
+    pub(crate) fn start(
+        s: &Server,
+        data: &Path,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> std::result::Result<Agent, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
+        cmd.args(["node", "join", "--server", &s.base, "--data-dir"])
+            .arg(data)
+            .args(extra)
+            .env_remove("WHARF_TOKEN")
+            .env_remove("WHARF_DATA_DIR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let mut child = cmd.spawn().expect("spawn wharf node join");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let mut said = String::new();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    said.push_str(&line);
+                    said.push('\n');
+                    if line.starts_with("wharf: node ") && line.contains(" attached to ") {
+                        break;
+                    }
+                }
+                _ => {
+                    let _ = child.wait();
+                    return Err(said);
+                }
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Agent {
+            child,
+            data: data.to_owned(),
+        })
+    }
+
+    /// The node's credential, from its data directory.
+    pub(crate) fn credential(&self) -> String {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.data.join("node.json")).unwrap()).unwrap();
+        m["credential"].as_str().unwrap().to_owned()
+    }
+
+    pub(crate) fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wharf(s: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(args)
+        .env("WHARF_SERVER", &s.base)
+        .env("WHARF_TOKEN", &s.token)
+        .output()
+        .unwrap()
+}
+
+/// Makes a join token with the CLI.
+pub(crate) fn join_token(s: &Server, args: &[&str]) -> String {
+    let mut all = vec!["node", "token", "create"];
+    all.extend_from_slice(args);
+    let out = wharf(s, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn node(s: &Server, name: &str) -> serde_json::Value {
+    let r = s.api("GET", &format!("/v1/nodes/{name}"), None);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()
+}
+
+fn tasks_of(s: &Server, service: &str) -> Vec<serde_json::Value> {
+    let r = s.api(
+        "GET",
+        &format!("/v1/tasks?service={service}&status=RUNNING"),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    r.json().as_array().unwrap().clone()
+}
+
+fn nodes_of(tasks: &[serde_json::Value]) -> Vec<String> {
+    let mut nodes: Vec<String> = tasks
+        .iter()
+        .map(|t| t["node"].as_str().unwrap().to_owned())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+#[test]
+fn nodes_join_with_a_token_run_placed_tasks_and_report_output_and_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &dir.path().join("server"),
+        &["--node-labels", "role=server"],
+    );
+    // Bad, expired and malformed tokens are refused, and nothing joins.
+    let token = join_token(&s, &["--labels", "role=edge", "--ttl", "1h"]);
+    assert!(token.starts_with("WJ1.none."), "{token}");
+    let forged = format!("{}x", token);
+    let err = Agent::start(
+        &s,
+        &dir.path().join("bad"),
+        Some(&forged),
+        &["--name", "bad"],
+    )
+    .err()
+    .expect("a forged token is refused");
+    assert!(err.contains("join token is not valid"), "{err}");
+    let short = join_token(&s, &["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let err = Agent::start(
+        &s,
+        &dir.path().join("late"),
+        Some(&short),
+        &["--name", "late"],
+    )
+    .err()
+    .expect("an expired token is refused");
+    assert!(err.contains("expired"), "{err}");
+    let err = Agent::start(
+        &s,
+        &dir.path().join("junk"),
+        Some("hello"),
+        &["--name", "junk"],
+    )
+    .err()
+    .expect("not a join token");
+    assert!(err.contains("not a join token"), "{err}");
+    assert_eq!(
+        s.api("GET", "/v1/nodes", None)
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let a = Agent::start(
+        &s,
+        &dir.path().join("a"),
+        Some(&token),
+        &[
+            "--name",
+            "edge-a",
+            "--labels",
+            "zone=a,role=ignored",
+            "--slots",
+            "8",
+        ],
+    )
+    .unwrap();
+    let _b = Agent::start(
+        &s,
+        &dir.path().join("b"),
+        Some(&token),
+        &["--name", "edge-b", "--labels", "zone=b", "--slots", "8"],
+    )
+    .unwrap();
+    // A name is taken once.
+    let err = Agent::start(
+        &s,
+        &dir.path().join("a2"),
+        Some(&token),
+        &["--name", "edge-a"],
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("has joined already"), "{err}");
+    let edge_a = eventually(Duration::from_secs(10), "edge-a reports", || {
+        let n = node(&s, "edge-a");
+        (n["capacity"]["slots"] == 8).then_some(n)
+    });
+    assert_eq!(edge_a["status"], "READY");
+    assert_eq!(edge_a["local"], false);
+    // The token's labels win over the node's own.
+    assert_eq!(edge_a["labels"], json!({"zone": "a", "role": "edge"}));
+    assert_eq!(edge_a["engine_version"], "wasmtime 48.0.8");
+    assert!(
+        edge_a["wasi_interfaces"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("wasi:cli"))
+    );
+    // The credential is the node's alone.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(a.data.join("node.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let listed = wharf(&s, &["node", "ls"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("edge-a") && text.contains("edge-b"), "{text}");
+
+    // A task placed on the edge runs there; its output and outcome reach
+    // the server.
+    s.push_sample("hello", Target::P1, "team/hello:v1");
+    register(
+        &s,
+        json!({"family": "hello", "artifact": "team/hello:v1",
+               "placement": {"constraints": ["role == edge", "zone == b"]}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "hello"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    let t = s.wait_stopped(&id);
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+    assert_eq!(t["node"], "edge-b");
+    assert_eq!(t["exit_code"], 0);
+    let logs = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
+    assert_eq!(logs["lines"][0]["text"], "Hello, world!", "{logs}");
+    // Pulled by digest, verified, kept, and compiled once into the cache.
+    let blobs: Vec<_> = std::fs::read_dir(dir.path().join("b/cache/blobs"))
+        .unwrap()
+        .collect();
+    assert_eq!(blobs.len(), 1);
+    assert!(
+        std::fs::read_dir(dir.path().join("b/cache/compiled"))
+            .unwrap()
+            .next()
+            .is_some()
+    );
+    // A label no node has is named in the refusal.
+    register(
+        &s,
+        json!({"family": "nowhere", "artifact": "team/hello:v1",
+               "placement": {"constraints": ["zone == c"]}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "nowhere"})),
+    );
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    let t = s.wait_stopped(&id);
+    assert_eq!(t["stop_code"], "FailedToStart");
+    let message = t["message"].as_str().unwrap();
+    assert!(
+        message.contains("zone == c") && message.contains("edge-a has labels"),
+        "{message}"
+    );
+
+    // `wharf task logs --follow` of a task on a node streams its output.
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    register(
+        &s,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["50", "30"],
+               "placement": {"constraints": ["zone == a"]}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "beat"})),
+    );
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    let out = wharf(&s, &["task", "logs", "--follow", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let beats: Vec<&str> = text.lines().filter(|l| l.contains("heartbeat")).collect();
+    assert_eq!(beats.len(), 30, "{text}");
+    assert!(beats[0].ends_with("heartbeat 0") && beats[29].ends_with("heartbeat 29"));
+    assert_eq!(s.wait_stopped(&id)["node"], "edge-a");
+}
+
+#[test]
+fn a_nodes_credential_reaches_only_the_node_protocol_and_its_own_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&dir.path().join("server"), &[]);
+    let token = join_token(&s, &[]);
+    let a = Agent::start(
+        &s,
+        &dir.path().join("a"),
+        Some(&token),
+        &["--name", "edge-a"],
+    )
+    .unwrap();
+    let cred = a.credential();
+    s.push_sample("hello", Target::P1, "team/hello:v1");
+    s.push_sample("hello", Target::P1, "other/hello:v1");
+    let digest =
+        register(&s, json!({"family": "hello", "artifact": "team/hello:v1"}))["wasm_digest"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    // Every /v1/ route but the node protocol is 403 for a node.
+    for (method, path, body) in [
+        ("GET", "/v1/tasks", None),
+        ("GET", "/v1/taskdefs", None),
+        ("GET", "/v1/nodes", None),
+        ("GET", "/v1/secrets", None),
+        ("GET", "/v1/tokens", None),
+        ("GET", "/v1/audit", None),
+        ("GET", "/v1/openapi.json", None),
+        ("GET", "/v1/join-tokens", None),
+        (
+            "POST",
+            "/v1/tasks",
+            Some(json!({"task_definition": "hello"})),
+        ),
+        (
+            "POST",
+            "/v1/taskdefs",
+            Some(json!({"family": "x", "artifact": "team/hello:v1"})),
+        ),
+        ("POST", "/v1/join-tokens", Some(json!({}))),
+        ("POST", "/v1/nodes/edge-a/drain", Some(json!({}))),
+        ("DELETE", "/v1/nodes/edge-a", None),
+        (
+            "POST",
+            "/v1/tokens",
+            Some(json!({"name": "x", "role": "admin"})),
+        ),
+    ] {
+        let r = s.api_as(&cred, method, path, body);
+        assert_eq!(r.status, 403, "{method} {path}: {r:?}");
+        assert_eq!(r.json()["code"], "AccessDenied", "{method} {path}");
+    }
+    // ...and in the registry it pulls only what its tasks run.
+    for path in [
+        "/v2/_catalog".to_owned(),
+        format!("/v2/team/hello/blobs/{digest}"),
+        format!("/v2/other/hello/blobs/{digest}"),
+        "/v2/team/hello/tags/list".to_owned(),
+    ] {
+        let r = s.api_as(&cred, "GET", &path, None);
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+    }
+    let r = s.api_as(&cred, "PUT", "/v2/team/hello/manifests/v2", Some(json!({})));
+    assert_eq!(r.status, 403);
+    // A token is not a node.
+    let r = s.api(
+        "POST",
+        "/v1/agent/sync",
+        Some(
+            json!({"info": {"slots": 1, "memory_bytes": null, "free_slots": 1,
+            "free_memory_bytes": null, "version": "x", "engine_version": "x",
+            "compatibility_hash": "x", "arch": "x", "os": "x", "wasi_interfaces": []}}),
+        ),
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    // The node protocol itself answers the node.
+    let r = s.api_as(
+        &cred,
+        "POST",
+        "/v1/agent/sync",
+        Some(
+            json!({"info": {"slots": 1, "memory_bytes": null, "free_slots": 1,
+            "free_memory_bytes": null, "version": "x", "engine_version": "x",
+            "compatibility_hash": "x", "arch": "x", "os": "x", "wasi_interfaces": []}}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    // Only admins manage nodes and join tokens.
+    let deployer = s.api(
+        "POST",
+        "/v1/tokens",
+        Some(json!({"name": "d", "role": "deployer"})),
+    );
+    let deployer = deployer.json()["secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.api_as(&deployer, "POST", "/v1/join-tokens", Some(json!({})))
+            .status,
+        403
+    );
+    assert_eq!(
+        s.api_as(&deployer, "DELETE", "/v1/nodes/edge-a", None)
+            .status,
+        403
+    );
+    // A removed node is refused at once.
+    let out = wharf(&s, &["node", "rm", "edge-a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = s.api_as(&cred, "POST", "/v1/agent/sync", Some(json!({"info": {}})));
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(s.api("GET", "/v1/nodes/edge-a", None).status, 404);
+}
+
+#[test]
+fn a_killed_node_is_lost_its_service_tasks_run_elsewhere_and_it_reattaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &dir.path().join("server"),
+        &["--no-local-node", "--node-timeout", "3s"],
+    );
+    // A pure control plane lists no node of its own, and runs nothing.
+    assert_eq!(s.api("GET", "/v1/nodes", None).json(), json!([]));
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    register(
+        &s,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["200"]}),
+    );
+    let token = join_token(&s, &[]);
+    let a = Agent::start(
+        &s,
+        &dir.path().join("a"),
+        Some(&token),
+        &["--name", "edge-a"],
+    )
+    .unwrap();
+    let _b = Agent::start(
+        &s,
+        &dir.path().join("b"),
+        Some(&token),
+        &["--name", "edge-b"],
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "both nodes report", || {
+        let nodes = s.api("GET", "/v1/nodes", None).json();
+        let n = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
+            .count();
+        (n == 2).then_some(())
+    });
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "beat", "task_definition": "beat", "desired_count": 4})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    converged(&s, "beat", 4);
+    // Spread: two tasks per node.
+    assert_eq!(
+        nodes_of(&tasks_of(&s, "beat")),
+        ["edge-a", "edge-a", "edge-b", "edge-b"]
+    );
+    let on_a: Vec<String> = tasks_of(&s, "beat")
+        .iter()
+        .filter(|t| t["node"] == "edge-a")
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    let killed = Instant::now();
+    a.kill9();
+    // Lost after the timeout; its tasks stop NodeLost and run on edge-b.
+    for id in &on_a {
+        let t = s.wait_stopped(id);
+        assert_eq!(t["stop_code"], "NodeLost", "{t}");
+        assert!(
+            t["message"].as_str().unwrap().contains("no heartbeat"),
+            "{t}"
+        );
+    }
+    eventually(Duration::from_secs(20), "the tasks run on edge-b", || {
+        let nodes = nodes_of(&tasks_of(&s, "beat"));
+        (nodes == ["edge-b", "edge-b", "edge-b", "edge-b"]).then_some(())
+    });
+    let elapsed = killed.elapsed();
+    eprintln!("kill -9 of a node to its service tasks running elsewhere: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3 + 8), "{elapsed:?}");
+    assert_eq!(node(&s, "edge-a")["status"], "LOST");
+    assert_eq!(service(&s, "beat")["running_count"], 4);
+    // Restarted, it reattaches with its credential (no token) and caches.
+    let _a = Agent::start(&s, &dir.path().join("a"), None, &[]).unwrap();
+    eventually(Duration::from_secs(10), "edge-a is back", || {
+        (node(&s, "edge-a")["status"] == "READY").then_some(())
+    });
+}
