@@ -332,8 +332,12 @@ impl RemoteNode {
                 slots: info.slots,
                 memory_bytes: info.memory_bytes,
             },
+            // What the node reports free, less what was placed on it and
+            // has not started yet.
             free: model::NodeResources {
-                slots: info.slots.saturating_sub(book.held.len() as u64),
+                slots: info
+                    .free_slots
+                    .min(info.slots.saturating_sub(book.held.len() as u64)),
                 memory_bytes: info.memory_bytes.map(|m| m.saturating_sub(reserved)),
             },
             running_tasks: book.held.len() as u64,

@@ -743,6 +743,7 @@ impl Control {
         let mut stops = Vec::new();
         let mut removed = Vec::new();
         let mut rolled_back: Vec<(String, String)> = Vec::new();
+        let draining_nodes = self.tasks.draining_nodes();
         {
             let mut services = self.services.lock().await;
             for state in services.values_mut() {
@@ -773,9 +774,12 @@ impl Control {
                 let Some(primary) = service.deployments.first().cloned() else {
                     continue;
                 };
-                let (mut ours, mut old): (Vec<&Task>, Vec<&Task>) = live
-                    .iter()
-                    .partition(|t| t.deployment_id.as_deref() == Some(primary.id.as_str()));
+                // Tasks on a draining node are replaced like an older
+                // deployment's: started elsewhere first, then stopped.
+                let (mut ours, mut old): (Vec<&Task>, Vec<&Task>) = live.iter().partition(|t| {
+                    t.deployment_id.as_deref() == Some(primary.id.as_str())
+                        && !draining_nodes.contains(&t.node)
+                });
                 // Scale down: extra primary tasks go, the youngest first.
                 ours.sort_by(|a, b| a.created_at.cmp(&b.created_at));
                 while ours.len() as u32 > desired {
@@ -823,11 +827,21 @@ impl Control {
                     if running {
                         healthy = healthy.saturating_sub(1);
                     }
-                    stops.push((
-                        t.id.clone(),
-                        StopCode::ScaledDown,
-                        "replaced by a new deployment".to_owned(),
-                    ));
+                    let why = if draining_nodes.contains(&t.node)
+                        && t.deployment_id.as_deref() == Some(primary.id.as_str())
+                    {
+                        self.event(
+                            &name,
+                            format!(
+                                "service {name} moved task {} off draining node {}",
+                                t.id, t.node
+                            ),
+                        );
+                        format!("node {} is draining; replaced on another node", t.node)
+                    } else {
+                        "replaced by a new deployment".to_owned()
+                    };
+                    stops.push((t.id.clone(), StopCode::ScaledDown, why));
                 }
                 // Older deployments that keep live tasks after this pass.
                 let old_left: std::collections::HashSet<&str> = live

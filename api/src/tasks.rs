@@ -545,7 +545,25 @@ impl Tasks {
     async fn drive(self: Arc<Self>, entry: Arc<TaskEntry>, launch: Launch, accepted: Instant) {
         let def = &launch.def;
         let memory = launch.limits.memory_bytes.unwrap_or(self.default_memory);
-        match self.place(def, launch.service.as_deref(), memory) {
+        let placed = self.place(def, launch.service.as_deref(), memory);
+        if let Some(service) = &launch.service {
+            let id = entry.state.lock().expect("task lock").task.id.clone();
+            let message = match &placed {
+                Ok(Target::Local) => {
+                    format!("service {service} placed task {id} on node {LOCAL_NODE}")
+                }
+                Ok(Target::Remote(node)) => {
+                    format!("service {service} placed task {id} on node {}", node.name)
+                }
+                Err(why) => format!("service {service} cannot place task {id}: {why}"),
+            };
+            self.writer.send(Write::Event {
+                service: service.clone(),
+                at: model::now(),
+                message,
+            });
+        }
+        match placed {
             Err(message) => {
                 let outcome = Outcome::not_started(StopCode::FailedToStart, message);
                 return self.finish(&entry, outcome).await;
@@ -1053,11 +1071,39 @@ impl Tasks {
         self.live.get(id).map(|e| e.logs.clone())
     }
 
-    /// Refuses new tasks, stops every live one with a recorded reason and
-    /// waits (up to `grace`) for their records.
+    /// Whether a live task runs on this server (not on an edge node).
+    fn is_local(entry: &TaskEntry) -> bool {
+        entry.state.lock().expect("task lock").task.node == LOCAL_NODE
+    }
+
+    /// The nodes operators are draining: their service tasks move.
+    pub(crate) fn draining_nodes(&self) -> std::collections::HashSet<String> {
+        let mut nodes: std::collections::HashSet<String> = self
+            .fleet
+            .all()
+            .iter()
+            .map(|n| n.view())
+            .filter(|n| n.status == model::NodeStatus::Draining)
+            .map(|n| n.name)
+            .collect();
+        if self.node_status() == model::NodeStatus::Draining {
+            nodes.insert(LOCAL_NODE.to_owned());
+        }
+        nodes
+    }
+
+    /// Refuses new tasks, stops every live task of the local node with a
+    /// recorded reason and waits (up to `grace`) for their records. Tasks
+    /// on edge nodes run on: their records stay as they are, and the next
+    /// start takes them back.
     pub(crate) async fn shutdown(&self, grace: Duration) {
         self.draining.store(true, Ordering::Release);
-        let ids: Vec<String> = self.live.iter().map(|e| e.key().clone()).collect();
+        let ids: Vec<String> = self
+            .live
+            .iter()
+            .filter(|e| Self::is_local(e.value()))
+            .map(|e| e.key().clone())
+            .collect();
         for id in ids {
             let _ = self
                 .stop(
@@ -1070,7 +1116,7 @@ impl Tasks {
                 .await;
         }
         let deadline = Instant::now() + grace;
-        while !self.live.is_empty() && Instant::now() < deadline {
+        while self.live.iter().any(|e| Self::is_local(e.value())) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -520,3 +520,247 @@ fn a_killed_node_is_lost_its_service_tasks_run_elsewhere_and_it_reattaches() {
         (node(&s, "edge-a")["status"] == "READY").then_some(())
     });
 }
+
+/// A loopback port free now (for a server that must come back on it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn signal(agent: &Agent, sig: &str) {
+    let pid = agent.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[test]
+fn a_drained_node_hands_its_tasks_over_and_a_cut_off_node_is_reconciled_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &dir.path().join("server"),
+        &[
+            "--no-local-node",
+            "--node-timeout",
+            "3s",
+            "--heartbeat",
+            "500ms",
+        ],
+    );
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    register(
+        &s,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["200"]}),
+    );
+    let token = join_token(&s, &[]);
+    let _a = Agent::start(
+        &s,
+        &dir.path().join("a"),
+        Some(&token),
+        &["--name", "edge-a"],
+    )
+    .unwrap();
+    let b = Agent::start(
+        &s,
+        &dir.path().join("b"),
+        Some(&token),
+        &["--name", "edge-b"],
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "both nodes report", || {
+        let nodes = s.api("GET", "/v1/nodes", None).json();
+        let n = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
+            .count();
+        (n == 2).then_some(())
+    });
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "beat", "task_definition": "beat", "desired_count": 2})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    converged(&s, "beat", 2);
+    assert_eq!(nodes_of(&tasks_of(&s, "beat")), ["edge-a", "edge-b"]);
+
+    // Draining edge-a moves its task to edge-b, started before the old one
+    // stops (minimum healthy 100 %).
+    let on_a = tasks_of(&s, "beat")
+        .iter()
+        .find(|t| t["node"] == "edge-a")
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    let out = wharf(&s, &["node", "drain", "edge-a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(20), "the task moved off edge-a", || {
+        let svc = service(&s, "beat");
+        assert!(svc["running_count"].as_u64().unwrap() >= 2, "{svc}");
+        (nodes_of(&tasks_of(&s, "beat")) == ["edge-b", "edge-b"]).then_some(())
+    });
+    let t = s.wait_stopped(&on_a);
+    assert_eq!(t["stop_code"], "ScaledDown", "{t}");
+    assert!(
+        t["message"]
+            .as_str()
+            .unwrap()
+            .contains("edge-a is draining"),
+        "{t}"
+    );
+    let events = crate::server::events(&s, "beat").join("\n");
+    assert!(
+        events.contains(&format!("moved task {on_a} off draining node edge-a")),
+        "{events}"
+    );
+    assert!(
+        events.contains("on node edge-b"),
+        "placements are events: {events}"
+    );
+    let out = wharf(&s, &["node", "activate", "edge-a"]);
+    assert!(out.status.success());
+
+    // edge-b is cut off (frozen): lost after the timeout, its tasks run on
+    // edge-a; when it comes back, the tasks it still runs are stopped.
+    let old: Vec<String> = tasks_of(&s, "beat")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    signal(&b, "-STOP");
+    eventually(Duration::from_secs(20), "the tasks run on edge-a", || {
+        (nodes_of(&tasks_of(&s, "beat")) == ["edge-a", "edge-a"]).then_some(())
+    });
+    assert_eq!(node(&s, "edge-b")["status"], "LOST");
+    for id in &old {
+        assert_eq!(s.wait_stopped(id)["stop_code"], "NodeLost");
+    }
+    signal(&b, "-CONT");
+    eventually(
+        Duration::from_secs(20),
+        "edge-b back, running nothing",
+        || {
+            let n = node(&s, "edge-b");
+            (n["status"] == "READY" && n["free"]["slots"] == n["capacity"]["slots"]).then_some(())
+        },
+    );
+    let svc = converged(&s, "beat", 2);
+    assert_eq!(svc["running_count"], 2);
+    assert_eq!(nodes_of(&tasks_of(&s, "beat")), ["edge-a", "edge-a"]);
+}
+
+#[test]
+fn nodes_run_on_while_the_server_is_stopped_and_it_takes_their_tasks_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let flags = [
+        "--listen",
+        listen.as_str(),
+        "--no-local-node",
+        "--node-timeout",
+        "5s",
+    ];
+    let s = Server::start_with(&data, &flags);
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    register(
+        &s,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["200"]}),
+    );
+    register(
+        &s,
+        json!({"family": "short", "artifact": "team/beat:v1", "args": ["100", "80"]}),
+    );
+    let token = join_token(&s, &[]);
+    let _a = Agent::start(
+        &s,
+        &dir.path().join("a"),
+        Some(&token),
+        &["--name", "edge-a"],
+    )
+    .unwrap();
+    let _b = Agent::start(
+        &s,
+        &dir.path().join("b"),
+        Some(&token),
+        &["--name", "edge-b"],
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "both nodes report", || {
+        let nodes = s.api("GET", "/v1/nodes", None).json();
+        let n = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
+            .count();
+        (n == 2).then_some(())
+    });
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "beat", "task_definition": "beat", "desired_count": 2})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    converged(&s, "beat", 2);
+    let mut before: Vec<String> = tasks_of(&s, "beat")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    before.sort();
+    // A task that ends (8 s) while the server is away.
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "short"})),
+    );
+    let short = r.json()[0]["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(10), "the short task runs", || {
+        let t = s.api("GET", &format!("/v1/tasks/{short}"), None).json();
+        (t["status"] == "RUNNING").then_some(())
+    });
+
+    // The server stops for 30 s; the nodes keep their tasks.
+    let status = s.terminate();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_secs(30));
+    let s = Server::start_with(&data, &flags);
+    // Back: the same tasks, no replacement, the short task's outcome kept.
+    let t = s.wait_stopped(&short);
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+    assert_eq!(t["exit_code"], 0);
+    assert!(t["fuel_consumed"].as_u64().unwrap() > 0, "{t}");
+    let svc = converged(&s, "beat", 2);
+    assert_eq!(svc["running_count"], 2);
+    let mut after: Vec<String> = tasks_of(&s, "beat")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    after.sort();
+    assert_eq!(
+        after, before,
+        "the nodes' tasks were taken back, not replaced"
+    );
+    // They still report: output keeps coming.
+    let logs = |id: &str| {
+        s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json()["lines"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let n = logs(&after[0]);
+    eventually(Duration::from_secs(10), "new output", || {
+        (logs(&after[0]) > n).then_some(())
+    });
+}

@@ -41,8 +41,15 @@ impl Server {
         } else {
             &["--ingress", "127.0.0.1:0"]
         };
+        let listen: &[&str] = if flags.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg("server")
+            .args(listen)
+            .arg("--data-dir")
             .arg(data)
             .args(ingress_flags)
             .args(flags)
