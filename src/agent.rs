@@ -64,6 +64,9 @@ struct Membership {
     server: String,
     name: String,
     credential: String,
+    /// The SHA-256 of the server's CA (from the join token), if it has TLS.
+    #[serde(default)]
+    fingerprint: Option<String>,
 }
 
 /// A finished task waiting for the server's confirmation (`outbox.json`).
@@ -117,7 +120,7 @@ fn default_data_dir() -> Result<PathBuf> {
 
 /// Writes `bytes` to `path` durably (temporary file, fsync, rename), with
 /// mode 0600.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
@@ -179,20 +182,45 @@ pub(crate) fn main(
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .context("failed to build the HTTP client")?;
     let membership_path = data_dir.join("node.json");
-    let membership: Membership = match std::fs::read(&membership_path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is damaged", membership_path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let stored: Option<Membership> = match std::fs::read(&membership_path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is damaged", membership_path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("failed to read {}", membership_path.display()));
+        }
+    };
+    let (fingerprint, secret) = match &stored {
+        Some(m) => (m.fingerprint.clone(), None),
+        None => {
             let token = token.context(
                 "this node has not joined yet: give the join token (--token, from wharf node token create)",
             )?;
-            let (_fingerprint, secret) = wharf_api::fleet::parse_join_token(&token)
+            let (fingerprint, secret) = wharf_api::fleet::parse_join_token(&token)
                 .context("--token is not a join token (WJ1.…, from wharf node token create)")?;
+            (fingerprint, Some(secret))
+        }
+    };
+    let http = match (server.starts_with("https://"), &fingerprint) {
+        (true, Some(fp)) => tokio.block_on(pinned_client(&server, fp, &data_dir))?,
+        (true, None) => bail!(
+            "the join token pins no CA (the server had no TLS when it was made): make a new one on the server, which serves TLS now"
+        ),
+        (false, Some(_)) => {
+            bail!("the join token pins the server's TLS CA: join it at https://, not {server}")
+        }
+        (false, None) => reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("failed to build the HTTP client")?,
+    };
+    let membership = match (stored, secret) {
+        (Some(m), _) => m,
+        (None, secret) => {
+            let secret = secret.expect("a join has a secret");
             let name = match args.name.clone() {
                 Some(n) => n,
                 None => hostname()?,
@@ -202,13 +230,11 @@ pub(crate) fn main(
                 server: server.clone(),
                 name: joined.name,
                 credential: joined.credential,
+                fingerprint,
             };
             write_private(&membership_path, &serde_json::to_vec_pretty(&m)?)?;
             eprintln!("wharf: joined {server} as node {}", m.name);
             m
-        }
-        Err(e) => {
-            return Err(e).with_context(|| format!("failed to read {}", membership_path.display()));
         }
     };
     let runtime = Runtime::new(RuntimeConfig {
@@ -268,6 +294,51 @@ pub(crate) fn main(
         agent.stop_all().await;
         Ok(())
     })
+}
+
+/// A client that trusts only the server's CA, once it matches the join
+/// token's fingerprint: fetched over an unverified connection at first
+/// (the fingerprint is what makes it trustworthy), then kept in the data
+/// directory and checked again at every start.
+async fn pinned_client(
+    server: &str,
+    fingerprint: &str,
+    data_dir: &Path,
+) -> Result<reqwest::Client> {
+    let path = data_dir.join("ca.pem");
+    let pem = match std::fs::read_to_string(&path) {
+        Ok(pem) => pem,
+        Err(_) => {
+            let probe = reqwest::Client::builder()
+                .danger_accept_invalid_certs(true)
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            probe
+                .get(format!("{server}/v1/agent/ca"))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {server}"))?
+                .error_for_status()
+                .context("the server did not give its CA")?
+                .text()
+                .await?
+        }
+    };
+    let got = crate::tls::fingerprint(&pem).context("the server's CA")?;
+    if got != fingerprint {
+        bail!(
+            "the server's CA (sha256 {got}) does not match the join token's ({fingerprint}): refusing to trust {server}"
+        );
+    }
+    write_private(&path, pem.as_bytes())?;
+    Ok(reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(pem.as_bytes()).context("the server's CA")?,
+        )
+        .connect_timeout(Duration::from_secs(10))
+        .build()?)
 }
 
 fn hostname() -> Result<String> {

@@ -36,6 +36,10 @@ pub(crate) struct ApiArgs {
     server: String,
     #[command(flatten)]
     credentials: Credentials,
+    /// The CA certificate (PEM) to trust for an `https://` server, such as
+    /// the server's `DATA_DIR/tls/ca.pem` with `--tls auto`.
+    #[arg(long, global = true, env = "WHARF_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     /// Output format: aligned text for people, the API's JSON for scripts.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub(crate) output: Output,
@@ -58,12 +62,19 @@ impl ApiArgs {
     }
 
     pub(crate) fn client(&self) -> Result<Client> {
+        let mut agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT);
+        if let Some(path) = &self.ca_cert {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+            agent = agent.tls_config(
+                crate::tls::client_trusting(&pem)
+                    .with_context(|| format!("--ca-cert {}", path.display()))?,
+            );
+        }
         Ok(Client {
             base: self.server.trim_end_matches('/').to_owned(),
             token: self.credentials.token()?,
-            agent: ureq::AgentBuilder::new()
-                .timeout_connect(CONNECT_TIMEOUT)
-                .build(),
+            agent: agent.build(),
         })
     }
 }

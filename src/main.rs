@@ -15,6 +15,7 @@ mod server;
 mod service_cmd;
 mod task_cmd;
 mod taskdef_cmd;
+mod tls;
 mod token_cmd;
 
 use std::process::ExitCode;

@@ -66,6 +66,31 @@ pub(crate) struct ServerArgs {
     /// Labels of the server's own node, for placement: KEY=VALUE,...
     #[arg(long, env = "WHARF_NODE_LABELS", default_value = "", value_parser = wharf_api::nodes::parse_labels)]
     node_labels: std::collections::BTreeMap<String, String>,
+    /// TLS on the API and registry listener: `auto` keeps a CA in the data
+    /// directory and signs a server certificate at every start; `off`
+    /// serves plain HTTP, which only a loopback address may do unless
+    /// `--insecure`.
+    #[arg(long, env = "WHARF_TLS", default_value = "off", value_parser = ["off", "auto"])]
+    tls: String,
+    /// The server's certificate chain (PEM; its last certificate is the CA
+    /// join tokens pin), instead of `--tls auto`.
+    #[arg(
+        long,
+        env = "WHARF_TLS_CERT",
+        requires = "tls_key",
+        conflicts_with = "tls"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, env = "WHARF_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Another name or address the `--tls auto` certificate is valid for.
+    #[arg(long = "tls-san", env = "WHARF_TLS_SANS", value_delimiter = ',')]
+    tls_sans: Vec<String>,
+    /// Serve plain HTTP on an address other than loopback (tokens, node
+    /// credentials and secrets then cross the network in the clear).
+    #[arg(long)]
+    insecure: bool,
     /// Run no tasks on this server: a pure control plane for edge nodes
     /// (`wharf node join`).
     #[arg(long, env = "WHARF_NO_LOCAL_NODE")]
@@ -157,6 +182,17 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     let data_dir = crate::paths::data_dir(args.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create {}", data_dir.display()))?;
+    let tls = match (&args.tls_cert, &args.tls_key, args.tls.as_str()) {
+        (Some(cert), Some(key), _) => Some(crate::tls::from_files(cert, key)?),
+        (_, _, "auto") => Some(crate::tls::auto(&data_dir, args.listen, &args.tls_sans)?),
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure {
+        anyhow::bail!(
+            "--listen {} is not loopback and TLS is off: tokens, node credentials and secrets would cross the network in the clear (use --tls auto or --tls-cert/--tls-key, or --insecure to accept it)",
+            args.listen
+        );
+    }
     // Held until the process exits.
     let _lock = crate::paths::lock_data_dir(&data_dir)?;
     let token = admin_token(&data_dir)?;
@@ -196,6 +232,8 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             args.node_timeout
         );
     }
+    config.ca_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    config.ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
     config.heartbeat = args.heartbeat;
     config.node_timeout = args.node_timeout;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -229,21 +267,29 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
         }
         // Scripts and tests wait for this line.
         eprintln!(
-            "wharf: listening on http://{local} (data dir {})",
+            "wharf: listening on {}://{local} (data dir {})",
+            if tls.is_some() { "https" } else { "http" },
             data_dir.display()
         );
+        if let Some(t) = &tls {
+            eprintln!("wharf: CA fingerprint sha256:{}", t.fingerprint);
+        }
         let drainer = api.drainer();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                // Tasks stop first, so requests that follow their logs
-                // finish too; new requests meanwhile are answered (runs
-                // are refused with 409) until the listener closes.
-                eprintln!("wharf: stopping tasks");
-                drainer.drain().await;
-            })
-            .await
-            .context("server failed")?;
+        let shutdown = async move {
+            shutdown_signal().await;
+            // Tasks stop first, so requests that follow their logs
+            // finish too; new requests meanwhile are answered (runs
+            // are refused with 409) until the listener closes.
+            eprintln!("wharf: stopping tasks");
+            drainer.drain().await;
+        };
+        match tls {
+            Some(t) => crate::tls::serve(listener, t.config, app, shutdown).await?,
+            None => axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("server failed")?,
+        }
         api.shutdown().await;
         eprintln!("wharf: stopped");
         Ok(())

@@ -791,7 +791,21 @@ async fn agent_sync(
 pub fn join_router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/agent/join", post(agent_join))
+        .route("/v1/agent/ca", get(agent_ca))
         .with_state(control)
+}
+
+/// The server's CA certificate, public: a joining node checks it against
+/// its join token's fingerprint before it trusts anything else.
+async fn agent_ca(State(c): Ctl) -> Result<Response> {
+    match &c.config.ca_pem {
+        Some(pem) => Ok((
+            [(header::CONTENT_TYPE, "application/x-pem-file")],
+            pem.clone(),
+        )
+            .into_response()),
+        None => Err(ApiError::not_found("this server does not serve TLS")),
+    }
 }
 
 async fn agent_join(

@@ -126,6 +126,9 @@ pub struct ApiConfig {
     /// The SHA-256 of the server's CA certificate (DER, hex), which join
     /// tokens carry so nodes can pin the server (`None`: no TLS).
     pub ca_fingerprint: Option<String>,
+    /// The server's CA certificate (PEM), which nodes fetch at join and
+    /// check against their token's fingerprint (`None`: no TLS).
+    pub ca_pem: Option<String>,
 }
 
 impl ApiConfig {
@@ -155,6 +158,7 @@ impl ApiConfig {
             heartbeat: Duration::from_secs(2),
             node_timeout: Duration::from_secs(10),
             ca_fingerprint: None,
+            ca_pem: None,
         }
     }
 }

@@ -764,3 +764,113 @@ fn nodes_run_on_while_the_server_is_stopped_and_it_takes_their_tasks_back() {
         (logs(&after[0]) > n).then_some(())
     });
 }
+
+#[test]
+fn over_tls_nodes_pin_the_servers_ca_from_the_join_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    // Plain HTTP is for loopback only.
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args([
+            "server",
+            "--listen",
+            "0.0.0.0:0",
+            "--ingress",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("open"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("not loopback and TLS is off"), "{said}");
+
+    // The artifact is pushed first (wharf push speaks plain HTTP to
+    // loopback), then the server comes back with TLS.
+    let s = Server::start_with(&data, &["--no-local-node"]);
+    s.push_sample("hello", Target::P1, "team/hello:v1");
+    register(&s, json!({"family": "hello", "artifact": "team/hello:v1"}));
+    assert!(s.terminate().success());
+    let s = Server::start_with(&data, &["--no-local-node", "--tls", "auto"]);
+    assert!(s.base.starts_with("https://127.0.0.1:"), "{}", s.base);
+    let ca = data.join("tls/ca.pem");
+    let ca_text = std::fs::read_to_string(&ca).unwrap();
+    let b64: String = ca_text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    use base64::Engine as _;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let fingerprint = crate::server::sha256(&der);
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(args)
+            .env("WHARF_SERVER", &s.base)
+            .env("WHARF_TOKEN", &s.token)
+            .output()
+            .unwrap()
+    };
+    // A client that does not trust the CA is refused by TLS itself.
+    let out = cli(&["node", "ls"]);
+    assert!(!out.status.success());
+    let ca_flag = ca.to_str().unwrap();
+    let out = cli(&["node", "token", "create", "--ca-cert", ca_flag]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(
+        token.split('.').nth(1).unwrap(),
+        fingerprint.trim_start_matches("sha256:"),
+        "the token pins the CA"
+    );
+    // A token pinning another CA is refused before anything is sent.
+    let parts: Vec<&str> = token.split('.').collect();
+    let wrong = format!("{}.{}.{}", parts[0], "0".repeat(64), parts[2]);
+    let err = Agent::start(
+        &s,
+        &dir.path().join("w"),
+        Some(&wrong),
+        &["--name", "edge-w"],
+    )
+    .err()
+    .expect("a wrong CA fingerprint is refused");
+    assert!(err.contains("does not match the join token"), "{err}");
+    assert!(!dir.path().join("w/node.json").exists());
+    // The right one joins over TLS, pulls and runs.
+    let _a = Agent::start(
+        &s,
+        &dir.path().join("a"),
+        Some(&token),
+        &["--name", "edge-a"],
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("a/ca.pem")).unwrap(),
+        ca_text
+    );
+    let out = cli(&[
+        "task",
+        "run",
+        "hello",
+        "--wait",
+        "--ca-cert",
+        ca_flag,
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = if t.is_array() { t[0].clone() } else { t };
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+    assert_eq!(t["node"], "edge-a");
+}
