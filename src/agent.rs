@@ -832,6 +832,140 @@ impl Agent {
     }
 }
 
+/// `wharf node install`: the systemd unit and environment file that run
+/// `wharf node join` on this machine as a service.
+#[derive(Debug, Args)]
+pub(crate) struct InstallArgs {
+    #[command(flatten)]
+    join: JoinArgs,
+    /// Where the unit goes.
+    #[arg(long, default_value = "/etc/systemd/system")]
+    unit_dir: PathBuf,
+    /// The environment file the unit reads (mode 0600: it holds the join
+    /// token until the node has joined).
+    #[arg(long, default_value = "/etc/wharf/node.env")]
+    env_file: PathBuf,
+    /// The wharf binary the unit runs (default: this one).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+}
+
+/// The node's data directory under systemd.
+const SERVICE_DATA_DIR: &str = "/var/lib/wharf-node";
+
+/// A value for a systemd environment file, quoted.
+fn env_value(value: &str) -> Result<String> {
+    if value.contains(['\n', '"', '\\']) {
+        bail!("{value:?} cannot go into an environment file");
+    }
+    Ok(format!("\"{value}\""))
+}
+
+pub(crate) fn install(
+    args: InstallArgs,
+    server: &str,
+    token: Option<String>,
+    data_dir: Option<PathBuf>,
+) -> Result<()> {
+    let token = token.context("give the join token (--token, from wharf node token create)")?;
+    wharf_api::fleet::parse_join_token(&token)
+        .context("--token is not a join token (WJ1.…, from wharf node token create)")?;
+    check_transport(server, args.join.insecure)?;
+    let binary = match args.binary {
+        Some(b) => b,
+        None => std::env::current_exe().context("cannot find this binary")?,
+    };
+    let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(SERVICE_DATA_DIR));
+    let mut env = vec![
+        format!("WHARF_SERVER={}", env_value(server)?),
+        format!("WHARF_TOKEN={}", env_value(&token)?),
+        format!(
+            "WHARF_DATA_DIR={}",
+            env_value(&data_dir.display().to_string())?
+        ),
+    ];
+    if let Some(name) = &args.join.name {
+        env.push(format!("WHARF_NODE_NAME={}", env_value(name)?));
+    }
+    if !args.join.labels.is_empty() {
+        let labels: Vec<String> = args
+            .join
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        env.push(format!(
+            "WHARF_NODE_LABELS={}",
+            env_value(&labels.join(","))?
+        ));
+    }
+    if let Some(slots) = args.join.slots {
+        env.push(format!("WHARF_SLOTS={slots}"));
+    }
+    if let Some(budget) = args.join.memory_budget {
+        env.push(format!("WHARF_MEMORY_BUDGET={budget}"));
+    }
+    let insecure = if args.join.insecure {
+        " --insecure"
+    } else {
+        ""
+    };
+    let unit = format!(
+        "[Unit]
+Description=Wharf edge node (wharf node join)
+Documentation=https://github.com/wharf/wharf#edge-nodes
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=exec
+EnvironmentFile={env_file}
+ExecStart={binary} node join{insecure}
+Restart=always
+RestartSec=2
+# The agent stops its tasks and reports their outcomes on SIGTERM.
+KillSignal=SIGTERM
+TimeoutStopSec=30
+LimitNOFILE=65536
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+ReadWritePaths={data_dir}
+
+[Install]
+WantedBy=multi-user.target
+",
+        env_file = args.env_file.display(),
+        binary = binary.display(),
+        data_dir = data_dir.display(),
+    );
+    if let Some(parent) = args.env_file.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    write_private(&args.env_file, format!("{}\n", env.join("\n")).as_bytes())?;
+    std::fs::create_dir_all(&args.unit_dir)
+        .with_context(|| format!("cannot create {}", args.unit_dir.display()))?;
+    let unit_path = args.unit_dir.join("wharf-node.service");
+    std::fs::write(&unit_path, unit)
+        .with_context(|| format!("cannot write {}", unit_path.display()))?;
+    eprintln!(
+        "wharf: wrote {} and {}",
+        unit_path.display(),
+        args.env_file.display()
+    );
+    println!("systemctl daemon-reload && systemctl enable --now wharf-node");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,10 @@ pub(crate) enum NodeCommand {
     /// Run this machine as an edge node of the server (--server URL
     /// --token JOIN_TOKEN; --data-dir keeps its credential and caches).
     Join(crate::agent::JoinArgs),
+    /// Install `wharf node join` as a systemd service on this machine:
+    /// writes the unit and its environment file and prints the
+    /// `systemctl` line that starts it.
+    Install(crate::agent::InstallArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +66,14 @@ pub(crate) enum TokenCommand {
 pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
     if let NodeCommand::Join(args) = command {
         return crate::agent::main(
+            args,
+            api.server(),
+            api.explicit_token(),
+            api.data_dir_flag(),
+        );
+    }
+    if let NodeCommand::Install(args) = command {
+        return crate::agent::install(
             args,
             api.server(),
             api.explicit_token(),
@@ -121,7 +133,7 @@ pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
                 table(["ID", "EXPIRES", "LABELS"], rows);
             },
         ),
-        NodeCommand::Join(_) => unreachable!("handled above"),
+        NodeCommand::Join(_) | NodeCommand::Install(_) => unreachable!("handled above"),
     }
 }
 

@@ -450,9 +450,12 @@ impl Tasks {
         *self.node_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
     }
 
-    /// Tasks that have not stopped.
+    /// Tasks of the local node that have not stopped.
     pub(crate) fn live_count(&self) -> usize {
-        self.live.len()
+        self.live
+            .iter()
+            .filter(|e| Self::is_local(e.value()))
+            .count()
     }
 
     /// The HTTP tasks that take traffic, per service.

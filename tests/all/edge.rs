@@ -308,6 +308,14 @@ fn nodes_join_with_a_token_run_placed_tasks_and_report_output_and_outcomes() {
         Some(json!({"task_definition": "beat"})),
     );
     let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(10), "beat runs on edge-a", || {
+        (node(&s, "edge-a")["running_tasks"] == 1).then_some(())
+    });
+    assert_eq!(
+        node(&s, "local")["running_tasks"],
+        0,
+        "counted where it runs"
+    );
     let out = wharf(&s, &["task", "logs", "--follow", &id]);
     assert!(
         out.status.success(),
@@ -873,4 +881,88 @@ fn over_tls_nodes_pin_the_servers_ca_from_the_join_token() {
     let t = if t.is_array() { t[0].clone() } else { t };
     assert_eq!(t["stop_code"], "Completed", "{t}");
     assert_eq!(t["node"], "edge-a");
+}
+
+#[test]
+fn node_install_writes_a_systemd_unit_that_systemd_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = env!("CARGO_BIN_EXE_wharf");
+    let run = |token: &str| {
+        Command::new(wharf)
+            .args(["node", "install", "--server", "https://wharf.example:7070"])
+            .args([
+                "--token", token, "--name", "edge-1", "--labels", "zone=a", "--slots", "4",
+            ])
+            .arg("--unit-dir")
+            .arg(dir.path().join("units"))
+            .arg("--env-file")
+            .arg(dir.path().join("etc/node.env"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("WHARF_TOKEN")
+            .env_remove("WHARF_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    let out = run("not-a-token");
+    assert!(!out.status.success());
+    assert!(!dir.path().join("units/wharf-node.service").exists());
+    let out = run("WJ1.00ff.wharf_secret");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "systemctl daemon-reload && systemctl enable --now wharf-node"
+    );
+    let unit = dir.path().join("units/wharf-node.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains(&format!("ExecStart={wharf} node join")),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "ReadWritePaths={}",
+        dir.path().join("data").display()
+    )));
+    let env_path = dir.path().join("etc/node.env");
+    let env = std::fs::read_to_string(&env_path).unwrap();
+    for line in [
+        "WHARF_SERVER=\"https://wharf.example:7070\"",
+        "WHARF_TOKEN=\"WJ1.00ff.wharf_secret\"",
+        "WHARF_NODE_NAME=\"edge-1\"",
+        "WHARF_NODE_LABELS=\"zone=a\"",
+        "WHARF_SLOTS=4",
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} in {env}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&env_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the token stays private");
+    }
+    // systemd itself checks the unit (Debian's systemd package).
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // A plain-HTTP server off loopback is refused here too.
+    let out = Command::new(wharf)
+        .args(["node", "install", "--server", "http://10.0.0.5:7070"])
+        .args(["--token", "WJ1.none.wharf_secret"])
+        .arg("--unit-dir")
+        .arg(dir.path().join("units2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"));
 }
