@@ -213,7 +213,7 @@ pub(crate) fn main(
             bail!("the join token pins the server's TLS CA: join it at https://, not {server}")
         }
         (false, None) => reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
             .build()
             .context("failed to build the HTTP client")?,
     };
@@ -337,7 +337,7 @@ async fn pinned_client(
         .add_root_certificate(
             reqwest::Certificate::from_pem(pem.as_bytes()).context("the server's CA")?,
         )
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
         .build()?)
 }
 
@@ -517,7 +517,9 @@ impl Agent {
             .http
             .post(format!("{}/v1/agent/sync", self.base))
             .bearer_auth(&self.credential)
-            .timeout(Duration::from_millis(wait_ms) + Duration::from_secs(20))
+            // A poll answered into a cut link is given up soon, so the node
+            // is back within a heartbeat or two of the link.
+            .timeout(Duration::from_millis(wait_ms) + Duration::from_secs(5))
             .json(&report)
             .send()
             .await?;

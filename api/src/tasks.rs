@@ -106,6 +106,14 @@ pub(crate) struct Tasks {
     no_local_node: bool,
     /// The memory a task without a limit is counted with in placement.
     default_memory: u64,
+    /// Placements one at a time: each sees the tasks placed before it.
+    placing: Mutex<()>,
+}
+
+/// A placed task.
+enum Placed {
+    Local,
+    Remote(Arc<RemoteNode>, mpsc::UnboundedReceiver<Update>),
 }
 
 /// Where placement put a task.
@@ -265,6 +273,7 @@ impl Tasks {
             fleet,
             no_local_node,
             default_memory,
+            placing: Mutex::new(()),
         }
     }
 
@@ -454,7 +463,7 @@ impl Tasks {
     pub(crate) fn live_count(&self) -> usize {
         self.live
             .iter()
-            .filter(|e| Self::is_local(e.value()))
+            .filter(|e| e.state.lock().expect("task lock").task.node == LOCAL_NODE)
             .count()
     }
 
@@ -477,7 +486,8 @@ impl Tasks {
             family: def.family.clone(),
             service: launch.service.clone(),
             deployment_id: launch.deployment_id.clone(),
-            node: LOCAL_NODE.into(),
+            // Set when the task is placed.
+            node: String::new(),
             status: TaskStatus::Provisioning,
             desired_status: TaskStatus::Running,
             stop_code: None,
@@ -548,16 +558,34 @@ impl Tasks {
     async fn drive(self: Arc<Self>, entry: Arc<TaskEntry>, launch: Launch, accepted: Instant) {
         let def = &launch.def;
         let memory = launch.limits.memory_bytes.unwrap_or(self.default_memory);
-        let placed = self.place(def, launch.service.as_deref(), memory);
-        if let Some(service) = &launch.service {
-            let id = entry.state.lock().expect("task lock").task.id.clone();
-            let message = match &placed {
-                Ok(Target::Local) => {
-                    format!("service {service} placed task {id} on node {LOCAL_NODE}")
-                }
+        // Placed and held under one lock, so the next placement counts it.
+        let placed = {
+            let _one = self.placing.lock().unwrap_or_else(|p| p.into_inner());
+            match self.place(def, launch.service.as_deref(), memory) {
                 Ok(Target::Remote(node)) => {
-                    format!("service {service} placed task {id} on node {}", node.name)
+                    match self.hold_remote(&entry, &launch, &node, memory) {
+                        Some(rx) => Ok(Placed::Remote(node, rx)),
+                        None => Err(node
+                            .lost_reason()
+                            .unwrap_or_else(|| format!("node {} was lost", node.name))),
+                    }
                 }
+                Ok(Target::Local) => {
+                    let mut st = entry.state.lock().expect("task lock");
+                    st.task.node = LOCAL_NODE.into();
+                    self.writer.send(Write::Task(Box::new(st.task.clone())));
+                    Ok(Placed::Local)
+                }
+                Err(why) => Err(why),
+            }
+        };
+        if let Some(service) = &launch.service {
+            let (id, node) = {
+                let st = entry.state.lock().expect("task lock");
+                (st.task.id.clone(), st.task.node.clone())
+            };
+            let message = match &placed {
+                Ok(_) => format!("service {service} placed task {id} on node {node}"),
                 Err(why) => format!("service {service} cannot place task {id}: {why}"),
             };
             self.writer.send(Write::Event {
@@ -571,12 +599,10 @@ impl Tasks {
                 let outcome = Outcome::not_started(StopCode::FailedToStart, message);
                 return self.finish(&entry, outcome).await;
             }
-            Ok(Target::Remote(node)) => {
-                return self
-                    .drive_remote(entry, launch, node, memory, accepted)
-                    .await;
+            Ok(Placed::Remote(node, rx)) => {
+                return self.follow_remote(entry, node, rx, accepted).await;
             }
-            Ok(Target::Local) => {}
+            Ok(Placed::Local) => {}
         }
         let early = entry
             .state
@@ -649,18 +675,17 @@ impl Tasks {
         self.finish(&entry, outcome).await;
     }
 
-    /// A task placed on an edge node: the node is handed its assignment
-    /// and runs it; this driver follows what the node reports (status,
-    /// output, outcome), passes a stop on, and finishes the task
-    /// `NodeLost` if the node is lost or removed first.
-    async fn drive_remote(
-        self: Arc<Self>,
-        entry: Arc<TaskEntry>,
-        launch: Launch,
-        node: Arc<RemoteNode>,
+    /// Hands a task placed on an edge node its assignment (the node runs
+    /// it); `None` if the node was lost meanwhile. The driver then follows
+    /// what the node reports (status, output, outcome), passes a stop on,
+    /// and finishes the task `NodeLost` if the node is lost or removed.
+    fn hold_remote(
+        &self,
+        entry: &TaskEntry,
+        launch: &Launch,
+        node: &RemoteNode,
         memory: u64,
-        accepted: Instant,
-    ) {
+    ) -> Option<mpsc::UnboundedReceiver<Update>> {
         let def = &launch.def;
         let repository = match crate::artifacts::ArtifactRef::parse(&def.artifact) {
             Ok(crate::artifacts::ArtifactRef::Local { name, .. }) => name.as_str().to_owned(),
@@ -684,38 +709,29 @@ impl Tasks {
             limits: launch.limits,
             service: launch.service.clone(),
         };
-        self.follow_remote(entry, node, Some(assignment), memory, repository, accepted)
-            .await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        node.hold(
+            &task_id,
+            Some(assignment),
+            memory,
+            launch.service.clone(),
+            repository,
+            tx,
+        )
+        .then_some(rx)
     }
 
     async fn follow_remote(
         self: Arc<Self>,
         entry: Arc<TaskEntry>,
         node: Arc<RemoteNode>,
-        assignment: Option<Assignment>,
-        memory: u64,
-        repository: String,
+        mut rx: mpsc::UnboundedReceiver<Update>,
         accepted: Instant,
     ) {
         let (task_id, service) = {
             let st = entry.state.lock().expect("task lock");
             (st.task.id.clone(), st.task.service.clone())
         };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        if !node.hold(
-            &task_id,
-            assignment,
-            memory,
-            service.clone(),
-            repository,
-            tx,
-        ) {
-            let why = node
-                .lost_reason()
-                .unwrap_or_else(|| format!("node {} was lost", node.name));
-            let outcome = Outcome::not_started(StopCode::NodeLost, why);
-            return self.finish(&entry, outcome).await;
-        }
         let stop = entry
             .state
             .lock()
@@ -799,14 +815,10 @@ impl Tasks {
             .tasks
             .with_label_values(&[task.status.as_str()])
             .inc();
-        self.executor.spawn_beside(self.clone().follow_remote(
-            entry,
-            node,
-            None,
-            memory,
-            repository,
-            Instant::now(),
-        ));
+        let (tx, rx) = mpsc::unbounded_channel();
+        node.hold(&task.id, None, memory, task.service.clone(), repository, tx);
+        self.executor
+            .spawn_beside(self.clone().follow_remote(entry, node, rx, Instant::now()));
     }
 
     /// An HTTP task: a server slot that holds the component's
@@ -1076,7 +1088,8 @@ impl Tasks {
 
     /// Whether a live task runs on this server (not on an edge node).
     fn is_local(entry: &TaskEntry) -> bool {
-        entry.state.lock().expect("task lock").task.node == LOCAL_NODE
+        let node = &entry.state.lock().expect("task lock").task.node;
+        node == LOCAL_NODE || node.is_empty()
     }
 
     /// The nodes operators are draining: their service tasks move.

@@ -30,8 +30,27 @@ impl Agent {
         token: Option<&str>,
         extra: &[&str],
     ) -> std::result::Result<Agent, String> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
-        cmd.args(["node", "join", "--server", &s.base, "--data-dir"])
+        Agent::start_in(&[], &s.base, data, token, extra)
+    }
+
+    /// Starts an agent under `prefix` (such as `ip netns exec NS`) that
+    /// joins `server`.
+    pub(crate) fn start_in(
+        prefix: &[&str],
+        server: &str,
+        data: &Path,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> std::result::Result<Agent, String> {
+        let mut cmd = match prefix {
+            [] => Command::new(env!("CARGO_BIN_EXE_wharf")),
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_wharf"));
+                c
+            }
+        };
+        cmd.args(["node", "join", "--server", server, "--data-dir"])
             .arg(data)
             .args(extra)
             .env_remove("WHARF_TOKEN")
@@ -965,4 +984,198 @@ fn node_install_writes_a_systemd_unit_that_systemd_accepts() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure"));
+}
+
+/// A network namespace with a veth pair to the host, removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Netns {
+    fn create() -> Option<Netns> {
+        let id = std::process::id() % 10_000;
+        let n = Netns {
+            name: format!("wharf-{id}"),
+            host_if: format!("wh{id}h"),
+            host_ip: format!("10.231.{}.1", id % 250),
+        };
+        let node_if = format!("wh{id}n");
+        let node_ip = format!("10.231.{}.2/24", id % 250);
+        let ok = ip(&["netns", "add", &n.name])
+            && ip(&[
+                "link", "add", &n.host_if, "type", "veth", "peer", "name", &node_if,
+            ])
+            && ip(&["link", "set", &node_if, "netns", &n.name])
+            && ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", n.host_ip),
+                "dev",
+                &n.host_if,
+            ])
+            && ip(&["link", "set", &n.host_if, "up"])
+            && ip(&[
+                "netns", "exec", &n.name, "ip", "addr", "add", &node_ip, "dev", &node_if,
+            ])
+            && ip(&[
+                "netns", "exec", &n.name, "ip", "link", "set", &node_if, "up",
+            ])
+            && ip(&["netns", "exec", &n.name, "ip", "link", "set", "lo", "up"]);
+        ok.then_some(n)
+    }
+
+    /// Cuts (or restores) the node's link.
+    fn link(&self, up: bool) {
+        assert!(ip(&[
+            "link",
+            "set",
+            &self.host_if,
+            if up { "up" } else { "down" }
+        ]));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip(&["link", "del", &self.host_if]);
+        ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The numbers of `heartbeat N` lines of a task's output.
+fn beats(s: &Server, id: &str) -> Vec<u64> {
+    let logs = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
+    logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["text"].as_str()?.strip_prefix("heartbeat ")?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_node_cut_off_by_the_network_runs_on_and_is_reconciled_when_the_link_returns() {
+    let netns = Netns::create();
+    if !crate::server::require("ip netns (root)", netns.is_some()) {
+        return;
+    }
+    let netns = netns.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // On every address: the far node reaches it through the veth pair,
+    // `wharf push` (plain HTTP to loopback only) through 127.0.0.1.
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let s = Server::start_with(
+        &dir.path().join("server"),
+        &[
+            "--listen",
+            &listen,
+            "--insecure",
+            "--no-local-node",
+            "--heartbeat",
+            "500ms",
+        ],
+    );
+    let pushed = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("push")
+        .arg(wharf_testkit::wasm("heartbeat", Target::P1))
+        .arg(format!("127.0.0.1:{port}/team/beat:v1"))
+        .env("WHARF_TOKEN", &s.token)
+        .env("WHARF_SERVER", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let far_url = format!("http://{}:{port}", netns.host_ip);
+    let token = join_token(&s, &[]);
+    let _far = Agent::start_in(
+        &["ip", "netns", "exec", &netns.name],
+        &far_url,
+        &dir.path().join("far"),
+        Some(&token),
+        &["--name", "edge-far", "--labels", "site=far", "--insecure"],
+    )
+    .unwrap();
+    let _near = Agent::start_in(
+        &[],
+        &far_url,
+        &dir.path().join("near"),
+        Some(&token),
+        &["--name", "edge-near", "--labels", "site=near", "--insecure"],
+    )
+    .unwrap();
+    register(
+        &s,
+        json!({"family": "far", "artifact": "team/beat:v1", "args": ["100"],
+               "placement": {"constraints": ["site == far"]}}),
+    );
+    let r = s.api("POST", "/v1/tasks", Some(json!({"task_definition": "far"})));
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(20), "output from the far node", || {
+        (beats(&s, &id).len() >= 5).then_some(())
+    });
+    // A cut shorter than the node timeout: the task runs on, and its
+    // output from the cut arrives when the link returns, with no gap.
+    let before = beats(&s, &id).len();
+    netns.link(false);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(node(&s, "edge-far")["status"], "READY");
+    netns.link(true);
+    let seen = eventually(Duration::from_secs(20), "the output of the cut", || {
+        let b = beats(&s, &id);
+        (b.len() >= before + 40).then_some(b)
+    });
+    assert!(
+        seen.iter().enumerate().all(|(i, n)| i as u64 == *n),
+        "a gap in {seen:?}"
+    );
+    assert_eq!(
+        s.api("GET", &format!("/v1/tasks/{id}"), None).json()["status"],
+        "RUNNING"
+    );
+
+    // A cut longer than the timeout: the far node is lost and its service
+    // task runs on the near node; back, the far node stops its old task.
+    register(
+        &s,
+        json!({"family": "svc", "artifact": "team/beat:v1", "args": ["200"],
+               "placement": {"constraints": ["site in [far, near]"]}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "svc", "task_definition": "svc", "desired_count": 2})),
+    );
+    assert_eq!(r.status, 201);
+    converged(&s, "svc", 2);
+    assert_eq!(nodes_of(&tasks_of(&s, "svc")), ["edge-far", "edge-near"]);
+    netns.link(false);
+    eventually(Duration::from_secs(30), "svc runs on the near node", || {
+        (nodes_of(&tasks_of(&s, "svc")) == ["edge-near", "edge-near"]).then_some(())
+    });
+    assert_eq!(node(&s, "edge-far")["status"], "LOST");
+    assert_eq!(s.wait_stopped(&id)["stop_code"], "NodeLost");
+    netns.link(true);
+    eventually(
+        Duration::from_secs(30),
+        "the far node back, running nothing",
+        || {
+            let n = node(&s, "edge-far");
+            (n["status"] == "READY" && n["free"]["slots"] == n["capacity"]["slots"]).then_some(())
+        },
+    );
+    converged(&s, "svc", 2);
+    assert_eq!(nodes_of(&tasks_of(&s, "svc")), ["edge-near", "edge-near"]);
 }
