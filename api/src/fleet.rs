@@ -215,12 +215,54 @@ struct Held {
 struct NodeBook {
     status: NodeStatus,
     lost: Option<String>,
-    labels: BTreeMap<String, String>,
+    labels: Arc<BTreeMap<String, String>>,
     info: Option<NodeInfo>,
+    /// The interfaces of `info`, shared with placement.
+    interfaces: Arc<Vec<String>>,
+    /// Memory reserved by the tasks held, and their count per service
+    /// (kept as tasks come and go: placement reads them per node).
+    reserved: u64,
+    by_service: HashMap<String, u64>,
     last_seen: Instant,
     last_heartbeat: Option<String>,
     seq: u64,
     held: HashMap<String, Held>,
+}
+
+impl NodeBook {
+    fn insert(&mut self, id: String, held: Held) {
+        self.reserved += held.memory;
+        if let Some(s) = &held.service {
+            *self.by_service.entry(s.clone()).or_insert(0) += 1;
+        }
+        if let Some(old) = self.held.insert(id, held) {
+            self.forget(&old);
+        }
+    }
+
+    fn take(&mut self, id: &str) -> Option<Held> {
+        let held = self.held.remove(id)?;
+        self.forget(&held);
+        Some(held)
+    }
+
+    fn forget(&mut self, held: &Held) {
+        self.reserved = self.reserved.saturating_sub(held.memory);
+        if let Some(s) = &held.service
+            && let Some(n) = self.by_service.get_mut(s)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_service.remove(s);
+            }
+        }
+    }
+
+    fn clear(&mut self) -> HashMap<String, Held> {
+        self.reserved = 0;
+        self.by_service.clear();
+        std::mem::take(&mut self.held)
+    }
 }
 
 /// An edge node as the server sees it.
@@ -236,13 +278,14 @@ pub(crate) struct RemoteNode {
 pub(crate) struct Candidate {
     pub(crate) name: String,
     pub(crate) status: NodeStatus,
-    pub(crate) labels: BTreeMap<String, String>,
-    pub(crate) interfaces: Vec<String>,
+    pub(crate) labels: Arc<BTreeMap<String, String>>,
+    pub(crate) interfaces: Arc<Vec<String>>,
     pub(crate) free_slots: u64,
     /// Memory not reserved by tasks placed on it (`None`: no budget).
     pub(crate) free_memory: Option<u64>,
     pub(crate) tasks: u64,
-    pub(crate) service_tasks: HashMap<String, u64>,
+    /// Tasks of the service being placed.
+    pub(crate) service_tasks: u64,
 }
 
 impl RemoteNode {
@@ -268,7 +311,7 @@ impl RemoteNode {
         book.seq += 1;
         let seq = book.seq;
         let acknowledged = assignment.is_none();
-        book.held.insert(
+        book.insert(
             task_id.to_owned(),
             Held {
                 seq,
@@ -297,7 +340,7 @@ impl RemoteNode {
 
     /// Forgets a task (its driver finished it).
     pub(crate) fn release(&self, task_id: &str) {
-        self.lock().held.remove(task_id);
+        self.lock().take(task_id);
     }
 
     /// Why the node was lost, if it was.
@@ -318,7 +361,7 @@ impl RemoteNode {
     pub(crate) fn view(&self) -> model::Node {
         let book = self.lock();
         let info = book.info.clone().unwrap_or_default();
-        let reserved: u64 = book.held.values().map(|h| h.memory).sum();
+        let reserved = book.reserved;
         model::Node {
             name: self.name.clone(),
             status: if book.lost.is_some() {
@@ -327,7 +370,7 @@ impl RemoteNode {
                 book.status
             },
             local: false,
-            labels: book.labels.clone(),
+            labels: (*book.labels).clone(),
             capacity: model::NodeResources {
                 slots: info.slots,
                 memory_bytes: info.memory_bytes,
@@ -351,17 +394,11 @@ impl RemoteNode {
         }
     }
 
-    /// The node for placement, `None` before its first report.
-    pub(crate) fn candidate(&self) -> Option<Candidate> {
+    /// The node for placement (counting the tasks of `service`), `None`
+    /// before its first report.
+    pub(crate) fn candidate(&self, service: Option<&str>) -> Option<Candidate> {
         let book = self.lock();
         let info = book.info.as_ref()?;
-        let reserved: u64 = book.held.values().map(|h| h.memory).sum();
-        let mut service_tasks = HashMap::new();
-        for h in book.held.values() {
-            if let Some(s) = &h.service {
-                *service_tasks.entry(s.clone()).or_insert(0) += 1;
-            }
-        }
         Some(Candidate {
             name: self.name.clone(),
             status: if book.lost.is_some() {
@@ -370,11 +407,11 @@ impl RemoteNode {
                 book.status
             },
             labels: book.labels.clone(),
-            interfaces: info.wasi_interfaces.clone(),
+            interfaces: book.interfaces.clone(),
             free_slots: info.slots.saturating_sub(book.held.len() as u64),
-            free_memory: info.memory_bytes.map(|m| m.saturating_sub(reserved)),
+            free_memory: info.memory_bytes.map(|m| m.saturating_sub(book.reserved)),
             tasks: book.held.len() as u64,
-            service_tasks,
+            service_tasks: service.map_or(0, |s| book.by_service.get(s).copied().unwrap_or(0)),
         })
     }
 
@@ -391,8 +428,7 @@ impl RemoteNode {
             return 0;
         }
         book.lost = Some(why);
-        let held = std::mem::take(&mut book.held);
-        held.len()
+        book.clear().len()
     }
 
     /// Processes a report: the heartbeat, statuses, log lines, outcomes.
@@ -407,6 +443,9 @@ impl RemoteNode {
         let mut book = self.lock();
         book.last_seen = Instant::now();
         book.last_heartbeat = Some(model::now());
+        if *book.interfaces != report.info.wasi_interfaces {
+            book.interfaces = Arc::new(report.info.wasi_interfaces.clone());
+        }
         book.info = Some(report.info.clone());
         if let Some(why) = book.lost.take() {
             tracing::warn!(node = %self.name, was = %why, "a lost node is back");
@@ -473,7 +512,7 @@ impl RemoteNode {
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
-            if let Some(h) = book.held.remove(&id) {
+            if let Some(h) = book.take(&id) {
                 let mut outcome = Outcome::not_started(
                     wharf_runtime::StopCode::NodeLost,
                     format!("node {} no longer runs it (the node restarted)", self.name),
@@ -565,8 +604,11 @@ impl Fleet {
             book: Mutex::new(NodeBook {
                 status,
                 lost: None,
-                labels,
+                labels: Arc::new(labels),
                 info: None,
+                interfaces: Arc::default(),
+                reserved: 0,
+                by_service: HashMap::new(),
                 last_seen: Instant::now(),
                 last_heartbeat: None,
                 seq: 0,
@@ -590,6 +632,12 @@ impl Fleet {
         self.nodes.get(name).map(|n| n.clone())
     }
 
+    /// Every node, in no order (placement's view).
+    pub(crate) fn each(&self) -> Vec<Arc<RemoteNode>> {
+        self.nodes.iter().map(|n| n.value().clone()).collect()
+    }
+
+    /// Every node, by name.
     pub(crate) fn all(&self) -> Vec<Arc<RemoteNode>> {
         let mut nodes: Vec<_> = self.nodes.iter().map(|n| n.value().clone()).collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));

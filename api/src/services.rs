@@ -614,6 +614,19 @@ impl Control {
             return;
         }
         let message = task.message.as_deref().filter(|m| !m.is_empty());
+        // A lost node is not the task's failure: it is started elsewhere
+        // at once, without a backoff or a vote for the circuit breaker.
+        if code == StopCode::NodeLost.as_str() {
+            self.event(
+                name,
+                format!(
+                    "service {name} task {} stopped: NodeLost ({}); starting a replacement",
+                    task.id,
+                    message.unwrap_or("its node was lost")
+                ),
+            );
+            return;
+        }
         self.event(
             name,
             match message {

@@ -160,11 +160,9 @@ impl Strategy {
 fn pick<'a>(
     candidates: &[&'a Candidate],
     strategy: &Strategy,
-    service: Option<&str>,
     memory: u64,
 ) -> Option<&'a Candidate> {
-    let of_service =
-        |c: &Candidate| service.map_or(0, |s| c.service_tasks.get(s).copied().unwrap_or(0));
+    let of_service = |c: &Candidate| c.service_tasks;
     match strategy {
         Strategy::Binpack => {
             let fits = |c: &&&Candidate| c.free_memory.is_none_or(|m| m >= memory);
@@ -179,7 +177,7 @@ fn pick<'a>(
                     )
                 })
                 .copied()
-                .or_else(|| pick(candidates, &Strategy::Spread(None), service, memory))
+                .or_else(|| pick(candidates, &Strategy::Spread(None), memory))
         }
         Strategy::Spread(label) => {
             let group = |c: &Candidate| -> u64 {
@@ -282,34 +280,37 @@ impl Tasks {
         &self.fleet
     }
 
-    /// The local node for placement.
-    fn local_candidate(&self) -> Candidate {
+    /// The local node for placement (counting the tasks of `service`).
+    fn local_candidate(&self, service: Option<&str>) -> Candidate {
         let stats = self.executor.stats();
         let slots = self.executor.slots() as u64;
         let mut tasks = 0;
-        let mut service_tasks = std::collections::HashMap::new();
+        let mut service_tasks = 0;
         for e in &self.live {
             let st = e.state.lock().expect("task lock");
             if st.task.node != LOCAL_NODE {
                 continue;
             }
             tasks += 1;
-            if let Some(s) = &st.task.service {
-                *service_tasks.entry(s.clone()).or_insert(0) += 1;
+            if service.is_some() && st.task.service.as_deref() == service {
+                service_tasks += 1;
             }
         }
         Candidate {
             name: LOCAL_NODE.into(),
             status: self.node_status(),
-            labels: self
-                .node_labels
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            interfaces: wharf_runtime::PROVIDED_INTERFACES
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
+            labels: Arc::new(
+                self.node_labels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            ),
+            interfaces: Arc::new(
+                wharf_runtime::PROVIDED_INTERFACES
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+            ),
             free_slots: slots.saturating_sub(tasks),
             free_memory: self
                 .executor
@@ -331,7 +332,7 @@ impl Tasks {
     ) -> std::result::Result<Target, String> {
         let mut candidates = Vec::new();
         if !self.no_local_node {
-            candidates.push(self.local_candidate());
+            candidates.push(self.local_candidate(service));
         }
         // Edge nodes run command tasks of the built-in registry (HTTP
         // services and other registries' artifacts stay on the server).
@@ -342,8 +343,8 @@ impl Tasks {
             );
         let mut remote = std::collections::HashMap::new();
         if remote_ok {
-            for node in self.fleet.all() {
-                if let Some(c) = node.candidate() {
+            for node in self.fleet.each() {
+                if let Some(c) = node.candidate(service) {
                     remote.insert(c.name.clone(), node);
                     candidates.push(c);
                 }
@@ -437,7 +438,7 @@ impl Tasks {
             .as_deref()
             .and_then(|s| Strategy::parse(s).ok())
             .unwrap_or(Strategy::Spread(None));
-        let chosen = pick(&fitting, &strategy, service, memory).unwrap_or(fitting[0]);
+        let chosen = pick(&fitting, &strategy, memory).unwrap_or(fitting[0]);
         Ok(match remote.remove(&chosen.name) {
             Some(node) => Target::Remote(node),
             None => Target::Local,

@@ -541,6 +541,10 @@ fn a_killed_node_is_lost_its_service_tasks_run_elsewhere_and_it_reattaches() {
     assert!(elapsed < Duration::from_secs(3 + 8), "{elapsed:?}");
     assert_eq!(node(&s, "edge-a")["status"], "LOST");
     assert_eq!(service(&s, "beat")["running_count"], 4);
+    // A lost node is not the tasks' failure: no backoff.
+    let events = crate::server::events(&s, "beat").join("\n");
+    assert!(events.contains("stopped: NodeLost"), "{events}");
+    assert!(!events.contains("consecutive failures"), "{events}");
     // Restarted, it reattaches with its credential (no token) and caches.
     let _a = Agent::start(&s, &dir.path().join("a"), None, &[]).unwrap();
     eventually(Duration::from_secs(10), "edge-a is back", || {
