@@ -397,7 +397,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!(
-        "loss: {} tasks of a silent node RUNNING elsewhere {:.2}s after its last sync (node timeout {timeout})",
+        "loss: {} tasks of a silent node RUNNING elsewhere {:.2}s after its agent stopped (node timeout {timeout}; its last heartbeat was up to one heartbeat earlier)",
         held.len(),
         t0.elapsed().as_secs_f64()
     );
