@@ -301,7 +301,8 @@ impl Api {
                     .default_memory
                     .unwrap_or(control.config.max_task_memory),
             );
-            control.tasks.adopt(task, memory);
+            let logs = control.store.task_logs(&task.id).await?;
+            control.tasks.adopt(task, memory, logs);
         }
         control
             .load_services()

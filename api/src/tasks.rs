@@ -789,7 +789,7 @@ impl Tasks {
     /// Takes back, after a restart, a task an edge node was running: its
     /// record is live again and follows what the node reports (or stops
     /// `NodeLost` if the node does not come back in time).
-    pub(crate) fn adopt(self: &Arc<Self>, task: Task, memory: u64) {
+    pub(crate) fn adopt(self: &Arc<Self>, task: Task, memory: u64, logs: Option<LogPage>) {
         let Some(node) = self.fleet.get(&task.node) else {
             return;
         };
@@ -811,6 +811,17 @@ impl Tasks {
             status,
             http: OnceLock::new(),
         });
+        // The output kept at the last shutdown comes first.
+        for line in logs.map(|p| p.lines).unwrap_or_default() {
+            let stream = if line.stream == "stderr" {
+                wharf_runtime::Stream::Stderr
+            } else {
+                wharf_runtime::Stream::Stdout
+            };
+            entry
+                .logs
+                .write(stream, format!("{}\n", line.text).as_bytes());
+        }
         self.live.insert(task.id.clone(), entry.clone());
         self.metrics
             .tasks
@@ -1135,6 +1146,16 @@ impl Tasks {
         let deadline = Instant::now() + grace;
         while self.live.iter().any(|e| Self::is_local(e.value())) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The output the edge nodes' tasks have sent so far is kept for
+        // the next start, which takes the tasks back.
+        for e in &self.live {
+            if Self::is_local(e.value()) {
+                continue;
+            }
+            let page = convert_page(e.logs.read_from(0, usize::MAX));
+            self.writer
+                .send(Write::TaskLogs(e.key().clone(), Box::new(page)));
         }
     }
 

@@ -771,6 +771,10 @@ fn nodes_run_on_while_the_server_is_stopped_and_it_takes_their_tasks_back() {
     let t = s.wait_stopped(&short);
     assert_eq!(t["stop_code"], "Completed", "{t}");
     assert_eq!(t["exit_code"], 0);
+    // Its output is whole: before the stop (kept at shutdown), during
+    // (held by the node), after.
+    let all = beats(&s, &short);
+    assert_eq!(all, (0..80).collect::<Vec<u64>>());
     assert!(t["fuel_consumed"].as_u64().unwrap() > 0, "{t}");
     let svc = converged(&s, "beat", 2);
     assert_eq!(svc["running_count"], 2);
