@@ -438,7 +438,15 @@ impl Tasks {
             .as_deref()
             .and_then(|s| Strategy::parse(s).ok())
             .unwrap_or(Strategy::Spread(None));
-        let chosen = pick(&fitting, &strategy, memory).unwrap_or(fitting[0]);
+        // Nodes with room for it first; when none has, it waits on one
+        // (PENDING) as a full node's tasks do.
+        let roomy: Vec<&Candidate> = fitting
+            .iter()
+            .copied()
+            .filter(|c| c.free_slots > 0 && c.free_memory.is_none_or(|m| m >= memory))
+            .collect();
+        let pool = if roomy.is_empty() { &fitting } else { &roomy };
+        let chosen = pick(pool, &strategy, memory).unwrap_or(pool[0]);
         Ok(match remote.remove(&chosen.name) {
             Some(node) => Target::Remote(node),
             None => Target::Local,

@@ -1187,3 +1187,99 @@ fn a_node_cut_off_by_the_network_runs_on_and_is_reconciled_when_the_link_returns
     converged(&s, "svc", 2);
     assert_eq!(nodes_of(&tasks_of(&s, "svc")), ["edge-near", "edge-near"]);
 }
+
+#[test]
+fn binpack_fills_the_fullest_node_that_fits_and_spread_by_label_balances_zones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&dir.path().join("server"), &["--no-local-node"]);
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    let token = join_token(&s, &[]);
+    let nodes: Vec<Agent> = [
+        ("small", "a", "1GiB"),
+        ("large", "a", "4GiB"),
+        ("other", "b", "4GiB"),
+    ]
+    .iter()
+    .map(|(name, zone, memory)| {
+        Agent::start(
+            &s,
+            &dir.path().join(name),
+            Some(&token),
+            &[
+                "--name",
+                name,
+                "--labels",
+                &format!("zone={zone}"),
+                "--memory-budget",
+                memory,
+            ],
+        )
+        .unwrap()
+    })
+    .collect();
+    assert_eq!(nodes.len(), 3);
+    eventually(Duration::from_secs(10), "three nodes report", || {
+        let listed = s.api("GET", "/v1/nodes", None).json();
+        let n = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
+            .count();
+        (n == 3).then_some(())
+    });
+    // binpack: the node with the least free memory that still fits.
+    register(
+        &s,
+        json!({"family": "packed", "artifact": "team/beat:v1", "args": ["500"],
+               "limits": {"memory": "256MiB"}, "placement": {"strategy": "binpack"}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "packed", "task_definition": "packed", "desired_count": 5})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    converged(&s, "packed", 5);
+    // 1 GiB holds four 256 MiB tasks; the fifth goes to the next fullest.
+    let placed = nodes_of(&tasks_of(&s, "packed"));
+    assert_eq!(
+        placed.iter().filter(|n| *n == "small").count(),
+        4,
+        "{placed:?}"
+    );
+    assert_eq!(node(&s, "small")["free"]["memory_bytes"], 0);
+    // spread(zone): zone a (two nodes) and zone b (one) get two tasks each.
+    register(
+        &s,
+        json!({"family": "zoned", "artifact": "team/beat:v1", "args": ["500"],
+               "placement": {"strategy": "spread(zone)"}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "zoned", "task_definition": "zoned", "desired_count": 4})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    converged(&s, "zoned", 4);
+    let placed = nodes_of(&tasks_of(&s, "zoned"));
+    assert_eq!(
+        placed.iter().filter(|n| *n == "other").count(),
+        2,
+        "{placed:?}"
+    );
+    // A strategy that is not one is refused at registration.
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "bad", "artifact": "team/beat:v1",
+                    "placement": {"strategy": "random"}})),
+    );
+    assert_eq!(r.status, 422, "{r:?}");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("placement.strategy")
+    );
+}
