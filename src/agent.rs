@@ -34,6 +34,11 @@ const MAX_WASM_BYTES: u64 = 256 << 20;
 /// How long to wait before trying the server again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// The first delay before a node restarts a failed service task while the
+/// server is out of reach; it doubles up to [`MAX_RESTART_BACKOFF`].
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
+
 /// Output retained per task on the node until the server has it.
 const LOG_RETENTION: usize = 256 << 10;
 
@@ -101,6 +106,10 @@ struct Agent {
     seen: AtomicU64,
     heartbeat_ms: AtomicU64,
     changed: Notify,
+    /// When the server last answered a sync.
+    last_answer: Mutex<std::time::Instant>,
+    /// Woken when the server answers again after a cut.
+    reconnected: Notify,
     /// A task's status moved since the last push.
     moved: std::sync::atomic::AtomicBool,
     /// Pulls of one digest at a time.
@@ -273,6 +282,8 @@ pub(crate) fn main(
         heartbeat_ms: AtomicU64::new(2000),
         changed: Notify::new(),
         moved: std::sync::atomic::AtomicBool::new(false),
+        last_answer: Mutex::new(std::time::Instant::now()),
+        reconnected: Notify::new(),
         pulling: tokio::sync::Mutex::new(()),
     });
     agent.load_outbox()?;
@@ -532,6 +543,11 @@ impl Agent {
             );
         }
         let answer: SyncResponse = response.json().await?;
+        let was_cut_off = self.cut_off();
+        *self.last_answer.lock().expect("answer lock") = std::time::Instant::now();
+        if was_cut_off {
+            self.reconnected.notify_waiters();
+        }
         self.apply(answer, upto);
         Ok(())
     }
@@ -638,6 +654,14 @@ impl Agent {
         }
     }
 
+    /// Whether the server is out of reach: no answer for two heartbeats
+    /// and a second (a healthy node hears back at least every heartbeat).
+    fn cut_off(&self) -> bool {
+        let heartbeat = Duration::from_millis(self.heartbeat_ms.load(Ordering::Acquire));
+        self.last_answer.lock().expect("answer lock").elapsed()
+            > heartbeat * 2 + Duration::from_secs(1)
+    }
+
     fn set_status(&self, id: &str, status: TaskStatus, started_at: Option<String>) {
         if let Some(t) = self.tasks.lock().expect("tasks lock").get_mut(id) {
             t.status = status;
@@ -651,7 +675,41 @@ impl Agent {
 
     /// Runs one assignment to its end and puts its outcome in the outbox.
     async fn run(self: Arc<Self>, a: Assignment, logs: Arc<LogBuffer>, stop: Arc<StopSignal>) {
-        let outcome = self.execute(&a, &logs, &stop).await;
+        // While the server is out of reach, a service task that fails is
+        // restarted here, with backoff (the server would replace it, but
+        // cannot be told); once the server answers, the outcome goes to it.
+        let mut attempt = 0u32;
+        let outcome = loop {
+            let outcome = self.execute(&a, &logs, &stop).await;
+            let failed = !matches!(
+                outcome.stop_code,
+                StopCode::Completed | StopCode::UserStopped
+            );
+            let reconnected = self.reconnected.notified();
+            if !failed || a.service.is_none() || stop.is_stopped() || !self.cut_off() {
+                break outcome;
+            }
+            attempt += 1;
+            logs.reopen();
+            let delay = RESTART_BACKOFF
+                .saturating_mul(1 << (attempt - 1).min(6))
+                .min(MAX_RESTART_BACKOFF);
+            logs.write(
+                wharf_runtime::Stream::Stderr,
+                format!(
+                    "wharf: {} ({}); the server is out of reach, restarting in {}s (attempt {attempt})\n",
+                    outcome.stop_code,
+                    outcome.message,
+                    delay.as_secs()
+                )
+                .as_bytes(),
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = reconnected => break outcome,
+                () = stop.wait() => break outcome,
+            }
+        };
         let mut tasks = self.tasks.lock().expect("tasks lock");
         if let Some(t) = tasks.get_mut(&a.task_id) {
             let lines = logs

@@ -181,6 +181,13 @@ impl LogBuffer {
         self.changed.notify_waiters();
     }
 
+    /// Opens a closed log again, for another run of the same task (an
+    /// edge node restarting a failed task while its server is away): lines
+    /// and their numbers go on where they stopped.
+    pub fn reopen(&self) {
+        self.lock().closed = false;
+    }
+
     /// Lines from sequence number `from` on, at most `max` of them.
     pub fn read_from(&self, from: u64, max: usize) -> LogPage {
         let inner = self.lock();
@@ -359,6 +366,21 @@ mod tests {
         buffer.close();
         let lens: Vec<usize> = buffer.lines().iter().map(|l| l.text.len()).collect();
         assert_eq!(lens, [MAX_LINE_BYTES, MAX_LINE_BYTES, 5]);
+    }
+
+    #[test]
+    fn a_reopened_log_goes_on_numbering() {
+        let buffer = LogBuffer::new(1 << 10);
+        buffer.write(Stream::Stdout, b"one\n");
+        buffer.close();
+        buffer.write(Stream::Stdout, b"lost\n");
+        buffer.reopen();
+        buffer.write(Stream::Stdout, b"two\n");
+        let page = buffer.read_from(0, 10);
+        let texts: Vec<&str> = page.lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two"]);
+        assert_eq!(page.lines[1].seq, 1);
+        assert!(!page.closed);
     }
 
     #[test]

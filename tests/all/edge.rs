@@ -1009,15 +1009,17 @@ fn ip(args: &[&str]) -> bool {
 }
 
 impl Netns {
-    fn create() -> Option<Netns> {
+    /// Namespace `k` of this test process (tests run side by side).
+    fn create(k: u32) -> Option<Netns> {
         let id = std::process::id() % 10_000;
+        let net = 231 + k;
         let n = Netns {
-            name: format!("wharf-{id}"),
-            host_if: format!("wh{id}h"),
-            host_ip: format!("10.231.{}.1", id % 250),
+            name: format!("wharf-{id}-{k}"),
+            host_if: format!("wh{id}{k}h"),
+            host_ip: format!("10.{net}.{}.1", id % 250),
         };
-        let node_if = format!("wh{id}n");
-        let node_ip = format!("10.231.{}.2/24", id % 250);
+        let node_if = format!("wh{id}{k}n");
+        let node_ip = format!("10.{net}.{}.2/24", id % 250);
         let ok = ip(&["netns", "add", &n.name])
             && ip(&[
                 "link", "add", &n.host_if, "type", "veth", "peer", "name", &node_if,
@@ -1072,7 +1074,7 @@ fn beats(s: &Server, id: &str) -> Vec<u64> {
 
 #[test]
 fn a_node_cut_off_by_the_network_runs_on_and_is_reconciled_when_the_link_returns() {
-    let netns = Netns::create();
+    let netns = Netns::create(0);
     if !crate::server::require("ip netns (root)", netns.is_some()) {
         return;
     }
@@ -1281,5 +1283,97 @@ fn binpack_fills_the_fullest_node_that_fits_and_spread_by_label_balances_zones()
             .as_str()
             .unwrap()
             .starts_with("placement.strategy")
+    );
+}
+
+#[test]
+fn a_cut_off_node_restarts_its_failing_service_task_with_backoff() {
+    let netns = Netns::create(1);
+    if !crate::server::require("ip netns (root)", netns.is_some()) {
+        return;
+    }
+    let netns = netns.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    // A node timeout longer than the cut: the node stays READY.
+    let s = Server::start_with(
+        &dir.path().join("server"),
+        &[
+            "--listen",
+            &listen,
+            "--insecure",
+            "--no-local-node",
+            "--heartbeat",
+            "500ms",
+            "--node-timeout",
+            "60s",
+        ],
+    );
+    let pushed = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("push")
+        .arg(wharf_testkit::wasm("heartbeat", Target::P1))
+        .arg(format!("127.0.0.1:{port}/team/beat:v1"))
+        .env("WHARF_TOKEN", &s.token)
+        .env("WHARF_SERVER", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let url = format!("http://{}:{port}", netns.host_ip);
+    let token = join_token(&s, &[]);
+    let _far = Agent::start_in(
+        &["ip", "netns", "exec", &netns.name],
+        &url,
+        &dir.path().join("far"),
+        Some(&token),
+        &["--name", "edge-far", "--insecure"],
+    )
+    .unwrap();
+    // Each run beats for 3 s, then its timeout ends it: a failure.
+    register(
+        &s,
+        json!({"family": "flaky", "artifact": "team/beat:v1", "args": ["100"],
+               "limits": {"timeout": "3s"}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "flaky", "task_definition": "flaky", "desired_count": 1})),
+    );
+    assert_eq!(r.status, 201);
+    let id = eventually(Duration::from_secs(20), "a running task", || {
+        tasks_of(&s, "flaky")
+            .first()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+    });
+    netns.link(false);
+    std::thread::sleep(Duration::from_secs(10));
+    netns.link(true);
+    // Back: the task ran on through the cut, restarted by the node.
+    let t = s.wait_stopped(&id);
+    assert_eq!(t["stop_code"], "Timeout", "{t}");
+    let logs = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
+    let lines: Vec<&str> = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    let restarts = lines
+        .iter()
+        .filter(|l| l.contains("the server is out of reach, restarting"))
+        .count();
+    assert!(restarts >= 2, "{lines:#?}");
+    let runs = lines.iter().filter(|l| **l == "heartbeat 0").count();
+    assert_eq!(runs, restarts + 1, "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("restarting in 2s (attempt 2)")),
+        "backoff doubles"
     );
 }
