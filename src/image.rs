@@ -84,6 +84,10 @@ pub(crate) struct RegistryOptions {
     /// registries other than the Wharf server.
     #[arg(long, env = "WHARF_REGISTRY_AUTH", hide_env_values = true, hide = true)]
     registry_auth: Option<String>,
+    /// A CA certificate (PEM) to trust, such as a `--tls auto` server's
+    /// `DATA_DIR/tls/ca.pem`.
+    #[arg(long, env = "WHARF_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 /// `host:port` with `localhost` spelled as `127.0.0.1` and Docker Hub's
@@ -108,6 +112,15 @@ impl RegistryCredentials {
     pub(crate) fn for_reference(&self, reference: &str) -> Result<Option<(String, String)>> {
         self.options.for_reference(reference, &self.credentials)
     }
+
+    /// A client for `reference`'s registry, with its credentials and TLS.
+    pub(crate) fn client(&self, reference: &str) -> Result<RegistryClient> {
+        Ok(RegistryClient::with_tls(
+            reference,
+            self.for_reference(reference)?,
+            &self.options.tls_for(reference)?,
+        )?)
+    }
 }
 
 impl Credentials {
@@ -118,6 +131,30 @@ impl Credentials {
 }
 
 impl RegistryOptions {
+    /// TLS for `reference`'s registry: HTTPS (even on loopback) when it is
+    /// the `--server` and that is `https://`, and `--ca-cert` trusted.
+    pub(crate) fn tls_for(&self, reference: &str) -> Result<wharf_registry::client::ClientTls> {
+        let (registry, _) = wharf_registry::client::registry_of(reference)?;
+        let https_server = self.server.starts_with("https://")
+            && same_host(
+                &registry,
+                self.server
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/'),
+            );
+        let ca_pem = match &self.ca_cert {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("cannot read --ca-cert {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(wharf_registry::client::ClientTls {
+            https: https_server,
+            ca_pem,
+        })
+    }
+
     /// The user name and password to send to `reference`'s registry. The
     /// registry is the one the client will contact (`127.0.0.1:7070` with
     /// no repository is Docker Hub's `library/127.0.0.1`), and the Wharf
@@ -251,10 +288,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub(crate) fn push(args: PushArgs) -> Result<()> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let client = RegistryClient::new(
-        &args.reference,
-        args.credentials.for_reference(&args.reference)?,
-    )?;
+    let client = args.credentials.client(&args.reference)?;
     let bar = bar(false);
     bar.set_message("pushing");
     let pushed = runtime()?.block_on(client.push_wasm(bytes, &args.reference, |done, total| {
@@ -280,10 +314,7 @@ pub(crate) fn pull(args: PullArgs) -> Result<()> {
             PathBuf::from(format!("{name}.wasm"))
         }
     };
-    let client = RegistryClient::new(
-        &args.reference,
-        args.credentials.for_reference(&args.reference)?,
-    )?;
+    let client = args.credentials.client(&args.reference)?;
     let bar = bar(false);
     bar.set_message("pulling");
     let digest = runtime()?.block_on(client.pull_wasm(&args.reference, &output, |done, total| {
@@ -307,7 +338,7 @@ pub(crate) fn image(command: ImageCommand) -> Result<()> {
             output,
             credentials,
         } => {
-            let client = RegistryClient::new(&reference, credentials.for_reference(&reference)?)?;
+            let client = credentials.client(&reference)?;
             let found = runtime()?
                 .block_on(client.inspect(&reference))
                 .with_context(|| format!("failed to inspect {reference}"))?;

@@ -102,7 +102,11 @@ fn is_reference(target: &str) -> bool {
 fn pull_cached(reference: &str, registry: &RegistryArgs, data_dir: &Path) -> Result<PathBuf> {
     let wharf = crate::image::Credentials::new(registry.token.clone(), Some(data_dir.to_owned()));
     let credentials = registry.options.for_reference(reference, &wharf)?;
-    let client = RegistryClient::new(reference, credentials)?;
+    let client = RegistryClient::with_tls(
+        reference,
+        credentials,
+        &registry.options.tls_for(reference)?,
+    )?;
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -93,6 +93,16 @@ fn parse(reference: &str) -> Result<Reference, ClientError> {
         .map_err(|_| ClientError::Reference(reference.to_owned()))
 }
 
+/// How a client reaches a registry over TLS.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// HTTPS even on loopback (a Wharf server with `--tls`); otherwise a
+    /// loopback registry is spoken to in plain HTTP, any other in HTTPS.
+    pub https: bool,
+    /// A CA certificate (PEM) to trust besides the usual roots.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
 impl RegistryClient {
     /// A client for `reference`'s registry with `credentials` (user name
     /// and password, as HTTP Basic, which every registry speaks; a Wharf
@@ -101,14 +111,31 @@ impl RegistryClient {
         reference: &str,
         credentials: Option<(String, String)>,
     ) -> Result<Self, ClientError> {
+        Self::with_tls(reference, credentials, &ClientTls::default())
+    }
+
+    /// [`new`](Self::new) with TLS settings.
+    pub fn with_tls(
+        reference: &str,
+        credentials: Option<(String, String)>,
+        tls: &ClientTls,
+    ) -> Result<Self, ClientError> {
         let registry = parse(reference)?.resolve_registry().to_owned();
-        let protocol = if is_loopback(&registry) {
+        let protocol = if is_loopback(&registry) && !tls.https {
             ClientProtocol::HttpsExcept(vec![registry])
         } else {
             ClientProtocol::Https
         };
         let client = Client::new(ClientConfig {
             protocol,
+            extra_root_certificates: tls
+                .ca_pem
+                .iter()
+                .map(|pem| oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
             ..ClientConfig::default()
         });
         let auth = match credentials {

@@ -821,8 +821,7 @@ fn over_tls_nodes_pin_the_servers_ca_from_the_join_token() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("not loopback and TLS is off"), "{said}");
 
-    // The artifact is pushed first (wharf push speaks plain HTTP to
-    // loopback), then the server comes back with TLS.
+    // A definition registered before TLS; the server comes back with it.
     let s = Server::start_with(&data, &["--no-local-node"]);
     s.push_sample("hello", Target::P1, "team/hello:v1");
     register(&s, json!({"family": "hello", "artifact": "team/hello:v1"}));
@@ -852,6 +851,36 @@ fn over_tls_nodes_pin_the_servers_ca_from_the_join_token() {
     let out = cli(&["node", "ls"]);
     assert!(!out.status.success());
     let ca_flag = ca.to_str().unwrap();
+    // The registry speaks TLS too: push and pull with the CA trusted.
+    let echo = wharf_testkit::wasm("echo", Target::P1);
+    let reference = format!("{}/team/echo:v1", s.base.trim_start_matches("https://"));
+    let echo_flag = echo.to_str().unwrap();
+    let out = cli(&["push", echo_flag, &reference]);
+    assert!(!out.status.success(), "an untrusted CA is refused");
+    let out = cli(&["push", echo_flag, &reference, "--ca-cert", ca_flag]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pulled = dir.path().join("echo.wasm");
+    let out = cli(&[
+        "pull",
+        &reference,
+        "-o",
+        pulled.to_str().unwrap(),
+        "--ca-cert",
+        ca_flag,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&pulled).unwrap(),
+        std::fs::read(&echo).unwrap()
+    );
     let out = cli(&["node", "token", "create", "--ca-cert", ca_flag]);
     assert!(
         out.status.success(),
