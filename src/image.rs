@@ -395,8 +395,20 @@ mod tests {
                 username: None,
                 password: None,
                 registry_auth: Some("ghcr.io=alice:pw docker.io=bob:pw2".into()),
+                ca_cert: None,
             },
         }
+    }
+
+    #[test]
+    fn https_is_used_on_loopback_only_for_an_https_server() {
+        let mut c = creds();
+        let tls = |c: &RegistryCredentials, r: &str| c.options.tls_for(r).unwrap().https;
+        assert!(!tls(&c, "127.0.0.1:7070/team/app:v1"));
+        c.options.server = "https://127.0.0.1:7070".into();
+        assert!(tls(&c, "127.0.0.1:7070/team/app:v1"));
+        assert!(tls(&c, "localhost:7070/team/app:v1"));
+        assert!(!tls(&c, "127.0.0.1:5000/team/app:v1"), "another registry");
     }
 
     #[test]
