@@ -357,7 +357,12 @@ impl Tasks {
                 .unwrap_or_default()
         };
         if candidates.is_empty() {
-            return Err(if remote_ok {
+            let joined = self.fleet.each().len();
+            return Err(if remote_ok && joined > 0 {
+                format!(
+                    "no node has reported yet: {joined} edge node(s) joined, and each reports within a heartbeat of (re)connecting"
+                )
+            } else if remote_ok {
                 "no node: the server runs no tasks (--no-local-node) and no edge node has joined"
                     .into()
             } else {
