@@ -104,12 +104,17 @@ struct Agent {
     tasks: Mutex<BTreeMap<String, Local>>,
     epoch: Mutex<String>,
     seen: AtomicU64,
+    /// This process, and its reports' numbers.
+    boot: String,
+    report_seq: AtomicU64,
     heartbeat_ms: AtomicU64,
     changed: Notify,
     /// When the server last answered a sync.
     last_answer: Mutex<std::time::Instant>,
     /// Woken when the server answers again after a cut.
     reconnected: Notify,
+    /// Woken when the server refuses the node's credential.
+    removed: Notify,
     /// A task's status moved since the last push.
     moved: std::sync::atomic::AtomicBool,
     /// Pulls of one digest at a time.
@@ -279,11 +284,14 @@ pub(crate) fn main(
         tasks: Mutex::new(BTreeMap::new()),
         epoch: Mutex::new(String::new()),
         seen: AtomicU64::new(0),
+        boot: uuid::Uuid::new_v4().simple().to_string(),
+        report_seq: AtomicU64::new(0),
         heartbeat_ms: AtomicU64::new(2000),
         changed: Notify::new(),
         moved: std::sync::atomic::AtomicBool::new(false),
         last_answer: Mutex::new(std::time::Instant::now()),
         reconnected: Notify::new(),
+        removed: Notify::new(),
         pulling: tokio::sync::Mutex::new(()),
     });
     agent.load_outbox()?;
@@ -295,14 +303,25 @@ pub(crate) fn main(
     );
     tokio.block_on(async move {
         let pusher = tokio::spawn(agent.clone().push_loop());
-        tokio::select! {
-            () = agent.clone().poll_loop() => {}
+        let removed = tokio::select! {
+            () = agent.clone().poll_loop() => false,
             () = crate::server::shutdown_signal() => {
                 eprintln!("wharf: node stopping");
+                false
             }
-        }
+            () = agent.removed.notified() => true,
+        };
         pusher.abort();
         agent.stop_all().await;
+        if removed {
+            // Exit status 3 tells systemd not to restart it
+            // (RestartPreventExitStatus in the unit).
+            eprintln!(
+                "wharf: the server refuses this node's credential (removed with wharf node rm?): its tasks were stopped; delete {} and join again to come back",
+                membership_path.display()
+            );
+            std::process::exit(3);
+        }
         Ok(())
     })
 }
@@ -336,7 +355,7 @@ async fn pinned_client(
                 .await?
         }
     };
-    let got = crate::tls::fingerprint(&pem).context("the server's CA")?;
+    let (der, got) = crate::tls::single_certificate(&pem).context("the server's CA")?;
     if got != fingerprint {
         bail!(
             "the server's CA (sha256 {got}) does not match the join token's ({fingerprint}): refusing to trust {server}"
@@ -345,9 +364,8 @@ async fn pinned_client(
     write_private(&path, pem.as_bytes())?;
     Ok(reqwest::Client::builder()
         .tls_built_in_root_certs(false)
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(pem.as_bytes()).context("the server's CA")?,
-        )
+        // Exactly the certificate whose fingerprint was checked.
+        .add_root_certificate(reqwest::Certificate::from_der(&der).context("the server's CA")?)
         .connect_timeout(Duration::from_secs(5))
         .build()?)
 }
@@ -460,29 +478,32 @@ impl Agent {
         let mut upto = Vec::new();
         for (id, t) in tasks.iter() {
             let mut lines = Vec::new();
+            // Each line costs what it takes in the JSON (escapes included).
+            let cost = |l: &ReportedLine| serde_json::to_vec(l).map_or(usize::MAX, |v| v.len());
             if let Some(f) = &t.finished {
                 for l in &f.lines {
-                    if budget < l.text.len() {
+                    if budget < cost(l) {
                         break;
                     }
-                    budget -= l.text.len();
+                    budget -= cost(l);
                     lines.push(l.clone());
                 }
             } else {
                 let page = t.logs.read_from(t.sent, 10_000);
                 for l in page.lines {
-                    if budget < l.text.len() {
-                        break;
-                    }
-                    budget -= l.text.len();
-                    lines.push(ReportedLine {
+                    let line = ReportedLine {
                         seq: l.seq,
                         stream: match l.stream {
                             wharf_runtime::Stream::Stdout => "stdout".into(),
                             wharf_runtime::Stream::Stderr => "stderr".into(),
                         },
                         text: l.text,
-                    });
+                    };
+                    if budget < cost(&line) {
+                        break;
+                    }
+                    budget -= cost(&line);
+                    lines.push(line);
                 }
             }
             if let Some(last) = lines.last() {
@@ -506,6 +527,8 @@ impl Agent {
         let report = Report {
             epoch: self.epoch.lock().expect("epoch lock").clone(),
             seen: self.seen.load(Ordering::Acquire),
+            boot: self.boot.clone(),
+            report_seq: self.report_seq.fetch_add(1, Ordering::AcqRel) + 1,
             wait_ms,
             info: self.info(),
             tasks: reports,
@@ -535,6 +558,10 @@ impl Agent {
             .send()
             .await?;
         let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            // Removed (wharf node rm): its tasks run elsewhere now.
+            self.removed.notify_one();
+        }
         if !status.is_success() {
             let body: serde_json::Value = response.json().await.unwrap_or_default();
             bail!(
@@ -983,6 +1010,8 @@ EnvironmentFile={env_file}
 ExecStart={binary} node join{insecure}
 Restart=always
 RestartSec=2
+# 3: the server refused the node's credential (removed); join again.
+RestartPreventExitStatus=3
 # The agent stops its tasks and reports their outcomes on SIGTERM.
 KillSignal=SIGTERM
 TimeoutStopSec=30

@@ -32,10 +32,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// SHA-256 of the first certificate in `pem`, hex.
-pub(crate) fn fingerprint(pem: &str) -> Result<String> {
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).context("not a PEM certificate")?;
-    Ok(hex::encode(Sha256::digest(der.as_ref())))
+/// The one certificate in `pem` (DER) and its SHA-256, hex. More than
+/// one is refused: a CA file whose fingerprint is checked must not smuggle
+/// a second, unchecked certificate into a trust store.
+pub(crate) fn single_certificate(pem: &str) -> Result<(Vec<u8>, String)> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .context("not a PEM certificate")?;
+    match certs.as_slice() {
+        [one] => Ok((one.to_vec(), hex::encode(Sha256::digest(one.as_ref())))),
+        [] => bail!("no certificate"),
+        _ => bail!("{} certificates where one CA was expected", certs.len()),
+    }
 }
 
 fn pem_of(der: &[u8]) -> String {
@@ -226,7 +234,10 @@ mod tests {
         let first = auto(dir.path(), listen, &["wharf.example".into()]).unwrap();
         let again = auto(dir.path(), listen, &[]).unwrap();
         assert_eq!(first.fingerprint, again.fingerprint, "the CA is kept");
-        assert_eq!(fingerprint(&first.ca_pem).unwrap(), first.fingerprint);
+        assert_eq!(
+            single_certificate(&first.ca_pem).unwrap().1,
+            first.fingerprint
+        );
         assert_eq!(first.fingerprint.len(), 64);
         #[cfg(unix)]
         {
@@ -238,6 +249,9 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(client_trusting(&first.ca_pem).is_ok());
+        // A second certificate after the pinned one is refused.
+        let doubled = format!("{}{}", first.ca_pem, first.ca_pem);
+        assert!(single_certificate(&doubled).is_err());
         assert!(client_trusting("nothing").is_err());
     }
 }

@@ -137,6 +137,14 @@ pub struct Report {
     /// The highest assignment sequence number the node has applied.
     #[serde(default)]
     pub seen: u64,
+    /// The node process (random per start): a new one holds none of the
+    /// tasks of the one before.
+    #[serde(default)]
+    pub boot: String,
+    /// The report's number within its boot: an older report overtaken by
+    /// a newer one proves no task gone.
+    #[serde(default)]
+    pub report_seq: u64,
     /// How long the server may hold the answer when it has nothing new
     /// (capped at [`MAX_WAIT`]; 0: answer at once).
     #[serde(default)]
@@ -227,6 +235,9 @@ struct NodeBook {
     last_heartbeat: Option<String>,
     seq: u64,
     held: HashMap<String, Held>,
+    /// The node process last heard from, and its newest report.
+    boot: Option<String>,
+    report_seq: u64,
 }
 
 impl NodeBook {
@@ -330,17 +341,36 @@ impl RemoteNode {
         true
     }
 
-    /// Asks the node to stop a task.
+    /// Asks the node to stop a task. One the node never acknowledged ends
+    /// here (`UserStopped`): should the assignment reach it anyway, the
+    /// node reports a task it is not held for and is told to stop it.
     pub(crate) fn order_stop(&self, task_id: &str) {
-        if let Some(h) = self.lock().held.get_mut(task_id) {
+        let mut book = self.lock();
+        let undelivered = book.held.get(task_id).is_some_and(|h| !h.acknowledged);
+        if undelivered {
+            if let Some(h) = book.take(task_id) {
+                let outcome = Outcome::not_started(
+                    wharf_runtime::StopCode::UserStopped,
+                    "stopped before its node started it",
+                );
+                let (tx, _rx) = oneshot::channel();
+                let _ = h.updates.send(Update::Finished(outcome, tx));
+            }
+        } else if let Some(h) = book.held.get_mut(task_id) {
             h.stop = true;
         }
+        drop(book);
         self.changed.notify_waiters();
     }
 
     /// Forgets a task (its driver finished it).
     pub(crate) fn release(&self, task_id: &str) {
         self.lock().take(task_id);
+    }
+
+    /// Counts as a heartbeat (a poll the server held is answered).
+    pub(crate) fn touch(&self) {
+        self.lock().last_seen = Instant::now();
     }
 
     /// Why the node was lost, if it was.
@@ -423,10 +453,20 @@ impl RemoteNode {
     /// Marks the node lost with `why`: every task it held stops `NodeLost`
     /// (their drivers see their channels close).
     pub(crate) fn lose(&self, why: String) -> usize {
+        self.lose_if(why, |_| true).unwrap_or(0)
+    }
+
+    /// [`lose`](Self::lose) if `silent(last heartbeat)` holds, checked
+    /// under the same lock; `None` if it did not (or it was lost already).
+    fn lose_if(&self, why: String, silent: impl Fn(Instant) -> bool) -> Option<usize> {
         let mut book = self.lock();
-        if book.lost.is_some() {
-            return 0;
+        if book.lost.is_some() || !silent(book.last_seen) {
+            return None;
         }
+        Some(Self::lose_locked(&mut book, why))
+    }
+
+    fn lose_locked(book: &mut NodeBook, why: String) -> usize {
         book.lost = Some(why);
         book.clear().len()
     }
@@ -451,6 +491,13 @@ impl RemoteNode {
             tracing::warn!(node = %self.name, was = %why, "a lost node is back");
         }
         let same_epoch = report.epoch == epoch;
+        let restarted = book.boot.as_deref().is_some_and(|b| b != report.boot);
+        if restarted || book.boot.is_none() {
+            book.boot = Some(report.boot.clone());
+            book.report_seq = 0;
+        }
+        let stale = !restarted && report.report_seq < book.report_seq;
+        book.report_seq = book.report_seq.max(report.report_seq);
         let mut out = Received::default();
         let mut reported = HashSet::with_capacity(report.tasks.len());
         for t in &report.tasks {
@@ -501,13 +548,19 @@ impl RemoteNode {
                 }
             }
         }
-        // Tasks the node had and no longer reports: it restarted.
+        // Tasks the node had and no longer reports: it restarted. Only a
+        // report that is the newest, and made after the node applied the
+        // assignment (or from a new node process, or about a task taken
+        // back after a server restart), proves it.
         let gone: Vec<String> = book
             .held
             .iter()
             .filter(|(id, h)| {
                 !reported.contains(id.as_str())
-                    && (h.acknowledged || (same_epoch && report.seen >= h.seq))
+                    && !stale
+                    && (restarted
+                        || (h.assignment.is_none() && h.acknowledged)
+                        || (same_epoch && report.seen >= h.seq))
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -613,6 +666,8 @@ impl Fleet {
                 last_heartbeat: None,
                 seq: 0,
                 held: HashMap::new(),
+                boot: None,
+                report_seq: 0,
             }),
             changed: Notify::new(),
         });
@@ -649,13 +704,12 @@ impl Fleet {
     pub(crate) fn sweep(&self) -> Vec<(String, usize)> {
         let mut lost = Vec::new();
         for node in self.nodes.iter() {
-            let silent = node.lock().last_seen.elapsed();
-            if silent > self.timeout && node.lock().lost.is_none() {
-                let n = node.lose(format!(
-                    "node {} sent no heartbeat for {}s",
-                    node.name,
-                    silent.as_secs()
-                ));
+            let why = format!(
+                "node {} sent no heartbeat for {}s",
+                node.name,
+                self.timeout.as_secs()
+            );
+            if let Some(n) = node.lose_if(why, |seen| seen.elapsed() > self.timeout) {
                 lost.push((node.name.clone(), n));
             }
         }
@@ -691,6 +745,8 @@ mod tests {
         Report {
             epoch: epoch.into(),
             seen,
+            boot: "first".into(),
+            report_seq: 0,
             wait_ms: 0,
             info: NodeInfo::default(),
             tasks,
@@ -751,8 +807,20 @@ mod tests {
         );
         assert_eq!(got.stop, ["stray"]);
         assert!(matches!(rx.try_recv(), Ok(Update::Status(..))));
+        // A newer report, then an older one overtaking it without t1: the
+        // older one proves nothing.
+        let mut newer = report(&epoch, 1, vec![running("t1")]);
+        newer.report_seq = 5;
+        node.receive(&newer, &epoch, &none);
+        assert!(matches!(rx.try_recv(), Ok(Update::Status(..))));
+        let mut older = report(&epoch, 1, vec![]);
+        older.report_seq = 3;
+        node.receive(&older, &epoch, &none);
+        assert!(rx.try_recv().is_err(), "a stale report loses no task");
         // The node restarted: t1 is gone from its report.
-        node.receive(&report("", 0, vec![]), &epoch, &none);
+        let mut restarted = report("", 0, vec![]);
+        restarted.boot = "second".into();
+        node.receive(&restarted, &epoch, &none);
         match rx.try_recv() {
             Ok(Update::Finished(o, _)) => {
                 assert_eq!(o.stop_code, wharf_runtime::StopCode::NodeLost)

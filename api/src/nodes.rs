@@ -390,8 +390,14 @@ impl Control {
             }
         }
         let wait = Duration::from_millis(report.wait_ms).min(crate::fleet::MAX_WAIT);
+        // Only what `pending` reads is kept while the poll is held.
+        let report = Report {
+            tasks: Vec::new(),
+            ..report
+        };
         if !answered && !wait.is_zero() {
             remote.wait_for_change(wait, &report, &fleet.epoch).await;
+            remote.touch();
         }
         let (assign, stopping) = remote.pending(&report, &fleet.epoch);
         stop.extend(stopping);

@@ -778,9 +778,13 @@ impl Tasks {
                         }
                     }
                     Some(Update::Finished(outcome, done)) => {
-                        self.finish(&entry, outcome).await;
+                        let durable = self.finish_durably(&entry, outcome).await;
                         node.release(&task_id);
-                        let _ = done.send(());
+                        // Only a durable outcome is acknowledged: the node
+                        // keeps the others in its outbox.
+                        if durable {
+                            let _ = done.send(());
+                        }
                         return;
                     }
                     None => {
@@ -952,7 +956,12 @@ impl Tasks {
         self.finish(&entry, outcome).await;
     }
 
-    async fn finish(&self, entry: &Arc<TaskEntry>, mut outcome: Outcome) {
+    async fn finish(&self, entry: &Arc<TaskEntry>, outcome: Outcome) {
+        self.finish_durably(entry, outcome).await;
+    }
+
+    /// [`finish`](Self::finish); whether the final record was committed.
+    async fn finish_durably(&self, entry: &Arc<TaskEntry>, mut outcome: Outcome) -> bool {
         let now = SystemTime::now();
         let (task, from, committed) = {
             let mut st = entry.state.lock().expect("task lock");
@@ -992,9 +1001,13 @@ impl Tasks {
             (t, from, committed)
         };
         // The stopped record becomes visible only once it is durable.
-        if let Err(e) = committed.wait().await {
-            tracing::error!(task = %task.id, error = %e, "cannot record a stopped task");
-        }
+        let durable = match committed.wait().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(task = %task.id, error = %e, "cannot record a stopped task");
+                false
+            }
+        };
         entry.state.lock().expect("task lock").task = task.clone();
         self.metrics.tasks.with_label_values(&[from.as_str()]).dec();
         self.metrics
@@ -1015,6 +1028,7 @@ impl Tasks {
         entry.logs.close();
         entry.status.send_replace(TaskStatus::Stopped);
         let _ = self.stopped.send(task);
+        durable
     }
 
     /// Asks a task to stop with `reason`. `Ok(None)`: no such task.

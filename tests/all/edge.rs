@@ -93,6 +93,18 @@ impl Agent {
         m["credential"].as_str().unwrap().to_owned()
     }
 
+    /// The agent's exit code once it exits (within `limit`).
+    pub(crate) fn exit_code(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub(crate) fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -353,7 +365,7 @@ fn a_nodes_credential_reaches_only_the_node_protocol_and_its_own_artifacts() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(&dir.path().join("server"), &[]);
     let token = join_token(&s, &[]);
-    let a = Agent::start(
+    let mut a = Agent::start(
         &s,
         &dir.path().join("a"),
         Some(&token),
@@ -463,6 +475,9 @@ fn a_nodes_credential_reaches_only_the_node_protocol_and_its_own_artifacts() {
     let r = s.api_as(&cred, "POST", "/v1/agent/sync", Some(json!({"info": {}})));
     assert_eq!(r.status, 401, "{r:?}");
     assert_eq!(s.api("GET", "/v1/nodes/edge-a", None).status, 404);
+    // The agent learns it at its next sync, stops its tasks and exits 3
+    // (which its systemd unit does not restart).
+    assert_eq!(a.exit_code(Duration::from_secs(10)), Some(3));
 }
 
 #[test]
@@ -976,7 +991,8 @@ fn node_install_writes_a_systemd_unit_that_systemd_accepts() {
     let unit = dir.path().join("units/wharf-node.service");
     let text = std::fs::read_to_string(&unit).unwrap();
     assert!(
-        text.contains(&format!("ExecStart={wharf} node join")),
+        text.contains(&format!("ExecStart={wharf} node join"))
+            && text.contains("RestartPreventExitStatus=3"),
         "{text}"
     );
     assert!(text.contains(&format!(
