@@ -476,7 +476,11 @@ impl Agent {
         let mut budget = wharf_api::fleet::MAX_REPORT_LOG_BYTES;
         let mut reports = Vec::with_capacity(tasks.len());
         let mut upto = Vec::new();
-        for (id, t) in tasks.iter() {
+        // Finished tasks first: a chatty running task cannot hold back
+        // another's outcome by using up the budget.
+        let mut order: Vec<(&String, &Local)> = tasks.iter().collect();
+        order.sort_by_key(|(_, t)| t.finished.is_none());
+        for (id, t) in order {
             let mut lines = Vec::new();
             // Each line costs what it takes in the JSON (escapes included).
             let cost = |l: &ReportedLine| serde_json::to_vec(l).map_or(usize::MAX, |v| v.len());

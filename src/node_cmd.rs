@@ -61,6 +61,11 @@ pub(crate) enum TokenCommand {
     },
     /// List join tokens (without their secrets).
     Ls,
+    /// Revoke a join token (nodes that joined with it stay).
+    Rm {
+        /// The token's id.
+        id: String,
+    },
 }
 
 pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
@@ -133,6 +138,13 @@ pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
                 table(["ID", "EXPIRES", "LABELS"], rows);
             },
         ),
+        NodeCommand::Token {
+            command: TokenCommand::Rm { id },
+        } => {
+            client.delete(&format!("/v1/join-tokens/{}", segment(&id)))?;
+            eprintln!("wharf: join token {id} revoked");
+            Ok(())
+        }
         NodeCommand::Join(_) | NodeCommand::Install(_) => unreachable!("handled above"),
     }
 }

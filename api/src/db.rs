@@ -118,6 +118,8 @@ pub trait StateStore: Send + Sync + 'static {
     async fn join_token(&self, hash: &str) -> Result<Option<crate::model::JoinToken>>;
     /// Every join token.
     async fn join_tokens(&self) -> Result<Vec<crate::model::JoinToken>>;
+    /// Deletes a join token; false if there was none.
+    async fn delete_join_token(&self, id: &str) -> Result<bool>;
     /// A service's latest events, newest first.
     async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>>;
 
@@ -549,6 +551,14 @@ impl StateStore for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn delete_join_token(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM join_tokens WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>> {

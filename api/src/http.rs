@@ -105,6 +105,10 @@ pub fn router(control: Arc<Control>) -> Router {
             "/v1/join-tokens",
             post(create_join_token).get(list_join_tokens),
         )
+        .route(
+            "/v1/join-tokens/{id}",
+            axum::routing::delete(delete_join_token),
+        )
         .route("/v1/agent/sync", post(agent_sync))
         .route("/v1/nodes/{name}/drain", post(drain_node))
         .route("/v1/nodes/{name}/activate", post(activate_node))
@@ -774,6 +778,19 @@ async fn list_join_tokens(
     Ok(Json(c.join_tokens().await?))
 }
 
+#[utoipa::path(delete, path = "/v1/join-tokens/{id}", tag = "nodes",
+    params(("id" = String, Path, description = "Join token id")),
+    responses((status = 200, description = "Revoked: no node joins with it from now on"), (status = "4XX", body = ApiError)))]
+async fn delete_join_token(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    who.require(Role::Admin)?;
+    c.delete_join_token(&id).await?;
+    Ok(Json(serde_json::json!({"id": id, "revoked": true})))
+}
+
 /// The node protocol's sync (a heartbeat and a long poll); nodes only.
 async fn agent_sync(
     State(c): Ctl,
@@ -847,7 +864,7 @@ impl utoipa::Modify for Security {
         create_service, list_services, describe_service, update_service, delete_service, service_events,
         put_secret, list_secrets, delete_secret, create_token, list_tokens, revoke_token, audit,
         list_nodes, describe_node, drain_node, activate_node, remove_node,
-        create_join_token, list_join_tokens,
+        create_join_token, list_join_tokens, delete_join_token,
     ),
     components(schemas(ApiErrorSchema, ErrorCode)),
     modifiers(&Security),

@@ -305,6 +305,18 @@ impl Control {
         })
     }
 
+    /// Revokes a join token: no node joins with it from now on (nodes
+    /// that joined keep their credentials).
+    pub async fn delete_join_token(&self, id: &str) -> Result<()> {
+        if self.store.delete_join_token(id).await? {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!(
+                "join token {id} does not exist"
+            )))
+        }
+    }
+
     /// Every join token (without secrets).
     pub async fn join_tokens(&self) -> Result<Vec<JoinToken>> {
         Ok(self.store.join_tokens().await?)

@@ -196,6 +196,34 @@ fn nodes_join_with_a_token_run_placed_tasks_and_report_output_and_outcomes() {
     .err()
     .expect("an expired token is refused");
     assert!(err.contains("expired"), "{err}");
+    // A revoked token joins nothing.
+    let revoked = join_token(&s, &[]);
+    let listed = wharf(&s, &["node", "token", "ls", "--output", "json"]);
+    let ids: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let newest = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|t| t["created_at"].as_str().unwrap().to_owned())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = wharf(&s, &["node", "token", "rm", &newest]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = Agent::start(
+        &s,
+        &dir.path().join("rev"),
+        Some(&revoked),
+        &["--name", "rev"],
+    )
+    .err()
+    .expect("a revoked token is refused");
+    assert!(err.contains("join token is not valid"), "{err}");
     let err = Agent::start(
         &s,
         &dir.path().join("junk"),

@@ -62,6 +62,7 @@ struct Agent {
     tasks: Mutex<BTreeMap<String, ()>>,
     epoch: Mutex<String>,
     seen: AtomicU64,
+    reports: AtomicU64,
     silent: AtomicBool,
 }
 
@@ -89,6 +90,8 @@ impl Agent {
         let report = Report {
             epoch: self.epoch.lock().unwrap().clone(),
             seen: self.seen.load(Ordering::Acquire),
+            boot: self.name.clone(),
+            report_seq: self.reports.fetch_add(1, Ordering::AcqRel) + 1,
             wait_ms,
             info: info(),
             tasks: self
@@ -284,6 +287,7 @@ fn main() {
                 tasks: Mutex::new(BTreeMap::new()),
                 epoch: Mutex::new(String::new()),
                 seen: AtomicU64::new(0),
+                reports: AtomicU64::new(0),
                 silent: AtomicBool::new(false),
             }));
         }
