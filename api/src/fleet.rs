@@ -282,6 +282,9 @@ pub(crate) struct RemoteNode {
     book: Mutex<NodeBook>,
     /// Woken when there is something new for the node.
     changed: Notify,
+    /// Long polls begun: a new one ends the one before, so a node (or a
+    /// stolen credential) holds one at a time.
+    polls: std::sync::atomic::AtomicU64,
 }
 
 /// What placement needs to know of a node.
@@ -601,14 +604,26 @@ impl RemoteNode {
 
     /// Waits until something changes for the node or `wait` passes.
     pub(crate) async fn wait_for_change(&self, wait: Duration, report: &Report, epoch: &str) {
-        let notified = self.changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let (assign, stop) = self.pending(report, epoch);
-        if !assign.is_empty() || !stop.is_empty() {
-            return;
+        use std::sync::atomic::Ordering;
+        let mine = self.polls.fetch_add(1, Ordering::AcqRel) + 1;
+        // The poll before this one answers now.
+        self.changed.notify_waiters();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.polls.load(Ordering::Acquire) != mine {
+                return;
+            }
+            let (assign, stop) = self.pending(report, epoch);
+            if !assign.is_empty() || !stop.is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
         }
-        let _ = tokio::time::timeout(wait, notified).await;
     }
 }
 
@@ -670,6 +685,7 @@ impl Fleet {
                 report_seq: 0,
             }),
             changed: Notify::new(),
+            polls: std::sync::atomic::AtomicU64::new(0),
         });
         self.nodes.insert(name.to_owned(), node.clone());
         node
@@ -828,6 +844,30 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(node.pending(&report("", 0, vec![]), &epoch).0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_new_long_poll_ends_the_one_before() {
+        let fleet = Arc::new(Fleet::new(Duration::from_secs(2), Duration::from_secs(10)));
+        let node = fleet.add("edge", NodeStatus::Ready, BTreeMap::new());
+        let epoch = fleet.epoch.clone();
+        let first = tokio::spawn({
+            let node = node.clone();
+            let epoch = epoch.clone();
+            async move {
+                let began = std::time::Instant::now();
+                let quiet = report(&epoch, 0, vec![]);
+                node.wait_for_change(Duration::from_secs(20), &quiet, &epoch)
+                    .await;
+                began.elapsed()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let quiet = report(&epoch, 0, vec![]);
+        node.wait_for_change(Duration::from_millis(200), &quiet, &epoch)
+            .await;
+        let held = first.await.unwrap();
+        assert!(held < Duration::from_secs(5), "{held:?}");
     }
 
     #[test]
