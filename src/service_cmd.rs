@@ -36,6 +36,15 @@ pub(crate) enum ServiceCommand {
         /// (HTTP services; repeatable).
         #[arg(long = "route")]
         routes: Vec<String>,
+        /// A placement constraint on node labels, replacing the task
+        /// definition's: "KEY == V", "KEY != V", "KEY in [A, B]"
+        /// (repeatable).
+        #[arg(long = "constraint")]
+        constraints: Vec<String>,
+        /// How tasks spread over nodes, replacing the task definition's:
+        /// spread, spread(LABEL) or binpack.
+        #[arg(long)]
+        placement_strategy: Option<String>,
     },
     /// List services.
     Ls,
@@ -110,7 +119,14 @@ pub(crate) fn main(api: ApiArgs, command: ServiceCommand) -> Result<()> {
             min_healthy_percent,
             max_percent,
             routes,
+            constraints,
+            placement_strategy,
         } => {
+            let placed = !constraints.is_empty() || placement_strategy.is_some();
+            let placement = placed.then_some(wharf_api::taskdef::PlacementInput {
+                constraints,
+                strategy: placement_strategy,
+            });
             let request = CreateServiceRequest {
                 name,
                 task_definition,
@@ -118,6 +134,7 @@ pub(crate) fn main(api: ApiArgs, command: ServiceCommand) -> Result<()> {
                 minimum_healthy_percent: min_healthy_percent,
                 maximum_percent: max_percent,
                 routes,
+                placement,
             };
             show(output, client.post("/v1/services", request)?, describe)
         }

@@ -344,6 +344,9 @@ pub struct Service {
     /// Target tracking on in-flight requests per task (HTTP services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<crate::autoscale::Autoscaling>,
+    /// Placement replacing the task definition's (constraints, strategy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::taskdef::PlacementInput>,
     /// When it was created.
     pub created_at: String,
 }

@@ -82,6 +82,10 @@ pub struct CreateServiceRequest {
     /// HTTP services only.
     #[serde(default)]
     pub routes: Vec<String>,
+    /// Placement for the service's tasks, replacing the task definition's
+    /// constraints and strategy where given.
+    #[serde(default)]
+    pub placement: Option<crate::taskdef::PlacementInput>,
 }
 
 /// `PATCH /v1/services/{name}`: scale, or deploy a new revision.
@@ -326,6 +330,9 @@ impl Control {
             )));
         }
         let routes = check_routes(&request.name, &request.routes, def.kind, &services, who)?;
+        if let Some(p) = &request.placement {
+            crate::taskdef::check_placement(p)?;
+        }
         let service = Service {
             name: request.name.clone(),
             task_definition: def.task_definition.clone(),
@@ -338,6 +345,7 @@ impl Control {
             deployments: vec![new_deployment(&def.task_definition)],
             routes,
             autoscaling: None,
+            placement: request.placement.clone(),
             created_at: model::now(),
         };
         self.store.put_service(&service).await?;
@@ -941,7 +949,18 @@ impl Control {
                 continue;
             };
             match launch {
-                Ok(launch) => {
+                Ok(mut launch) => {
+                    // The service's placement replaces the definition's.
+                    if let Some(p) = &state.service.placement {
+                        let mut def = (*launch.def).clone();
+                        if !p.constraints.is_empty() {
+                            def.placement_constraints = p.constraints.clone();
+                        }
+                        if p.strategy.is_some() {
+                            def.placement_strategy = p.strategy.clone();
+                        }
+                        launch.def = Arc::new(def);
+                    }
                     state.start_error = None;
                     let mut started = Vec::new();
                     for _ in 0..n {

@@ -47,7 +47,7 @@ pub struct TaskDefinitionInput {
 }
 
 /// The `[placement]` section as people write it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementInput {
     /// Constraints on node labels: `KEY == VALUE`, `KEY != VALUE`,
@@ -60,6 +60,26 @@ pub struct PlacementInput {
     /// the least free memory that fits).
     #[serde(default)]
     pub strategy: Option<String>,
+}
+
+/// Checks a `[placement]` section (of a definition or a service); the
+/// error names the field.
+pub(crate) fn check_placement(p: &PlacementInput) -> Result<()> {
+    if p.constraints.len() > MAX_CONSTRAINTS {
+        return Err(ApiError::invalid(
+            "placement.constraints",
+            format!("at most {MAX_CONSTRAINTS}"),
+        ));
+    }
+    for c in &p.constraints {
+        crate::nodes::Constraint::parse(c)
+            .map_err(|e| ApiError::invalid("placement.constraints", e))?;
+    }
+    if let Some(text) = &p.strategy {
+        crate::tasks::Strategy::parse(text)
+            .map_err(|e| ApiError::invalid("placement.strategy", e))?;
+    }
+    Ok(())
 }
 
 /// The most placement constraints one definition may have.
@@ -355,9 +375,8 @@ impl TaskDefinitionInput {
                 .map_err(|e| ApiError::invalid("placement.constraints", e))?;
         }
         let strategy = self.placement.as_ref().and_then(|p| p.strategy.clone());
-        if let Some(text) = &strategy {
-            crate::tasks::Strategy::parse(text)
-                .map_err(|e| ApiError::invalid("placement.strategy", e))?;
+        if let Some(p) = &self.placement {
+            check_placement(p)?;
         }
         Ok(CheckedDefinition {
             family: self.family.clone(),

@@ -1343,6 +1343,43 @@ fn binpack_fills_the_fullest_node_that_fits_and_spread_by_label_balances_zones()
         2,
         "{placed:?}"
     );
+    // A service's placement replaces its definition's.
+    let out = wharf(
+        &s,
+        &[
+            "service",
+            "create",
+            "pinned",
+            "--taskdef",
+            "zoned",
+            "--desired",
+            "2",
+            "--constraint",
+            "zone == b",
+            "--placement-strategy",
+            "binpack",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        service(&s, "pinned")["placement"]["constraints"],
+        json!(["zone == b"])
+    );
+    converged(&s, "pinned", 2);
+    assert_eq!(nodes_of(&tasks_of(&s, "pinned")), ["other", "other"]);
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(
+            json!({"name": "bad", "task_definition": "zoned", "desired_count": 1,
+                    "placement": {"constraints": ["zone = b"]}}),
+        ),
+    );
+    assert_eq!(r.status, 422, "{r:?}");
     // A strategy that is not one is refused at registration.
     let r = s.api(
         "POST",
