@@ -132,26 +132,6 @@ fn default_data_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/wharf-node"))
 }
 
-/// Writes `bytes` to `path` durably (temporary file, fsync, rename), with
-/// mode 0600.
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    let mut file = options
-        .open(&tmp)
-        .with_context(|| format!("failed to create {}", tmp.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))?;
-    Ok(())
-}
-
 /// Refuses a plain-HTTP server off loopback unless `insecure`.
 fn check_transport(server: &str, insecure: bool) -> Result<()> {
     let url =
@@ -246,7 +226,7 @@ pub(crate) fn main(
                 credential: joined.credential,
                 fingerprint,
             };
-            write_private(&membership_path, &serde_json::to_vec_pretty(&m)?)?;
+            crate::paths::write_private(&membership_path, &serde_json::to_vec_pretty(&m)?)?;
             eprintln!("wharf: joined {server} as node {}", m.name);
             m
         }
@@ -361,13 +341,22 @@ async fn pinned_client(
             "the server's CA (sha256 {got}) does not match the join token's ({fingerprint}): refusing to trust {server}"
         );
     }
-    write_private(&path, pem.as_bytes())?;
+    crate::paths::write_private(&path, pem.as_bytes())?;
     Ok(reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         // Exactly the certificate whose fingerprint was checked.
         .add_root_certificate(reqwest::Certificate::from_der(&der).context("the server's CA")?)
         .connect_timeout(Duration::from_secs(5))
         .build()?)
+}
+
+/// A line of the node's log as the protocol sends it.
+fn reported(l: wharf_runtime::LogLine) -> ReportedLine {
+    ReportedLine {
+        seq: l.seq,
+        stream: l.stream.as_str().into(),
+        text: l.text,
+    }
 }
 
 fn hostname() -> Result<String> {
@@ -462,7 +451,7 @@ impl Agent {
         } else {
             serde_json::to_vec(&finished)
                 .map_err(anyhow::Error::from)
-                .and_then(|b| write_private(&self.outbox, &b))
+                .and_then(|b| crate::paths::write_private(&self.outbox, &b))
         };
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot write the outbox");
@@ -495,14 +484,7 @@ impl Agent {
             } else {
                 let page = t.logs.read_from(t.sent, 10_000);
                 for l in page.lines {
-                    let line = ReportedLine {
-                        seq: l.seq,
-                        stream: match l.stream {
-                            wharf_runtime::Stream::Stdout => "stdout".into(),
-                            wharf_runtime::Stream::Stderr => "stderr".into(),
-                        },
-                        text: l.text,
-                    };
+                    let line = reported(l);
                     if budget < cost(&line) {
                         break;
                     }
@@ -747,14 +729,7 @@ impl Agent {
                 .read_from(t.sent, usize::MAX)
                 .lines
                 .into_iter()
-                .map(|l| ReportedLine {
-                    seq: l.seq,
-                    stream: match l.stream {
-                        wharf_runtime::Stream::Stdout => "stdout".into(),
-                        wharf_runtime::Stream::Stderr => "stderr".into(),
-                    },
-                    text: l.text,
-                })
+                .map(reported)
                 .collect();
             t.status = TaskStatus::Stopped;
             t.finished = Some(Finished {
@@ -1044,7 +1019,7 @@ WantedBy=multi-user.target
     }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
-    write_private(&args.env_file, format!("{}\n", env.join("\n")).as_bytes())?;
+    crate::paths::write_private(&args.env_file, format!("{}\n", env.join("\n")).as_bytes())?;
     std::fs::create_dir_all(&args.unit_dir)
         .with_context(|| format!("cannot create {}", args.unit_dir.display()))?;
     let unit_path = args.unit_dir.join("wharf-node.service");

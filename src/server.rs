@@ -153,22 +153,7 @@ pub(crate) fn admin_token(data_dir: &Path) -> Result<String> {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        #[cfg(unix)]
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        options.mode(0o600);
-        let mut file = options
-            .open(&tmp)
-            .with_context(|| format!("failed to create {}", tmp.display()))?;
-        file.write_all(token.as_bytes())?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("failed to write {}", path.display()))?;
+    crate::paths::write_private(&path, token.as_bytes())?;
     Ok(token)
 }
 

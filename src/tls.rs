@@ -122,8 +122,8 @@ pub(crate) fn auto(data_dir: &Path, listen: SocketAddr, sans: &[String]) -> Resu
     } else {
         let key = rcgen::KeyPair::generate()?;
         let cert = ca_params()?.self_signed(&key)?;
-        crate::agent::write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
-        crate::agent::write_private(&ca_pem_path, cert.pem().as_bytes())?;
+        crate::paths::write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
+        crate::paths::write_private(&ca_pem_path, cert.pem().as_bytes())?;
         (cert.pem(), key)
     };
     // The issuer for signing: the same name and key as the stored CA

@@ -519,11 +519,7 @@ impl RemoteNode {
             if let Some(buffer) = logs(&t.id) {
                 let from = h.log_next;
                 for line in t.logs.iter().filter(|l| l.seq >= from) {
-                    let stream = if line.stream == "stderr" {
-                        wharf_runtime::Stream::Stderr
-                    } else {
-                        wharf_runtime::Stream::Stdout
-                    };
+                    let stream = wharf_runtime::Stream::named(&line.stream);
                     let mut text = line.text.clone();
                     text.push('\n');
                     buffer.write(stream, text.as_bytes());

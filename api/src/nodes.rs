@@ -211,6 +211,16 @@ impl Control {
             .ok_or_else(|| ApiError::not_found(format!("node {name} does not exist")))
     }
 
+    /// What is stored of a node.
+    async fn stored_node(&self, name: &str) -> Result<Option<NodeState>> {
+        Ok(self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.name == name))
+    }
+
     /// Drains (`DRAINING`) or activates (`READY`) a node.
     pub async fn set_node_status(&self, name: &str, status: NodeStatus) -> Result<Node> {
         self.node(name).await?;
@@ -220,12 +230,7 @@ impl Control {
                 "LOST is set by heartbeats, not by people",
             ));
         }
-        let stored = self
-            .store
-            .nodes()
-            .await?
-            .into_iter()
-            .find(|n| n.name == name);
+        let stored = self.stored_node(name).await?;
         self.store
             .put_node(&NodeState {
                 status,
@@ -253,12 +258,7 @@ impl Control {
             ));
         }
         let node = self.node(name).await?;
-        let stored = self
-            .store
-            .nodes()
-            .await?
-            .into_iter()
-            .find(|n| n.name == name);
+        let stored = self.stored_node(name).await?;
         if let Some(hash) = stored.as_ref().and_then(|n| n.credential_hash.as_ref()) {
             self.tokens.forget(hash);
         }
@@ -341,7 +341,7 @@ impl Control {
         }
         labels.extend(token.labels.clone());
         let _guard = self.join_lock.lock().await;
-        if self.store.nodes().await?.iter().any(|n| n.name == req.name) {
+        if self.stored_node(&req.name).await?.is_some() {
             return Err(ApiError::conflict(format!(
                 "a node named {} has joined already (wharf node rm {} first, or choose another --name)",
                 req.name, req.name

@@ -99,7 +99,9 @@ pub(crate) struct Tasks {
     /// The node's status: a draining node starts no new task.
     node_status: Mutex<model::NodeStatus>,
     /// The node's labels, which placement constraints are checked against.
-    node_labels: Mutex<BTreeMap<String, String>>,
+    node_labels: Mutex<Arc<BTreeMap<String, String>>>,
+    /// The WASI interfaces the local runtime provides.
+    local_interfaces: Arc<Vec<String>>,
     /// The edge nodes.
     fleet: Arc<Fleet>,
     /// The server runs no tasks itself (`--no-local-node`).
@@ -216,10 +218,7 @@ pub(crate) fn convert_line(l: wharf_runtime::LogLine) -> LogEntry {
     LogEntry {
         seq: l.seq,
         at: model::timestamp(l.at),
-        stream: match l.stream {
-            wharf_runtime::Stream::Stdout => "stdout".into(),
-            wharf_runtime::Stream::Stderr => "stderr".into(),
-        },
+        stream: l.stream.as_str().into(),
         text: l.text,
     }
 }
@@ -268,6 +267,12 @@ impl Tasks {
             outbound_check,
             node_status: Mutex::new(model::NodeStatus::Ready),
             node_labels: Mutex::default(),
+            local_interfaces: Arc::new(
+                wharf_runtime::PROVIDED_INTERFACES
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+            ),
             fleet,
             no_local_node,
             default_memory,
@@ -280,13 +285,15 @@ impl Tasks {
         &self.fleet
     }
 
-    /// The local node for placement (counting the tasks of `service`).
-    fn local_candidate(&self, service: Option<&str>) -> Candidate {
+    /// The local node for placement; its tasks (all, and of `service`) are
+    /// counted only when `count` (there are other nodes to compare it
+    /// with): a single-node server's task start stays O(1).
+    fn local_candidate(&self, service: Option<&str>, count: bool) -> Candidate {
         let stats = self.executor.stats();
         let slots = self.executor.slots() as u64;
         let mut tasks = 0;
         let mut service_tasks = 0;
-        for e in &self.live {
+        for e in self.live.iter().filter(|_| count) {
             let st = e.state.lock().expect("task lock");
             if st.task.node != LOCAL_NODE {
                 continue;
@@ -299,18 +306,12 @@ impl Tasks {
         Candidate {
             name: LOCAL_NODE.into(),
             status: self.node_status(),
-            labels: Arc::new(
-                self.node_labels
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone(),
-            ),
-            interfaces: Arc::new(
-                wharf_runtime::PROVIDED_INTERFACES
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect(),
-            ),
+            labels: self
+                .node_labels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            interfaces: self.local_interfaces.clone(),
             free_slots: slots.saturating_sub(tasks),
             free_memory: self
                 .executor
@@ -331,9 +332,6 @@ impl Tasks {
         memory: u64,
     ) -> std::result::Result<Target, String> {
         let mut candidates = Vec::new();
-        if !self.no_local_node {
-            candidates.push(self.local_candidate(service));
-        }
         // Edge nodes run command tasks of the built-in registry (HTTP
         // services and other registries' artifacts stay on the server).
         let remote_ok = def.kind == TaskKind::Command
@@ -349,6 +347,9 @@ impl Tasks {
                     candidates.push(c);
                 }
             }
+        }
+        if !self.no_local_node {
+            candidates.insert(0, self.local_candidate(service, !remote.is_empty()));
         }
         let status_name = |s: model::NodeStatus| {
             serde_json::to_value(s)
@@ -460,7 +461,7 @@ impl Tasks {
 
     /// Sets the local node's labels.
     pub(crate) fn set_node_labels(&self, labels: BTreeMap<String, String>) {
-        *self.node_labels.lock().unwrap_or_else(|p| p.into_inner()) = labels;
+        *self.node_labels.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(labels);
     }
 
     /// The local node's status.
@@ -830,11 +831,7 @@ impl Tasks {
         });
         // The output kept at the last shutdown comes first.
         for line in logs.map(|p| p.lines).unwrap_or_default() {
-            let stream = if line.stream == "stderr" {
-                wharf_runtime::Stream::Stderr
-            } else {
-                wharf_runtime::Stream::Stdout
-            };
+            let stream = wharf_runtime::Stream::named(&line.stream);
             entry
                 .logs
                 .write(stream, format!("{}\n", line.text).as_bytes());

@@ -52,6 +52,25 @@ pub enum Stream {
     Stderr,
 }
 
+impl Stream {
+    /// The stream's name, as serialized: `stdout` or `stderr`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
+    /// The stream named `name` (anything but `stderr` is standard output).
+    pub fn named(name: &str) -> Stream {
+        if name == "stderr" {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        }
+    }
+}
+
 /// One line of output, without its newline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {

@@ -537,16 +537,7 @@ fn a_killed_node_is_lost_its_service_tasks_run_elsewhere_and_it_reattaches() {
         &["--name", "edge-b"],
     )
     .unwrap();
-    eventually(Duration::from_secs(10), "both nodes report", || {
-        let nodes = s.api("GET", "/v1/nodes", None).json();
-        let n = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
-            .count();
-        (n == 2).then_some(())
-    });
+    wait_for_nodes(&s, 2);
     let r = s.api(
         "POST",
         "/v1/services",
@@ -593,6 +584,56 @@ fn a_killed_node_is_lost_its_service_tasks_run_elsewhere_and_it_reattaches() {
     eventually(Duration::from_secs(10), "edge-a is back", || {
         (node(&s, "edge-a")["status"] == "READY").then_some(())
     });
+}
+
+/// Waits until `n` nodes have reported (their capacity is known).
+fn wait_for_nodes(s: &Server, n: usize) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} nodes report"),
+        || {
+            let listed = s.api("GET", "/v1/nodes", None).json();
+            let reported = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
+                .count();
+            (reported == n).then_some(())
+        },
+    );
+}
+
+/// A server on every address (a node in a network namespace reaches it
+/// through its veth pair) with `heartbeat` pushed as `team/beat:v1`
+/// through 127.0.0.1 (`wharf push` speaks plain HTTP to loopback only).
+fn start_for_netns(data: &Path, extra: &[&str]) -> (Server, u16) {
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let mut flags = vec![
+        "--listen",
+        listen.as_str(),
+        "--insecure",
+        "--no-local-node",
+        "--heartbeat",
+        "500ms",
+    ];
+    flags.extend_from_slice(extra);
+    let s = Server::start_with(data, &flags);
+    let pushed = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("push")
+        .arg(wharf_testkit::wasm("heartbeat", Target::P1))
+        .arg(format!("127.0.0.1:{port}/team/beat:v1"))
+        .env("WHARF_TOKEN", &s.token)
+        .env("WHARF_SERVER", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    (s, port)
 }
 
 /// A loopback port free now (for a server that must come back on it).
@@ -648,16 +689,7 @@ fn a_drained_node_hands_its_tasks_over_and_a_cut_off_node_is_reconciled_when_it_
         &["--name", "edge-b"],
     )
     .unwrap();
-    eventually(Duration::from_secs(10), "both nodes report", || {
-        let nodes = s.api("GET", "/v1/nodes", None).json();
-        let n = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
-            .count();
-        (n == 2).then_some(())
-    });
+    wait_for_nodes(&s, 2);
     let r = s.api(
         "POST",
         "/v1/services",
@@ -771,16 +803,7 @@ fn nodes_run_on_while_the_server_is_stopped_and_it_takes_their_tasks_back() {
         &["--name", "edge-b"],
     )
     .unwrap();
-    eventually(Duration::from_secs(10), "both nodes report", || {
-        let nodes = s.api("GET", "/v1/nodes", None).json();
-        let n = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
-            .count();
-        (n == 2).then_some(())
-    });
+    wait_for_nodes(&s, 2);
     let r = s.api(
         "POST",
         "/v1/services",
@@ -1153,34 +1176,7 @@ fn a_node_cut_off_by_the_network_runs_on_and_is_reconciled_when_the_link_returns
     }
     let netns = netns.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // On every address: the far node reaches it through the veth pair,
-    // `wharf push` (plain HTTP to loopback only) through 127.0.0.1.
-    let port = free_port();
-    let listen = format!("0.0.0.0:{port}");
-    let s = Server::start_with(
-        &dir.path().join("server"),
-        &[
-            "--listen",
-            &listen,
-            "--insecure",
-            "--no-local-node",
-            "--heartbeat",
-            "500ms",
-        ],
-    );
-    let pushed = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .arg("push")
-        .arg(wharf_testkit::wasm("heartbeat", Target::P1))
-        .arg(format!("127.0.0.1:{port}/team/beat:v1"))
-        .env("WHARF_TOKEN", &s.token)
-        .env("WHARF_SERVER", format!("http://127.0.0.1:{port}"))
-        .output()
-        .unwrap();
-    assert!(
-        pushed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pushed.stderr)
-    );
+    let (s, port) = start_for_netns(&dir.path().join("server"), &[]);
     let far_url = format!("http://{}:{port}", netns.host_ip);
     let token = join_token(&s, &[]);
     let _far = Agent::start_in(
@@ -1293,16 +1289,7 @@ fn binpack_fills_the_fullest_node_that_fits_and_spread_by_label_balances_zones()
     })
     .collect();
     assert_eq!(nodes.len(), 3);
-    eventually(Duration::from_secs(10), "three nodes report", || {
-        let listed = s.api("GET", "/v1/nodes", None).json();
-        let n = listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["capacity"]["slots"].as_u64() > Some(0))
-            .count();
-        (n == 3).then_some(())
-    });
+    wait_for_nodes(&s, 3);
     // binpack: the node with the least free memory that still fits.
     register(
         &s,
@@ -1404,35 +1391,8 @@ fn a_cut_off_node_restarts_its_failing_service_task_with_backoff() {
     }
     let netns = netns.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let listen = format!("0.0.0.0:{port}");
     // A node timeout longer than the cut: the node stays READY.
-    let s = Server::start_with(
-        &dir.path().join("server"),
-        &[
-            "--listen",
-            &listen,
-            "--insecure",
-            "--no-local-node",
-            "--heartbeat",
-            "500ms",
-            "--node-timeout",
-            "60s",
-        ],
-    );
-    let pushed = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .arg("push")
-        .arg(wharf_testkit::wasm("heartbeat", Target::P1))
-        .arg(format!("127.0.0.1:{port}/team/beat:v1"))
-        .env("WHARF_TOKEN", &s.token)
-        .env("WHARF_SERVER", format!("http://127.0.0.1:{port}"))
-        .output()
-        .unwrap();
-    assert!(
-        pushed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pushed.stderr)
-    );
+    let (s, port) = start_for_netns(&dir.path().join("server"), &["--node-timeout", "60s"]);
     let url = format!("http://{}:{port}", netns.host_ip);
     let token = join_token(&s, &[]);
     let _far = Agent::start_in(
