@@ -20,9 +20,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Notify;
 use wharf_api::fleet::{
-    Assignment, JoinRequest, JoinResponse, NodeInfo, Report, ReportedLine, SyncResponse, TaskReport,
+    Assignment, HttpAssignment, JoinRequest, JoinResponse, NodeInfo, Report, ReportedLine,
+    SyncResponse, TaskReport,
 };
 use wharf_api::model::{self, TaskStatus};
+use wharf_api::node_ingress::NodeIngress;
 use wharf_runtime::{
     Executor, ExecutorConfig, LogBuffer, Outcome, Runtime, RuntimeConfig, StopCode, StopSignal,
     TaskPhase, TaskSpec,
@@ -61,6 +63,21 @@ pub(crate) struct JoinArgs {
     /// secrets then cross the network in the clear).
     #[arg(long)]
     insecure: bool,
+    /// Serve the HTTP services placed on this node on this address
+    /// (IP:PORT); without it the node runs command tasks only.
+    #[arg(long, env = "WHARF_INGRESS")]
+    ingress: Option<std::net::SocketAddr>,
+    /// The address the server forwards its share of requests to (default:
+    /// --ingress, or, if that listens on every address, this machine's
+    /// address towards the server). The server accepts only the address
+    /// the node connects from.
+    #[arg(long, env = "WHARF_ADVERTISE_INGRESS", requires = "ingress")]
+    advertise_ingress: Option<std::net::SocketAddr>,
+    /// Internal network (CIDR or address) that components' allowed
+    /// outbound destinations may resolve to; loopback, private and
+    /// link-local addresses are refused otherwise. Repeatable.
+    #[arg(long = "allow-outbound-network", env = "WHARF_ALLOW_OUTBOUND_NETWORKS", value_delimiter = ',', value_parser = wharf_registry::remote::RemotePolicy::parse_network)]
+    allow_outbound_networks: Vec<wharf_registry::remote::IpNet>,
 }
 
 /// What the node keeps of its membership (`node.json`, mode 0600).
@@ -119,6 +136,9 @@ struct Agent {
     moved: std::sync::atomic::AtomicBool,
     /// Pulls of one digest at a time.
     pulling: tokio::sync::Mutex<()>,
+    /// The ingress serving this node's HTTP tasks, and the address the
+    /// server is told to forward to.
+    ingress: Option<(Arc<NodeIngress>, String)>,
 }
 
 /// The default data directory of a node: `$XDG_DATA_HOME/wharf-node`, else
@@ -253,6 +273,32 @@ pub(crate) fn main(
         .context("failed to start the executor")?;
     let blobs = data_dir.join("cache").join("blobs");
     std::fs::create_dir_all(&blobs)?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let ingress = match args.ingress {
+        None => None,
+        Some(addr) => {
+            let listener = tokio
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("failed to listen on {addr} for the ingress"))?;
+            let local = listener.local_addr()?;
+            let advertised = match args.advertise_ingress {
+                Some(a) => a,
+                None if local.ip().is_unspecified() => {
+                    std::net::SocketAddr::new(tokio.block_on(ip_towards(&server))?, local.port())
+                }
+                None => local,
+            };
+            let policy = wharf_registry::remote::RemotePolicy {
+                allow: args.allow_outbound_networks.clone(),
+            };
+            let ingress =
+                NodeIngress::new(executor.clone(), Arc::new(move |ip| policy.permits(ip)));
+            tokio.spawn(ingress.clone().serve(listener, shutdown_rx.clone()));
+            // Scripts and tests wait for this line too.
+            eprintln!("wharf: ingress on http://{local} (advertised as {advertised})");
+            Some((ingress, advertised.to_string()))
+        }
+    };
     let agent = Arc::new(Agent {
         http,
         base: server.clone(),
@@ -273,6 +319,7 @@ pub(crate) fn main(
         reconnected: Notify::new(),
         removed: Notify::new(),
         pulling: tokio::sync::Mutex::new(()),
+        ingress,
     });
     agent.load_outbox()?;
     // Scripts and tests wait for this line.
@@ -293,6 +340,7 @@ pub(crate) fn main(
         };
         pusher.abort();
         agent.stop_all().await;
+        let _ = shutdown_tx.send(true);
         if removed {
             // Exit status 3 tells systemd not to restart it
             // (RestartPreventExitStatus in the unit).
@@ -359,6 +407,27 @@ fn reported(l: wharf_runtime::LogLine) -> ReportedLine {
     }
 }
 
+/// This machine's address on the way to `server` (no packet is sent: a
+/// UDP socket's connect only picks the route).
+async fn ip_towards(server: &str) -> Result<std::net::IpAddr> {
+    let url = reqwest::Url::parse(server).with_context(|| format!("{server} is not a URL"))?;
+    let host = url.host_str().context("the server URL has no host")?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let target = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    let bind: std::net::SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(bind).await?;
+    socket.connect(target).await?;
+    Ok(socket.local_addr()?.ip())
+}
+
 fn hostname() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -413,6 +482,7 @@ impl Agent {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            ingress: self.ingress.as_ref().map(|(_, a)| a.clone()),
         }
     }
 
@@ -617,6 +687,9 @@ impl Agent {
             tokio::spawn(self.clone().run(a, logs, stop));
         }
         drop(tasks);
+        if let Some((ingress, _)) = &self.ingress {
+            ingress.set_routes(&answer.routes);
+        }
         *self.epoch.lock().expect("epoch lock") = answer.epoch;
         self.seen.store(seen, Ordering::Release);
         self.heartbeat_ms
@@ -760,6 +833,9 @@ impl Agent {
             Err(message) => return Outcome::not_started(StopCode::FailedToStart, message),
         };
         self.set_status(&a.task_id, TaskStatus::Pending, None);
+        if let Some(http) = &a.http {
+            return self.serve(a, http, artifact, logs, stop).await;
+        }
         let mut spec = TaskSpec::new(logs.clone());
         spec.program = a.family.clone();
         spec.args = a.args.clone();
@@ -785,6 +861,65 @@ impl Agent {
         let outcome = handle.wait().await;
         forward.abort();
         outcome
+    }
+
+    /// An HTTP task: serves the requests its service's routes bring to the
+    /// node's ingress (and those the server forwards) until it is asked to
+    /// stop, then drains.
+    async fn serve(
+        &self,
+        a: &Assignment,
+        http: &HttpAssignment,
+        artifact: Arc<wharf_runtime::Artifact>,
+        logs: &Arc<LogBuffer>,
+        stop: &Arc<StopSignal>,
+    ) -> Outcome {
+        let Some((ingress, _)) = &self.ingress else {
+            return Outcome::not_started(
+                StopCode::FailedToStart,
+                "this node has no ingress (wharf node join --ingress ADDR)",
+            );
+        };
+        if artifact.kind() != wharf_runtime::ArtifactKind::HttpProxy {
+            return Outcome::not_started(
+                StopCode::FailedToStart,
+                format!(
+                    "kind \"http\" needs a component that exports wasi:http/incoming-handler; this artifact is a {:?}",
+                    artifact.kind()
+                ),
+            );
+        }
+        let Some(service) = a.service.clone() else {
+            return Outcome::not_started(StopCode::FailedToStart, "http tasks run in services");
+        };
+        let mut spec = TaskSpec::new(logs.clone());
+        spec.program = a.family.clone();
+        spec.env = a.env.clone().into_iter().collect();
+        spec.limits = wharf_runtime::Limits {
+            fuel: a.limits.fuel,
+            memory: a.limits.memory_bytes,
+            timeout: Some(Duration::from_millis(http.settings.request_timeout_ms)),
+        };
+        let task = ingress.task(
+            a.task_id.clone(),
+            service,
+            artifact,
+            spec,
+            http.settings.clone(),
+        );
+        let grace = Duration::from_millis(http.health_check_grace_ms);
+        if let Err(outcome) = task
+            .become_healthy(http.settings.health_check.as_deref(), grace, stop)
+            .await
+        {
+            return outcome;
+        }
+        self.set_status(&a.task_id, TaskStatus::Running, Some(model::now()));
+        task.open();
+        let running = std::time::Instant::now();
+        stop.wait().await;
+        let delay = Duration::from_millis(http.deregistration_delay_ms);
+        task.wind_down(delay, running, logs).await
     }
 
     /// The compiled artifact of an assignment: from memory, else from the
@@ -970,6 +1105,21 @@ pub(crate) fn install(
     }
     if let Some(budget) = args.join.memory_budget {
         env.push(format!("WHARF_MEMORY_BUDGET={budget}"));
+    }
+    if let Some(addr) = args.join.ingress {
+        env.push(format!("WHARF_INGRESS={addr}"));
+    }
+    if let Some(addr) = args.join.advertise_ingress {
+        env.push(format!("WHARF_ADVERTISE_INGRESS={addr}"));
+    }
+    if !args.join.allow_outbound_networks.is_empty() {
+        let nets: Vec<String> = args
+            .join
+            .allow_outbound_networks
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        env.push(format!("WHARF_ALLOW_OUTBOUND_NETWORKS={}", nets.join(",")));
     }
     let insecure = if args.join.insecure {
         " --insecure"

@@ -212,5 +212,13 @@ fn describe(n: Node) {
         ),
         ("platform", format!("{}-{}", n.arch, n.os)),
         ("wasi", n.wasi_interfaces.join(", ")),
+        (
+            "ingress",
+            match (n.ingress, n.ingress_refused) {
+                (Some(a), _) => a,
+                (None, Some(why)) => format!("refused: {why}"),
+                (None, None) => "none".into(),
+            },
+        ),
     ]);
 }

@@ -242,6 +242,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         let local = listener.local_addr()?;
+        api.listening_on(local);
         if let Some(addr) = ingress {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -270,10 +271,15 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
         };
         match tls {
             Some(t) => crate::tls::serve(listener, t.config, app, shutdown).await?,
-            None => axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .context("server failed")?,
+            // Handlers see the peer's address (a node's ingress must be
+            // the address it connects from).
+            None => axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("server failed")?,
         }
         api.shutdown().await;
         eprintln!("wharf: stopped");

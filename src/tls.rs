@@ -172,7 +172,7 @@ pub(crate) async fn serve(
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -194,6 +194,14 @@ pub(crate) async fn serve(
             else {
                 return;
             };
+            // Handlers see the peer's address, as over plain HTTP.
+            let app = tower::ServiceExt::map_request(
+                app,
+                move |mut r: axum::http::Request<hyper::body::Incoming>| {
+                    r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                    r
+                },
+            );
             let service = hyper_util::service::TowerToHyperService::new(app);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             let _ = watcher.watch(conn.into_owned()).await;

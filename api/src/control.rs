@@ -106,6 +106,11 @@ pub struct Control {
     pub(crate) scalers: DashMap<String, crate::autoscale::ScalerState>,
     /// Joins one at a time (a name is checked and taken together).
     pub(crate) join_lock: tokio::sync::Mutex<()>,
+    /// The server's own listeners (API and ingress): no node's ingress
+    /// may be one of them.
+    pub(crate) own_addrs: std::sync::Mutex<Vec<std::net::SocketAddr>>,
+    /// The ingress's address, once it listens.
+    pub(crate) ingress_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Control {
@@ -250,6 +255,8 @@ impl Control {
             traffic: Default::default(),
             scalers: DashMap::new(),
             join_lock: tokio::sync::Mutex::new(()),
+            own_addrs: Default::default(),
+            ingress_addr: Default::default(),
         }
     }
 

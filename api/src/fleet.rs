@@ -96,6 +96,11 @@ pub struct NodeInfo {
     pub os: String,
     /// The WASI interfaces its runtime provides.
     pub wasi_interfaces: Vec<String>,
+    /// Where its ingress takes requests (`IP:PORT`), if it has one
+    /// (`wharf node join --ingress`): the server forwards its share of the
+    /// HTTP services' traffic there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<String>,
 }
 
 /// One line of a task's output, numbered by the node.
@@ -170,6 +175,10 @@ pub struct SyncResponse {
     pub ack: Vec<String>,
     /// How often to sync when nothing happens, in milliseconds.
     pub heartbeat_ms: u64,
+    /// The routes of the HTTP services with tasks on the node, by
+    /// service: its ingress routes by them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, Vec<String>>,
 }
 
 /// A task placed on a node: everything it needs to run it.
@@ -193,6 +202,21 @@ pub struct Assignment {
     pub limits: TaskLimits,
     /// The service it belongs to.
     pub service: Option<String>,
+    /// For a task of an HTTP service: how it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpAssignment>,
+}
+
+/// How a node serves an HTTP task: its definition's settings and the
+/// server's health check and drain timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpAssignment {
+    /// The task definition's `[http]` settings.
+    pub settings: model::HttpSettings,
+    /// How long its health check may take to pass, in milliseconds.
+    pub health_check_grace_ms: u64,
+    /// How long requests in flight may finish after a stop, in ms.
+    pub deregistration_delay_ms: u64,
 }
 
 /// What the node said about a task, for the task's driver.
@@ -238,6 +262,8 @@ struct NodeBook {
     /// The node process last heard from, and its newest report.
     boot: Option<String>,
     report_seq: u64,
+    /// Its ingress as the server accepted it, or why it did not.
+    ingress: Option<std::result::Result<std::net::SocketAddr, String>>,
 }
 
 impl NodeBook {
@@ -300,6 +326,8 @@ pub(crate) struct Candidate {
     pub(crate) tasks: u64,
     /// Tasks of the service being placed.
     pub(crate) service_tasks: u64,
+    /// Whether it serves HTTP tasks (it has an ingress).
+    pub(crate) serves_http: bool,
 }
 
 impl RemoteNode {
@@ -424,6 +452,14 @@ impl RemoteNode {
             arch: info.arch,
             os: info.os,
             wasi_interfaces: info.wasi_interfaces,
+            ingress: match &book.ingress {
+                Some(Ok(a)) => Some(a.to_string()),
+                _ => None,
+            },
+            ingress_refused: match &book.ingress {
+                Some(Err(why)) => Some(why.clone()),
+                _ => None,
+            },
         }
     }
 
@@ -445,7 +481,29 @@ impl RemoteNode {
             free_memory: info.memory_bytes.map(|m| m.saturating_sub(book.reserved)),
             tasks: book.held.len() as u64,
             service_tasks: service.map_or(0, |s| book.by_service.get(s).copied().unwrap_or(0)),
+            serves_http: matches!(book.ingress, Some(Ok(_))),
         })
+    }
+
+    /// Records the ingress the node advertised, as the server checked it.
+    pub(crate) fn set_ingress(
+        &self,
+        ingress: Option<std::result::Result<std::net::SocketAddr, String>>,
+    ) {
+        self.lock().ingress = ingress;
+    }
+
+    /// The node's accepted ingress address.
+    pub(crate) fn ingress(&self) -> Option<std::net::SocketAddr> {
+        match self.lock().ingress {
+            Some(Ok(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The services the node holds tasks of.
+    pub(crate) fn services(&self) -> Vec<String> {
+        self.lock().by_service.keys().cloned().collect()
     }
 
     /// Sets the operator's status.
@@ -679,6 +737,7 @@ impl Fleet {
                 held: HashMap::new(),
                 boot: None,
                 report_seq: 0,
+                ingress: None,
             }),
             changed: Notify::new(),
             polls: std::sync::atomic::AtomicU64::new(0),
@@ -786,6 +845,7 @@ mod tests {
             env: BTreeMap::new(),
             limits: TaskLimits::default(),
             service: None,
+            http: None,
         }
     }
 

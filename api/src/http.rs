@@ -795,12 +795,14 @@ async fn delete_join_token(
 async fn agent_sync(
     State(c): Ctl,
     Extension(who): Extension<Arc<Principal>>,
+    peer: Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     Json(report): Json<crate::fleet::Report>,
 ) -> Result<Json<crate::fleet::SyncResponse>> {
     let Some(node) = who.node.as_deref() else {
         return Err(ApiError::new(ErrorCode::AccessDenied, "nodes only"));
     };
-    Ok(Json(c.agent_sync(node, report).await?))
+    let peer = peer.map(|p| p.0.0.ip());
+    Ok(Json(c.agent_sync(node, report, peer).await?))
 }
 
 /// `POST /v1/agent/join`, authenticated by a join token rather than a

@@ -11,6 +11,7 @@
 //! finish its headers within [`HEADER_TIMEOUT`] is dropped (slowloris);
 //! at most [`MAX_CONNECTIONS`] connections at once.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,7 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{Semaphore, watch};
 
 use crate::control::Control;
-use crate::serving::{Body, NotTaken, pick};
+use crate::metrics::Metrics;
+use crate::serving::{Backends, Body, HttpTask, NotTaken, pick};
 
 /// Headers larger than this get 431.
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
@@ -132,6 +134,26 @@ impl RouteTable {
             .map(|(_, s)| s.as_str())
     }
 
+    /// The routes of each of `services` that has some.
+    pub fn of_services<'a>(
+        &self,
+        services: impl IntoIterator<Item = &'a String>,
+    ) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for service in services {
+            let routes: Vec<String> = self
+                .routes
+                .iter()
+                .filter(|(_, s)| s == service)
+                .map(|(r, _)| r.to_string())
+                .collect();
+            if !routes.is_empty() {
+                out.insert(service.clone(), routes);
+            }
+        }
+        out
+    }
+
     /// The service already holding `route`, if any other than `except`.
     pub fn holder(&self, route: &Route, except: &str) -> Option<&str> {
         self.routes
@@ -141,8 +163,59 @@ impl RouteTable {
     }
 }
 
+/// What an ingress routes to: the server's (every service, with
+/// autoscaling) or an edge node's (the services with tasks on it).
+pub(crate) trait Gateway: Send + Sync + 'static {
+    /// The current routes.
+    fn route_table(&self) -> Arc<RouteTable>;
+    /// The tasks taking traffic.
+    fn backends(&self) -> &Backends;
+    fn metrics(&self) -> &Metrics;
+    /// A request to `service` began (the autoscaler's traffic book).
+    fn began(&self, _service: &str) {}
+    /// A request to `service` ended after `took`.
+    fn ended(&self, _service: &str, _took: Duration) {}
+    /// For a service with no task taking traffic: tasks to try, once
+    /// there are some, or `None` (503) at once.
+    fn wait_for_backend(
+        self: &Arc<Self>,
+        service: &str,
+    ) -> impl Future<Output = Option<Arc<[Arc<HttpTask>]>>> + Send;
+}
+
+impl Gateway for Control {
+    fn route_table(&self) -> Arc<RouteTable> {
+        self.routes()
+    }
+
+    fn backends(&self) -> &Backends {
+        self.tasks.backends()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn began(&self, service: &str) {
+        self.traffic.began(service);
+    }
+
+    fn ended(&self, service: &str, took: Duration) {
+        self.traffic.ended(service, took);
+    }
+
+    /// Held while a service that may scale to zero scales from zero (see
+    /// [`crate::autoscale`]).
+    fn wait_for_backend(
+        self: &Arc<Self>,
+        service: &str,
+    ) -> impl Future<Output = Option<Arc<[Arc<HttpTask>]>>> + Send {
+        self.hold_for_scale_from_zero(service)
+    }
+}
+
 /// A JSON error answer of the ingress.
-fn error(status: StatusCode, code: &str, message: String) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, code: &str, message: String) -> Response<Body> {
     let body = serde_json::json!({ "code": code, "message": message }).to_string();
     let mut response = Response::new(
         http_body_util::Full::new(Bytes::from(body))
@@ -231,162 +304,153 @@ fn request_host(request: &Request<Incoming>) -> String {
     raw.trim_end_matches('.').to_ascii_lowercase()
 }
 
-impl Control {
-    /// Answers one ingress request.
-    pub(crate) async fn route_request(
-        self: &Arc<Self>,
-        mut request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
-        let started = Instant::now();
-        let request_id = request
-            .headers()
-            .get("x-request-id")
-            .filter(|v| !v.is_empty() && v.len() <= 200)
-            .cloned()
-            .unwrap_or_else(|| {
-                HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
-                    .expect("hex is a valid header value")
-            });
-        let host = request_host(&request);
-        let path = request.uri().path().to_owned();
-        let service = self.routes().lookup(&host, &path).map(str::to_owned);
-        let mut response = match service {
-            None => error(
-                StatusCode::NOT_FOUND,
-                "NOT_FOUND",
-                format!("no service is routed at {host}{path}"),
-            ),
-            Some(service) => {
-                let headers = request.headers_mut();
-                let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                    Some(before) => format!("{before}, {}", peer.ip()),
-                    None => peer.ip().to_string(),
-                };
-                if let Ok(v) = HeaderValue::from_str(&forwarded) {
-                    headers.insert("x-forwarded-for", v);
-                }
-                headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-                headers.insert("x-request-id", request_id.clone());
-                self.traffic.began(&service);
-                let response = self.forward(&service, request).await;
-                self.traffic.ended(&service, started.elapsed());
-                let status = response.status();
-                self.metrics
-                    .ingress_requests
-                    .with_label_values(&[&service, status.as_str()])
-                    .inc();
-                self.metrics
-                    .ingress_duration
-                    .with_label_values(&[&service])
-                    .observe(started.elapsed().as_secs_f64());
-                response
-            }
-        };
-        response.headers_mut().insert("x-request-id", request_id);
-        response
-    }
-
-    /// Sends a routed request to one of the service's tasks.
-    async fn forward(
-        self: &Arc<Self>,
-        service: &str,
-        request: Request<Incoming>,
-    ) -> Response<Body> {
-        let mut tasks = self.tasks.backends().of(service);
-        if tasks.is_empty() {
-            match self.wait_for_backend(service).await {
-                Some(t) => tasks = t,
-                None => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "SERVICE_UNAVAILABLE",
-                        format!("service {service} has no task ready to serve"),
-                    );
-                }
-            }
-        }
-        let limit = tasks
-            .iter()
-            .map(|t| t.settings.max_request_body)
-            .max()
-            .unwrap_or(0);
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                format!("the request body is over this service's limit of {limit} bytes"),
-            );
-        }
-        let exceeded = Arc::new(AtomicBool::new(false));
-        let mut request = request.map(|inner| Limited {
-            inner,
-            left: limit,
-            limit,
-            exceeded: exceeded.clone(),
+/// Answers one ingress request.
+async fn route_request<G: Gateway>(
+    gateway: &Arc<G>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+                .expect("hex is a valid header value")
         });
-        // The balancer's pick first; only if it is full, the others with
-        // room, least loaded first (built then, off the common path).
-        let mut next = pick(&tasks).cloned();
-        let mut rest: Option<std::vec::IntoIter<Arc<crate::serving::HttpTask>>> = None;
-        let mut node_full = None;
-        while let Some(task) = next {
-            match task.serve(request).await {
-                Ok(response) => {
-                    if exceeded.load(Ordering::Acquire) {
-                        return error(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "PAYLOAD_TOO_LARGE",
-                            format!(
-                                "the request body is over this service's limit of {limit} bytes"
-                            ),
-                        );
-                    }
-                    return response;
-                }
-                Err((reason, back)) => {
-                    request = back;
-                    if let NotTaken::Node(why) = reason {
-                        node_full = Some(why);
-                    }
-                }
+    let host = request_host(&request);
+    let path = request.uri().path().to_owned();
+    let service = gateway
+        .route_table()
+        .lookup(&host, &path)
+        .map(str::to_owned);
+    let mut response = match service {
+        None => error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no service is routed at {host}{path}"),
+        ),
+        Some(service) => {
+            let headers = request.headers_mut();
+            let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(before) => format!("{before}, {}", peer.ip()),
+                None => peer.ip().to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&forwarded) {
+                headers.insert("x-forwarded-for", v);
             }
-            next = rest
-                .get_or_insert_with(|| {
-                    let mut others: Vec<_> =
-                        tasks.iter().filter(|t| t.id != task.id).cloned().collect();
-                    others.sort_by_key(|t| t.load());
-                    others.into_iter()
-                })
-                .next();
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            headers.insert("x-request-id", request_id.clone());
+            gateway.began(&service);
+            let response = forward(gateway, &service, request).await;
+            gateway.ended(&service, started.elapsed());
+            let status = response.status();
+            gateway
+                .metrics()
+                .ingress_requests
+                .with_label_values(&[&service, status.as_str()])
+                .inc();
+            gateway
+                .metrics()
+                .ingress_duration
+                .with_label_values(&[&service])
+                .observe(started.elapsed().as_secs_f64());
+            response
         }
-        let why = node_full.unwrap_or_else(|| "every task is at its max_concurrency".into());
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "SERVICE_UNAVAILABLE",
-            format!("service {service} is busy: {why}"),
-        )
-    }
-
-    /// For a service with no task taking traffic: `None` (503) at once,
-    /// unless it may scale to zero; then the request is held while it
-    /// scales from zero (see [`crate::autoscale`]).
-    async fn wait_for_backend(
-        self: &Arc<Self>,
-        service: &str,
-    ) -> Option<Arc<[Arc<crate::serving::HttpTask>]>> {
-        self.hold_for_scale_from_zero(service).await
-    }
+    };
+    response.headers_mut().insert("x-request-id", request_id);
+    response
 }
 
-/// Serves the ingress on `listener` until `shutdown` turns true.
-pub async fn serve(
-    control: Arc<Control>,
+/// Sends a routed request to one of the service's tasks.
+async fn forward<G: Gateway>(
+    gateway: &Arc<G>,
+    service: &str,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let mut tasks = gateway.backends().of(service);
+    if tasks.is_empty() {
+        match gateway.wait_for_backend(service).await {
+            Some(t) => tasks = t,
+            None => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SERVICE_UNAVAILABLE",
+                    format!("service {service} has no task ready to serve"),
+                );
+            }
+        }
+    }
+    let limit = tasks
+        .iter()
+        .map(|t| t.settings.max_request_body)
+        .max()
+        .unwrap_or(0);
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the request body is over this service's limit of {limit} bytes"),
+        );
+    }
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let mut request = request.map(|inner| Limited {
+        inner,
+        left: limit,
+        limit,
+        exceeded: exceeded.clone(),
+    });
+    // The balancer's pick first; only if it is full, the others with
+    // room, least loaded first (built then, off the common path).
+    let mut next = pick(&tasks).cloned();
+    let mut rest: Option<std::vec::IntoIter<Arc<crate::serving::HttpTask>>> = None;
+    let mut node_full = None;
+    while let Some(task) = next {
+        match task.serve(request).await {
+            Ok(response) => {
+                if exceeded.load(Ordering::Acquire) {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "PAYLOAD_TOO_LARGE",
+                        format!("the request body is over this service's limit of {limit} bytes"),
+                    );
+                }
+                return response;
+            }
+            Err((reason, back)) => {
+                request = back;
+                if let NotTaken::Node(why) = reason {
+                    node_full = Some(why);
+                }
+            }
+        }
+        next = rest
+            .get_or_insert_with(|| {
+                let mut others: Vec<_> =
+                    tasks.iter().filter(|t| t.id != task.id).cloned().collect();
+                others.sort_by_key(|t| t.load());
+                others.into_iter()
+            })
+            .next();
+    }
+    let why = node_full.unwrap_or_else(|| "every task is at its max_concurrency".into());
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "SERVICE_UNAVAILABLE",
+        format!("service {service} is busy: {why}"),
+    )
+}
+
+/// Serves an ingress on `listener` until `shutdown` turns true.
+pub(crate) async fn serve<G: Gateway>(
+    control: Arc<G>,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -412,7 +476,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let control = control.clone();
-                async move { Ok::<_, Infallible>(control.route_request(request, peer).await) }
+                async move { Ok::<_, Infallible>(route_request(&control, request, peer).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder

@@ -29,6 +29,7 @@ pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod model;
+pub mod node_ingress;
 pub mod nodes;
 pub mod secrets;
 pub mod services;
@@ -302,7 +303,12 @@ impl Api {
                     .unwrap_or(control.config.max_task_memory),
             );
             let logs = control.store.task_logs(&task.id).await?;
-            control.tasks.adopt(task, memory, logs);
+            // An HTTP task takes the ingress's traffic again.
+            let http = match control.task_definition(&task.task_definition).await {
+                Ok(def) if def.kind == model::TaskKind::Http => def.http.clone(),
+                _ => None,
+            };
+            control.tasks.adopt(task, memory, logs, http);
         }
         control
             .load_services()
@@ -404,11 +410,26 @@ impl Api {
     /// Serves the ingress (the data plane for HTTP services) on
     /// `listener` until shutdown begins.
     pub fn serve_ingress(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        if let Ok(addr) = listener.local_addr() {
+            let _ = self.control.ingress_addr.set(addr);
+            self.listening_on(addr);
+        }
         tokio::spawn(ingress::serve(
             self.control.clone(),
             listener,
             self.shutdown.subscribe(),
         ))
+    }
+
+    /// Records one of the server's own listening addresses: edge nodes
+    /// may not advertise it as their ingress (the server would forward
+    /// requests to itself).
+    pub fn listening_on(&self, addr: std::net::SocketAddr) {
+        self.control
+            .own_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(addr);
     }
 
     /// A handle that drains the node: the reconciler stops, no new task is

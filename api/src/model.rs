@@ -531,4 +531,11 @@ pub struct Node {
     pub os: String,
     /// The WASI interfaces its runtime provides to guests.
     pub wasi_interfaces: Vec<String>,
+    /// Where it takes HTTP requests for its services' tasks (the server's
+    /// ingress for the local node; an edge node's `--ingress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<String>,
+    /// Why the server does not use the ingress the node advertised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_refused: Option<String>,
 }

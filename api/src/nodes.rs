@@ -378,7 +378,12 @@ impl Control {
     /// One sync of the node protocol: takes the node's report, then
     /// answers with what the node should do, holding the answer up to the
     /// report's `wait_ms` when there is nothing yet.
-    pub async fn agent_sync(&self, node: &str, report: Report) -> Result<SyncResponse> {
+    pub async fn agent_sync(
+        &self,
+        node: &str,
+        report: Report,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<SyncResponse> {
         let fleet = self.tasks.fleet().clone();
         let Some(remote) = fleet.get(node) else {
             return Err(ApiError::new(
@@ -386,6 +391,13 @@ impl Control {
                 format!("node {node} was removed"),
             ));
         };
+        remote.set_ingress(
+            report
+                .info
+                .ingress
+                .as_deref()
+                .map(|a| self.check_ingress(a, peer)),
+        );
         let tasks = self.tasks.clone();
         let received = remote.receive(&report, &fleet.epoch, &|id| tasks.log_buffer(id));
         let mut ack = received.ack;
@@ -413,13 +425,51 @@ impl Control {
         }
         let (assign, stopping) = remote.pending(&report, &fleet.epoch);
         stop.extend(stopping);
+        let routes = match remote.ingress() {
+            Some(_) => self.routes().of_services(&remote.services()),
+            None => Default::default(),
+        };
         Ok(SyncResponse {
             epoch: fleet.epoch.clone(),
             assign,
             stop,
             ack,
             heartbeat_ms: fleet.heartbeat.as_millis() as u64,
+            routes,
         })
+    }
+
+    /// The ingress a node advertises, if the server may forward requests
+    /// there: the address it connects from (a node, or a stolen
+    /// credential, cannot point the server's traffic at another machine)
+    /// and none of the server's own listeners.
+    fn check_ingress(
+        &self,
+        advertised: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> std::result::Result<std::net::SocketAddr, String> {
+        let addr: std::net::SocketAddr = advertised
+            .parse()
+            .map_err(|_| format!("{advertised:?} is not IP:PORT"))?;
+        let Some(peer) = peer else {
+            return Err("the server cannot see the address the node connects from".into());
+        };
+        if addr.ip().to_canonical() != peer.to_canonical() {
+            return Err(format!(
+                "the node advertises {addr} but connects from {peer}: the server forwards only to the address a node connects from"
+            ));
+        }
+        if addr.port() == 0 {
+            return Err(format!("{addr} has no port"));
+        }
+        let own = self.own_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        if own
+            .iter()
+            .any(|o| o.port() == addr.port() && (o.ip().is_unspecified() || o.ip() == addr.ip()))
+        {
+            return Err(format!("{addr} is one of the server's own listeners"));
+        }
+        Ok(addr)
     }
 
     fn local_node(&self) -> Node {
@@ -451,6 +501,8 @@ impl Control {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            ingress: self.ingress_addr.get().map(|a| a.to_string()),
+            ingress_refused: None,
         }
     }
 }

@@ -8,15 +8,17 @@
 //! before it drains.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use tokio::sync::Notify;
 use wharf_runtime::{
-    AddressCheck, Artifact, Executor, GuestEnd, HttpOptions, OutboundRule, STOP_CODE_HEADER,
-    TaskSpec, text_response,
+    AddressCheck, Artifact, Executor, GuestEnd, HttpOptions, LogBuffer, OutboundRule, Outcome,
+    STOP_CODE_HEADER, StopCode, StopSignal, TaskSpec, text_response,
 };
 
 use crate::metrics::Metrics;
@@ -24,6 +26,9 @@ use crate::model::{HttpSettings, HttpStats};
 
 /// The response body type of the `wasi:http` host.
 pub(crate) type Body = wharf_runtime::HttpBody;
+
+/// How often a starting task's health check is tried.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// How many recent request latencies a task keeps for its percentiles.
 const LATENCY_WINDOW: usize = 1024;
@@ -47,20 +52,103 @@ pub(crate) enum NotTaken {
     Node(String),
 }
 
+/// Where a task's requests are served.
+enum Target {
+    /// Here, in a fresh instance per request.
+    Local {
+        artifact: Arc<Artifact>,
+        spec: Arc<TaskSpec>,
+        outbound: Arc<[OutboundRule]>,
+        address_ok: AddressCheck,
+        executor: Executor,
+    },
+    /// On an edge node: forwarded to its ingress, which serves it there.
+    Remote {
+        node: String,
+        addr: SocketAddr,
+        forwarder: Arc<Forwarder>,
+    },
+}
+
+/// Forwards requests to nodes' ingresses: pooled connections, and the
+/// ingresses that refused one lately (passed over for [`SUSPECT_FOR`]).
+pub(crate) struct Forwarder {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>,
+    >,
+    suspects: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Forwarder {
+    /// A forwarder whose connections are given up after two seconds.
+    pub(crate) fn new() -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_nodelay(true);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(64)
+                .build(connector);
+        Forwarder {
+            client,
+            suspects: Mutex::default(),
+        }
+    }
+
+    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `addr` refused a connection within [`SUSPECT_FOR`].
+    fn is_suspect(&self, addr: SocketAddr) -> bool {
+        let mut suspects = self.suspects();
+        match suspects.get(&addr) {
+            Some(until) if Instant::now() < *until => true,
+            Some(_) => {
+                suspects.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// How a forwarded request went.
+enum Forwarded<B> {
+    /// The node's answer, or a 502/504 saying what went wrong.
+    Answered(http::Response<Body>),
+    /// The node's ingress took no connection and the request, which has
+    /// no body, was kept: another task may serve it.
+    Refused(String, http::Request<B>),
+}
+
+/// How long a node whose ingress refused a connection is passed over.
+const SUSPECT_FOR: Duration = Duration::from_secs(2);
+
+/// The hop-by-hop headers a proxy does not pass on (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
 /// One task of an HTTP service that serves requests.
 pub(crate) struct HttpTask {
     pub(crate) id: String,
     pub(crate) service: String,
-    artifact: Arc<Artifact>,
-    spec: Arc<TaskSpec>,
-    outbound: Arc<[OutboundRule]>,
-    address_ok: AddressCheck,
+    target: Target,
     pub(crate) settings: HttpSettings,
     /// Requests whose instance is not yet gone.
     in_flight: AtomicU64,
     idle: Notify,
     counters: Mutex<Counters>,
-    executor: Executor,
     metrics: Metrics,
 }
 
@@ -111,15 +199,44 @@ impl HttpTask {
         Arc::new(HttpTask {
             id,
             service,
-            artifact,
-            spec: Arc::new(spec),
-            outbound: outbound.into(),
-            address_ok,
+            target: Target::Local {
+                artifact,
+                spec: Arc::new(spec),
+                outbound: outbound.into(),
+                address_ok,
+                executor,
+            },
             settings,
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
             counters: Mutex::default(),
-            executor,
+            metrics,
+        })
+    }
+
+    /// A task running on edge node `node`, whose ingress at `addr` serves
+    /// it: requests are forwarded there.
+    pub(crate) fn remote(
+        id: String,
+        service: String,
+        settings: HttpSettings,
+        node: String,
+        addr: SocketAddr,
+        forwarder: Arc<Forwarder>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        Arc::new(HttpTask {
+            id,
+            service,
+            target: Target::Remote {
+                node,
+                addr,
+                forwarder,
+            },
+            settings,
+            in_flight: AtomicU64::new(0),
+            idle: Notify::new(),
+            counters: Mutex::default(),
             metrics,
         })
     }
@@ -154,6 +271,16 @@ impl HttpTask {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wharf_runtime::HttpError>,
     {
+        if let Target::Remote {
+            node,
+            addr,
+            forwarder,
+        } = &self.target
+            && forwarder.is_suspect(*addr)
+        {
+            let why = format!("node {node}'s ingress at {addr} did not answer");
+            return Err((NotTaken::Node(why), request));
+        }
         // Take a place first, so two requests cannot both see the last one.
         let max = u64::from(self.settings.max_concurrency);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= max {
@@ -169,7 +296,30 @@ impl HttpTask {
         // the answer is counted): the task is idle only when both let go.
         let place = Arc::new(InFlight(self.clone()));
         let counted = place.clone();
-        let admission = match self.executor.try_admit(self.spec.limits.memory) {
+        let (artifact, spec, outbound, address_ok, executor) = match &self.target {
+            Target::Local {
+                artifact,
+                spec,
+                outbound,
+                address_ok,
+                executor,
+            } => (artifact, spec, outbound, address_ok, executor),
+            Target::Remote { .. } => {
+                let began = Instant::now();
+                let forwarded = self.forward(request).await;
+                drop((place, counted));
+                return match forwarded {
+                    Forwarded::Answered(response) => {
+                        if count {
+                            self.record(response.status().as_u16(), began.elapsed());
+                        }
+                        Ok(response)
+                    }
+                    Forwarded::Refused(why, request) => Err((NotTaken::Node(why), request)),
+                };
+            }
+        };
+        let admission = match executor.try_admit(spec.limits.memory) {
             Ok(a) => a,
             Err(e) => {
                 drop((place, counted));
@@ -202,15 +352,15 @@ impl HttpTask {
             drop(place);
         });
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-        let runtime = self.executor.runtime().clone();
+        let runtime = executor.runtime().clone();
         let (artifact, spec, outbound, address_ok) = (
-            self.artifact.clone(),
-            self.spec.clone(),
-            self.outbound.clone(),
-            self.address_ok.clone(),
+            artifact.clone(),
+            spec.clone(),
+            outbound.clone(),
+            address_ok.clone(),
         );
-        let joined = self
-            .executor
+        let stdio = spec.stdio.clone();
+        let joined = executor
             .spawn_beside(async move {
                 runtime
                     .handle_http_with(
@@ -235,16 +385,10 @@ impl HttpTask {
         };
         let status = response.status().as_u16();
         if count {
-            let mut c = self.lock();
-            c.classes[usize::from((status / 100).clamp(1, 5) - 1)] += 1;
-            if c.latencies_ms.len() == LATENCY_WINDOW {
-                c.latencies_ms.pop_front();
-            }
-            c.latencies_ms
-                .push_back(outcome.duration.as_secs_f64() * 1000.0);
+            self.record(status, outcome.duration);
         }
         if let Some(code) = outcome.stop_code
-            && let wharf_runtime::Stdio::Capture(logs) = &self.spec.stdio
+            && let wharf_runtime::Stdio::Capture(logs) = &stdio
         {
             logs.write(
                 wharf_runtime::Stream::Stderr,
@@ -257,6 +401,127 @@ impl HttpTask {
         }
         drop(counted);
         Ok(response)
+    }
+
+    /// Counts an answer and its latency.
+    fn record(&self, status: u16, took: Duration) {
+        let mut c = self.lock();
+        c.classes[usize::from((status / 100).clamp(1, 5) - 1)] += 1;
+        if c.latencies_ms.len() == LATENCY_WINDOW {
+            c.latencies_ms.pop_front();
+        }
+        c.latencies_ms.push_back(took.as_secs_f64() * 1000.0);
+    }
+
+    /// Sends a request to the node's ingress.
+    async fn forward<B>(&self, request: http::Request<B>) -> Forwarded<B>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wharf_runtime::HttpError>,
+    {
+        let Target::Remote {
+            node,
+            addr,
+            forwarder,
+        } = &self.target
+        else {
+            unreachable!("forward is for remote tasks");
+        };
+        let (mut parts, body) = request.into_parts();
+        // A request without a body is kept until the node takes it, so
+        // another task can serve it if the node's ingress is gone.
+        let kept = body.is_end_stream().then(|| {
+            let mut again = http::Request::new(());
+            *again.method_mut() = parts.method.clone();
+            *again.uri_mut() = parts.uri.clone();
+            *again.version_mut() = parts.version;
+            *again.headers_mut() = parts.headers.clone();
+            again
+        });
+        if !parts.headers.contains_key(http::header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        for name in HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        parts.uri = match format!("http://{addr}{path}").parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return Forwarded::Answered(text_response(
+                    400,
+                    format!("bad request target: {e}\n"),
+                ));
+            }
+        };
+        parts.version = http::Version::HTTP_11;
+        let (sent, kept) = match kept {
+            Some(again) => (
+                http_body_util::Empty::new()
+                    .map_err(|never: std::convert::Infallible| match never {})
+                    .boxed_unsync(),
+                Some(again.map(|()| body)),
+            ),
+            None => (
+                body.map_err(|e| {
+                    std::io::Error::other(format!(
+                        "{:?}",
+                        Into::<wharf_runtime::HttpError>::into(e)
+                    ))
+                })
+                .boxed_unsync(),
+                None,
+            ),
+        };
+        let request = http::Request::from_parts(parts, sent);
+        // The node ends the request at its timeout (504); this bounds a
+        // node that stops answering.
+        let limit =
+            Duration::from_millis(self.settings.request_timeout_ms) + Duration::from_secs(5);
+        let answer = tokio::time::timeout(limit, forwarder.client.request(request)).await;
+        let response = match answer {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                for name in HOP_BY_HOP {
+                    parts.headers.remove(name);
+                }
+                let body = body
+                    .map_err(|_| wharf_runtime::HttpError::HttpProtocolError)
+                    .boxed_unsync();
+                http::Response::from_parts(parts, body)
+            }
+            Ok(Err(e)) => {
+                if e.is_connect() {
+                    forwarder
+                        .suspects()
+                        .insert(*addr, Instant::now() + SUSPECT_FOR);
+                    let why = format!("node {node}'s ingress at {addr} did not answer");
+                    if let Some(request) = kept {
+                        return Forwarded::Refused(why, request);
+                    }
+                }
+                tracing::warn!(task = %self.id, node = %node, %addr, error = %e, "forwarding to a node's ingress failed");
+                text_response(
+                    502,
+                    format!("node {node}'s ingress at {addr} did not answer\n"),
+                )
+            }
+            Err(_) => text_response(
+                504,
+                format!(
+                    "node {node}'s ingress at {addr} did not answer within {}s\n",
+                    limit.as_secs()
+                ),
+            ),
+        };
+        Forwarded::Answered(response)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
@@ -312,6 +577,69 @@ impl HttpTask {
                 return self.load();
             }
         }
+    }
+
+    /// Checks `path` (if any) until it answers 2xx: `Err` with the outcome
+    /// to end with if `grace` passes first, or a stop comes.
+    pub(crate) async fn become_healthy(
+        self: &Arc<Self>,
+        path: Option<&str>,
+        grace: Duration,
+        stop: &StopSignal,
+    ) -> Result<(), Outcome> {
+        let Some(path) = path else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + grace;
+        loop {
+            let checked = tokio::select! {
+                biased;
+                () = stop.wait() => {
+                    return Err(Outcome::not_started(StopCode::UserStopped, "stopped before its health check passed"));
+                }
+                checked = self.check_health(path) => checked,
+            };
+            match checked {
+                Ok(()) => return Ok(()),
+                Err(why) if Instant::now() >= deadline => {
+                    return Err(Outcome::not_started(
+                        StopCode::FailedToStart,
+                        format!(
+                            "its health check did not pass within {}: {why}",
+                            humantime::format_duration(grace)
+                        ),
+                    ));
+                }
+                Err(_) => tokio::time::sleep(HEALTH_CHECK_EVERY).await,
+            }
+        }
+    }
+
+    /// Once the task takes no new requests: lets those in flight finish
+    /// (up to `delay`, the rest noted in `logs`); the outcome of a task
+    /// that ran since `running`.
+    pub(crate) async fn wind_down(
+        &self,
+        delay: Duration,
+        running: Instant,
+        logs: &LogBuffer,
+    ) -> Outcome {
+        let left = self.drain(delay).await;
+        if left > 0 {
+            logs.write(
+                wharf_runtime::Stream::Stderr,
+                format!(
+                    "wharf: {left} requests were still in flight after the deregistration delay of {}s\n",
+                    delay.as_secs()
+                )
+                .as_bytes(),
+            );
+        }
+        let (_, fuel) = self.stats();
+        let mut outcome = Outcome::not_started(StopCode::UserStopped, "");
+        outcome.fuel_consumed = fuel;
+        outcome.duration_ms = running.elapsed().as_secs_f64() * 1000.0;
+        outcome
     }
 
     /// One `GET` of the health check path: `Ok` on 2xx, else why not.

@@ -110,6 +110,8 @@ pub(crate) struct Tasks {
     default_memory: u64,
     /// Placements one at a time: each sees the tasks placed before it.
     placing: Mutex<()>,
+    /// Forwards requests to the HTTP tasks on edge nodes.
+    forwarder: Arc<crate::serving::Forwarder>,
 }
 
 /// A placed task.
@@ -207,9 +209,6 @@ fn pick<'a>(
     }
 }
 
-/// Time between health checks of a starting HTTP task.
-const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(250);
-
 /// The node name tasks of this server report.
 pub(crate) const LOCAL_NODE: &str = "local";
 
@@ -277,6 +276,7 @@ impl Tasks {
             no_local_node,
             default_memory,
             placing: Mutex::new(()),
+            forwarder: Arc::new(crate::serving::Forwarder::new()),
         }
     }
 
@@ -319,6 +319,7 @@ impl Tasks {
                 .map(|b| b.saturating_sub(stats.memory_reserved)),
             tasks,
             service_tasks,
+            serves_http: true,
         }
     }
 
@@ -332,17 +333,23 @@ impl Tasks {
         memory: u64,
     ) -> std::result::Result<Target, String> {
         let mut candidates = Vec::new();
-        // Edge nodes run command tasks of the built-in registry (HTTP
-        // services and other registries' artifacts stay on the server).
-        let remote_ok = def.kind == TaskKind::Command
-            && matches!(
-                crate::artifacts::ArtifactRef::parse(&def.artifact),
-                Ok(crate::artifacts::ArtifactRef::Local { .. })
-            );
+        // Edge nodes run tasks of the built-in registry (other registries'
+        // artifacts stay on the server), and HTTP tasks only with an
+        // ingress the server accepted.
+        let remote_ok = matches!(
+            crate::artifacts::ArtifactRef::parse(&def.artifact),
+            Ok(crate::artifacts::ArtifactRef::Local { .. })
+        );
+        let http = def.kind == TaskKind::Http;
         let mut remote = std::collections::HashMap::new();
+        let mut no_ingress = 0;
         if remote_ok {
             for node in self.fleet.each() {
                 if let Some(c) = node.candidate(service) {
+                    if http && !c.serves_http {
+                        no_ingress += 1;
+                        continue;
+                    }
                     remote.insert(c.name.clone(), node);
                     candidates.push(c);
                 }
@@ -359,7 +366,11 @@ impl Tasks {
         };
         if candidates.is_empty() {
             let joined = self.fleet.each().len();
-            return Err(if remote_ok && joined > 0 {
+            return Err(if no_ingress > 0 {
+                format!(
+                    "no node serves HTTP: {no_ingress} edge node(s) have no ingress the server can forward to (wharf node join --ingress ADDR; wharf node describe shows why one is refused), and the server runs no tasks (--no-local-node)"
+                )
+            } else if remote_ok && joined > 0 {
                 format!(
                     "no node has reported yet: {joined} edge node(s) joined, and each reports within a heartbeat of (re)connecting"
                 )
@@ -367,7 +378,7 @@ impl Tasks {
                 "no node: the server runs no tasks (--no-local-node) and no edge node has joined"
                     .into()
             } else {
-                "no node can run it: edge nodes run command tasks of the built-in registry, and the server runs no tasks (--no-local-node)".into()
+                "no node can run it: edge nodes run tasks of the built-in registry, and the server runs no tasks (--no-local-node)".into()
             });
         }
         let ready: Vec<&Candidate> = candidates
@@ -615,7 +626,10 @@ impl Tasks {
                 return self.finish(&entry, outcome).await;
             }
             Ok(Placed::Remote(node, rx)) => {
-                return self.follow_remote(entry, node, rx, accepted).await;
+                let http = (def.kind == TaskKind::Http)
+                    .then(|| def.http.clone())
+                    .flatten();
+                return self.follow_remote(entry, node, rx, accepted, http).await;
             }
             Ok(Placed::Local) => {}
         }
@@ -723,6 +737,14 @@ impl Tasks {
             env: launch.env.clone(),
             limits: launch.limits,
             service: launch.service.clone(),
+            http: (def.kind == TaskKind::Http)
+                .then(|| def.http.clone())
+                .flatten()
+                .map(|settings| crate::fleet::HttpAssignment {
+                    settings,
+                    health_check_grace_ms: self.health_check_grace.as_millis() as u64,
+                    deregistration_delay_ms: self.deregistration_delay.as_millis() as u64,
+                }),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         node.hold(
@@ -742,6 +764,7 @@ impl Tasks {
         node: Arc<RemoteNode>,
         mut rx: mpsc::UnboundedReceiver<Update>,
         accepted: Instant,
+        http: Option<model::HttpSettings>,
     ) {
         let (task_id, service) = {
             let st = entry.state.lock().expect("task lock");
@@ -758,6 +781,35 @@ impl Tasks {
             node.order_stop(&task_id);
         }
         let mut stop_sent = false;
+        // An HTTP task takes the server ingress's traffic (forwarded to
+        // the node's ingress) while it runs and is not asked to stop.
+        let open = |entry: &TaskEntry| {
+            let (Some(settings), Some(service), Some(addr)) = (&http, &service, node.ingress())
+            else {
+                return;
+            };
+            let slot = HttpTask::remote(
+                task_id.clone(),
+                service.clone(),
+                settings.clone(),
+                node.name.clone(),
+                addr,
+                self.forwarder.clone(),
+                self.metrics.clone(),
+            );
+            if entry.http.set(slot.clone()).is_ok() && !stop.is_stopped() {
+                self.backends.add(slot);
+            }
+        };
+        let close = |entry: &TaskEntry| {
+            if let Some(slot) = entry.http.get() {
+                self.backends.remove(slot);
+            }
+        };
+        if *entry.status.borrow() == TaskStatus::Running {
+            // Adopted after a restart, running already.
+            open(&entry);
+        }
         loop {
             tokio::select! {
                 update = rx.recv() => match update {
@@ -773,12 +825,14 @@ impl Tasks {
                                 .task_start_latency
                                 .observe(accepted.elapsed().as_secs_f64());
                             self.metrics.task_starts.inc();
+                            open(&entry);
                             if service.is_some() {
                                 self.service_changed.notify_one();
                             }
                         }
                     }
                     Some(Update::Finished(outcome, done)) => {
+                        close(&entry);
                         let durable = self.finish_durably(&entry, outcome).await;
                         node.release(&task_id);
                         // Only a durable outcome is acknowledged: the node
@@ -789,6 +843,7 @@ impl Tasks {
                         return;
                     }
                     None => {
+                        close(&entry);
                         let why = node
                             .lost_reason()
                             .unwrap_or_else(|| format!("node {} was lost", node.name));
@@ -798,6 +853,8 @@ impl Tasks {
                 },
                 () = stop.wait(), if !stop_sent => {
                     stop_sent = true;
+                    // Out of the backends first, then the node drains it.
+                    close(&entry);
                     node.order_stop(&task_id);
                 }
             }
@@ -807,7 +864,13 @@ impl Tasks {
     /// Takes back, after a restart, a task an edge node was running: its
     /// record is live again and follows what the node reports (or stops
     /// `NodeLost` if the node does not come back in time).
-    pub(crate) fn adopt(self: &Arc<Self>, task: Task, memory: u64, logs: Option<LogPage>) {
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        task: Task,
+        memory: u64,
+        logs: Option<LogPage>,
+        http: Option<model::HttpSettings>,
+    ) {
         let Some(node) = self.fleet.get(&task.node) else {
             return;
         };
@@ -843,8 +906,13 @@ impl Tasks {
             .inc();
         let (tx, rx) = mpsc::unbounded_channel();
         node.hold(&task.id, None, memory, task.service.clone(), repository, tx);
-        self.executor
-            .spawn_beside(self.clone().follow_remote(entry, node, rx, Instant::now()));
+        self.executor.spawn_beside(self.clone().follow_remote(
+            entry,
+            node,
+            rx,
+            Instant::now(),
+            http,
+        ));
     }
 
     /// An HTTP task: a server slot that holds the component's
@@ -898,33 +966,15 @@ impl Tasks {
             self.metrics.clone(),
         );
         let _ = entry.http.set(slot.clone());
-        let began = Instant::now();
-        if let Some(path) = &settings.health_check {
-            let deadline = began + self.health_check_grace;
-            loop {
-                let checked = tokio::select! {
-                    biased;
-                    () = stop.wait() => {
-                        let outcome = Outcome::not_started(StopCode::UserStopped, "stopped before its health check passed");
-                        return self.finish(&entry, outcome).await;
-                    }
-                    checked = slot.check_health(path) => checked,
-                };
-                match checked {
-                    Ok(()) => break,
-                    Err(why) if Instant::now() >= deadline => {
-                        let outcome = Outcome::not_started(
-                            StopCode::FailedToStart,
-                            format!(
-                                "its health check did not pass within {}: {why}",
-                                humantime::format_duration(self.health_check_grace)
-                            ),
-                        );
-                        return self.finish(&entry, outcome).await;
-                    }
-                    Err(_) => tokio::time::sleep(HEALTH_CHECK_EVERY).await,
-                }
-            }
+        if let Err(outcome) = slot
+            .become_healthy(
+                settings.health_check.as_deref(),
+                self.health_check_grace,
+                &stop,
+            )
+            .await
+        {
+            return self.finish(&entry, outcome).await;
         }
         let now = model::now();
         self.transition(&entry, TaskStatus::Running, |t| t.started_at = Some(now));
@@ -935,21 +985,9 @@ impl Tasks {
         stop.wait().await;
         // No new requests from here; those in flight may finish.
         self.backends.remove(&slot);
-        let left = slot.drain(self.deregistration_delay).await;
-        if left > 0 {
-            entry.logs.write(
-                wharf_runtime::Stream::Stderr,
-                format!(
-                    "wharf: {left} requests were still in flight after the deregistration delay of {}s\n",
-                    self.deregistration_delay.as_secs()
-                )
-                .as_bytes(),
-            );
-        }
-        let (_, fuel) = slot.stats();
-        let mut outcome = Outcome::not_started(StopCode::UserStopped, "");
-        outcome.fuel_consumed = fuel;
-        outcome.duration_ms = running.elapsed().as_secs_f64() * 1000.0;
+        let outcome = slot
+            .wind_down(self.deregistration_delay, running, &entry.logs)
+            .await;
         self.finish(&entry, outcome).await;
     }
 

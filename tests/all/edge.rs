@@ -20,6 +20,8 @@ use crate::server::{Server, converged, eventually, register, service};
 pub(crate) struct Agent {
     child: Child,
     pub(crate) data: PathBuf,
+    /// Its ingress (`http://IP:PORT`), if it has one.
+    pub(crate) ingress: Option<String>,
 }
 
 impl Agent {
@@ -64,11 +66,15 @@ impl Agent {
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
         let mut said = String::new();
+        let mut ingress = None;
         loop {
             match lines.next() {
                 Some(Ok(line)) => {
                     said.push_str(&line);
                     said.push('\n');
+                    if let Some(rest) = line.strip_prefix("wharf: ingress on ") {
+                        ingress = rest.split_whitespace().next().map(str::to_owned);
+                    }
                     if line.starts_with("wharf: node ") && line.contains(" attached to ") {
                         break;
                     }
@@ -83,6 +89,7 @@ impl Agent {
         Ok(Agent {
             child,
             data: data.to_owned(),
+            ingress,
         })
     }
 
@@ -1446,4 +1453,217 @@ fn a_cut_off_node_restarts_its_failing_service_task_with_backoff() {
             .any(|l| l.contains("restarting in 2s (attempt 2)")),
         "backoff doubles"
     );
+}
+
+/// A GET to `url`, as (status, body); 0 when nothing answered.
+fn http_get(url: &str) -> (u16, String) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(20))
+        .build();
+    match agent.get(url).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Requests answered per task of a service (the server's counts of what
+/// it forwarded), by node.
+fn answered_by_node(s: &Server, service: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut by_node = std::collections::BTreeMap::new();
+    for t in tasks_of(s, service) {
+        let n = t["http"]["responses"]["2xx"].as_u64().unwrap_or(0);
+        *by_node
+            .entry(t["node"].as_str().unwrap().to_owned())
+            .or_insert(0) += n;
+    }
+    by_node
+}
+
+#[test]
+fn http_services_are_served_by_node_ingresses_and_through_the_servers_ingress() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &dir.path().join("server"),
+        &["--no-local-node", "--node-timeout", "3s"],
+    );
+    let server_ingress = s.ingress.clone().unwrap();
+    s.push_sample("http_echo", Target::P2, "team/echo:v1");
+    register(
+        &s,
+        json!({"family": "echo", "artifact": "team/echo:v1", "kind": "http",
+               "http": {"health_check": "/healthz"}}),
+    );
+    let token = join_token(&s, &[]);
+    // A node without an ingress gets no HTTP task: the refusal names it.
+    let plain = Agent::start(
+        &s,
+        &dir.path().join("plain"),
+        Some(&token),
+        &["--name", "plain"],
+    )
+    .unwrap();
+    wait_for_nodes(&s, 1);
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(
+            json!({"name": "web", "task_definition": "echo", "desired_count": 4,
+                    "routes": ["/web"]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    eventually(Duration::from_secs(10), "the placement is refused", || {
+        let events = crate::server::events(&s, "web").join("\n");
+        events.contains("no node serves HTTP").then_some(())
+    });
+    // A node may only advertise the address it connects from, and none
+    // of the server's own listeners: the server does not forward to it.
+    let api_addr = s.host().to_owned();
+    let liars: Vec<Agent> = [("far", "10.9.9.9:8080"), ("self", api_addr.as_str())]
+        .iter()
+        .map(|(name, advertised)| {
+            Agent::start(
+                &s,
+                &dir.path().join(name),
+                Some(&token),
+                &[
+                    "--name",
+                    name,
+                    "--ingress",
+                    "127.0.0.1:0",
+                    "--advertise-ingress",
+                    advertised,
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let edges: Vec<Agent> = ["edge-a", "edge-b", "edge-c"]
+        .iter()
+        .map(|name| {
+            Agent::start(
+                &s,
+                &dir.path().join(name),
+                Some(&token),
+                &["--name", name, "--ingress", "127.0.0.1:0"],
+            )
+            .unwrap()
+        })
+        .collect();
+    wait_for_nodes(&s, 6);
+    let far = node(&s, "far");
+    assert!(
+        far["ingress_refused"]
+            .as_str()
+            .unwrap()
+            .contains("connects from 127.0.0.1"),
+        "{far}"
+    );
+    let own = node(&s, "self");
+    assert!(
+        own["ingress_refused"]
+            .as_str()
+            .unwrap()
+            .contains("server's own listeners"),
+        "{own}"
+    );
+    let edge_a = node(&s, "edge-a");
+    assert_eq!(
+        format!("http://{}", edge_a["ingress"].as_str().unwrap()),
+        edges[0].ingress.clone().unwrap()
+    );
+    // Four tasks over the three nodes that serve HTTP (spread).
+    converged(&s, "web", 4);
+    let nodes = nodes_of(&tasks_of(&s, "web"));
+    let mut distinct = nodes.clone();
+    distinct.dedup();
+    assert_eq!(distinct, ["edge-a", "edge-b", "edge-c"], "{nodes:?}");
+    // Each node's ingress serves the service's route on the node.
+    for edge in &edges {
+        let base = edge.ingress.clone().unwrap();
+        eventually(Duration::from_secs(10), "the node routes /web", || {
+            let (status, body) = http_get(&format!("{base}/web/hi?x=1"));
+            (status == 200).then_some(body)
+        });
+        let (status, body) = http_get(&format!("{base}/web/hi?x=1"));
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"path\":\"/web/hi?x=1\""), "{body}");
+        let (status, _) = http_get(&format!("{base}/elsewhere"));
+        assert_eq!(status, 404);
+    }
+    // The server's ingress balances over every node's tasks, forwarding
+    // to their ingresses; the path, query and forwarding chain survive.
+    let (status, body) = http_get(&format!("{server_ingress}/web/through?y=2"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"path\":\"/web/through?y=2\""), "{body}");
+    assert!(body.contains("127.0.0.1, 127.0.0.1"), "{body}");
+    for _ in 0..60 {
+        let (status, body) = http_get(&format!("{server_ingress}/web/n"));
+        assert_eq!(status, 200, "{body}");
+    }
+    let answered = answered_by_node(&s, "web");
+    assert_eq!(
+        answered.keys().collect::<Vec<_>>(),
+        ["edge-a", "edge-b", "edge-c"]
+    );
+    assert!(answered.values().all(|n| *n > 0), "{answered:?}");
+    assert!(answered.values().sum::<u64>() >= 61, "{answered:?}");
+    // Cut off from the server (stopped), a node's ingress serves on.
+    let server_pid = s.pid().to_string();
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &server_pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    kill("-STOP");
+    let edge_b = edges[1].ingress.clone().unwrap();
+    let during = http_get(&format!("{edge_b}/web/cut"));
+    kill("-CONT");
+    assert_eq!(during.0, 200, "{during:?}");
+    // kill -9 of a node: the server's ingress passes over it at once (a
+    // request without a body that its ingress refused goes to another
+    // task: none fails) and its tasks are replaced on the others.
+    let mut edges = edges;
+    edges.remove(0).kill9();
+    let mut in_a_row = 0;
+    let mut failed = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_a_row < 40 && Instant::now() < deadline {
+        let (status, _) = http_get(&format!("{server_ingress}/web/after"));
+        if status == 200 {
+            in_a_row += 1;
+        } else {
+            in_a_row = 0;
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        (in_a_row, failed),
+        (40, 0),
+        "requests failed after the kill"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "edge-a's tasks run elsewhere",
+        || {
+            let nodes = nodes_of(&tasks_of(&s, "web"));
+            (nodes.len() == 4 && !nodes.contains(&"edge-a".to_owned())).then_some(())
+        },
+    );
+    // Scaled to zero, a node no longer routes the service.
+    let r = s.api(
+        "PATCH",
+        "/v1/services/web",
+        Some(json!({"desired_count": 0})),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    eventually(Duration::from_secs(20), "edge-b stops routing /web", || {
+        (http_get(&format!("{edge_b}/web/gone")).0 == 404).then_some(())
+    });
+    drop((plain, liars));
 }

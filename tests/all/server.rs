@@ -86,6 +86,11 @@ impl Server {
         }
     }
 
+    /// The server's process id (to signal it).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `host:port`, for OCI references.
     pub(crate) fn host(&self) -> &str {
         self.base.trim_start_matches("http://")

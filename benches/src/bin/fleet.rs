@@ -81,6 +81,7 @@ fn info() -> NodeInfo {
             .iter()
             .map(|s| (*s).to_owned())
             .collect(),
+        ingress: None,
     }
 }
 
