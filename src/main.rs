@@ -3,6 +3,7 @@
 //! library crates. No logic of its own beyond that.
 
 mod agent;
+mod bench;
 mod client;
 mod image;
 mod node_cmd;
@@ -38,6 +39,12 @@ enum Command {
     /// Serve a wasi:http component locally, a fresh instance per request
     /// (like `wasmtime serve`).
     Serve(serve::ServeArgs),
+    /// Benchmark Wasm workloads: phases, exact fuel, statistics, and
+    /// comparisons against a saved baseline.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Serve the registry (and, with the control-plane work, the API) from
     /// one data directory.
     Server(server::ServerArgs),
@@ -132,6 +139,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Bench { command } => bench::main(command),
         Command::Serve(args) => serve::main(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Server(args) => server::main(args).map(|()| ExitCode::SUCCESS),
         Command::Push(args) => image::push(args).map(|()| ExitCode::SUCCESS),

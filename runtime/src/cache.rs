@@ -101,6 +101,13 @@ impl ArtifactCache {
             .clone()
     }
 
+    pub(crate) fn evict(&self, digest: &str, disk: bool) {
+        self.memory.remove(digest);
+        if disk && let Some(path) = self.disk_path(digest) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     /// Path of the precompiled file for `digest`, if a disk cache is set.
     pub(crate) fn disk_path(&self, digest: &str) -> Option<PathBuf> {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);

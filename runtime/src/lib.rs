@@ -178,6 +178,14 @@ impl Runtime {
         self.cache.get(digest)
     }
 
+    /// Forgets the compiled artifact of `digest` in memory, and with
+    /// `disk` its precompiled file too, so the next load reads the file
+    /// (or compiles): benchmarks time those phases with it. Runs holding
+    /// the artifact keep it.
+    pub fn evict(&self, digest: &str, disk: bool) {
+        self.cache.evict(digest, disk);
+    }
+
     /// Where artifacts came from so far.
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `wharf` binary.
 
+mod bench;
 mod cli;
 mod control;
 mod crash;

@@ -1,0 +1,260 @@
+//! `wharf bench` on real samples: phases and exact fuel per run, the
+//! statistics, parameter sweeps, runs that fail counted (and failing the
+//! command), and `compare` catching an injected regression.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use wharf_testkit::{Target, wasm};
+
+/// `wharf bench ARGS` in `dir` (its data directory).
+fn bench(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .arg("bench")
+        .args(args)
+        .env("WHARF_DATA_DIR", dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+/// `wharf bench run … --output json`, which must succeed.
+fn run_json(dir: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["run", "--output", "json"];
+    all.extend_from_slice(args);
+    let out = bench(dir, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fuel_of(bench: &Value) -> Vec<u64> {
+    bench["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["fuel"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn bench_run_times_each_phase_and_counts_the_same_fuel_in_every_run_and_at_any_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = wasm("cpu", Target::P1);
+    let cpu = cpu.to_str().unwrap();
+    let one = run_json(dir.path(), &["--runs", "12", cpu, "--", "50000"]);
+    assert_eq!(one["schema"], "wharf-bench/1");
+    assert!(one["machine"]["cpus"].as_u64().unwrap() >= 1);
+    let b = &one["benchmarks"][0];
+    assert_eq!(b["name"], "cpu.wasm");
+    assert!(b["digest"].as_str().unwrap().starts_with("sha256:"));
+    let runs = b["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 12);
+    // Compiled once, before the first run; every other run loads the
+    // precompiled code; each run instantiates and executes.
+    assert!(runs[0]["compile_ms"].as_f64().unwrap() > 0.0);
+    assert!(runs[1..].iter().all(|r| r["compile_ms"].is_null()));
+    for r in runs {
+        assert_eq!(r["stop_code"], "Completed", "{r}");
+        assert!(r["instantiate_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["execute_ms"].as_f64().unwrap() > 0.0);
+        let phases = r["load_ms"].as_f64().unwrap()
+            + r["instantiate_ms"].as_f64().unwrap()
+            + r["execute_ms"].as_f64().unwrap();
+        assert!(r["total_ms"].as_f64().unwrap() >= phases, "{r}");
+    }
+    // Fuel is an exact count of the guest's work: the same in every run.
+    let fuel = fuel_of(b);
+    assert!(fuel[0] > 50_000, "{fuel:?}");
+    assert!(fuel.iter().all(|f| *f == fuel[0]), "{fuel:?}");
+    assert_eq!(b["fuel_identical"], true);
+    let total = &b["stats"]["total_ms"];
+    assert_eq!(total["n"], 12);
+    let (lo, hi) = (
+        total["ci95"][0].as_f64().unwrap(),
+        total["ci95"][1].as_f64().unwrap(),
+    );
+    let mean = total["mean"].as_f64().unwrap();
+    assert!(lo <= mean && mean <= hi, "{total}");
+    assert!(total["min"].as_f64().unwrap() <= total["median"].as_f64().unwrap());
+    assert!(b["harness_overhead_us"].as_f64().unwrap() >= 0.0);
+    // … and at another concurrency.
+    let three = run_json(
+        dir.path(),
+        &["--runs", "9", "--concurrency", "3", cpu, "--", "50000"],
+    );
+    let b3 = &three["benchmarks"][0];
+    assert_eq!(b3["concurrency"], 3);
+    assert!(fuel_of(b3).iter().all(|f| *f == fuel[0]), "{b3}");
+    // A sweep: one benchmark per value, `{n}` replaced; more rounds, more fuel.
+    let sweep = run_json(
+        dir.path(),
+        &[
+            "--runs",
+            "3",
+            "--name",
+            "cpu",
+            "--param",
+            "n=1000,100000",
+            cpu,
+            "--",
+            "{n}",
+        ],
+    );
+    let benches = sweep["benchmarks"].as_array().unwrap();
+    let names: Vec<&str> = benches
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cpu (n=1000)", "cpu (n=100000)"]);
+    assert_eq!(benches[1]["args"][0], "100000");
+    assert!(fuel_of(&benches[1])[0] > 10 * fuel_of(&benches[0])[0]);
+    // A component, as text and Markdown.
+    let hello = wasm("hello", Target::P2);
+    let out = bench(dir.path(), &["run", "--runs", "5", hello.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    for part in [
+        "Benchmark 1: hello.wasm",
+        "Time (mean ± σ)",
+        "95% CI",
+        "Phases (median):",
+        "instantiate",
+        "(identical in every run)",
+        "Harness overhead:",
+    ] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    let out = bench(
+        dir.path(),
+        &[
+            "run",
+            "--runs",
+            "3",
+            "--output",
+            "markdown",
+            hello.to_str().unwrap(),
+        ],
+    );
+    let md = String::from_utf8(out.stdout).unwrap();
+    assert!(md.starts_with("| Benchmark | Median |"), "{md}");
+    assert!(md.contains("| hello.wasm |"), "{md}");
+}
+
+#[test]
+fn runs_that_do_not_complete_are_counted_shown_and_fail_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = wasm("cpu", Target::P1);
+    let out = bench(
+        dir.path(),
+        &[
+            "run",
+            "--runs",
+            "4",
+            "--fuel",
+            "5000",
+            "--output",
+            "json",
+            cpu.to_str().unwrap(),
+            "--",
+            "1000000",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let results: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &results["benchmarks"][0];
+    assert_eq!(b["runs"].as_array().unwrap().len(), 4);
+    assert_eq!(b["failed"]["OutOfFuel"], 4);
+    assert!(b["stats"].get("total_ms").is_none(), "{b}");
+    let warning = b["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("4 of 4 runs did not complete (OutOfFuel ×4)"),
+        "{warning}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 runs did not complete"));
+    // Bad flags are named.
+    let out = bench(dir.path(), &["run", "--param", "n", cpu.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NAME=V1,V2"));
+}
+
+#[test]
+fn compare_reports_an_injected_regression_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = wasm("cpu", Target::P1);
+    let cpu = cpu.to_str().unwrap();
+    let base = dir.path().join("base.json");
+    let new = dir.path().join("new.json");
+    let save = |file: &Path, rounds: &str| {
+        let out = bench(
+            dir.path(),
+            &[
+                "run",
+                "--runs",
+                "15",
+                "--name",
+                "cpu",
+                "--save",
+                file.to_str().unwrap(),
+                cpu,
+                "--",
+                rounds,
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    save(&base, "300000");
+    // The regression: the same benchmark doing four times the work.
+    save(&new, "1200000");
+    let out = bench(
+        dir.path(),
+        &[
+            "compare",
+            base.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["regressed"], true);
+    let changes = report["changes"].as_array().unwrap();
+    let of = |metric: &str| {
+        changes
+            .iter()
+            .find(|c| c["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {metric} in {report}"))
+            .clone()
+    };
+    let fuel = of("fuel");
+    assert_eq!(fuel["exact"], true);
+    assert_eq!(fuel["verdict"], "regressed");
+    assert!(fuel["change"].as_f64().unwrap() > 2.5, "{fuel}");
+    let execute = of("execute_ms");
+    assert_eq!(execute["verdict"], "regressed", "{execute}");
+    assert!(execute["ci95"][0].as_f64().unwrap() > 0.0, "{execute}");
+    // Against itself: nothing changed, exit 0; the text says so.
+    let out = bench(
+        dir.path(),
+        &["compare", base.to_str().unwrap(), base.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("(exact)"), "{text}");
+    assert!(text.contains("no regression"), "{text}");
+    assert!(!text.contains("regressed"), "{text}");
+    // A file that is not results is refused by name.
+    std::fs::write(dir.path().join("junk.json"), "{}").unwrap();
+    let junk = dir.path().join("junk.json");
+    let out = bench(
+        dir.path(),
+        &["compare", junk.to_str().unwrap(), base.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a wharf bench results file"));
+}
