@@ -211,6 +211,21 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// A rustls client configuration that trusts the web's CAs (Mozilla's,
+/// built in: no system store needed).
+pub(crate) fn client_with_web_roots() -> Result<Arc<rustls::ClientConfig>> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 /// A rustls client configuration that trusts only the CA in `pem`.
 pub(crate) fn client_trusting(pem: &str) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();

@@ -14,6 +14,7 @@
 //! in the README: [`Results`].
 
 mod compare;
+mod http;
 mod report;
 mod run;
 mod stats;
@@ -36,12 +37,17 @@ pub(crate) enum BenchCommand {
     /// Compare two saved results: the change of each metric with its
     /// confidence interval and a verdict; exits 1 on a regression.
     Compare(compare::CompareArgs),
+    /// HTTP load against a URL or a Wharf service: open loop at a fixed
+    /// rate (latency from when each request was due) or closed loop, HDR
+    /// percentiles, status codes, failures by kind.
+    Http(Box<http::HttpArgs>),
 }
 
 pub(crate) fn main(command: BenchCommand) -> Result<ExitCode> {
     match command {
         BenchCommand::Run(args) => run::main(*args),
         BenchCommand::Compare(args) => compare::main(args),
+        BenchCommand::Http(args) => http::main(*args),
     }
 }
 
@@ -67,6 +73,9 @@ pub(crate) struct Results {
     /// When the run began (RFC 3339, UTC).
     pub(crate) started_at: String,
     pub(crate) benchmarks: Vec<Benchmark>,
+    /// HTTP load benchmarks (`wharf bench http`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) http: Vec<http::HttpBenchmark>,
 }
 
 /// Where the numbers were measured.

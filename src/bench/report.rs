@@ -163,14 +163,72 @@ pub(crate) fn text(results: &Results) -> String {
         }
         out.push('\n');
     }
+    http_text(&mut out, results);
     out
+}
+
+/// The text of HTTP benchmarks.
+fn http_text(out: &mut String, results: &Results) {
+    for (i, b) in results.http.iter().enumerate() {
+        let _ = writeln!(out, "HTTP benchmark {}: {}", i + 1, b.name);
+        let mode = match b.rate {
+            Some(r) => format!("open loop at {r}/s (latency from when each request was due)"),
+            None => "closed loop".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {} {}    {mode}, {} connections, {:.0} s",
+            b.method, b.url, b.connections, b.duration_s
+        );
+        let _ = writeln!(
+            out,
+            "  Throughput:          {:.1} answers/s ({} answers)",
+            b.throughput,
+            count(b.requests as f64)
+        );
+        let l = &b.latency_ms;
+        let _ = writeln!(
+            out,
+            "  Latency:             p50 {}    p90 {}    p99 {}    p99.9 {}    max {}",
+            time(l.p50),
+            time(l.p90),
+            time(l.p99),
+            time(l.p999),
+            time(l.max)
+        );
+        let _ = writeln!(
+            out,
+            "  Latency (mean ± σ):  {} ± {}",
+            time(l.mean),
+            time(l.stddev)
+        );
+        let status: Vec<String> = b.status.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+        let _ = writeln!(out, "  Status:              {}", or_none(&status));
+        let errors: Vec<String> = b.errors.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+        let _ = writeln!(out, "  Failures:            {}", or_none(&errors));
+        for w in &b.warnings {
+            let _ = writeln!(out, "  Warning: {w}");
+        }
+        out.push('\n');
+    }
+}
+
+fn or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// The Markdown table.
 pub(crate) fn markdown(results: &Results) -> String {
-    let mut out = String::from(
-        "| Benchmark | Median | Mean ± σ | 95% CI of the mean | Instantiate | Execute | Fuel | Peak memory | Runs (failed) |\n|:---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
+    let mut out = String::new();
+    if !results.benchmarks.is_empty() {
+        out.push_str(
+            "| Benchmark | Median | Mean ± σ | 95% CI of the mean | Instantiate | Execute | Fuel | Peak memory | Runs (failed) |\n|:---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+    }
     for b in &results.benchmarks {
         let failed: usize = b.failed.values().sum();
         let dash = || "–".to_owned();
@@ -195,6 +253,33 @@ pub(crate) fn markdown(results: &Results) -> String {
                 .map_or_else(dash, |s| bytes(s.max)),
             b.runs.len(),
         );
+    }
+    if !results.http.is_empty() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(
+            "| HTTP benchmark | Mode | Throughput | p50 | p90 | p99 | p99.9 | Max | Failures |\n|:---|:---|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for b in &results.http {
+            let l = &b.latency_ms;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1}/s | {} | {} | {} | {} | {} | {} |",
+                b.name.replace('|', "\\|"),
+                match b.rate {
+                    Some(r) => format!("open, {r}/s, {} conn.", b.connections),
+                    None => format!("closed, {} conn.", b.connections),
+                },
+                b.throughput,
+                time(l.p50),
+                time(l.p90),
+                time(l.p99),
+                time(l.p999),
+                time(l.max),
+                b.errors.values().sum::<u64>()
+            );
+        }
     }
     let m = &results.machine;
     let _ = writeln!(

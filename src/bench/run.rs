@@ -490,6 +490,7 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         machine: Machine::this(),
         started_at: results_started,
         benchmarks,
+        http: Vec::new(),
     };
     if let Some(path) = &args.save {
         let json = serde_json::to_vec_pretty(&results)?;

@@ -258,3 +258,149 @@ fn compare_reports_an_injected_regression_and_exits_non_zero() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a wharf bench results file"));
 }
+
+/// `wharf bench http … --output json`; its one HTTP benchmark and the
+/// exit code.
+fn http_json(dir: &Path, args: &[&str]) -> (Value, Option<i32>) {
+    let mut all = vec!["http", "--output", "json"];
+    all.extend_from_slice(args);
+    let out = bench(dir, &all);
+    let results: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    (results["http"][0].clone(), out.status.code())
+}
+
+#[test]
+fn bench_http_reports_a_known_delay_and_counts_a_stall_in_the_open_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = wasm("http_slow", Target::P2);
+    let serve = crate::serve::serve_target(&[], slow.to_str().unwrap(), &[]);
+    // Closed loop: every request waits 40 ms in the component.
+    let (b, code) = http_json(
+        dir.path(),
+        &[
+            &format!("{}/40", serve.base),
+            "--connections",
+            "4",
+            "--duration",
+            "2s",
+        ],
+    );
+    assert_eq!(code, Some(0), "{b}");
+    assert_eq!(b["mode"], "closed");
+    assert_eq!(b["status"]["200"], b["requests"]);
+    let p50 = b["latency_ms"]["p50"].as_f64().unwrap();
+    assert!((40.0..90.0).contains(&p50), "{b}");
+    let requests = b["requests"].as_u64().unwrap();
+    // Four connections of ~40 ms each: about 100 answers/s.
+    assert!((60..=220).contains(&requests), "{requests}");
+    assert!(!b["histogram"].as_array().unwrap().is_empty());
+    assert!(b["timeline"].as_array().unwrap().len() >= 2);
+    // Open loop at 50/s over ONE connection of 40 ms a request (at most
+    // 25/s): requests fall behind their schedule, and their latency, from
+    // when each was due, grows — a closed loop would still say 40 ms.
+    let (b, _) = http_json(
+        dir.path(),
+        &[
+            &format!("{}/40", serve.base),
+            "--rate",
+            "50",
+            "--connections",
+            "1",
+            "--duration",
+            "3s",
+        ],
+    );
+    assert_eq!(b["mode"], "open");
+    let p99 = b["latency_ms"]["p99"].as_f64().unwrap();
+    assert!(p99 > 600.0, "the stall is hidden: {b}");
+    let warning = b["warnings"].to_string();
+    assert!(
+        warning.contains("target rate of 50/s was not reached"),
+        "{b}"
+    );
+    // At a rate it can serve, the open loop reports the delay itself.
+    let (b, _) = http_json(
+        dir.path(),
+        &[
+            &format!("{}/40", serve.base),
+            "--rate",
+            "20",
+            "--connections",
+            "4",
+            "--duration",
+            "2s",
+        ],
+    );
+    let p50 = b["latency_ms"]["p50"].as_f64().unwrap();
+    assert!((40.0..90.0).contains(&p50), "{b}");
+    assert!(b["warnings"].as_array().unwrap().is_empty(), "{b}");
+    // Nothing listening: failures by kind, and exit 1.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (b, code) = http_json(
+        dir.path(),
+        &[&format!("http://127.0.0.1:{port}/"), "--duration", "500ms"],
+    );
+    assert_eq!(code, Some(1));
+    assert!(b["errors"]["connect"].as_u64().unwrap() > 0, "{b}");
+    assert_eq!(b["requests"], 0);
+}
+
+#[test]
+fn bench_http_loads_a_wharf_service_by_name_through_the_ingress() {
+    let s = crate::server::Server::start();
+    s.push_sample("http_hello", Target::P2, "team/web:v1");
+    crate::server::register(
+        &s,
+        serde_json::json!({"family": "web", "artifact": "team/web:v1", "kind": "http"}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(
+            serde_json::json!({"name": "web", "task_definition": "web", "desired_count": 1,
+                                "routes": ["/hello"]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    crate::server::converged(&s, "web", 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args([
+            "bench",
+            "http",
+            "--service",
+            "web",
+            "--duration",
+            "1s",
+            "--connections",
+            "2",
+            "--output",
+            "json",
+        ])
+        .env("WHARF_SERVER", &s.base)
+        .env("WHARF_TOKEN", &s.token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let results: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &results["http"][0];
+    let ingress = s.ingress.clone().unwrap();
+    assert_eq!(b["url"], format!("{ingress}/hello"));
+    assert!(b["status"]["200"].as_u64().unwrap() > 10, "{b}");
+    // A service with no route is named in the error.
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["bench", "http", "--service", "nope", "--duration", "1s"])
+        .env("WHARF_SERVER", &s.base)
+        .env("WHARF_TOKEN", &s.token)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{out:?}"
+    );
+}
