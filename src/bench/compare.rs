@@ -137,6 +137,10 @@ pub(crate) fn main(args: CompareArgs) -> Result<ExitCode> {
         }
     }
     let regressed = all.iter().any(|c| c.verdict == Verdict::Regressed);
+    if let Some(dir) = &args.output.report {
+        let pair = (base.clone(), new.clone());
+        super::plots::write_report(dir, &new, Some(&pair))?;
+    }
     match args.output.output {
         Output::Json => println!(
             "{}",

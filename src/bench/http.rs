@@ -24,8 +24,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 
-use super::Output;
-
 #[derive(Debug, Args)]
 pub(crate) struct HttpArgs {
     /// The URL to load (http:// or https://); or give --service.
@@ -597,15 +595,7 @@ pub(crate) fn main(args: HttpArgs) -> Result<std::process::ExitCode> {
         benchmarks: Vec::new(),
         http: vec![bench],
     };
-    if let Some(path) = &args.save {
-        std::fs::write(path, serde_json::to_vec_pretty(&results)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    match args.output.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&results)?),
-        Output::Text => print!("{}", super::report::text(&results)),
-        Output::Markdown => print!("{}", super::report::markdown(&results)),
-    }
+    super::emit(&results, args.save.as_ref(), &args.output)?;
     let answered = results.http.iter().all(|b| b.requests > 0);
     Ok(if answered {
         std::process::ExitCode::SUCCESS

@@ -15,6 +15,7 @@
 
 mod compare;
 mod http;
+mod plots;
 mod report;
 mod run;
 mod stats;
@@ -224,4 +225,26 @@ pub(crate) struct OutputArgs {
     /// How to print the results.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub(crate) output: Output,
+    /// Also write results.json, results.md and a self-contained
+    /// report.html with plots into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) report: Option<PathBuf>,
+}
+
+/// Writes and prints results as `--save`, `--report` and `--output` ask.
+pub(crate) fn emit(results: &Results, save: Option<&PathBuf>, output: &OutputArgs) -> Result<()> {
+    use anyhow::Context;
+    if let Some(path) = save {
+        std::fs::write(path, serde_json::to_vec_pretty(results)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(dir) = &output.report {
+        plots::write_report(dir, results, None)?;
+    }
+    match output.output {
+        Output::Text => print!("{}", report::text(results)),
+        Output::Markdown => print!("{}", report::markdown(results)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(results)?),
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use wharf_runtime::{DirGrant, Limits, LogBuffer, Runtime, Stdio, StopCode, TaskSpec};
 
-use super::{Benchmark, METRICS, Machine, Output, Results, RunRecord, SCHEMA};
+use super::{Benchmark, METRICS, Machine, Results, RunRecord, SCHEMA};
 
 /// Runs when neither `--runs` nor `--duration` is given: at least this
 /// many, and for at least [`DEFAULT_DURATION`].
@@ -492,15 +492,7 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         benchmarks,
         http: Vec::new(),
     };
-    if let Some(path) = &args.save {
-        let json = serde_json::to_vec_pretty(&results)?;
-        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    match args.output.output {
-        Output::Text => print!("{}", super::report::text(&results)),
-        Output::Markdown => print!("{}", super::report::markdown(&results)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&results)?),
-    }
+    super::emit(&results, args.save.as_ref(), &args.output)?;
     // Runs that did not complete make the command fail, as a failing
     // command makes hyperfine fail: the numbers are of the others.
     let failed: usize = results

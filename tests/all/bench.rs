@@ -404,3 +404,96 @@ fn bench_http_loads_a_wharf_service_by_name_through_the_ingress() {
         "{out:?}"
     );
 }
+
+/// Pixels of exactly `rgb` in a PNG.
+fn pixels_of(png_file: &Path, rgb: [u8; 3]) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(png_file).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let step = info.color_type.samples();
+    buf[..info.buffer_size()]
+        .chunks(step)
+        .filter(|p| p[..3] == rgb)
+        .count()
+}
+
+#[test]
+fn a_report_writes_results_and_an_html_page_whose_plots_chromium_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = wasm("cpu", Target::P1);
+    let cpu = cpu.to_str().unwrap();
+    let report = dir.path().join("report");
+    let base = dir.path().join("base.json");
+    let out = bench(
+        dir.path(),
+        &[
+            "run",
+            "--runs",
+            "25",
+            "--name",
+            "cpu",
+            "--save",
+            base.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            cpu,
+            "--",
+            "100000",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(report.join("results.json")).unwrap()).unwrap();
+    assert_eq!(saved["benchmarks"][0]["runs"].as_array().unwrap().len(), 25);
+    let md = std::fs::read_to_string(report.join("results.md")).unwrap();
+    assert!(md.contains("| cpu |"), "{md}");
+    let page = std::fs::read_to_string(report.join("report.html")).unwrap();
+    // Self-contained: inline SVG, nothing fetched.
+    assert_eq!(page.matches("<svg").count(), 3, "histogram, CDF, timeline");
+    assert!(!page.contains("src=\"http") && !page.contains("href=\"http"));
+    for title in ["Time per run (total)", "Time per run: CDF", "Run by run"] {
+        assert!(page.contains(title), "{title}");
+    }
+    // A comparison adds the side-by-side box plot.
+    let compared = dir.path().join("compared");
+    let out = bench(
+        dir.path(),
+        &[
+            "compare",
+            base.to_str().unwrap(),
+            base.to_str().unwrap(),
+            "--report",
+            compared.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let page = std::fs::read_to_string(compared.join("report.html")).unwrap();
+    assert!(page.contains("<h2>Comparison</h2>"));
+    assert!(page.contains("cpu: total per run"));
+    // Chromium renders the plots: the bars and lines are on the screen.
+    for (html, shot) in [
+        (report.join("report.html"), dir.path().join("run.png")),
+        (compared.join("report.html"), dir.path().join("compare.png")),
+    ] {
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1300,2400",
+            ])
+            .arg(format!("--screenshot={}", shot.display()))
+            .arg(format!("file://{}", html.display()))
+            .output()
+            .expect("chromium is installed (.ci/run installs it)");
+        assert!(shot.is_file(), "no screenshot: {out:?}");
+        let blue = pixels_of(&shot, [0x1f, 0x77, 0xb4]);
+        let orange = pixels_of(&shot, [0xff, 0x7f, 0x0e]);
+        assert!(blue > 2_000, "{}: {blue} blue pixels", html.display());
+        assert!(orange > 50, "{}: {orange} orange pixels", html.display());
+    }
+}
