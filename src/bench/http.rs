@@ -380,8 +380,53 @@ fn service_url(args: &HttpArgs, service: &str) -> Result<(String, Option<String>
     Ok((format!("http://{ingress}{path}"), host))
 }
 
+/// One HTTP load, as flags or a suite entry give it.
+pub(crate) struct Load {
+    pub(crate) name: String,
+    pub(crate) url: String,
+    /// The Host header, if not the URL's.
+    pub(crate) host_header: Option<String>,
+    pub(crate) rate: Option<f64>,
+    pub(crate) connections: usize,
+    pub(crate) duration: Duration,
+    pub(crate) method: String,
+    /// `K:V` each.
+    pub(crate) headers: Vec<String>,
+    pub(crate) body: Bytes,
+    pub(crate) timeout: Duration,
+    pub(crate) ca_cert: Option<PathBuf>,
+}
+
+/// The load the flags describe.
+fn measure(args: &HttpArgs) -> Result<HttpBenchmark> {
+    let (url, host_header) = match (&args.url, &args.service) {
+        (Some(u), _) => (u.clone(), None),
+        (None, Some(s)) => service_url(args, s)?,
+        (None, None) => bail!("give a URL or --service"),
+    };
+    let body = match &args.body {
+        Some(p) => Bytes::from(
+            std::fs::read(p).with_context(|| format!("cannot read --body {}", p.display()))?,
+        ),
+        None => Bytes::new(),
+    };
+    load(&Load {
+        name: args.name.clone().unwrap_or_else(|| url.clone()),
+        url,
+        host_header,
+        rate: args.rate,
+        connections: args.connections,
+        duration: args.duration,
+        method: args.method.clone(),
+        headers: args.headers.clone(),
+        body,
+        timeout: args.timeout,
+        ca_cert: args.ca_cert.clone(),
+    })
+}
+
 /// Runs one HTTP benchmark.
-pub(crate) fn measure(args: &HttpArgs) -> Result<HttpBenchmark> {
+pub(crate) fn load(args: &Load) -> Result<HttpBenchmark> {
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }
@@ -390,11 +435,7 @@ pub(crate) fn measure(args: &HttpArgs) -> Result<HttpBenchmark> {
     {
         bail!("--rate must be a positive number of requests per second");
     }
-    let (url, host_header) = match (&args.url, &args.service) {
-        (Some(u), _) => (u.clone(), None),
-        (None, Some(s)) => service_url(args, s)?,
-        (None, None) => bail!("give a URL or --service"),
-    };
+    let (url, host_header) = (args.url.clone(), args.host_header.clone());
     let parsed = url::Url::parse(&url).with_context(|| format!("{url} is not a URL"))?;
     let host = parsed
         .host_str()
@@ -441,12 +482,7 @@ pub(crate) fn measure(args: &HttpArgs) -> Result<HttpBenchmark> {
             .with_context(|| format!("--header {h:?} is not K:V"))?;
         request = request.header(k.trim(), v.trim());
     }
-    let body = match &args.body {
-        Some(p) => Bytes::from(
-            std::fs::read(p).with_context(|| format!("cannot read --body {}", p.display()))?,
-        ),
-        None => Bytes::new(),
-    };
+    let body = args.body.clone();
     // A bad header fails here, not in every connection.
     let (parts, ()) = request
         .body(())
@@ -560,7 +596,7 @@ pub(crate) fn measure(args: &HttpArgs) -> Result<HttpBenchmark> {
         warnings.push("No request was answered.".into());
     }
     Ok(HttpBenchmark {
-        name: args.name.clone().unwrap_or_else(|| url.clone()),
+        name: args.name.clone(),
         url,
         method: args.method.to_ascii_uppercase(),
         mode: if args.rate.is_some() {

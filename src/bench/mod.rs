@@ -16,9 +16,11 @@
 mod compare;
 mod http;
 mod plots;
+mod process;
 mod report;
 mod run;
 mod stats;
+mod suite;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,6 +44,8 @@ pub(crate) enum BenchCommand {
     /// rate (latency from when each request was due) or closed loop, HDR
     /// percentiles, status codes, failures by kind.
     Http(Box<http::HttpArgs>),
+    /// Run a suite file's benchmarks in order into one report.
+    Suite(suite::SuiteArgs),
 }
 
 pub(crate) fn main(command: BenchCommand) -> Result<ExitCode> {
@@ -49,6 +53,7 @@ pub(crate) fn main(command: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Run(args) => run::main(*args),
         BenchCommand::Compare(args) => compare::main(args),
         BenchCommand::Http(args) => http::main(*args),
+        BenchCommand::Suite(args) => suite::main(args),
     }
 }
 
@@ -138,6 +143,10 @@ pub(crate) struct Benchmark {
     pub(crate) fuel_identical: bool,
     /// What a reader should know (outliers, a slow first run, failures).
     pub(crate) warnings: Vec<String>,
+    /// Whole processes timed from outside (`--compare-with`): only
+    /// `total_ms` is measured.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) process: bool,
 }
 
 /// One run.

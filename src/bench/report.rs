@@ -72,6 +72,9 @@ pub(crate) fn text(results: &Results) -> String {
     let mut out = String::new();
     for (i, b) in results.benchmarks.iter().enumerate() {
         let _ = writeln!(out, "Benchmark {}: {}", i + 1, b.name);
+        if b.process {
+            let _ = writeln!(out, "  Command:             {}", b.artifact);
+        }
         let ran = b.runs.len();
         let failed: usize = b.failed.values().sum();
         match b.stats.get("total_ms") {
@@ -153,11 +156,13 @@ pub(crate) fn text(results: &Results) -> String {
         if let Some(m) = b.stats.get("peak_memory_bytes") {
             let _ = writeln!(out, "  Peak memory:         {}", bytes(m.max));
         }
-        let _ = writeln!(
-            out,
-            "  Harness overhead:    {:.1} µs per run (outside the figures above)",
-            b.harness_overhead_us
-        );
+        if !b.process {
+            let _ = writeln!(
+                out,
+                "  Harness overhead:    {:.1} µs per run (outside the figures above)",
+                b.harness_overhead_us
+            );
+        }
         for w in &b.warnings {
             let _ = writeln!(out, "  Warning: {w}");
         }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,11 @@ pub(crate) struct RunArgs {
     /// Compile the Wasm in every run (default: once, before the first).
     #[arg(long)]
     cold: bool,
+    /// Where each run finds the compiled artifact: in memory by digest (as
+    /// the server runs tasks) or read again from the compiled cache on
+    /// disk (as each `wharf run` does).
+    #[arg(long, value_enum, default_value_t = Cache::Memory)]
+    cache: Cache,
     /// Fuel budget per run (about one unit per Wasm instruction); the fuel
     /// consumed is measured either way.
     #[arg(long, value_parser = parse_fuel)]
@@ -66,6 +71,11 @@ pub(crate) struct RunArgs {
     /// The benchmark's name (default: the file's name).
     #[arg(long)]
     name: Option<String>,
+    /// A peer command to run side by side as whole processes, beside
+    /// `wharf run` of the same file, e.g. 'wasmtime run {file}' (split on
+    /// spaces, no shell; the guest's arguments follow).
+    #[arg(long, value_name = "CMD {file}")]
+    compare_with: Option<String>,
     /// Write the results (JSON, the README's schema) to this file.
     #[arg(long, value_name = "FILE.json")]
     save: Option<PathBuf>,
@@ -146,13 +156,18 @@ fn substitute(text: &str, values: &BTreeMap<String, String>) -> String {
 
 /// How many runs a benchmark makes.
 #[derive(Debug, Clone, Copy)]
-enum Plan {
+pub(crate) enum Plan {
     Runs(usize),
     /// Runs started within the duration, at least `min`.
     For(Duration, usize),
 }
 
 impl Plan {
+    /// At least 10 runs, for at least 3 s.
+    pub(crate) fn default_plan() -> Plan {
+        Plan::For(DEFAULT_DURATION, DEFAULT_MIN_RUNS)
+    }
+
     fn wants(&self, started: usize, began: Instant) -> bool {
         if started >= MAX_RUNS {
             return false;
@@ -176,13 +191,23 @@ async fn one_run(
     digest: &str,
     spec: &TaskSpec,
     cold: bool,
+    cache: Cache,
 ) -> RunRecord {
     let began = Instant::now();
-    runtime.evict(digest, cold);
-    let loaded = runtime.load(bytes);
+    // From memory by digest, as a server finds a task's artifact; or read
+    // again from the compiled cache on disk, as each `wharf run` does; or
+    // compiled (`--cold`).
+    let loaded = match (cold, cache) {
+        (false, Cache::Memory) => runtime.cached(digest).map(Ok),
+        _ => None,
+    }
+    .unwrap_or_else(|| {
+        runtime.evict(digest, cold);
+        runtime.load(bytes).map(|l| l.artifact)
+    });
     let load_ms = ms_since(began);
     let artifact = match loaded {
-        Ok(l) => l.artifact,
+        Ok(a) => a,
         Err(e) => {
             return RunRecord {
                 compile_ms: cold.then_some(load_ms),
@@ -223,6 +248,35 @@ async fn one_run(
     }
 }
 
+/// Where a run finds its compiled artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Cache {
+    /// In memory, by digest (as the server runs tasks).
+    Memory,
+    /// Read again from the compiled cache on disk (as each `wharf run`).
+    Disk,
+}
+
+/// A benchmark's settings (from flags or a suite entry).
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) name: String,
+    pub(crate) plan: Plan,
+    pub(crate) warmup: usize,
+    pub(crate) concurrency: usize,
+    pub(crate) cold: bool,
+    pub(crate) cache: Cache,
+    pub(crate) fuel: Option<u64>,
+    pub(crate) memory: Option<u64>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) dirs: Vec<DirGrant>,
+    pub(crate) params: Vec<(String, Vec<String>)>,
+    pub(crate) args: Vec<String>,
+    /// A peer command run side by side as whole processes.
+    pub(crate) compare_with: Option<String>,
+}
+
 /// What one benchmark runs.
 struct Job<'a> {
     name: String,
@@ -236,7 +290,7 @@ fn measure(
     tokio: &tokio::runtime::Runtime,
     runtime: &Arc<Runtime>,
     job: Job<'_>,
-    args: &RunArgs,
+    args: &Config,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Benchmark> {
     let digest = wharf_runtime::digest(&job.bytes);
@@ -268,7 +322,7 @@ fn measure(
                     digest.clone(),
                 );
                 let (started, records) = (started.clone(), records.clone());
-                let cold = args.cold;
+                let (cold, cache) = (args.cold, args.cache);
                 let progress = progress.cloned();
                 workers.push(tokio::spawn(async move {
                     loop {
@@ -276,7 +330,7 @@ fn measure(
                         if !plan.wants(i, began) {
                             break;
                         }
-                        let record = one_run(&runtime, &bytes, &digest, &spec, cold).await;
+                        let record = one_run(&runtime, &bytes, &digest, &spec, cold, cache).await;
                         if keep {
                             records.lock().expect("records").push((i, record));
                             if let Some(p) = &progress {
@@ -298,11 +352,7 @@ fn measure(
     if args.warmup > 0 {
         run_all(Plan::Runs(args.warmup), false);
     }
-    let plan = match (args.runs, args.duration) {
-        (Some(n), _) => Plan::Runs(n.max(1)),
-        (None, Some(d)) => Plan::For(d, 1),
-        (None, None) => Plan::For(DEFAULT_DURATION, DEFAULT_MIN_RUNS),
-    };
+    let plan = args.plan;
     if let (Some(p), Plan::Runs(n)) = (progress, plan) {
         p.set_length(n as u64);
     }
@@ -339,6 +389,7 @@ fn measure(
         stats: BTreeMap::new(),
         fuel_identical: false,
         warnings: Vec::new(),
+        process: false,
     };
     for (metric, _) in METRICS {
         if let Some(s) = super::stats::summarize(&bench.samples(metric)) {
@@ -402,56 +453,59 @@ fn warnings(b: &Benchmark) -> Vec<String> {
     out
 }
 
-pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
-    if args.concurrency == 0 {
+/// Runs `file` as `config` says: one benchmark per combination of the
+/// parameters' values.
+pub(crate) fn benchmarks(
+    file: &Path,
+    artifact: &str,
+    config: &Config,
+    data_dir: &Path,
+) -> Result<Vec<Benchmark>> {
+    if config.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    let env = crate::run::host_env(&args.env)?;
-    let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
-    let (file, program) = crate::run::resolve_target(&args.target, &args.registry, &data_dir)?;
     let bytes =
-        Arc::new(std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?);
+        Arc::new(std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?);
+    let program = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "main.wasm".into());
     // A compile cache of its own, so the first compile is a real one.
     let cache = tempfile::tempdir().context("cannot make a temporary compile cache")?;
-    let mut config = crate::run::local_runtime_config(
-        u32::try_from(args.concurrency * 2).unwrap_or(u32::MAX),
-        args.memory,
-        &data_dir,
+    let mut runtime_config = crate::run::local_runtime_config(
+        u32::try_from(config.concurrency * 2).unwrap_or(u32::MAX),
+        config.memory,
+        data_dir,
     );
-    config.cache_dir = Some(cache.path().to_owned());
-    let runtime = Runtime::new(config).context("failed to start the wasm runtime")?;
+    runtime_config.cache_dir = Some(cache.path().to_owned());
+    let runtime = Runtime::new(runtime_config).context("failed to start the wasm runtime")?;
     let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.concurrency)
+        .worker_threads(config.concurrency)
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    let label = args.name.clone().unwrap_or_else(|| {
-        file.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| args.target.clone())
-    });
-    let results_started = crate::bench::report::now();
     let terminal = std::io::stderr().is_terminal();
     let mut benchmarks = Vec::new();
-    for values in combinations(&args.params) {
+    for values in combinations(&config.params) {
         let name = if values.is_empty() {
-            label.clone()
+            config.name.clone()
         } else {
             let shown: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("{label} ({})", shown.join(", "))
+            format!("{} ({})", config.name, shown.join(", "))
         };
         let spec = TaskSpec {
             program: program.clone(),
-            args: args.args.iter().map(|a| substitute(a, &values)).collect(),
-            env: env
+            args: config.args.iter().map(|a| substitute(a, &values)).collect(),
+            env: config
+                .env
                 .iter()
                 .map(|(k, v)| (k.clone(), substitute(v, &values)))
                 .collect(),
-            dirs: args.dirs.clone(),
+            dirs: config.dirs.clone(),
             limits: Limits {
-                fuel: args.fuel,
-                memory: args.memory,
-                timeout: args.timeout,
+                fuel: config.fuel,
+                memory: config.memory,
+                timeout: config.timeout,
             },
             stdio: Stdio::Inherit,
         };
@@ -470,25 +524,65 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
             &runtime,
             Job {
                 name,
-                artifact: &args.target,
+                artifact,
                 bytes: bytes.clone(),
                 spec,
                 params: values,
             },
-            &args,
+            config,
             progress.as_ref(),
         )?;
         if let Some(p) = progress {
             p.finish_and_clear();
         }
+        let mut bench = bench;
+        let peers = match &config.compare_with {
+            Some(peer) => super::process::side_by_side(file, peer, &mut bench)?,
+            None => Vec::new(),
+        };
         benchmarks.push(bench);
+        benchmarks.extend(peers);
     }
+    Ok(benchmarks)
+}
+
+pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
+    let env = crate::run::host_env(&args.env)?;
+    let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
+    let (file, _) = crate::run::resolve_target(&args.target, &args.registry, &data_dir)?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        file.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| args.target.clone())
+    });
+    let config = Config {
+        name,
+        plan: match (args.runs, args.duration) {
+            (Some(n), _) => Plan::Runs(n.max(1)),
+            (None, Some(d)) => Plan::For(d, 1),
+            (None, None) => Plan::default_plan(),
+        },
+        warmup: args.warmup,
+        concurrency: args.concurrency,
+        cold: args.cold,
+        cache: args.cache,
+        fuel: args.fuel,
+        memory: args.memory,
+        timeout: args.timeout,
+        env,
+        dirs: args.dirs.clone(),
+        params: args.params.clone(),
+        args: args.args.clone(),
+        compare_with: args.compare_with.clone(),
+    };
+    let started_at = crate::bench::report::now();
+    let benchmarks = benchmarks(&file, &args.target, &config, &data_dir)?;
     let results = Results {
         schema: SCHEMA.into(),
         wharf_version: env!("CARGO_PKG_VERSION").into(),
         engine_version: wharf_runtime::ENGINE_VERSION.into(),
         machine: Machine::this(),
-        started_at: results_started,
+        started_at,
         benchmarks,
         http: Vec::new(),
     };

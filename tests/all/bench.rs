@@ -497,3 +497,122 @@ fn a_report_writes_results_and_an_html_page_whose_plots_chromium_renders() {
         assert!(orange > 50, "{}: {orange} orange pixels", html.display());
     }
 }
+
+#[test]
+fn the_shipped_suite_runs_every_entry_into_one_report() {
+    let dir = tempfile::tempdir().unwrap();
+    // The testkit builds the samples where the suite's relative paths
+    // expect them under --artifacts.
+    let hello = wasm("hello", Target::P1);
+    let artifacts = hello.ancestors().nth(3).unwrap();
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/suite.toml");
+    let report = dir.path().join("report");
+    let out = bench(
+        dir.path(),
+        &[
+            "suite",
+            suite.to_str().unwrap(),
+            "--artifacts",
+            artifacts.to_str().unwrap(),
+            "--output",
+            "json",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let results: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = results["benchmarks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "start: hello, p1 module",
+            "start: hello, p2 component",
+            "start from the disk cache: hello, p2 component",
+            "cpu (rounds=1000000)",
+            "cpu (rounds=10000000)",
+            "memory growth (mib=16)",
+            "memory growth (mib=64)",
+        ]
+    );
+    // From memory, a run does not read the disk cache: loading is far
+    // cheaper than reading it again.
+    let load = |i: usize| {
+        results["benchmarks"][i]["stats"]["load_ms"]["median"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(load(1) * 5.0 < load(2), "{} vs {}", load(1), load(2));
+    // Memory growth shows in the peak.
+    let peak = |i: usize| {
+        results["benchmarks"][i]["stats"]["peak_memory_bytes"]["max"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(peak(5) >= 16.0 * 1048576.0 && peak(6) >= 64.0 * 1048576.0);
+    let http = &results["http"][0];
+    assert_eq!(http["name"], "http hello (wharf serve, 4 connections)");
+    assert!(http["status"]["200"].as_u64().unwrap() > 100, "{http}");
+    let page = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert_eq!(page.matches("<svg").count(), 7 * 3 + 3);
+}
+
+#[test]
+fn compare_with_runs_a_peer_side_by_side_as_whole_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hello = wasm("hello", Target::P1);
+    // The peer here is this same wharf, so both sides exist on any machine.
+    let peer = format!("{} run {{file}}", env!("CARGO_BIN_EXE_wharf"));
+    let results = run_json(
+        dir.path(),
+        &[
+            "--runs",
+            "10",
+            "--compare-with",
+            &peer,
+            hello.to_str().unwrap(),
+        ],
+    );
+    let benches = results["benchmarks"].as_array().unwrap();
+    assert_eq!(benches.len(), 3);
+    assert_eq!(benches[1]["name"], "hello.wasm [wharf run, process]");
+    assert!(
+        benches[2]["name"]
+            .as_str()
+            .unwrap()
+            .ends_with(" run, process]")
+    );
+    for b in &benches[1..] {
+        assert_eq!(b["process"], true);
+        assert_eq!(b["runs"].as_array().unwrap().len(), 10);
+        assert_eq!(b["failed"], serde_json::json!({}));
+        // A whole process is slower than a run in-process.
+        assert!(
+            b["stats"]["total_ms"]["median"].as_f64().unwrap()
+                > benches[0]["stats"]["total_ms"]["median"].as_f64().unwrap()
+        );
+    }
+    assert!(
+        benches[0]["warnings"]
+            .to_string()
+            .contains("Side by side as whole processes"),
+        "{}",
+        benches[0]
+    );
+    let out = bench(
+        dir.path(),
+        &[
+            "run",
+            "--compare-with",
+            "wasmtime run",
+            hello.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("{file}"));
+}
