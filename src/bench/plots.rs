@@ -268,15 +268,46 @@ pub(crate) fn html_report(results: &Results, compare: Option<&(Results, Results)
             .unwrap_or_default(),
         html(&results.started_at)
     );
-    let _ = writeln!(out, "<pre>{}</pre>", html(&super::report::text(results)));
     for b in &results.benchmarks {
-        let _ = writeln!(out, "<h2>{}</h2><div class=\"plots\">", html(&b.name));
+        let _ = writeln!(out, "<h2>{}</h2>", html(&b.name));
         let totals = b.samples("total_ms");
-        if totals.is_empty() {
-            out.push_str("<p>No run completed.</p></div>\n");
+        let Some(t) = b.stats.get("total_ms") else {
+            out.push_str("<p>No run completed.</p>\n");
             continue;
+        };
+        let fuel = b
+            .stats
+            .get("fuel")
+            .filter(|_| !b.process)
+            .map(|f| {
+                format!(
+                    ", fuel {}{}",
+                    super::report::count(f.median),
+                    if b.fuel_identical { " (exact)" } else { "" }
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "<p>median {}, mean {} (95% CI {} – {}), {} runs{}</p><div class=\"plots\">",
+            super::report::time(t.median),
+            super::report::time(t.mean),
+            super::report::time(t.ci95[0]),
+            super::report::time(t.ci95[1]),
+            b.runs.len(),
+            html(&fuel)
+        );
+        // Far outliers would squeeze every other run into one bar.
+        let clipped: Vec<f64> = totals.iter().copied().filter(|v| *v <= t.p99).collect();
+        if t.max > 2.0 * t.p99 && clipped.len() < totals.len() {
+            let title = format!(
+                "Time per run (total; {} above p99 not shown)",
+                totals.len() - clipped.len()
+            );
+            out.push_str(&histogram(&title, &clipped));
+        } else {
+            out.push_str(&histogram("Time per run (total)", &totals));
         }
-        out.push_str(&histogram("Time per run (total)", &totals));
         out.push_str(&cdf("Time per run: CDF", &totals));
         let timeline: Vec<(f64, f64)> = b
             .runs
@@ -323,6 +354,11 @@ pub(crate) fn html_report(results: &Results, compare: Option<&(Results, Results)
         }
         out.push_str("</div>\n");
     }
+    let _ = writeln!(
+        out,
+        "<details><summary>The text summary</summary><pre>{}</pre></details>",
+        html(&super::report::text(results))
+    );
     out.push_str("</body></html>\n");
     out
 }

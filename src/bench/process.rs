@@ -112,12 +112,19 @@ pub(crate) fn side_by_side(file: &Path, peer: &str, of: &mut Benchmark) -> Resul
         wharf.extend(of.args.iter().cloned());
         theirs.extend(of.args.iter().cloned());
     }
+    // `wasmtime run`, not the path it was found at.
     let label = peer
         .split_whitespace()
         .take(2)
+        .enumerate()
+        .map(|(i, w)| match i {
+            0 => Path::new(w)
+                .file_name()
+                .map_or(w.to_owned(), |n| n.to_string_lossy().into_owned()),
+            _ => w.replace("{file}", "FILE"),
+        })
         .collect::<Vec<_>>()
         .join(" ");
-    let label = label.replace("{file}", "FILE");
     let ours = process_benchmark(format!("{} [wharf run, process]", of.name), wharf, of)?;
     let peer_b = process_benchmark(format!("{} [{label}, process]", of.name), theirs, of)?;
     if let (Some(a), Some(b)) = (ours.stats.get("total_ms"), peer_b.stats.get("total_ms")) {

@@ -454,7 +454,7 @@ fn a_report_writes_results_and_an_html_page_whose_plots_chromium_renders() {
     // Self-contained: inline SVG, nothing fetched.
     assert_eq!(page.matches("<svg").count(), 3, "histogram, CDF, timeline");
     assert!(!page.contains("src=\"http") && !page.contains("href=\"http"));
-    for title in ["Time per run (total)", "Time per run: CDF", "Run by run"] {
+    for title in ["Time per run (total", "Time per run: CDF", "Run by run"] {
         assert!(page.contains(title), "{title}");
     }
     // A comparison adds the side-by-side box plot.
