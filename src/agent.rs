@@ -845,6 +845,13 @@ impl Agent {
             memory: a.limits.memory_bytes,
             timeout: a.limits.timeout_ms.map(Duration::from_millis),
         };
+        if let Some(b) = a.bench {
+            self.set_status(&a.task_id, TaskStatus::Running, Some(model::now()));
+            return self
+                .executor
+                .bench(artifact, &spec, b.runs, b.warmup, stop, logs)
+                .await;
+        }
         let handle = self.executor.spawn(artifact, spec);
         let signal = handle.stop_signal();
         let forward = {

@@ -131,6 +131,23 @@ impl Credentials {
 }
 
 impl RegistryOptions {
+    /// The Wharf server's URL.
+    pub(crate) fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// A TLS configuration trusting `--ca-cert`, if given.
+    pub(crate) fn ureq_tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        match &self.ca_cert {
+            None => Ok(None),
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+                Ok(Some(crate::tls::client_trusting(&pem)?))
+            }
+        }
+    }
+
     /// TLS for `reference`'s registry: HTTPS (even on loopback) when it is
     /// the `--server` and that is `https://`, and `--ca-cert` trusted.
     pub(crate) fn tls_for(&self, reference: &str) -> Result<wharf_registry::client::ClientTls> {

@@ -63,6 +63,39 @@ pub(crate) struct RegistryArgs {
     options: crate::image::RegistryOptions,
 }
 
+impl RegistryArgs {
+    /// The `/v1/` API of `--server` with this token (default: the local
+    /// server's admin token).
+    pub(crate) fn api(&self) -> Result<crate::bench::ClusterApi> {
+        let base = self.options.server().trim_end_matches('/').to_owned();
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => {
+                let dir = crate::paths::data_dir(None)?;
+                std::fs::read_to_string(crate::paths::admin_token(&dir))
+                    .with_context(|| {
+                        format!(
+                            "no --token, and no admin token in {} to fall back on",
+                            dir.display()
+                        )
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        let mut agent =
+            ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(10));
+        if let Some(tls) = self.options.ureq_tls()? {
+            agent = agent.tls_config(tls);
+        }
+        Ok(crate::bench::ClusterApi {
+            base,
+            token,
+            agent: agent.build(),
+        })
+    }
+}
+
 /// The runtime of a local command (`wharf run`, `wharf serve`): a pool of
 /// `max_instances`, sized for the memory asked for, compiled code cached
 /// in the data directory.

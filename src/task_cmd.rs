@@ -48,6 +48,9 @@ pub(crate) enum TaskCommand {
         /// the (first failing) task's exit code, as `wharf run` does.
         #[arg(long)]
         wait: bool,
+        /// Run on this node only (wharf node ls).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// List tasks, newest first.
     Ls {
@@ -107,6 +110,7 @@ pub(crate) fn main(api: ApiArgs, command: TaskCommand) -> Result<ExitCode> {
             memory,
             timeout,
             wait,
+            node,
         } => {
             let overrides = Overrides {
                 args: (!args.is_empty()).then_some(args),
@@ -121,6 +125,8 @@ pub(crate) fn main(api: ApiArgs, command: TaskCommand) -> Result<ExitCode> {
                 task_definition,
                 count,
                 overrides: Some(overrides),
+                node,
+                bench: None,
             };
             let started = client.post("/v1/tasks", request)?;
             if !wait {

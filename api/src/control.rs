@@ -41,6 +41,14 @@ pub struct RunTaskRequest {
     /// Changes for these runs.
     #[serde(default)]
     pub overrides: Option<Overrides>,
+    /// Run on this node only (it must be READY and provide what the
+    /// artifact imports), as ECS's StartTask on a container instance.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Run the artifact many times as a benchmark (`wharf bench run
+    /// --nodes`) instead of once: each run's phases are a line of output.
+    #[serde(default)]
+    pub bench: Option<model::BenchRequest>,
 }
 
 /// `POST /v1/secrets`.
@@ -531,6 +539,8 @@ impl Control {
             limits,
             service: service.map(|(s, _)| s.to_owned()),
             deployment_id: service.map(|(_, d)| d.to_owned()),
+            node: None,
+            bench: None,
         })
     }
 
@@ -563,7 +573,28 @@ impl Control {
                 def.task_definition, def.family
             )));
         }
-        let launch = self.prepare(def, request.overrides.as_ref(), None).await?;
+        let mut launch = self.prepare(def, request.overrides.as_ref(), None).await?;
+        if let Some(b) = &request.bench {
+            let max = wharf_runtime::MAX_BENCH_RUNS;
+            if !(1..=max).contains(&b.runs) || b.warmup > max {
+                return Err(ApiError::invalid(
+                    "bench",
+                    format!("runs must be 1 to {max}, and warmup at most {max}"),
+                ));
+            }
+        }
+        if request
+            .node
+            .as_ref()
+            .is_some_and(|n| n.is_empty() || n.len() > 63)
+        {
+            return Err(ApiError::invalid(
+                "node",
+                "a node name is 1 to 63 characters",
+            ));
+        }
+        launch.node = request.node.clone();
+        launch.bench = request.bench;
         let mut tasks = Vec::with_capacity(count as usize);
         for _ in 0..count {
             tasks.push(self.tasks.launch(launch.clone())?);

@@ -205,6 +205,9 @@ pub struct Assignment {
     /// For a task of an HTTP service: how it serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpAssignment>,
+    /// A benchmark: run it this many times, each run a line of output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bench: Option<model::BenchRequest>,
 }
 
 /// How a node serves an HTTP task: its definition's settings and the
@@ -846,6 +849,7 @@ mod tests {
             limits: TaskLimits::default(),
             service: None,
             http: None,
+            bench: None,
         }
     }
 

@@ -49,6 +49,16 @@ impl TaskKind {
     }
 }
 
+/// A benchmark task: the artifact run `warmup` times, then `runs` times
+/// measured (each at most [`wharf_runtime::MAX_BENCH_RUNS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BenchRequest {
+    pub runs: u32,
+    #[serde(default)]
+    pub warmup: u32,
+}
+
 /// How the tasks of an `http` task definition serve requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HttpSettings {

@@ -36,6 +36,10 @@ pub(crate) struct Launch {
     pub(crate) limits: TaskLimits,
     pub(crate) service: Option<String>,
     pub(crate) deployment_id: Option<String>,
+    /// Only this node may run it.
+    pub(crate) node: Option<String>,
+    /// A benchmark instead of one run.
+    pub(crate) bench: Option<model::BenchRequest>,
 }
 
 /// Why the control plane asked a task to stop.
@@ -331,6 +335,7 @@ impl Tasks {
         def: &TaskDefinition,
         service: Option<&str>,
         memory: u64,
+        only: Option<&str>,
     ) -> std::result::Result<Target, String> {
         let mut candidates = Vec::new();
         // Edge nodes run tasks of the built-in registry (other registries'
@@ -357,6 +362,14 @@ impl Tasks {
         }
         if !self.no_local_node {
             candidates.insert(0, self.local_candidate(service, !remote.is_empty()));
+        }
+        if let Some(name) = only {
+            candidates.retain(|c| c.name == name);
+            if candidates.is_empty() {
+                return Err(format!(
+                    "no node {name} can run it (wharf node ls lists the nodes; edge nodes run artifacts of the built-in registry, HTTP tasks only with an ingress)"
+                ));
+            }
         }
         let status_name = |s: model::NodeStatus| {
             serde_json::to_value(s)
@@ -587,7 +600,12 @@ impl Tasks {
         // Placed and held under one lock, so the next placement counts it.
         let placed = {
             let _one = self.placing.lock().unwrap_or_else(|p| p.into_inner());
-            match self.place(def, launch.service.as_deref(), memory) {
+            match self.place(
+                def,
+                launch.service.as_deref(),
+                memory,
+                launch.node.as_deref(),
+            ) {
                 Ok(Target::Remote(node)) => {
                     match self.hold_remote(&entry, &launch, &node, memory) {
                         Some(rx) => Ok(Placed::Remote(node, rx)),
@@ -669,6 +687,7 @@ impl Tasks {
         if def.kind == TaskKind::Http {
             return self.serve_http(entry, launch, artifact, early).await;
         }
+        let bench = launch.bench;
         let mut spec = TaskSpec::new(entry.logs.clone());
         spec.program = def.family.clone();
         spec.args = launch.args.clone();
@@ -678,6 +697,15 @@ impl Tasks {
             memory: launch.limits.memory_bytes,
             timeout: launch.limits.timeout_ms.map(Duration::from_millis),
         };
+        if let Some(b) = bench {
+            let now = model::now();
+            self.transition(&entry, TaskStatus::Running, |t| t.started_at = Some(now));
+            let outcome = self
+                .executor
+                .bench(artifact, &spec, b.runs, b.warmup, &early, &entry.logs)
+                .await;
+            return self.finish(&entry, outcome).await;
+        }
         let handle = self.executor.spawn(artifact, spec);
         {
             let mut st = entry.state.lock().expect("task lock");
@@ -737,6 +765,7 @@ impl Tasks {
             env: launch.env.clone(),
             limits: launch.limits,
             service: launch.service.clone(),
+            bench: launch.bench,
             http: (def.kind == TaskKind::Http)
                 .then(|| def.http.clone())
                 .flatten()

@@ -14,6 +14,7 @@
 //! environment variables: configuration arrives as a [`RuntimeConfig`].
 
 mod artifact;
+mod bench;
 mod cache;
 mod engine;
 mod executor;
@@ -27,6 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use artifact::{Artifact, ArtifactKind, Loaded};
+pub use bench::{BENCH_LINE, BenchRun, MAX_BENCH_RUNS};
 pub use cache::{ArtifactSource, CacheStats, digest};
 pub use engine::{Allocator, RuntimeConfig};
 pub use executor::{

@@ -630,6 +630,7 @@ pub(crate) fn main(args: HttpArgs) -> Result<std::process::ExitCode> {
         started_at: super::report::now(),
         benchmarks: Vec::new(),
         http: vec![bench],
+        notes: Vec::new(),
     };
     super::emit(&results, args.save.as_ref(), &args.output)?;
     let answered = results.http.iter().all(|b| b.requests > 0);

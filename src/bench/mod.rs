@@ -13,6 +13,7 @@
 //! The results file (`--save`, `--output json`) is the schema documented
 //! in the README: [`Results`].
 
+mod cluster;
 mod compare;
 mod http;
 mod plots;
@@ -30,6 +31,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
+pub(crate) use cluster::Api as ClusterApi;
 pub(crate) use stats::Summary;
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +84,9 @@ pub(crate) struct Results {
     /// HTTP load benchmarks (`wharf bench http`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) http: Vec<http::HttpBenchmark>,
+    /// What holds across benchmarks (the spread between nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) notes: Vec<String>,
 }
 
 /// Where the numbers were measured.

@@ -169,6 +169,9 @@ pub(crate) fn text(results: &Results) -> String {
         out.push('\n');
     }
     http_text(&mut out, results);
+    for note in &results.notes {
+        let _ = writeln!(out, "{note}");
+    }
     out
 }
 
@@ -285,6 +288,9 @@ pub(crate) fn markdown(results: &Results) -> String {
                 b.errors.values().sum::<u64>()
             );
         }
+    }
+    for note in &results.notes {
+        let _ = writeln!(out, "\n{note}");
     }
     let m = &results.machine;
     let _ = writeln!(

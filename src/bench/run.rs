@@ -71,6 +71,11 @@ pub(crate) struct RunArgs {
     /// The benchmark's name (default: the file's name).
     #[arg(long)]
     name: Option<String>,
+    /// Run on every node of the cluster at --server that matches: `all`
+    /// or LABEL=VALUE, one node at a time; FILE|REF is then a task
+    /// definition of that server (at most 500 runs per node).
+    #[arg(long, value_name = "all|LABEL=VALUE", conflicts_with_all = ["compare_with", "cold", "concurrency"])]
+    nodes: Option<String>,
     /// A peer command to run side by side as whole processes, beside
     /// `wharf run` of the same file, e.g. 'wasmtime run {file}' (split on
     /// spaces, no shell; the guest's arguments follow).
@@ -130,7 +135,7 @@ fn parse_param(text: &str) -> Result<(String, Vec<String>), String> {
 }
 
 /// Every combination of the parameters' values, in order.
-fn combinations(params: &[(String, Vec<String>)]) -> Vec<BTreeMap<String, String>> {
+pub(crate) fn combinations(params: &[(String, Vec<String>)]) -> Vec<BTreeMap<String, String>> {
     let mut out = vec![BTreeMap::new()];
     for (name, values) in params {
         out = out
@@ -148,7 +153,7 @@ fn combinations(params: &[(String, Vec<String>)]) -> Vec<BTreeMap<String, String
 }
 
 /// `text` with each `{NAME}` replaced by its value.
-fn substitute(text: &str, values: &BTreeMap<String, String>) -> String {
+pub(crate) fn substitute(text: &str, values: &BTreeMap<String, String>) -> String {
     values.iter().fold(text.to_owned(), |t, (k, v)| {
         t.replace(&format!("{{{k}}}"), v)
     })
@@ -549,7 +554,11 @@ pub(crate) fn benchmarks(
 pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
     let env = crate::run::host_env(&args.env)?;
     let data_dir = crate::paths::data_dir(args.data_dir.clone())?;
-    let (file, _) = crate::run::resolve_target(&args.target, &args.registry, &data_dir)?;
+    // On a cluster, the target is a task definition of the server.
+    let file = match &args.nodes {
+        Some(_) => PathBuf::from(&args.target),
+        None => crate::run::resolve_target(&args.target, &args.registry, &data_dir)?.0,
+    };
     let name = args.name.clone().unwrap_or_else(|| {
         file.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -576,7 +585,16 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         compare_with: args.compare_with.clone(),
     };
     let started_at = crate::bench::report::now();
-    let benchmarks = benchmarks(&file, &args.target, &config, &data_dir)?;
+    let (benchmarks, notes) = match &args.nodes {
+        Some(selector) => {
+            let api = args.registry.api()?;
+            super::cluster::benchmarks(&api, &args.target, selector, &config)?
+        }
+        None => (
+            benchmarks(&file, &args.target, &config, &data_dir)?,
+            Vec::new(),
+        ),
+    };
     let results = Results {
         schema: SCHEMA.into(),
         wharf_version: env!("CARGO_PKG_VERSION").into(),
@@ -585,6 +603,7 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         started_at,
         benchmarks,
         http: Vec::new(),
+        notes,
     };
     super::emit(&results, args.save.as_ref(), &args.output)?;
     // Runs that did not complete make the command fail, as a failing

@@ -280,6 +280,7 @@ pub(crate) fn main(args: SuiteArgs) -> Result<ExitCode> {
         started_at,
         benchmarks,
         http,
+        notes: Vec::new(),
     };
     super::emit(&results, args.save.as_ref(), &args.output)?;
     let failed = results.benchmarks.iter().any(|b| !b.failed.is_empty())

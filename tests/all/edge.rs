@@ -1667,3 +1667,101 @@ fn http_services_are_served_by_node_ingresses_and_through_the_servers_ingress() 
     });
     drop((plain, liars));
 }
+
+#[test]
+fn the_same_benchmark_runs_on_every_matching_node_with_the_spread_between_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&dir.path().join("server"), &["--node-labels", "zone=hq"]);
+    s.push_sample("cpu", Target::P1, "team/cpu:v1");
+    register(
+        &s,
+        json!({"family": "cpu", "artifact": "team/cpu:v1", "args": ["20000"]}),
+    );
+    let token = join_token(&s, &[]);
+    let _agents: Vec<Agent> = [("edge-a", "zone=a"), ("edge-b", "zone=b")]
+        .iter()
+        .map(|(name, labels)| {
+            Agent::start(
+                &s,
+                &dir.path().join(name),
+                Some(&token),
+                &["--name", name, "--labels", labels],
+            )
+            .unwrap()
+        })
+        .collect();
+    wait_for_nodes(&s, 3);
+    let bench = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
+        cmd.args([
+            "bench", "run", "cpu", "--runs", "15", "--warmup", "2", "--output", "json",
+        ])
+        .args(extra)
+        .env("WHARF_SERVER", &s.base)
+        .env("WHARF_TOKEN", &s.token);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let all = bench(&["--nodes", "all"]);
+    let benches = all["benchmarks"].as_array().unwrap();
+    let names: Vec<&str> = benches
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cpu @ local", "cpu @ edge-a", "cpu @ edge-b"]);
+    let mut fuel = Vec::new();
+    for b in benches {
+        assert_eq!(b["runs"].as_array().unwrap().len(), 15, "{b}");
+        assert_eq!(b["failed"], json!({}), "{b}");
+        assert_eq!(b["fuel_identical"], true, "{b}");
+        assert!(b["stats"]["execute_ms"]["median"].as_f64().unwrap() > 0.0);
+        fuel.push(b["stats"]["fuel"]["median"].as_f64().unwrap());
+    }
+    // The same guest work on every node, to the unit.
+    assert!(fuel.iter().all(|f| *f == fuel[0]), "{fuel:?}");
+    let notes = all["notes"].to_string();
+    assert!(notes.contains("spread between 3 nodes"), "{notes}");
+    assert!(notes.contains("fuel identical on every node"), "{notes}");
+    // A label picks the nodes; arguments after -- replace the definition's.
+    let one = bench(&["--nodes", "zone=b", "--", "40000"]);
+    let benches = one["benchmarks"].as_array().unwrap();
+    assert_eq!(benches.len(), 1);
+    assert_eq!(benches[0]["name"], "cpu @ edge-b");
+    assert!(benches[0]["stats"]["fuel"]["median"].as_f64().unwrap() > fuel[0] * 1.5);
+    // The benchmark tasks are tasks like any other, placed on their node.
+    let r = s.api("GET", "/v1/tasks?family=cpu", None);
+    let on: Vec<String> = nodes_of(r.json().as_array().unwrap());
+    assert_eq!(on.iter().filter(|n| *n == "edge-b").count(), 2, "{on:?}");
+    // `wharf task run --node` places on that node, or names why not.
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "cpu", "node": "edge-a"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let t = s.wait_stopped(r.json()[0]["id"].as_str().unwrap());
+    assert_eq!(
+        (t["node"].as_str(), t["stop_code"].as_str()),
+        (Some("edge-a"), Some("Completed"))
+    );
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "cpu", "node": "nowhere"})),
+    );
+    let t = s.wait_stopped(r.json()[0]["id"].as_str().unwrap());
+    assert_eq!(t["stop_code"], "FailedToStart");
+    assert!(
+        t["message"].as_str().unwrap().contains("no node nowhere"),
+        "{t}"
+    );
+    // A benchmark's size is bounded.
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "cpu", "bench": {"runs": 501}})),
+    );
+    assert_eq!(r.status, 422, "{r:?}");
+    assert!(String::from_utf8_lossy(&r.body).contains("runs must be 1 to 500"));
+}
