@@ -85,6 +85,11 @@ struct HttpEntry {
     name: String,
     /// A `wasi:http` component to serve for the entry (with `path`).
     serve: Option<String>,
+    /// The server to serve it with, instead of `wharf serve`: a command
+    /// (split on spaces, no shell) whose `{file}` is the component and
+    /// `{addr}` a free loopback address, e.g. `wasmtime serve -Scli
+    /// --addr {addr} {file}`; the load starts once `{addr}` accepts.
+    command: Option<String>,
     /// Or a URL to load.
     url: Option<String>,
     #[serde(default = "root")]
@@ -123,6 +128,43 @@ struct Served {
 }
 
 impl Served {
+    /// `command` with `{file}` and `{addr}` replaced, once it listens.
+    fn start_command(command: &str, file: &Path) -> Result<Served> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let argv: Vec<String> = command
+            .split_whitespace()
+            .map(|w| {
+                w.replace("{file}", &file.display().to_string())
+                    .replace("{addr}", &addr)
+            })
+            .collect();
+        let (program, rest) = argv.split_first().context("an empty command")?;
+        let child = std::process::Command::new(program)
+            .args(rest)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        let mut served = Served {
+            child,
+            base: format!("http://{addr}"),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if let Some(status) = served.child.try_wait()? {
+                bail!("{command} exited ({status}) before it listened on {addr}");
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{command} did not listen on {addr} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(served)
+    }
+
     fn start(file: &Path) -> Result<Served> {
         let exe = std::env::current_exe().context("cannot find this wharf binary")?;
         let mut child = std::process::Command::new(exe)
@@ -242,9 +284,11 @@ pub(crate) fn main(args: SuiteArgs) -> Result<ExitCode> {
     let mut http = Vec::new();
     for (i, e) in suite.http.iter().enumerate() {
         let what = format!("[[http]] {}", i + 1);
-        let served = match &e.serve {
-            Some(file) => Some(Served::start(&resolve(file))?),
-            None => None,
+        let served = match (&e.serve, &e.command) {
+            (Some(file), Some(command)) => Some(Served::start_command(command, &resolve(file))?),
+            (Some(file), None) => Some(Served::start(&resolve(file))?),
+            (None, Some(_)) => bail!("{what}: command needs serve (the component)"),
+            (None, None) => None,
         };
         let url = match (&served, &e.url) {
             (Some(s), _) => format!("{}{}", s.base, e.path),

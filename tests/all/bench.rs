@@ -616,3 +616,70 @@ fn compare_with_runs_a_peer_side_by_side_as_whole_processes() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("{file}"));
 }
+
+#[test]
+fn a_suite_serves_an_http_entry_with_a_peer_command_and_names_bad_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let hello = wasm("hello", Target::P1);
+    let http = wasm("http_hello", Target::P2);
+    let exe = env!("CARGO_BIN_EXE_wharf");
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(
+        &suite,
+        format!(
+            r#"[defaults]
+runs = 5
+
+[[bench]]
+name = "hello"
+artifact = "{}"
+
+[[http]]
+name = "peer"
+serve = "{}"
+command = "{exe} serve --listen {{addr}} {{file}}"
+path = "/x"
+connections = 2
+duration = "1s"
+"#,
+            hello.display(),
+            http.display()
+        ),
+    )
+    .unwrap();
+    let out = bench(
+        dir.path(),
+        &["suite", suite.to_str().unwrap(), "--output", "json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let results: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        results["benchmarks"][0]["runs"].as_array().unwrap().len(),
+        5
+    );
+    let peer = &results["http"][0];
+    assert!(peer["url"].as_str().unwrap().ends_with("/x"), "{peer}");
+    assert!(peer["status"]["200"].as_u64().unwrap() > 10, "{peer}");
+    // Mistakes are named: an unknown field, a command that never listens.
+    std::fs::write(&suite, "[[bench]]\nname = \"x\"\nartefact = \"a.wasm\"\n").unwrap();
+    let out = bench(dir.path(), &["suite", suite.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("artefact"),
+        "{out:?}"
+    );
+    std::fs::write(
+        &suite,
+        format!(
+            "[[http]]\nname = \"x\"\nserve = \"{}\"\ncommand = \"false {{addr}}\"\n",
+            http.display()
+        ),
+    )
+    .unwrap();
+    let out = bench(dir.path(), &["suite", suite.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exited"),
+        "{out:?}"
+    );
+}
