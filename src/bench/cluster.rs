@@ -223,6 +223,7 @@ fn node_benchmark(
         runs,
         failed,
         harness_overhead_us: 0.0,
+        throughput: 0.0,
         stats: BTreeMap::new(),
         fuel_identical: false,
         warnings: Vec::new(),

@@ -142,6 +142,10 @@ pub(crate) struct Benchmark {
     /// The harness's own time per run, in microseconds: what the loop
     /// spent outside the runs' totals (kept out of every figure).
     pub(crate) harness_overhead_us: f64,
+    /// Measured runs per second over the measured loop (all at once with
+    /// `--concurrency`).
+    #[serde(default)]
+    pub(crate) throughput: f64,
     /// Per metric, over the runs that completed.
     pub(crate) stats: BTreeMap<String, Summary>,
     /// Whether every completed run consumed the same fuel.

@@ -76,6 +76,7 @@ fn process_benchmark(name: String, argv: Vec<String>, of: &Benchmark) -> Result<
         runs: records,
         failed,
         harness_overhead_us: 0.0,
+        throughput: 0.0,
         stats: BTreeMap::new(),
         fuel_identical: false,
         warnings: Vec::new(),

@@ -156,6 +156,18 @@ pub(crate) fn text(results: &Results) -> String {
         if let Some(m) = b.stats.get("peak_memory_bytes") {
             let _ = writeln!(out, "  Peak memory:         {}", bytes(m.max));
         }
+        if b.throughput > 0.0 {
+            let _ = writeln!(
+                out,
+                "  Throughput:          {} runs/s{}",
+                count(b.throughput),
+                if b.concurrency > 1 {
+                    format!(" ({} at once)", b.concurrency)
+                } else {
+                    String::new()
+                }
+            );
+        }
         if !b.process {
             let _ = writeln!(
                 out,

@@ -388,6 +388,7 @@ fn measure(
         warmup: args.warmup,
         fuel_limit: args.fuel,
         memory_limit: args.memory,
+        throughput: runs.len() as f64 / wall.as_secs_f64().max(f64::MIN_POSITIVE),
         runs,
         failed,
         harness_overhead_us,

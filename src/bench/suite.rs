@@ -64,8 +64,19 @@ impl Entry {
             artifact: self.artifact.or_else(|| d.artifact.clone()),
             args: self.args.or_else(|| d.args.clone()),
             params: self.params.or_else(|| d.params.clone()),
-            runs: self.runs.or(d.runs),
-            duration: self.duration.or_else(|| d.duration.clone()),
+            // An entry's own runs or duration beats the defaults' other one.
+            runs: self.runs.or(if self.duration.is_some() {
+                None
+            } else {
+                d.runs
+            }),
+            duration: self.duration.clone().or_else(|| {
+                if self.runs.is_some() {
+                    None
+                } else {
+                    d.duration.clone()
+                }
+            }),
             warmup: self.warmup.or(d.warmup),
             concurrency: self.concurrency.or(d.concurrency),
             cold: self.cold.or(d.cold),

@@ -538,7 +538,21 @@ fn the_shipped_suite_runs_every_entry_into_one_report() {
             "cpu (rounds=10000000)",
             "memory growth (mib=16)",
             "memory growth (mib=64)",
+            "throughput: hello, p1 module, 2 at once",
         ]
+    );
+    // Two at once for two seconds: many runs, counted per second.
+    let tp = &results["benchmarks"][7];
+    assert_eq!(tp["concurrency"], 2);
+    assert!(
+        tp["runs"].as_array().unwrap().len() > 200,
+        "{}",
+        tp["runs"].as_array().unwrap().len()
+    );
+    assert!(
+        tp["throughput"].as_f64().unwrap() > 100.0,
+        "{}",
+        tp["throughput"]
     );
     // From memory, a run does not read the disk cache: loading is far
     // cheaper than reading it again.
@@ -559,7 +573,7 @@ fn the_shipped_suite_runs_every_entry_into_one_report() {
     assert_eq!(http["name"], "http hello (wharf serve, 4 connections)");
     assert!(http["status"]["200"].as_u64().unwrap() > 100, "{http}");
     let page = std::fs::read_to_string(report.join("report.html")).unwrap();
-    assert_eq!(page.matches("<svg").count(), 7 * 3 + 3);
+    assert_eq!(page.matches("<svg").count(), 8 * 3 + 3);
 }
 
 #[test]
