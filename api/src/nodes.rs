@@ -425,7 +425,9 @@ impl Control {
         }
         let (assign, stopping) = remote.pending(&report, &fleet.epoch);
         stop.extend(stopping);
-        let routes = match remote.ingress() {
+        // Its own listener routes its tasks even if the server does not
+        // forward to it (edge traffic stays at the edge).
+        let routes = match report.info.ingress {
             Some(_) => self.routes().of_services(&remote.services()),
             None => Default::default(),
         };
@@ -462,12 +464,21 @@ impl Control {
         if addr.port() == 0 {
             return Err(format!("{addr} has no port"));
         }
+        let ip = addr.ip().to_canonical();
         let own = self.own_addrs.lock().unwrap_or_else(|p| p.into_inner());
-        if own
-            .iter()
-            .any(|o| o.port() == addr.port() && (o.ip().is_unspecified() || o.ip() == addr.ip()))
-        {
+        if own.iter().any(|o| {
+            o.port() == addr.port() && (o.ip().is_unspecified() || o.ip().to_canonical() == ip)
+        }) {
             return Err(format!("{addr} is one of the server's own listeners"));
+        }
+        // From loopback, a node is on the server's machine only if the
+        // server listens there alone; a server reachable from elsewhere
+        // that sees a node on loopback sits behind a local proxy, and the
+        // node's real address is unknown.
+        if ip.is_loopback() && !own.iter().all(|o| o.ip().to_canonical().is_loopback()) {
+            return Err(format!(
+                "the node connects from loopback but the server listens off loopback (behind a local proxy?): {addr} would be this machine, not the node"
+            ));
         }
         Ok(addr)
     }

@@ -64,7 +64,7 @@ enum Target {
     },
     /// On an edge node: forwarded to its ingress, which serves it there.
     Remote {
-        node: String,
+        node: Arc<crate::fleet::RemoteNode>,
         addr: SocketAddr,
         forwarder: Arc<Forwarder>,
     },
@@ -123,6 +123,9 @@ enum Forwarded<B> {
     /// no body, was kept: another task may serve it.
     Refused(String, http::Request<B>),
 }
+
+/// Marks a request the server's ingress forwarded to a node.
+const HOP_HEADER: &str = "x-wharf-forwarded";
 
 /// How long a node whose ingress refused a connection is passed over.
 const SUSPECT_FOR: Duration = Duration::from_secs(2);
@@ -220,7 +223,7 @@ impl HttpTask {
         id: String,
         service: String,
         settings: HttpSettings,
-        node: String,
+        node: Arc<crate::fleet::RemoteNode>,
         addr: SocketAddr,
         forwarder: Arc<Forwarder>,
         metrics: Metrics,
@@ -276,10 +279,28 @@ impl HttpTask {
             addr,
             forwarder,
         } = &self.target
-            && forwarder.is_suspect(*addr)
         {
-            let why = format!("node {node}'s ingress at {addr} did not answer");
-            return Err((NotTaken::Node(why), request));
+            // Never to an address the server no longer accepts for the
+            // node (it moved, or is refused now).
+            if node.ingress() != Some(*addr) {
+                let why = format!("node {}'s ingress is no longer {addr}", node.name);
+                return Err((NotTaken::Node(why), request));
+            }
+            if forwarder.is_suspect(*addr) {
+                let why = format!("node {}'s ingress at {addr} did not answer", node.name);
+                return Err((NotTaken::Node(why), request));
+            }
+            // A request the server's ingress forwarded once is not
+            // forwarded again (a node pointing back at a server).
+            if request.headers().contains_key(HOP_HEADER) {
+                return Ok(text_response(
+                    508,
+                    format!(
+                        "loop: this request was forwarded to node {} before\n",
+                        node.name
+                    ),
+                ));
+            }
         }
         // Take a place first, so two requests cannot both see the last one.
         let max = u64::from(self.settings.max_concurrency);
@@ -427,6 +448,7 @@ impl HttpTask {
         else {
             unreachable!("forward is for remote tasks");
         };
+        let node = &node.name;
         let (mut parts, body) = request.into_parts();
         // A request without a body is kept until the node takes it, so
         // another task can serve it if the node's ingress is gone.
@@ -447,6 +469,9 @@ impl HttpTask {
         for name in HOP_BY_HOP {
             parts.headers.remove(name);
         }
+        parts
+            .headers
+            .insert(HOP_HEADER, http::HeaderValue::from_static("1"));
         let path = parts
             .uri
             .path_and_query()

@@ -812,16 +812,22 @@ impl Tasks {
         let mut stop_sent = false;
         // An HTTP task takes the server ingress's traffic (forwarded to
         // the node's ingress) while it runs and is not asked to stop.
+        // Once the node's ingress is known (after a restart, its first sync
+        // tells): every report of the task running tries again.
         let open = |entry: &TaskEntry| {
             let (Some(settings), Some(service), Some(addr)) = (&http, &service, node.ingress())
             else {
                 return;
             };
+            if entry.http.get().is_some() || entry.state.lock().expect("task lock").reason.is_some()
+            {
+                return;
+            }
             let slot = HttpTask::remote(
                 task_id.clone(),
                 service.clone(),
                 settings.clone(),
-                node.name.clone(),
+                node.clone(),
                 addr,
                 self.forwarder.clone(),
                 self.metrics.clone(),
@@ -854,10 +860,12 @@ impl Tasks {
                                 .task_start_latency
                                 .observe(accepted.elapsed().as_secs_f64());
                             self.metrics.task_starts.inc();
-                            open(&entry);
                             if service.is_some() {
                                 self.service_changed.notify_one();
                             }
+                        }
+                        if status == TaskStatus::Running {
+                            open(&entry);
                         }
                     }
                     Some(Update::Finished(outcome, done)) => {

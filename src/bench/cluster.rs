@@ -106,7 +106,8 @@ fn on_node(api: &Api, request: Value, node: &str) -> Result<(Vec<BenchRun>, u64)
 }
 
 /// The benchmark `taskdef` on every node `selector` matches, per
-/// combination of the parameters; and the spread between the nodes.
+/// combination of the parameters; and the spread between the nodes (and
+/// a `FAILED` note for each node whose benchmark did not finish).
 pub(crate) fn benchmarks(
     api: &Api,
     taskdef: &str,
@@ -156,10 +157,32 @@ pub(crate) fn benchmarks(
                 "node": name,
                 "bench": {"runs": runs, "warmup": config.warmup.min(wharf_runtime::MAX_BENCH_RUNS as usize)},
             });
+            // The flags that change a run go as the task's overrides.
+            let mut overrides = json!({
+                "env": config
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::from(substitute(v, &values))))
+                    .collect::<serde_json::Map<_, _>>(),
+                "limits": {
+                    "fuel": config.fuel,
+                    "memory": config.memory,
+                    "timeout": config.timeout.map(|t| format!("{}ms", t.as_millis())),
+                },
+            });
             if !config.args.is_empty() {
-                request["overrides"] = json!({"args": args});
+                overrides["args"] = json!(args);
             }
-            let (records, missed) = on_node(api, request, &name)?;
+            request["overrides"] = overrides;
+            let (records, missed) = match on_node(api, request, &name) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The other nodes' numbers are kept; the run fails.
+                    eprintln!("wharf: {e:#}");
+                    notes.push(format!("{label} @ {name}: FAILED: {e:#}"));
+                    continue;
+                }
+            };
             let mut b = node_benchmark(&label, &name, &def, &args, &values, records, config);
             if missed > 0 {
                 b.warnings.push(format!(

@@ -38,6 +38,11 @@ fn parse_percent(text: &str) -> Result<f64, String> {
         None => t.parse::<f64>(),
     }
     .map_err(|_| format!("{text:?} is not a percentage like 5%"))?;
+    if !t.ends_with('%') && v >= 1.0 {
+        return Err(format!(
+            "{text:?}: write {text}% (a bare number is a fraction: 0.05 is 5%)"
+        ));
+    }
     if !(0.0..10.0).contains(&v) {
         return Err(format!("{text:?}: between 0% and 1000%"));
     }
@@ -92,6 +97,23 @@ const COMPARED: [&str; 6] = [
 /// The changes from `base` to `new` of one benchmark.
 pub(crate) fn changes(base: &Benchmark, new: &Benchmark, threshold: f64) -> Vec<Change> {
     let mut out = Vec::new();
+    // More runs failing is a regression whatever the timings say (and the
+    // timings cover only the runs that completed).
+    let failed =
+        |b: &Benchmark| b.failed.values().sum::<usize>() as f64 / b.runs.len().max(1) as f64;
+    let (fb, fnew) = (failed(base), failed(new));
+    if fnew > fb || (new.runs.is_empty() && !base.runs.is_empty()) {
+        out.push(Change {
+            benchmark: new.name.clone(),
+            metric: "failed_runs".into(),
+            base_mean: fb,
+            new_mean: fnew,
+            change: fnew - fb,
+            ci95: [fnew - fb, fnew - fb],
+            exact: true,
+            verdict: Verdict::Regressed,
+        });
+    }
     for metric in COMPARED {
         let (b, n) = (base.samples(metric), new.samples(metric));
         let Some((change, ci)) = super::stats::change(&b, &n) else {
@@ -136,7 +158,14 @@ pub(crate) fn main(args: CompareArgs) -> Result<ExitCode> {
             None => unmatched.push(n.name.clone()),
         }
     }
-    let regressed = all.iter().any(|c| c.verdict == Verdict::Regressed);
+    // A benchmark that disappeared cannot be judged: it fails the check.
+    let missing: Vec<String> = base
+        .benchmarks
+        .iter()
+        .filter(|b| !new.benchmarks.iter().any(|n| n.name == b.name))
+        .map(|b| b.name.clone())
+        .collect();
+    let regressed = all.iter().any(|c| c.verdict == Verdict::Regressed) || !missing.is_empty();
     if let Some(dir) = &args.output.report {
         let pair = (base.clone(), new.clone());
         super::plots::write_report(dir, &new, Some(&pair))?;
@@ -148,6 +177,7 @@ pub(crate) fn main(args: CompareArgs) -> Result<ExitCode> {
                 "threshold": args.threshold,
                 "changes": all,
                 "unmatched": unmatched,
+                "missing": missing,
                 "regressed": regressed,
             }))?
         ),
@@ -201,6 +231,13 @@ pub(crate) fn main(args: CompareArgs) -> Result<ExitCode> {
             for name in &unmatched {
                 let _ = writeln!(out, "{name}: not in {}", args.base.display());
             }
+            for name in &missing {
+                let _ = writeln!(
+                    out,
+                    "{name}: missing from {} (a regression)",
+                    args.new.display()
+                );
+            }
             let _ = writeln!(
                 out,
                 "threshold {}: {}",
@@ -230,6 +267,8 @@ mod tests {
         assert_eq!(parse_percent("5%").unwrap(), 0.05);
         assert_eq!(parse_percent("0.1").unwrap(), 0.1);
         assert!(parse_percent("five").is_err());
+        assert!(parse_percent("5").is_err());
+        assert_eq!(parse_percent("50%").unwrap(), 0.5);
         assert!(parse_percent("-5%").is_err());
     }
 }

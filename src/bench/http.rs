@@ -102,8 +102,8 @@ pub(crate) struct HttpBenchmark {
     pub(crate) requests: u64,
     /// Answers per second until the last answer.
     pub(crate) throughput: f64,
-    /// Latency of answered requests, in milliseconds (open loop: from when
-    /// each was due).
+    /// Latency of answered and timed-out requests, in milliseconds (open
+    /// loop: from when each was due).
     pub(crate) latency_ms: LatencySummary,
     /// Answers by status code.
     pub(crate) status: BTreeMap<String, u64>,
@@ -174,6 +174,13 @@ impl Tally {
         let _ = self.all.record(us);
         let _ = self.second(at).0.record(us);
         *self.status.entry(status.to_string()).or_insert(0) += 1;
+    }
+
+    /// The latency of a request that got no answer (a timeout).
+    fn late(&mut self, at: usize, latency: Duration) {
+        let us = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
+        let _ = self.all.record(us);
+        let _ = self.second(at).0.record(us);
     }
 
     fn error(&mut self, at: usize, kind: &str) {
@@ -278,6 +285,8 @@ async fn connection(
                 due
             }
             None => {
+                // Every connection begins at `start`, as the clock does.
+                tokio::time::sleep_until(start.into()).await;
                 let now = Instant::now();
                 if now >= end {
                     break;
@@ -286,9 +295,13 @@ async fn connection(
             }
         };
         let second = due.duration_since(start).as_secs() as usize;
-        let s = match sender.take() {
-            Some(s) if s.is_ready() => s,
-            _ => match connect(&target).await {
+        let ready = match sender.take() {
+            Some(mut s) => s.ready().await.ok().map(|()| s),
+            None => None,
+        };
+        let s = match ready {
+            Some(s) => s,
+            None => match connect(&target).await {
                 Ok(s) => s,
                 Err(kind) => {
                     tally.error(second, kind);
@@ -315,7 +328,12 @@ async fn connection(
                 sender = Some(s);
             }
             Ok(Err(_)) => tally.error(second, "io"),
-            Err(_) => tally.error(second, "timeout"),
+            // A request given up on still waited this long: it counts in
+            // the latencies (a stall longer than the timeout stays in p99).
+            Err(_) => {
+                tally.error(second, "timeout");
+                tally.late(second, due.elapsed());
+            }
         }
     }
     tally
@@ -527,9 +545,9 @@ pub(crate) fn load(args: &Load) -> Result<HttpBenchmark> {
     });
     let ms = |us: u64| us as f64 / 1000.0;
     let h = &tally.all;
-    let requests = h.len();
+    let requests: u64 = tally.status.values().sum();
     let duration_s = args.duration.as_secs_f64();
-    let latency_ms = if requests > 0 {
+    let latency_ms = if !h.is_empty() {
         LatencySummary {
             mean: h.mean() / 1000.0,
             stddev: h.stdev() / 1000.0,

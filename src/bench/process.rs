@@ -128,6 +128,16 @@ pub(crate) fn side_by_side(file: &Path, peer: &str, of: &mut Benchmark) -> Resul
         .join(" ");
     let ours = process_benchmark(format!("{} [wharf run, process]", of.name), wharf, of)?;
     let peer_b = process_benchmark(format!("{} [{label}, process]", of.name), theirs, of)?;
+    // The same guest must end the same way under both, or the peer is not
+    // running it (a wrong command line).
+    let first = |b: &Benchmark| b.runs.first().and_then(|r| r.exit_code);
+    if first(&ours) != first(&peer_b) {
+        bail!(
+            "{label} exited {:?} where wharf run exited {:?}: is --compare-with {peer:?} right?",
+            first(&peer_b),
+            first(&ours)
+        );
+    }
     if let (Some(a), Some(b)) = (ours.stats.get("total_ms"), peer_b.stats.get("total_ms")) {
         let ratio = b.median / a.median;
         of.warnings.push(format!(

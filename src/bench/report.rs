@@ -58,6 +58,7 @@ pub(crate) fn count(n: f64) -> String {
 pub(crate) fn value(metric: &str, v: f64) -> String {
     match metric {
         "fuel" => count(v),
+        "failed_runs" => format!("{:.0} %", v * 100.0),
         "peak_memory_bytes" => bytes(v),
         _ => time(v),
     }

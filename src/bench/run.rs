@@ -74,7 +74,7 @@ pub(crate) struct RunArgs {
     /// Run on every node of the cluster at --server that matches: `all`
     /// or LABEL=VALUE, one node at a time; FILE|REF is then a task
     /// definition of that server (at most 500 runs per node).
-    #[arg(long, value_name = "all|LABEL=VALUE", conflicts_with_all = ["compare_with", "cold", "concurrency"])]
+    #[arg(long, value_name = "all|LABEL=VALUE", conflicts_with_all = ["compare_with", "cold", "concurrency", "dirs", "cache"])]
     nodes: Option<String>,
     /// A peer command to run side by side as whole processes, beside
     /// `wharf run` of the same file, e.g. 'wasmtime run {file}' (split on
@@ -607,6 +607,10 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
         notes,
     };
     super::emit(&results, args.save.as_ref(), &args.output)?;
+    if results.notes.iter().any(|n| n.contains(": FAILED: ")) {
+        eprintln!("wharf: the benchmark failed on some nodes (see the notes)");
+        return Ok(ExitCode::from(1));
+    }
     // Runs that did not complete make the command fail, as a failing
     // command makes hyperfine fail: the numbers are of the others.
     let failed: usize = results

@@ -248,6 +248,51 @@ fn compare_reports_an_injected_regression_and_exits_non_zero() {
     assert!(text.contains("(exact)"), "{text}");
     assert!(text.contains("no regression"), "{text}");
     assert!(!text.contains("regressed"), "{text}");
+    // Every run failing is a regression, whatever the timings say; so is
+    // a benchmark that disappeared.
+    let broken = dir.path().join("broken.json");
+    let out = bench(
+        dir.path(),
+        &[
+            "run",
+            "--runs",
+            "5",
+            "--name",
+            "cpu",
+            "--fuel",
+            "1000",
+            "--save",
+            broken.to_str().unwrap(),
+            cpu,
+            "--",
+            "300000",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let out = bench(
+        dir.path(),
+        &[
+            "compare",
+            base.to_str().unwrap(),
+            broken.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["changes"][0]["metric"], "failed_runs", "{report}");
+    assert_eq!(report["changes"][0]["verdict"], "regressed");
+    let renamed = dir.path().join("renamed.json");
+    let mut other: Value = serde_json::from_slice(&std::fs::read(&base).unwrap()).unwrap();
+    other["benchmarks"][0]["name"] = "cpu2".into();
+    std::fs::write(&renamed, other.to_string()).unwrap();
+    let out = bench(
+        dir.path(),
+        &["compare", base.to_str().unwrap(), renamed.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cpu: missing from"));
     // A file that is not results is refused by name.
     std::fs::write(dir.path().join("junk.json"), "{}").unwrap();
     let junk = dir.path().join("junk.json");

@@ -1483,10 +1483,16 @@ fn answered_by_node(s: &Server, service: &str) -> std::collections::BTreeMap<Str
 #[test]
 fn http_services_are_served_by_node_ingresses_and_through_the_servers_ingress() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_with(
-        &dir.path().join("server"),
-        &["--no-local-node", "--node-timeout", "3s"],
-    );
+    // A fixed port: the nodes find the server again after its restart.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let flags = [
+        "--no-local-node",
+        "--node-timeout",
+        "3s",
+        "--listen",
+        listen.as_str(),
+    ];
+    let s = Server::start_with(&dir.path().join("server"), &flags);
     let server_ingress = s.ingress.clone().unwrap();
     s.push_sample("http_echo", Target::P2, "team/echo:v1");
     register(
@@ -1655,6 +1661,28 @@ fn http_services_are_served_by_node_ingresses_and_through_the_servers_ingress() 
             (nodes.len() == 4 && !nodes.contains(&"edge-a".to_owned())).then_some(())
         },
     );
+    // A request the server's ingress forwarded once is not forwarded again
+    // (a node pointing its ingress back at the server would loop).
+    let looped = ureq::get(&format!("{server_ingress}/web/loop"))
+        .set("x-wharf-forwarded", "1")
+        .call();
+    assert!(
+        matches!(looped, Err(ureq::Error::Status(508, _))),
+        "{looped:?}"
+    );
+    // After a restart of the server, the nodes' running HTTP tasks take
+    // its ingress's traffic again (taken back, once each node syncs).
+    drop(s.terminate());
+    let s = Server::start_with(&dir.path().join("server"), &flags);
+    let server_ingress = s.ingress.clone().unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the restarted server forwards",
+        || (http_get(&format!("{server_ingress}/web/again")).0 == 200).then_some(()),
+    );
+    for _ in 0..20 {
+        assert_eq!(http_get(&format!("{server_ingress}/web/again")).0, 200);
+    }
     // Scaled to zero, a node no longer routes the service.
     let r = s.api(
         "PATCH",
