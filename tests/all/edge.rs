@@ -1672,7 +1672,7 @@ fn http_services_are_served_by_node_ingresses_and_through_the_servers_ingress() 
     );
     // After a restart of the server, the nodes' running HTTP tasks take
     // its ingress's traffic again (taken back, once each node syncs).
-    drop(s.terminate());
+    assert!(s.terminate().success());
     let s = Server::start_with(&dir.path().join("server"), &flags);
     let server_ingress = s.ingress.clone().unwrap();
     eventually(
