@@ -586,7 +586,7 @@ fn the_shipped_suite_runs_every_entry_into_one_report() {
             "throughput: hello, p1 module, 2 at once",
         ]
     );
-    // Two at once for two seconds: many runs, counted per second.
+    // Two at once: many runs, counted per second.
     let tp = &results["benchmarks"][7];
     assert_eq!(tp["concurrency"], 2);
     assert!(
