@@ -166,6 +166,13 @@ impl Runtime {
         artifact::load(&self.engine, &self.linkers, &self.cache, bytes)
     }
 
+    /// Compiles and links Wasm bytes, touching no cache (neither finding
+    /// nor keeping the result): what a benchmark's cold run times.
+    pub fn compile_uncached(&self, bytes: &[u8]) -> Result<Arc<Artifact>> {
+        let scratch = cache::ArtifactCache::new(&self.engine, None);
+        artifact::load(&self.engine, &self.linkers, &scratch, bytes).map(|l| l.artifact)
+    }
+
     /// Reads and loads a file.
     pub fn load_file(&self, path: &Path) -> Result<Loaded> {
         let bytes = std::fs::read(path).map_err(|source| Error::Io {

@@ -202,12 +202,15 @@ async fn one_run(
     // From memory by digest, as a server finds a task's artifact; or read
     // again from the compiled cache on disk, as each `wharf run` does; or
     // compiled (`--cold`).
+    // A cold run compiles apart from every cache, so runs at once do not
+    // find each other's code.
     let loaded = match (cold, cache) {
+        (true, _) => Some(runtime.compile_uncached(bytes)),
         (false, Cache::Memory) => runtime.cached(digest).map(Ok),
-        _ => None,
+        (false, Cache::Disk) => None,
     }
     .unwrap_or_else(|| {
-        runtime.evict(digest, cold);
+        runtime.evict(digest, false);
         runtime.load(bytes).map(|l| l.artifact)
     });
     let load_ms = ms_since(began);

@@ -742,3 +742,34 @@ duration = "1s"
         "{out:?}"
     );
 }
+
+#[test]
+fn cold_runs_each_compile_even_several_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let hello = wasm("hello", Target::P2);
+    let results = run_json(
+        dir.path(),
+        &[
+            "--runs",
+            "4",
+            "--cold",
+            "--concurrency",
+            "2",
+            hello.to_str().unwrap(),
+        ],
+    );
+    let b = &results["benchmarks"][0];
+    assert_eq!(b["cold"], true);
+    let warm = run_json(dir.path(), &["--runs", "4", hello.to_str().unwrap()]);
+    let load = warm["benchmarks"][0]["stats"]["load_ms"]["median"]
+        .as_f64()
+        .unwrap();
+    for r in b["runs"].as_array().unwrap() {
+        assert!(r["load_ms"].is_null(), "{r}");
+        // A real compile of a component, every time: far more than
+        // finding it in memory.
+        let compile = r["compile_ms"].as_f64().unwrap();
+        assert!(compile > 100.0 * load, "{compile} vs {load}");
+        assert!(r["total_ms"].as_f64().unwrap() >= compile);
+    }
+}
