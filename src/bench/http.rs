@@ -264,6 +264,7 @@ async fn connect(target: &Target) -> std::result::Result<Sender, &'static str> {
 async fn connection(
     target: Arc<Target>,
     next: Arc<AtomicU64>,
+    answered: Arc<AtomicU64>,
     start: Instant,
     end: Instant,
     rate: Option<f64>,
@@ -325,6 +326,7 @@ async fn connection(
         match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(status)) => {
                 tally.answer(second, status, due.elapsed());
+                answered.fetch_add(1, Ordering::Relaxed);
                 sender = Some(s);
             }
             Ok(Err(_)) => tally.error(second, "io"),
@@ -519,15 +521,36 @@ pub(crate) fn load(args: &Load) -> Result<HttpBenchmark> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
+    // Progress on a terminal only: quiet when piped.
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let p = indicatif::ProgressBar::new(args.duration.as_secs().max(1));
+        p.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} s  {msg}")
+                .expect("valid template"),
+        );
+        p
+    });
+    let answered = Arc::new(AtomicU64::new(0));
     let (tally, took) = tokio.block_on(async {
         let next = Arc::new(AtomicU64::new(0));
         let start = Instant::now() + Duration::from_millis(20);
         let end = start + args.duration;
+        let ticker = progress.clone().map(|p| {
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    p.set_position(start.elapsed().as_secs());
+                    p.set_message(format!("{} answers", answered.load(Ordering::Relaxed)));
+                }
+            })
+        });
         let workers: Vec<_> = (0..args.connections)
             .map(|_| {
                 tokio::spawn(connection(
                     target.clone(),
                     next.clone(),
+                    answered.clone(),
                     start,
                     end,
                     args.rate,
@@ -541,8 +564,14 @@ pub(crate) fn load(args: &Load) -> Result<HttpBenchmark> {
                 tally.merge(t);
             }
         }
+        if let Some(t) = ticker {
+            t.abort();
+        }
         (tally, start.elapsed())
     });
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
     let ms = |us: u64| us as f64 / 1000.0;
     let h = &tally.all;
     let requests: u64 = tally.status.values().sum();
