@@ -158,12 +158,25 @@ pub(crate) fn main(args: CompareArgs) -> Result<ExitCode> {
             None => unmatched.push(n.name.clone()),
         }
     }
+    for n in &new.http {
+        match base.http.iter().find(|b| b.name == n.name) {
+            Some(b) => all.extend(super::compare_http::changes(b, n, args.threshold)),
+            None => unmatched.push(n.name.clone()),
+        }
+    }
     // A benchmark that disappeared cannot be judged: it fails the check.
     let missing: Vec<String> = base
         .benchmarks
         .iter()
-        .filter(|b| !new.benchmarks.iter().any(|n| n.name == b.name))
-        .map(|b| b.name.clone())
+        .map(|b| &b.name)
+        .filter(|name| !new.benchmarks.iter().any(|n| &n.name == *name))
+        .chain(
+            base.http
+                .iter()
+                .map(|b| &b.name)
+                .filter(|name| !new.http.iter().any(|n| &n.name == *name)),
+        )
+        .cloned()
         .collect();
     let regressed = all.iter().any(|c| c.verdict == Verdict::Regressed) || !missing.is_empty();
     if let Some(dir) = &args.output.report {

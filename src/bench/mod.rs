@@ -15,6 +15,7 @@
 
 mod cluster;
 mod compare;
+mod compare_http;
 mod http;
 mod plots;
 mod process;

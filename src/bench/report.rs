@@ -58,7 +58,8 @@ pub(crate) fn count(n: f64) -> String {
 pub(crate) fn value(metric: &str, v: f64) -> String {
     match metric {
         "fuel" => count(v),
-        "failed_runs" => format!("{:.0} %", v * 100.0),
+        "failed_runs" | "failed_requests" => format!("{:.1} %", v * 100.0),
+        "throughput" => format!("{v:.0}/s"),
         "peak_memory_bytes" => bytes(v),
         _ => time(v),
     }

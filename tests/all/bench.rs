@@ -773,3 +773,63 @@ fn cold_runs_each_compile_even_several_at_once() {
         assert!(r["total_ms"].as_f64().unwrap() >= compile);
     }
 }
+
+#[test]
+fn compare_judges_http_results_by_their_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = wasm("http_slow", Target::P2);
+    let serve = crate::serve::serve_target(&[], slow.to_str().unwrap(), &[]);
+    let save = |file: &Path, delay: &str| {
+        let out = bench(
+            dir.path(),
+            &[
+                "http",
+                &format!("{}/{delay}", serve.base),
+                "--name",
+                "slow",
+                "--connections",
+                "2",
+                "--duration",
+                "3s",
+                "--save",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    let (base, new) = (dir.path().join("base.json"), dir.path().join("new.json"));
+    save(&base, "10");
+    // The regression: every answer waits three times as long.
+    save(&new, "30");
+    let out = bench(
+        dir.path(),
+        &[
+            "compare",
+            base.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let verdict = |metric: &str| {
+        report["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["metric"] == metric)
+            .map(|c| c["verdict"].clone())
+            .unwrap_or_else(|| panic!("no {metric} in {report}"))
+    };
+    assert_eq!(verdict("p50_ms"), "regressed", "{report}");
+    assert_eq!(verdict("throughput"), "regressed", "{report}");
+    // The other way round it is an improvement, and exits 0.
+    let out = bench(
+        dir.path(),
+        &["compare", new.to_str().unwrap(), base.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("improved"), "{text}");
+}
