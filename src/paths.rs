@@ -28,6 +28,20 @@ pub(crate) fn admin_token(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("admin.token")
 }
 
+/// The local server's admin token, for a client given no `--token`.
+pub(crate) fn local_admin_token(flag: Option<PathBuf>) -> Result<String> {
+    let dir = data_dir(flag)?;
+    Ok(std::fs::read_to_string(admin_token(&dir))
+        .with_context(|| {
+            format!(
+                "no --token, and no admin token in {} to fall back on",
+                dir.display()
+            )
+        })?
+        .trim()
+        .to_owned())
+}
+
 /// The data directory's lock file: held by the running server (an advisory
 /// lock, released by the kernel when the process dies, kill -9 included).
 fn lock_file(data_dir: &std::path::Path) -> Result<std::fs::File> {

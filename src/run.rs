@@ -70,18 +70,7 @@ impl RegistryArgs {
         let base = self.options.server().trim_end_matches('/').to_owned();
         let token = match &self.token {
             Some(t) => t.clone(),
-            None => {
-                let dir = crate::paths::data_dir(None)?;
-                std::fs::read_to_string(crate::paths::admin_token(&dir))
-                    .with_context(|| {
-                        format!(
-                            "no --token, and no admin token in {} to fall back on",
-                            dir.display()
-                        )
-                    })?
-                    .trim()
-                    .to_owned()
-            }
+            None => crate::paths::local_admin_token(None)?,
         };
         let mut agent =
             ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(10));

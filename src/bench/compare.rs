@@ -121,14 +121,7 @@ pub(crate) fn changes(base: &Benchmark, new: &Benchmark, threshold: f64) -> Vec<
         };
         let exact = metric == "fuel" && base.fuel_identical && new.fuel_identical;
         let ci95 = if exact { [change, change] } else { ci };
-        let verdict = if change > threshold && ci95[0] > 0.0 {
-            Verdict::Regressed
-        } else if change < -threshold && ci95[1] < 0.0 {
-            Verdict::Improved
-        } else {
-            Verdict::NoChange
-        };
-        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        let verdict = verdict(change, ci95, threshold);
         out.push(Change {
             benchmark: new.name.clone(),
             metric: metric.to_owned(),
@@ -141,6 +134,23 @@ pub(crate) fn changes(base: &Benchmark, new: &Benchmark, threshold: f64) -> Vec<
         });
     }
     out
+}
+
+/// A change that makes things worse by `worse` (its interval `ci`):
+/// regressed when past the threshold with the interval above zero,
+/// improved in the mirror case.
+pub(crate) fn verdict(worse: f64, ci: [f64; 2], threshold: f64) -> Verdict {
+    if worse > threshold && ci[0] > 0.0 {
+        Verdict::Regressed
+    } else if worse < -threshold && ci[1] < 0.0 {
+        Verdict::Improved
+    } else {
+        Verdict::NoChange
+    }
+}
+
+pub(crate) fn mean(samples: &[f64]) -> f64 {
+    samples.iter().sum::<f64>() / samples.len() as f64
 }
 
 fn percent(v: f64) -> String {

@@ -51,14 +51,8 @@ pub(crate) fn changes(base: &HttpBenchmark, new: &HttpBenchmark, threshold: f64)
         } else {
             (change, ci)
         };
-        let verdict = if worse > threshold && ci_worse[0] > 0.0 {
-            Verdict::Regressed
-        } else if worse < -threshold && ci_worse[1] < 0.0 {
-            Verdict::Improved
-        } else {
-            Verdict::NoChange
-        };
-        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        let verdict = super::compare::verdict(worse, ci_worse, threshold);
+        let mean = super::compare::mean;
         out.push(Change {
             benchmark: new.name.clone(),
             metric: metric.to_owned(),

@@ -346,18 +346,7 @@ async fn connection(
 fn service_url(args: &HttpArgs, service: &str) -> Result<(String, Option<String>)> {
     let token = match &args.token {
         Some(t) => t.clone(),
-        None => {
-            let dir = crate::paths::data_dir(args.data_dir.clone())?;
-            std::fs::read_to_string(dir.join("admin.token"))
-                .with_context(|| {
-                    format!(
-                        "no --token, and no admin token in {} to fall back on",
-                        dir.display()
-                    )
-                })?
-                .trim()
-                .to_owned()
-        }
+        None => crate::paths::local_admin_token(args.data_dir.clone())?,
     };
     let base = args.server.trim_end_matches('/');
     let get = |path: &str| -> Result<serde_json::Value> {
@@ -669,16 +658,7 @@ pub(crate) fn load(args: &Load) -> Result<HttpBenchmark> {
 
 pub(crate) fn main(args: HttpArgs) -> Result<std::process::ExitCode> {
     let bench = measure(&args)?;
-    let results = super::Results {
-        schema: super::SCHEMA.into(),
-        wharf_version: env!("CARGO_PKG_VERSION").into(),
-        engine_version: wharf_runtime::ENGINE_VERSION.into(),
-        machine: super::Machine::this(),
-        started_at: super::report::now(),
-        benchmarks: Vec::new(),
-        http: vec![bench],
-        notes: Vec::new(),
-    };
+    let results = super::Results::new(super::report::now(), Vec::new(), vec![bench], Vec::new());
     super::emit(&results, args.save.as_ref(), &args.output)?;
     let answered = results.http.iter().all(|b| b.requests > 0);
     Ok(if answered {

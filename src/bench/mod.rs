@@ -90,6 +90,27 @@ pub(crate) struct Results {
     pub(crate) notes: Vec<String>,
 }
 
+impl Results {
+    /// Results measured on this machine by this wharf since `started_at`.
+    pub(crate) fn new(
+        started_at: String,
+        benchmarks: Vec<Benchmark>,
+        http: Vec<http::HttpBenchmark>,
+        notes: Vec<String>,
+    ) -> Results {
+        Results {
+            schema: SCHEMA.into(),
+            wharf_version: env!("CARGO_PKG_VERSION").into(),
+            engine_version: wharf_runtime::ENGINE_VERSION.into(),
+            machine: Machine::this(),
+            started_at,
+            benchmarks,
+            http,
+            notes,
+        }
+    }
+}
+
 /// Where the numbers were measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Machine {

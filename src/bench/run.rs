@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use wharf_runtime::{DirGrant, Limits, LogBuffer, Runtime, Stdio, StopCode, TaskSpec};
 
-use super::{Benchmark, METRICS, Machine, Results, RunRecord, SCHEMA};
+use super::{Benchmark, METRICS, Results, RunRecord};
 
 /// Runs when neither `--runs` nor `--duration` is given: at least this
 /// many, and for at least [`DEFAULT_DURATION`].
@@ -599,16 +599,7 @@ pub(crate) fn main(args: RunArgs) -> Result<ExitCode> {
             Vec::new(),
         ),
     };
-    let results = Results {
-        schema: SCHEMA.into(),
-        wharf_version: env!("CARGO_PKG_VERSION").into(),
-        engine_version: wharf_runtime::ENGINE_VERSION.into(),
-        machine: Machine::this(),
-        started_at,
-        benchmarks,
-        http: Vec::new(),
-        notes,
-    };
+    let results = Results::new(started_at, benchmarks, Vec::new(), notes);
     super::emit(&results, args.save.as_ref(), &args.output)?;
     if results.notes.iter().any(|n| n.contains(": FAILED: ")) {
         eprintln!("wharf: the benchmark failed on some nodes (see the notes)");

@@ -17,8 +17,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Deserialize;
 
+use super::Results;
 use super::run::{Cache, Config, Plan};
-use super::{Machine, Results, SCHEMA};
 
 #[derive(Debug, Args)]
 pub(crate) struct SuiteArgs {
@@ -327,16 +327,7 @@ pub(crate) fn main(args: SuiteArgs) -> Result<ExitCode> {
         http.push(super::http::load(&load)?);
         drop(served);
     }
-    let results = Results {
-        schema: SCHEMA.into(),
-        wharf_version: env!("CARGO_PKG_VERSION").into(),
-        engine_version: wharf_runtime::ENGINE_VERSION.into(),
-        machine: Machine::this(),
-        started_at,
-        benchmarks,
-        http,
-        notes: Vec::new(),
-    };
+    let results = Results::new(started_at, benchmarks, http, Vec::new());
     super::emit(&results, args.save.as_ref(), &args.output)?;
     let failed = results.benchmarks.iter().any(|b| !b.failed.is_empty())
         || results.http.iter().any(|h| h.requests == 0);
