@@ -17,6 +17,12 @@ pub(crate) struct ServerArgs {
     /// Data directory (registry storage, admin token).
     #[arg(long, env = "WHARF_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where the control plane's state lives: a PostgreSQL database
+    /// (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, libpq parameters
+    /// such as `?sslmode=require` allowed) instead of `state.db` (SQLite)
+    /// in the data directory.
+    #[arg(long, env = "WHARF_STATE")]
+    state: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "WHARF_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -108,6 +114,18 @@ pub(crate) struct ServerArgs {
     health_check_grace: std::time::Duration,
 }
 
+/// Checks `--state` (in `main`, not as a clap parser: clap would echo
+/// the URL's password in its error).
+fn check_state(url: &str) -> Result<()> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "--state {} is not a PostgreSQL URL such as postgres://wharf@db.example/wharf (leave --state out for SQLite in the data directory)",
+        wharf_api::db::redacted(url)
+    )
+}
+
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     wharf_runtime::parse_size(text).map_err(|e| e.to_string())
 }
@@ -158,6 +176,9 @@ pub(crate) fn admin_token(data_dir: &Path) -> Result<String> {
 }
 
 pub(crate) fn main(args: ServerArgs) -> Result<()> {
+    if let Some(url) = &args.state {
+        check_state(url)?;
+    }
     let ingress: Option<SocketAddr> = match args.ingress.as_str() {
         "off" => None,
         addr => Some(addr.parse().with_context(|| {
@@ -196,6 +217,11 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
         );
     }
     let mut config = ApiConfig::new(data_dir.clone(), token);
+    let state_shown = match &args.state {
+        Some(url) => wharf_api::db::redacted(url),
+        None => data_dir.join("state.db").display().to_string(),
+    };
+    config.state = args.state;
     config.slots = args.slots;
     config.restart_backoff = args.restart_backoff;
     // Half of the machine leaves room for the server itself, compiling,
@@ -236,7 +262,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     tokio.block_on(async move {
         let api = Api::open(config, runtime, Arc::new(storage))
             .await
-            .with_context(|| format!("failed to open the state in {}", data_dir.display()))?;
+            .with_context(|| format!("failed to open the state in {state_shown}"))?;
         let app = api.router();
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

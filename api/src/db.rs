@@ -1,10 +1,11 @@
-//! The state store boundary ([`StateStore`]) and its embedded SQLite
-//! implementation ([`SqliteStore`], through `sqlx`, with migrations).
+//! The state store boundary ([`StateStore`]), its embedded SQLite
+//! implementation ([`SqliteStore`]) and its PostgreSQL one ([`PgStore`]),
+//! both through `sqlx` with migrations of their own, and the test suite
+//! both pass.
 //!
 //! Every change is a transaction. High-rate changes (task records, their
 //! logs, service events, audit entries) arrive as [`Write`]s in batches, so
-//! one commit carries many of them; the rest are single statements. A
-//! PostgreSQL backend implements the same trait.
+//! one commit carries many of them; the rest are single statements.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -20,6 +21,9 @@ use crate::model::{
     AuditEntry, LogPage, Secret, Service, ServiceEvent, Task, TaskDefinition, TaskDefinitionStatus,
     TaskStatus, Token,
 };
+
+mod postgres;
+pub use postgres::{PgStore, redacted};
 
 /// Errors of the state store.
 pub type DbError = sqlx::Error;
@@ -155,6 +159,23 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Flushes and closes.
     async fn close(&self);
+}
+
+/// A task that was running when the server stopped, as recovery stores it.
+fn mark_lost(task: &mut Task, at: &str) {
+    task.status = TaskStatus::Stopped;
+    task.desired_status = TaskStatus::Stopped;
+    task.stop_code = Some("NodeLost".into());
+    task.message = Some("the server stopped while the task was running (node lost)".into());
+    task.stopped_at = Some(at.to_owned());
+}
+
+/// A definition's status as the `status` column holds it.
+fn definition_status(status: TaskDefinitionStatus) -> &'static str {
+    match status {
+        TaskDefinitionStatus::Active => "ACTIVE",
+        TaskDefinitionStatus::Inactive => "INACTIVE",
+    }
 }
 
 /// The embedded store: one SQLite file in WAL mode.
@@ -327,11 +348,7 @@ impl StateStore for SqliteStore {
                 kept.push(task);
                 continue;
             }
-            task.status = TaskStatus::Stopped;
-            task.desired_status = TaskStatus::Stopped;
-            task.stop_code = Some("NodeLost".into());
-            task.message = Some("the server stopped while the task was running (node lost)".into());
-            task.stopped_at = Some(at.to_owned());
+            mark_lost(&mut task, at);
             lost.push(task);
         }
         for chunk in lost.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
@@ -394,14 +411,10 @@ impl StateStore for SqliteStore {
     }
 
     async fn update_task_definition(&self, def: &TaskDefinition) -> Result<()> {
-        let status = match def.status {
-            TaskDefinitionStatus::Active => "ACTIVE",
-            TaskDefinitionStatus::Inactive => "INACTIVE",
-        };
         sqlx::query(
             "UPDATE task_definitions SET status = ?, body = ? WHERE family = ? AND revision = ?",
         )
-        .bind(status)
+        .bind(definition_status(def.status))
         .bind(json(def))
         .bind(&def.family)
         .bind(def.revision)
@@ -694,8 +707,71 @@ impl StateStore for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    //! The shared suite: every test runs against SQLite and against a
+    //! real PostgreSQL server (`wharf_testkit::postgres`).
+
+    use std::sync::Arc;
+
     use super::*;
-    use crate::model::{TaskLimits, TaskStatus};
+    use crate::model::{LogEntry, TaskLimits, TaskStatus};
+
+    /// Where a test's state lives; `open` again after `close` is a restart.
+    enum Place {
+        Sqlite(tempfile::TempDir),
+        Postgres(String),
+    }
+
+    impl Place {
+        fn sqlite() -> Place {
+            Place::Sqlite(tempfile::tempdir().unwrap())
+        }
+
+        fn postgres() -> Place {
+            Place::Postgres(wharf_testkit::postgres::shared().database())
+        }
+
+        async fn open(&self) -> Arc<dyn StateStore> {
+            match self {
+                Place::Sqlite(dir) => Arc::new(
+                    SqliteStore::open(&dir.path().join("state.db"))
+                        .await
+                        .unwrap(),
+                ),
+                Place::Postgres(url) => Arc::new(PgStore::open(url).await.unwrap()),
+            }
+        }
+    }
+
+    /// Each named test, once on SQLite and once on PostgreSQL.
+    macro_rules! on_both_stores {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(super::Place::sqlite()).await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(super::Place::postgres()).await;
+                    }
+                )*
+            }
+        };
+    }
+
+    on_both_stores!(
+        a_batch_commits_every_kind_and_a_restart_finds_lost_tasks,
+        revisions_count_up_per_family,
+        the_last_write_of_a_task_in_a_batch_wins,
+        tasks_are_listed_newest_first_by_filter,
+        services_nodes_secrets_and_tokens_round_trip,
+        join_tokens_and_audit_round_trip_and_audit_is_pruned_oldest_first,
+    );
 
     fn task(id: &str, status: TaskStatus) -> Task {
         Task {
@@ -722,11 +798,32 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_batch_commits_every_kind_and_a_restart_finds_lost_tasks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let store = SqliteStore::open(&path).await.unwrap();
+    fn def(family: &str) -> TaskDefinition {
+        TaskDefinition {
+            family: family.into(),
+            revision: 0,
+            task_definition: String::new(),
+            status: TaskDefinitionStatus::Active,
+            artifact: "a:1".into(),
+            artifact_digest: "sha256:0".into(),
+            wasm_digest: "sha256:1".into(),
+            kind: crate::model::TaskKind::Command,
+            args: Vec::new(),
+            env: Default::default(),
+            secrets: Default::default(),
+            limits: TaskLimits::default(),
+            http: None,
+            placement_constraints: Vec::new(),
+            placement_strategy: None,
+            requires_interfaces: Vec::new(),
+            labels: Default::default(),
+            registered_at: "now".into(),
+            deregistered_at: None,
+        }
+    }
+
+    async fn a_batch_commits_every_kind_and_a_restart_finds_lost_tasks(place: Place) {
+        let store = place.open().await;
         let page = LogPage {
             lines: Vec::new(),
             next_seq: 0,
@@ -769,7 +866,7 @@ mod tests {
         assert_eq!(store.tasks(&all).await.unwrap().len(), 602);
         store.close().await;
 
-        let store = SqliteStore::open(&path).await.unwrap();
+        let store = place.open().await;
         // A started task of an edge node outlives the server's restart.
         let mut edge = task("edge-1", TaskStatus::Running);
         edge.node = "edge".into();
@@ -803,7 +900,7 @@ mod tests {
             Write::TaskLogs(
                 id.into(),
                 Box::new(LogPage {
-                    lines: vec![crate::model::LogEntry {
+                    lines: vec![LogEntry {
                         seq: 0,
                         at: "now".into(),
                         stream: "stdout".into(),
@@ -824,35 +921,11 @@ mod tests {
         assert!(store.task_logs("1598").await.unwrap().is_some());
         assert!(store.task_logs("1599").await.unwrap().is_some());
         assert!(store.task("1597").await.unwrap().is_some());
+        store.close().await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn revisions_count_up_per_family() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("state.db"))
-            .await
-            .unwrap();
-        let def = |family: &str| TaskDefinition {
-            family: family.into(),
-            revision: 0,
-            task_definition: String::new(),
-            status: TaskDefinitionStatus::Active,
-            artifact: "a:1".into(),
-            artifact_digest: "sha256:0".into(),
-            wasm_digest: "sha256:1".into(),
-            kind: crate::model::TaskKind::Command,
-            args: Vec::new(),
-            env: Default::default(),
-            secrets: Default::default(),
-            limits: TaskLimits::default(),
-            http: None,
-            placement_constraints: Vec::new(),
-            placement_strategy: None,
-            requires_interfaces: Vec::new(),
-            labels: Default::default(),
-            registered_at: "now".into(),
-            deregistered_at: None,
-        };
+    async fn revisions_count_up_per_family(place: Place) {
+        let store = place.open().await;
         let a1 = store.register_task_definition(def("a")).await.unwrap();
         let a2 = store.register_task_definition(def("a")).await.unwrap();
         let b1 = store.register_task_definition(def("b")).await.unwrap();
@@ -863,8 +936,19 @@ mod tests {
         store.update_task_definition(&inactive).await.unwrap();
         let latest = store.task_definition("a", None).await.unwrap().unwrap();
         assert_eq!(latest.revision, 1, "the latest ACTIVE revision");
+        let a2 = store.task_definition("a", Some(2)).await.unwrap().unwrap();
+        assert_eq!(a2.status, TaskDefinitionStatus::Inactive);
+        assert!(store.task_definition("a", Some(3)).await.unwrap().is_none());
+        let listed: Vec<String> = store
+            .task_definitions(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.task_definition)
+            .collect();
+        assert_eq!(listed, ["a:2", "a:1", "b:1"]);
+        assert_eq!(store.task_definitions(Some("b")).await.unwrap().len(), 1);
         // Concurrent registrations of one family get distinct revisions.
-        let store = std::sync::Arc::new(store);
         let joins: Vec<_> = (0..20)
             .map(|_| {
                 let (store, d) = (store.clone(), def("c"));
@@ -879,5 +963,264 @@ mod tests {
         }
         revisions.sort_unstable();
         assert_eq!(revisions, (1..=20).collect::<Vec<u32>>());
+        store.close().await;
+    }
+
+    async fn the_last_write_of_a_task_in_a_batch_wins(place: Place) {
+        let store = place.open().await;
+        let page = |text: &str| LogPage {
+            lines: vec![LogEntry {
+                seq: 0,
+                at: "now".into(),
+                stream: "stdout".into(),
+                text: text.into(),
+            }],
+            next_seq: 1,
+            missed: 0,
+            closed: true,
+        };
+        store
+            .write(&[
+                Write::Task(Box::new(task("1", TaskStatus::Provisioning))),
+                Write::Task(Box::new(task("1", TaskStatus::Running))),
+                Write::TaskLogs("1".into(), Box::new(page("first"))),
+                Write::Task(Box::new(task("1", TaskStatus::Stopped))),
+                Write::TaskLogs("1".into(), Box::new(page("last"))),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.task("1").await.unwrap().unwrap().status,
+            TaskStatus::Stopped
+        );
+        assert_eq!(
+            store.task_logs("1").await.unwrap().unwrap().lines[0].text,
+            "last"
+        );
+        store.close().await;
+    }
+
+    async fn tasks_are_listed_newest_first_by_filter(place: Place) {
+        let store = place.open().await;
+        let mut writes = Vec::new();
+        for (id, family, service, status) in [
+            ("1", "a", None, TaskStatus::Stopped),
+            ("2", "a", Some("web"), TaskStatus::Running),
+            ("3", "b", Some("web"), TaskStatus::Stopped),
+            ("4", "a", Some("web"), TaskStatus::Stopped),
+        ] {
+            let mut t = task(id, status);
+            t.family = family.into();
+            t.service = service.map(Into::into);
+            writes.push(Write::Task(Box::new(t)));
+        }
+        store.write(&writes).await.unwrap();
+        let ids = |filter: TaskFilter| {
+            let store = store.clone();
+            async move {
+                store
+                    .tasks(&filter)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|t| t.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let filter = TaskFilter {
+            limit: 10,
+            ..TaskFilter::default()
+        };
+        assert_eq!(ids(filter.clone()).await, ["4", "3", "2", "1"]);
+        let family = TaskFilter {
+            family: Some("a".into()),
+            ..filter.clone()
+        };
+        assert_eq!(ids(family).await, ["4", "2", "1"]);
+        let service = TaskFilter {
+            service: Some("web".into()),
+            status: Some(TaskStatus::Stopped),
+            ..filter.clone()
+        };
+        assert_eq!(ids(service).await, ["4", "3"]);
+        let limited = TaskFilter { limit: 2, ..filter };
+        assert_eq!(ids(limited).await, ["4", "3"]);
+        store.close().await;
+    }
+
+    async fn services_nodes_secrets_and_tokens_round_trip(place: Place) {
+        let store = place.open().await;
+        // Secrets: replaced in place, scoped, deleted once.
+        store.put_secret("db", "v1", None, "t1").await.unwrap();
+        store
+            .put_secret("db", "v2", Some("team-a/*"), "t2")
+            .await
+            .unwrap();
+        store.put_secret("api", "k", None, "t3").await.unwrap();
+        assert_eq!(
+            store.secret("db").await.unwrap(),
+            Some(("v2".into(), Some("team-a/*".into())))
+        );
+        let names: Vec<String> = store
+            .secrets()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["api", "db"]);
+        store.checkpoint().await.unwrap();
+        assert!(store.delete_secret("db").await.unwrap());
+        assert!(!store.delete_secret("db").await.unwrap());
+        assert_eq!(store.secret("db").await.unwrap(), None);
+        // Nodes: replaced in place and forgotten.
+        let node = crate::model::NodeState {
+            name: "edge-1".into(),
+            status: crate::model::NodeStatus::Draining,
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+            credential_hash: Some("h".into()),
+            joined_at: None,
+        };
+        store.put_node(&node).await.unwrap();
+        store.put_node(&node).await.unwrap();
+        assert_eq!(store.nodes().await.unwrap(), [node]);
+        store.delete_node("edge-1").await.unwrap();
+        assert!(store.nodes().await.unwrap().is_empty());
+        // Services.
+        let service = Service {
+            name: "web".into(),
+            task_definition: "f:1".into(),
+            status: crate::model::ServiceStatus::Active,
+            desired_count: 2,
+            running_count: 0,
+            pending_count: 0,
+            minimum_healthy_percent: 100,
+            maximum_percent: 200,
+            deployments: Vec::new(),
+            routes: vec!["example.com/api".into()],
+            autoscaling: None,
+            placement: None,
+            created_at: "now".into(),
+        };
+        store.put_service(&service).await.unwrap();
+        let mut scaled = service.clone();
+        scaled.desired_count = 5;
+        store.put_service(&scaled).await.unwrap();
+        let services = store.services().await.unwrap();
+        assert_eq!(services, [scaled]);
+        store.delete_service("web").await.unwrap();
+        assert!(store.services().await.unwrap().is_empty());
+        // Tokens keep their hash.
+        let token = Token {
+            id: "t-1".into(),
+            name: "ci".into(),
+            role: crate::model::Role::Deployer,
+            repositories: vec!["team-a/*".into()],
+            created_at: "now".into(),
+            revoked_at: None,
+        };
+        store.put_token(&token, "hash-1").await.unwrap();
+        let tokens = store.tokens().await.unwrap();
+        assert_eq!(tokens, [(token, "hash-1".to_owned())]);
+        store.close().await;
+    }
+
+    async fn join_tokens_and_audit_round_trip_and_audit_is_pruned_oldest_first(place: Place) {
+        let store = place.open().await;
+        let join = crate::model::JoinToken {
+            id: "j-1".into(),
+            labels: [("zone".to_owned(), "b".to_owned())].into(),
+            created_at: "now".into(),
+            expires_at: "later".into(),
+        };
+        store.put_join_token(&join, "secret-hash").await.unwrap();
+        assert_eq!(store.join_token("secret-hash").await.unwrap(), Some(join));
+        assert!(store.join_token("other").await.unwrap().is_none());
+        assert_eq!(store.join_tokens().await.unwrap().len(), 1);
+        assert!(store.delete_join_token("j-1").await.unwrap());
+        assert!(!store.delete_join_token("j-1").await.unwrap());
+        let entry = |n: u16| {
+            Write::Audit(Box::new(AuditEntry {
+                id: 0,
+                at: format!("t{n}"),
+                token_id: "admin".into(),
+                actor: "admin".into(),
+                method: "POST".into(),
+                path: format!("/v1/tasks/{n}"),
+                status: 200 + n,
+            }))
+        };
+        store
+            .write(&(0..5).map(entry).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let audit = store.audit(10).await.unwrap();
+        assert_eq!(audit.len(), 5);
+        assert_eq!(
+            (audit[0].status, audit[4].status),
+            (204, 200),
+            "newest first"
+        );
+        assert!(audit[0].id > audit[4].id);
+        assert_eq!(store.prune_audit(2).await.unwrap(), 3);
+        let kept: Vec<u16> = store
+            .audit(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.status)
+            .collect();
+        assert_eq!(kept, [204, 203]);
+        // Events: newest first, per service, limited.
+        let events: Vec<Write> = (0..4)
+            .map(|n| Write::Event {
+                service: if n == 2 { "other" } else { "web" }.into(),
+                at: "now".into(),
+                message: format!("e{n}"),
+            })
+            .collect();
+        store.write(&events).await.unwrap();
+        let seen: Vec<String> = store
+            .events("web", 2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(seen, ["e3", "e1"]);
+        store.close().await;
+    }
+
+    /// Two servers on one database would each take the other's tasks for
+    /// lost: the second is refused, with a message saying why, until the
+    /// first lets go.
+    #[tokio::test]
+    async fn a_second_server_on_one_postgres_database_is_refused() {
+        let url = wharf_testkit::postgres::shared().database();
+        let first = PgStore::open(&url).await.unwrap();
+        let wait = Duration::from_millis(300);
+        let err = PgStore::open_waiting(&url, wait)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("another wharf server is using the database"),
+            "{err}"
+        );
+        first.close().await;
+        PgStore::open(&url).await.unwrap().close().await;
+    }
+
+    #[test]
+    fn a_database_url_is_shown_without_its_password() {
+        assert_eq!(
+            redacted("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redacted("postgres://h/db?user=u&password=pw&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(redacted("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

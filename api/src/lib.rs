@@ -53,7 +53,7 @@ use wharf_runtime::{Executor, ExecutorConfig, Runtime};
 pub use error::{ApiError, ErrorCode};
 
 use crate::control::Control;
-use crate::db::{SqliteStore, StateStore};
+use crate::db::{PgStore, SqliteStore, StateStore};
 use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 use crate::writer::Writer;
@@ -61,8 +61,12 @@ use crate::writer::Writer;
 /// How the control plane runs. Every default is the one documented here.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Holds `state.db` (SQLite) and scratch files.
+    /// Holds `state.db` (SQLite, unless `state` names a database) and
+    /// scratch files.
     pub data_dir: PathBuf,
+    /// A PostgreSQL database for the state (`postgres://...`) instead of
+    /// `state.db` in the data directory (default `None`).
+    pub state: Option<String>,
     /// The data directory's admin token.
     pub admin_token: String,
     /// Concurrent tasks on the local node (default: the runtime's
@@ -137,6 +141,7 @@ impl ApiConfig {
     pub fn new(data_dir: PathBuf, admin_token: String) -> Self {
         ApiConfig {
             data_dir,
+            state: None,
             admin_token,
             slots: None,
             log_retention_bytes: 64 << 10,
@@ -199,8 +204,10 @@ impl Api {
     ) -> Result<Api, db::DbError> {
         config.max_task_memory = runtime.config().max_task_memory;
         std::fs::create_dir_all(&config.data_dir)?;
-        let store: Arc<dyn StateStore> =
-            Arc::new(SqliteStore::open(&config.data_dir.join("state.db")).await?);
+        let store: Arc<dyn StateStore> = match &config.state {
+            Some(url) => Arc::new(PgStore::open(url).await?),
+            None => Arc::new(SqliteStore::open(&config.data_dir.join("state.db")).await?),
+        };
         // Edge nodes run on while the server is down: their started tasks
         // are taken back below, the rest (the local node's) are lost.
         let remote: std::collections::BTreeSet<String> = store

@@ -19,4 +19,5 @@ mod samples;
 mod serve;
 mod server;
 mod soak;
+mod state;
 mod support;

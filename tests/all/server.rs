@@ -7,6 +7,26 @@ use std::process::{Child, Command, Stdio};
 
 use sha2::{Digest as _, Sha256};
 
+/// Whether the suite runs on PostgreSQL (`WHARF_TEST_STATE=postgres`).
+pub(crate) fn on_postgres() -> bool {
+    std::env::var("WHARF_TEST_STATE").as_deref() == Ok("postgres")
+}
+
+/// The database of the server on `data` when the suite runs on
+/// PostgreSQL: created on first start, remembered beside `data`.
+fn state_url(data: &Path) -> Option<String> {
+    if !on_postgres() {
+        return None;
+    }
+    let file = data.with_extension("state-url");
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return Some(url);
+    }
+    let url = wharf_testkit::postgres::shared().database();
+    std::fs::write(&file, &url).unwrap();
+    Some(url)
+}
+
 /// A running server; killed when dropped.
 pub(crate) struct Server {
     child: Child,
@@ -34,7 +54,16 @@ impl Server {
     }
 
     /// Starts a server on `data` with extra `wharf server` flags.
+    ///
+    /// With `WHARF_TEST_STATE=postgres` the state goes to a database of
+    /// the test process's PostgreSQL server instead of `state.db` (one
+    /// per data directory, so a restart finds it): the suite runs on
+    /// either store.
     pub(crate) fn start_with(data: &Path, flags: &[&str]) -> Server {
+        let state = match (flags.contains(&"--state"), state_url(data)) {
+            (false, Some(url)) => vec!["--state".to_owned(), url],
+            _ => Vec::new(),
+        };
         // Tests run side by side: the ingress gets a free port too.
         let ingress_flags: &[&str] = if flags.contains(&"--ingress") {
             &[]
@@ -52,8 +81,10 @@ impl Server {
             .arg("--data-dir")
             .arg(data)
             .args(ingress_flags)
+            .args(&state)
             .args(flags)
             .env_remove("WHARF_DATA_DIR")
+            .env_remove("WHARF_STATE")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,232 @@
+//! A real PostgreSQL server for tests (Debian's `postgresql`): one per
+//! test process, started on first use with `initdb` and `postgres` on a
+//! free loopback port, in a temporary directory, and stopped when the
+//! process exits. Each caller gets a database of its own.
+//!
+//! As root (CI), `initdb` and the server run as the `postgres` user,
+//! since PostgreSQL refuses to run as root.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A running server.
+#[derive(Debug)]
+pub struct Postgres {
+    bin: PathBuf,
+    port: u16,
+    /// Holds the data directory and the socket.
+    dir: PathBuf,
+}
+
+static SHARED: OnceLock<Postgres> = OnceLock::new();
+static DATABASES: AtomicUsize = AtomicUsize::new(0);
+
+/// The process's server, started on first use.
+///
+/// # Panics
+///
+/// If PostgreSQL is not installed or does not start: `.ci/run` installs
+/// it (`apt-get install postgresql`).
+pub fn shared() -> &'static Postgres {
+    SHARED.get_or_init(Postgres::start)
+}
+
+/// Where the server binaries are: `$WHARF_PG_BIN`, or the newest
+/// `/usr/lib/postgresql/*/bin`.
+fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WHARF_PG_BIN") {
+        return dir.into();
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").is_file().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, bin)| bin)
+        .expect("PostgreSQL is not installed (apt-get install postgresql; or set WHARF_PG_BIN)")
+}
+
+/// The `postgres` user's ids when running as root.
+fn postgres_user() -> Option<(u32, u32)> {
+    if euid() != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let line = passwd.lines().find(|l| l.starts_with("postgres:"))?;
+    let fields: Vec<&str> = line.split(':').collect();
+    Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
+}
+
+/// The effective user id, read from `/proc`.
+fn euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Uid:"))?;
+            line.split_whitespace().nth(2)?.parse().ok()
+        })
+        .unwrap_or(u32::MAX)
+}
+
+fn as_postgres(cmd: &mut Command) -> &mut Command {
+    if let Some((uid, gid)) = postgres_user() {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.env("LC_ALL", "C").env_remove("PGDATA")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Removes directories of earlier test processes that are gone.
+fn remove_stale(parent: &Path) {
+    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("wharf-pg-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let bin = bin_dir();
+        let parent = std::env::temp_dir();
+        remove_stale(&parent);
+        let dir = parent.join(format!("wharf-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("postgres directory");
+        if let Some((uid, gid)) = postgres_user() {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown to postgres");
+        }
+        let data = dir.join("data");
+        let out = as_postgres(&mut Command::new(bin.join("initdb")))
+            .args(["--auth=trust", "--username=wharf", "--no-locale"])
+            .args(["--encoding=UTF8", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("server.log")).expect("postgres log");
+        let (bin2, data2, dir2) = (bin.clone(), data.clone(), dir.clone());
+        // The server is a child of a thread that lives as long as the
+        // process: the parent-death signal then stops it when the process
+        // exits, however it exits.
+        let (started, spawned) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut cmd = Command::new(bin2.join("postgres"));
+            as_postgres(&mut cmd)
+                .arg("-D")
+                .arg(&data2)
+                .args(["-p", &port.to_string(), "-k"])
+                .arg(&dir2)
+                .args(["-c", "listen_addresses=127.0.0.1"])
+                .args(["-c", "max_connections=400", "-c", "fsync=off"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log);
+            // SAFETY: prctl is async-signal-safe and the closure touches
+            // nothing else between fork and exec.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(|| {
+                    // SIGINT: PostgreSQL's fast shutdown.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn();
+            let ok = child.is_ok();
+            let _ = started.send(child.map(|_| ()).map_err(|e| e.to_string()));
+            if ok {
+                loop {
+                    std::thread::park();
+                }
+            }
+        });
+        spawned
+            .recv()
+            .expect("postgres thread")
+            .expect("postgres starts");
+        let pg = Postgres { bin, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = Command::new(pg.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "wharf"])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return pg;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start: {}",
+                std::fs::read_to_string(pg.dir.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A new, empty database, as a `postgres://` URL.
+    pub fn database(&self) -> String {
+        let name = format!(
+            "wharf_{}_{}",
+            std::process::id(),
+            DATABASES.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "wharf",
+            ])
+            .arg(&name)
+            .output()
+            .expect("createdb runs");
+        assert!(
+            out.status.success(),
+            "createdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("postgres://wharf@127.0.0.1:{}/{name}", self.port)
+    }
+}
