@@ -203,6 +203,50 @@ impl Postgres {
         self.port
     }
 
+    /// Runs SQL in the database at `url` with `psql`; its output rows,
+    /// unaligned, one per line.
+    ///
+    /// # Panics
+    ///
+    /// If the SQL fails.
+    pub fn sql(&self, url: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Everything the database at `url` holds, as `pg_dump` writes it.
+    pub fn dump(&self, url: &str) -> Vec<u8> {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .args(["-d", url])
+            .output()
+            .expect("pg_dump runs");
+        assert!(
+            out.status.success(),
+            "pg_dump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     /// A new, empty database, as a `postgres://` URL.
     pub fn database(&self) -> String {
         let name = format!(

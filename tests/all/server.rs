@@ -18,7 +18,8 @@ fn state_url(data: &Path) -> Option<String> {
     if !on_postgres() {
         return None;
     }
-    let file = data.with_extension("state-url");
+    std::fs::create_dir_all(data).unwrap();
+    let file = data.join("test-state-url");
     if let Ok(url) = std::fs::read_to_string(&file) {
         return Some(url);
     }
@@ -35,6 +36,8 @@ pub(crate) struct Server {
     pub(crate) ingress: Option<String>,
     pub(crate) token: String,
     data: PathBuf,
+    /// The PostgreSQL database of the state, if it is not `state.db`.
+    state: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -60,8 +63,13 @@ impl Server {
     /// per data directory, so a restart finds it): the suite runs on
     /// either store.
     pub(crate) fn start_with(data: &Path, flags: &[&str]) -> Server {
-        let state = match (flags.contains(&"--state"), state_url(data)) {
-            (false, Some(url)) => vec!["--state".to_owned(), url],
+        let given = flags
+            .iter()
+            .position(|f| *f == "--state")
+            .map(|i| flags[i + 1].to_owned());
+        let state_url = given.clone().or_else(|| state_url(data));
+        let state = match (&given, &state_url) {
+            (None, Some(url)) => vec!["--state".to_owned(), url.clone()],
             _ => Vec::new(),
         };
         // Tests run side by side: the ingress gets a free port too.
@@ -113,8 +121,51 @@ impl Server {
             ingress,
             token,
             data: data.to_owned(),
+            state: state_url,
             _dir: None,
         }
+    }
+
+    /// The PostgreSQL database of the state (`None`: `state.db`).
+    pub(crate) fn state_url(&self) -> Option<&str> {
+        self.state.as_deref()
+    }
+
+    /// Bytes the state takes: SQLite's files, or PostgreSQL's tables
+    /// with their indexes and TOAST.
+    pub(crate) fn state_size(&self) -> u64 {
+        match &self.state {
+            Some(url) => wharf_testkit::postgres::shared()
+                .sql(
+                    url,
+                    "SELECT sum(pg_total_relation_size(oid)) FROM pg_class \
+                     WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace",
+                )
+                .trim()
+                .parse()
+                .unwrap(),
+            None => ["state.db", "state.db-wal"]
+                .iter()
+                .map(|f| std::fs::metadata(self.data.join(f)).map_or(0, |m| m.len()))
+                .sum(),
+        }
+    }
+
+    /// Every byte of the stored state: SQLite's files (the database and
+    /// its WAL), or what `pg_dump` writes of the database.
+    pub(crate) fn state_dump(&self) -> Vec<u8> {
+        if let Some(url) = &self.state {
+            return wharf_testkit::postgres::shared().dump(url);
+        }
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(&self.data).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("state.db") {
+                all.extend(std::fs::read(&path).unwrap());
+            }
+        }
+        all
     }
 
     /// The server's process id (to signal it).
