@@ -23,6 +23,32 @@ pub(crate) fn compile_cache(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("cache").join("compiled")
 }
 
+/// Where the registry keeps its blobs, manifests and uploads: `--blobs
+/// file:///PATH` (a shared filesystem such as NFS), or `registry/` in the
+/// data directory.
+pub(crate) fn registry_root(
+    data_dir: &std::path::Path,
+    blobs: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    let Some(url) = blobs else {
+        return Ok(data_dir.join("registry"));
+    };
+    match url.strip_prefix("file://") {
+        Some(path) if path.starts_with('/') && !path.split('/').any(|c| c == "..") => {
+            Ok(PathBuf::from(path))
+        }
+        Some(_) => anyhow::bail!(
+            "--blobs {url}: a file:// URL needs an absolute path without `..`, such as file:///mnt/shared/wharf"
+        ),
+        None if url.starts_with("s3://") => anyhow::bail!(
+            "--blobs {url}: object storage (s3://) is not supported yet; use file:///PATH or leave --blobs out"
+        ),
+        None => anyhow::bail!(
+            "--blobs {url} is not a file:///PATH URL (leave --blobs out for the data directory)"
+        ),
+    }
+}
+
 /// The admin token, created by the server on first start (mode 0600).
 pub(crate) fn admin_token(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("admin.token")

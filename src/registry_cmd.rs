@@ -22,6 +22,9 @@ pub(crate) enum RegistryCommand {
         dry_run: bool,
         #[arg(long, env = "WHARF_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// The server's `--blobs`, if it has one.
+        #[arg(long, env = "WHARF_BLOBS")]
+        blobs: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value = "text")]
         output: crate::Output,
@@ -42,6 +45,9 @@ pub(crate) enum RegistryCommand {
         expire_untagged: Option<String>,
         #[arg(long, env = "WHARF_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// The server's `--blobs`, if it has one.
+        #[arg(long, env = "WHARF_BLOBS")]
+        blobs: Option<String>,
     },
 }
 
@@ -51,11 +57,11 @@ pub(crate) enum RegistryCommand {
 /// without touching the server's temporary files. Settings are single
 /// atomic writes and garbage collection spares anything younger than its
 /// grace period, so both are safe beside a live server.
-fn store(data_dir: Option<PathBuf>) -> Result<(Store, Option<std::fs::File>)> {
+fn store(data_dir: Option<PathBuf>, blobs: Option<&str>) -> Result<(Store, Option<std::fs::File>)> {
     let dir = crate::paths::data_dir(data_dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let lock = crate::paths::try_lock_data_dir(&dir)?;
-    let root = dir.join("registry");
+    let root = crate::paths::registry_root(&dir, blobs)?;
     let storage = match lock {
         Some(_) => FsStorage::open(root),
         None => FsStorage::attach(root),
@@ -72,9 +78,10 @@ pub(crate) fn main(command: RegistryCommand) -> Result<()> {
         RegistryCommand::Gc {
             dry_run,
             data_dir,
+            blobs,
             output,
         } => {
-            let (store, _lock) = store(data_dir)?;
+            let (store, _lock) = store(data_dir, blobs.as_deref())?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             let report = rt
                 .block_on(store.gc(now, dry_run))
@@ -109,9 +116,10 @@ pub(crate) fn main(command: RegistryCommand) -> Result<()> {
             keep_last,
             expire_untagged,
             data_dir,
+            blobs,
         } => {
             let name = Name::parse(&repository).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (store, _lock) = store(data_dir)?;
+            let (store, _lock) = store(data_dir, blobs.as_deref())?;
             let mut settings = rt
                 .block_on(store.settings(&name))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;

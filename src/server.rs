@@ -23,6 +23,12 @@ pub(crate) struct ServerArgs {
     /// in the data directory.
     #[arg(long, env = "WHARF_STATE")]
     state: Option<String>,
+    /// Where the registry keeps blobs, manifests and uploads:
+    /// `file:///PATH` (e.g. a shared filesystem) instead of `registry/` in
+    /// the data directory. Written to a temporary file, fsynced and renamed
+    /// there as well.
+    #[arg(long, env = "WHARF_BLOBS")]
+    blobs: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "WHARF_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -202,8 +208,13 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     // Held until the process exits.
     let _lock = crate::paths::lock_data_dir(&data_dir)?;
     let token = admin_token(&data_dir)?;
-    let storage =
-        FsStorage::open(data_dir.join("registry")).context("failed to open registry storage")?;
+    let registry_root = crate::paths::registry_root(&data_dir, args.blobs.as_deref())?;
+    let storage = FsStorage::open(&registry_root).with_context(|| {
+        format!(
+            "failed to open registry storage in {}",
+            registry_root.display()
+        )
+    })?;
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: Some(crate::paths::compile_cache(&data_dir)),
         ..RuntimeConfig::default()

@@ -1,6 +1,8 @@
-//! `wharf server --state postgres://...`: the control plane's state in a
-//! real PostgreSQL server (`wharf_testkit::postgres`) instead of SQLite.
-//! (The whole suite also runs on PostgreSQL: `WHARF_TEST_STATE=postgres`.)
+//! Where a server keeps what it holds: `--state postgres://...` puts the
+//! control plane's state in a real PostgreSQL server
+//! (`wharf_testkit::postgres`) instead of SQLite (the whole suite also runs
+//! on PostgreSQL: `WHARF_TEST_STATE=postgres`); `--blobs file:///PATH`
+//! puts the registry on a shared filesystem path.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -115,4 +117,88 @@ fn a_bad_or_unreachable_state_url_is_a_clear_error() {
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn blobs_on_a_shared_filesystem_path_survive_a_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let shared = dir.path().join("nfs").join("wharf");
+    let blobs = format!("file://{}", shared.display());
+    let s = Server::start_with(&data, &["--blobs", &blobs]);
+    s.push_sample("echo", Target::P1, "team/echo:v1");
+    let wasm = std::fs::read(wharf_testkit::wasm("echo", Target::P1)).unwrap();
+    let digest = crate::server::sha256(&wasm);
+    // The layer is a file under the shared path, none in the data directory.
+    let hex = digest.trim_start_matches("sha256:");
+    let found = walk(&shared)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(hex))
+        .count();
+    assert!(found >= 1, "the layer under {}", shared.display());
+    assert!(!data.join("registry").exists());
+    // `wharf registry gc` finds the same storage with the same flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["registry", "gc", "--dry-run", "--output", "json"])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--blobs", &blobs])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["blobs_removed"], json!([]));
+
+    s.kill9();
+    let s = Server::start_with(&data, &["--blobs", &blobs]);
+    let r = crate::server::call(
+        s.req("GET", &format!("/v2/team/echo/blobs/{digest}"))
+            .call(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(crate::server::sha256(&r.body), digest);
+    register(&s, json!({"family": "echo", "artifact": "team/echo:v1"}));
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo"})),
+    );
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_stopped(&id)["stop_code"], "Completed");
+}
+
+#[test]
+fn a_blobs_url_that_is_not_a_local_absolute_path_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (url, says) in [
+        (
+            "s3://bucket/wharf",
+            "object storage (s3://) is not supported yet",
+        ),
+        ("file://relative/dir", "needs an absolute path"),
+        ("file:///mnt/../etc", "needs an absolute path without `..`"),
+        ("/mnt/shared", "is not a file:///PATH URL"),
+    ] {
+        let (code, stderr) = server_fails(&dir.path().join("d"), &["--blobs", url]);
+        assert_eq!(code, 2, "{url}: {stderr}");
+        assert!(stderr.contains(says), "{url}: {stderr}");
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
