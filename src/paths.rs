@@ -23,29 +23,64 @@ pub(crate) fn compile_cache(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("cache").join("compiled")
 }
 
-/// Where the registry keeps its blobs, manifests and uploads: `--blobs
-/// file:///PATH` (a shared filesystem such as NFS), or `registry/` in the
-/// data directory.
-pub(crate) fn registry_root(
-    data_dir: &std::path::Path,
-    blobs: Option<&str>,
-) -> anyhow::Result<PathBuf> {
-    let Some(url) = blobs else {
-        return Ok(data_dir.join("registry"));
-    };
-    match url.strip_prefix("file://") {
-        Some(path) if path.starts_with('/') && !path.split('/').any(|c| c == "..") => {
-            Ok(PathBuf::from(path))
+/// Where the registry keeps its blobs, manifests and uploads.
+#[derive(Debug, Clone)]
+pub(crate) enum Blobs {
+    /// A directory: `registry/` in the data directory, or `--blobs
+    /// file:///PATH` (a shared filesystem such as NFS).
+    Dir(PathBuf),
+    /// `--blobs s3://BUCKET/PREFIX?endpoint=URL&region=R`.
+    S3(String),
+}
+
+impl Blobs {
+    /// From `--blobs` (`None`: the data directory).
+    pub(crate) fn parse(data_dir: &std::path::Path, blobs: Option<&str>) -> anyhow::Result<Blobs> {
+        let Some(url) = blobs else {
+            return Ok(Blobs::Dir(data_dir.join("registry")));
+        };
+        if url.starts_with("s3://") {
+            // Checked now: a bad URL stops the start, not the first push.
+            wharf_registry::storage::s3::S3Storage::open(url)?;
+            return Ok(Blobs::S3(url.to_owned()));
         }
-        Some(_) => anyhow::bail!(
-            "--blobs {url}: a file:// URL needs an absolute path without `..`, such as file:///mnt/shared/wharf"
-        ),
-        None if url.starts_with("s3://") => anyhow::bail!(
-            "--blobs {url}: object storage (s3://) is not supported yet; use file:///PATH or leave --blobs out"
-        ),
-        None => anyhow::bail!(
-            "--blobs {url} is not a file:///PATH URL (leave --blobs out for the data directory)"
-        ),
+        match url.strip_prefix("file://") {
+            Some(path) if path.starts_with('/') && !path.split('/').any(|c| c == "..") => {
+                Ok(Blobs::Dir(PathBuf::from(path)))
+            }
+            Some(_) => anyhow::bail!(
+                "--blobs {url}: a file:// URL needs an absolute path without `..`, such as file:///mnt/shared/wharf"
+            ),
+            None => anyhow::bail!(
+                "--blobs {url} is neither file:///PATH nor s3://BUCKET/PREFIX?endpoint=URL&region=R (leave --blobs out for the data directory)"
+            ),
+        }
+    }
+
+    /// Opens the storage. A directory is opened as its owner (stale
+    /// temporary files removed) or, with `owner` false, beside a running
+    /// server that owns it.
+    pub(crate) fn open(
+        &self,
+        owner: bool,
+    ) -> anyhow::Result<std::sync::Arc<dyn wharf_registry::storage::Storage>> {
+        use anyhow::Context;
+        use wharf_registry::storage::fs::FsStorage;
+        Ok(match self {
+            Blobs::Dir(root) => std::sync::Arc::new(
+                if owner {
+                    FsStorage::open(root)
+                } else {
+                    FsStorage::attach(root)
+                }
+                .with_context(|| {
+                    format!("failed to open registry storage in {}", root.display())
+                })?,
+            ),
+            Blobs::S3(url) => {
+                std::sync::Arc::new(wharf_registry::storage::s3::S3Storage::open(url)?)
+            }
+        })
     }
 }
 

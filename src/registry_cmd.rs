@@ -3,13 +3,11 @@
 //! `garbage-collect`, run on the server's machine).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use wharf_registry::path::Name;
-use wharf_registry::storage::fs::FsStorage;
 use wharf_registry::store::Store;
 
 #[derive(Debug, Subcommand)]
@@ -61,13 +59,8 @@ fn store(data_dir: Option<PathBuf>, blobs: Option<&str>) -> Result<(Store, Optio
     let dir = crate::paths::data_dir(data_dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let lock = crate::paths::try_lock_data_dir(&dir)?;
-    let root = crate::paths::registry_root(&dir, blobs)?;
-    let storage = match lock {
-        Some(_) => FsStorage::open(root),
-        None => FsStorage::attach(root),
-    }
-    .context("failed to open registry storage")?;
-    Ok((Store::new(Arc::new(storage)), lock))
+    let storage = crate::paths::Blobs::parse(&dir, blobs)?.open(lock.is_some())?;
+    Ok((Store::new(storage), lock))
 }
 
 pub(crate) fn main(command: RegistryCommand) -> Result<()> {

@@ -4,12 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use wharf_api::{Api, ApiConfig};
-use wharf_registry::storage::fs::FsStorage;
 use wharf_runtime::{Runtime, RuntimeConfig};
 
 #[derive(Debug, Args)]
@@ -23,10 +21,12 @@ pub(crate) struct ServerArgs {
     /// in the data directory.
     #[arg(long, env = "WHARF_STATE")]
     state: Option<String>,
-    /// Where the registry keeps blobs, manifests and uploads:
-    /// `file:///PATH` (e.g. a shared filesystem) instead of `registry/` in
-    /// the data directory. Written to a temporary file, fsynced and renamed
-    /// there as well.
+    /// Where the registry keeps blobs, manifests and uploads instead of
+    /// `registry/` in the data directory: `file:///PATH` (e.g. a shared
+    /// filesystem; temporary file, fsync, rename as in the data directory)
+    /// or `s3://BUCKET/PREFIX?endpoint=URL&region=R` (an S3-compatible
+    /// object store; credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY).
     #[arg(long, env = "WHARF_BLOBS")]
     blobs: Option<String>,
     /// Address to listen on.
@@ -208,13 +208,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     // Held until the process exits.
     let _lock = crate::paths::lock_data_dir(&data_dir)?;
     let token = admin_token(&data_dir)?;
-    let registry_root = crate::paths::registry_root(&data_dir, args.blobs.as_deref())?;
-    let storage = FsStorage::open(&registry_root).with_context(|| {
-        format!(
-            "failed to open registry storage in {}",
-            registry_root.display()
-        )
-    })?;
+    let storage = crate::paths::Blobs::parse(&data_dir, args.blobs.as_deref())?.open(true)?;
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: Some(crate::paths::compile_cache(&data_dir)),
         ..RuntimeConfig::default()
@@ -271,7 +265,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
         .build()
         .context("failed to start the async runtime")?;
     tokio.block_on(async move {
-        let api = Api::open(config, runtime, Arc::new(storage))
+        let api = Api::open(config, runtime, storage)
             .await
             .with_context(|| format!("failed to open the state in {state_shown}"))?;
         let app = api.router();

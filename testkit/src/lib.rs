@@ -2,13 +2,15 @@
 //! programs of `samples/`, built for both WASI targets by this crate's build
 //! script, and where to find them.
 //!
-//! Also a real PostgreSQL server for tests ([`postgres`]).
+//! Also a real PostgreSQL server ([`postgres`]) and a real S3-compatible
+//! object store ([`garage`]) for tests.
 //!
 //! Every sample must have a test; test crates enforce it at compile time
 //! with [`for_each_sample!`].
 
 use std::path::PathBuf;
 
+pub mod garage;
 pub mod postgres;
 
 include!(concat!(env!("OUT_DIR"), "/samples.rs"));

@@ -63,6 +63,11 @@ impl Server {
     /// per data directory, so a restart finds it): the suite runs on
     /// either store.
     pub(crate) fn start_with(data: &Path, flags: &[&str]) -> Server {
+        Server::start_with_env(data, flags, &[])
+    }
+
+    /// [`start_with`](Self::start_with), with extra environment variables.
+    pub(crate) fn start_with_env(data: &Path, flags: &[&str], env: &[(&str, String)]) -> Server {
         let given = flags
             .iter()
             .position(|f| *f == "--state")
@@ -93,6 +98,7 @@ impl Server {
             .args(flags)
             .env_remove("WHARF_DATA_DIR")
             .env_remove("WHARF_STATE")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -2,7 +2,8 @@
 //! control plane's state in a real PostgreSQL server
 //! (`wharf_testkit::postgres`) instead of SQLite (the whole suite also runs
 //! on PostgreSQL: `WHARF_TEST_STATE=postgres`); `--blobs file:///PATH`
-//! puts the registry on a shared filesystem path.
+//! puts the registry on a shared filesystem path, and `--blobs s3://...`
+//! in a bucket of a real S3-compatible server (`wharf_testkit::garage`).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -172,16 +173,14 @@ fn blobs_on_a_shared_filesystem_path_survive_a_kill_9() {
 }
 
 #[test]
-fn a_blobs_url_that_is_not_a_local_absolute_path_is_refused() {
+fn a_blobs_url_that_is_neither_an_absolute_path_nor_a_bucket_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     for (url, says) in [
-        (
-            "s3://bucket/wharf",
-            "object storage (s3://) is not supported yet",
-        ),
+        ("s3:///wharf", "names no bucket"),
+        ("s3://bucket/wharf?colour=red", "unknown parameter"),
         ("file://relative/dir", "needs an absolute path"),
         ("file:///mnt/../etc", "needs an absolute path without `..`"),
-        ("/mnt/shared", "is not a file:///PATH URL"),
+        ("/mnt/shared", "is neither file:///PATH nor s3://"),
     ] {
         let (code, stderr) = server_fails(&dir.path().join("d"), &["--blobs", url]);
         assert_eq!(code, 2, "{url}: {stderr}");
@@ -201,4 +200,87 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+#[test]
+fn blobs_in_an_s3_bucket_survive_a_kill_9_mid_upload_and_are_never_partial() {
+    let garage = wharf_testkit::garage::shared();
+    let url = garage.url("wharf");
+    let env = garage.env();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = Server::start_with_env(&data, &["--blobs", &url], &env);
+    s.push_sample("echo", Target::P1, "team/echo:v1");
+    assert!(
+        !data.join("registry").exists(),
+        "the blobs went to the bucket"
+    );
+    // A chunked upload, cut by a kill -9 between its chunks.
+    let r = crate::server::call(s.req("POST", "/v2/team/echo/blobs/uploads/").call());
+    let location = r.header("location").unwrap().to_owned();
+    let first = vec![7u8; 3 << 20];
+    let r = crate::server::call(
+        s.req("PATCH", &location)
+            .set("Content-Range", &format!("0-{}", first.len() - 1))
+            .send_bytes(&first),
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+    s.kill9();
+
+    let s = Server::start_with_env(&data, &["--blobs", &url], &env);
+    let second = b"and the rest".to_vec();
+    let whole = [first.clone(), second.clone()].concat();
+    let digest = crate::server::sha256(&whole);
+    // Not visible before it is finished.
+    let r = crate::server::call(
+        s.req("HEAD", &format!("/v2/team/echo/blobs/{digest}"))
+            .call(),
+    );
+    assert_eq!(r.status, 404);
+    let r = crate::server::call(s.req("GET", &location).call());
+    assert_eq!(
+        r.header("range"),
+        Some(format!("0-{}", first.len() - 1).as_str())
+    );
+    let r = crate::server::call(
+        s.req("PATCH", &location)
+            .set(
+                "Content-Range",
+                &format!("{}-{}", first.len(), whole.len() - 1),
+            )
+            .send_bytes(&second),
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+    // Finished through the second server.
+    let r = crate::server::call(s.req("PUT", &format!("{location}?digest={digest}")).call());
+    assert_eq!(r.status, 201, "{r:?}");
+    // A wrong digest stores nothing.
+    let r = crate::server::call(s.req("POST", "/v2/team/echo/blobs/uploads/").call());
+    let location = r.header("location").unwrap().to_owned();
+    let wrong = crate::server::sha256(b"something else");
+    let r = crate::server::call(
+        s.req("PUT", &format!("{location}?digest={wrong}"))
+            .send_bytes(&whole),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = crate::server::call(
+        s.req("HEAD", &format!("/v2/team/echo/blobs/{wrong}"))
+            .call(),
+    );
+    assert_eq!(r.status, 404);
+    let r = crate::server::call(
+        s.req("GET", &format!("/v2/team/echo/blobs/{digest}"))
+            .call(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(crate::server::sha256(&r.body), digest);
+    // The pushed artifact runs: the server reads its layer from the bucket.
+    register(&s, json!({"family": "echo", "artifact": "team/echo:v1"}));
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo"})),
+    );
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_stopped(&id)["stop_code"], "Completed");
 }

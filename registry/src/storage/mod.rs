@@ -1,12 +1,14 @@
 //! The storage primitive under the registry: a handful of operations on
 //! named objects (read, write-then-commit, move, list, delete) that any
-//! backend can offer — the local file system now, an object store later.
+//! backend can offer — the local file system ([`fs`]) or an S3-compatible
+//! object store ([`s3`]).
 //! All OCI meaning lives one layer up, in [`crate::store`].
 //!
 //! Object names are relative, `/`-separated, and built only from validated
 //! repository names, digests and tags, never from raw client input.
 
 pub mod fs;
+pub mod s3;
 
 use std::io;
 use std::pin::Pin;
