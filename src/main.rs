@@ -6,6 +6,7 @@ mod agent;
 mod bench;
 mod client;
 mod image;
+mod migrate;
 mod node_cmd;
 mod paths;
 mod registry_cmd;
@@ -48,6 +49,10 @@ enum Command {
     /// Serve the registry (and, with the control-plane work, the API) from
     /// one data directory.
     Server(server::ServerArgs),
+    /// Move a stopped single-node install's state to PostgreSQL and its
+    /// registry to another blob store (file:///PATH or s3://), every
+    /// digest checked.
+    Migrate(migrate::MigrateArgs),
     /// Push a .wasm file to a registry as a Wasm OCI artifact.
     Push(image::PushArgs),
     /// Pull a Wasm artifact's module or component into a file.
@@ -142,6 +147,7 @@ fn main() -> ExitCode {
         Command::Bench { command } => bench::main(command),
         Command::Serve(args) => serve::main(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::Server(args) => server::main(args).map(|()| ExitCode::SUCCESS),
+        Command::Migrate(args) => migrate::main(args).map(|()| ExitCode::SUCCESS),
         Command::Push(args) => image::push(args).map(|()| ExitCode::SUCCESS),
         Command::Pull(args) => image::pull(args).map(|()| ExitCode::SUCCESS),
         Command::Image { command } => image::image(command).map(|()| ExitCode::SUCCESS),

@@ -90,6 +90,8 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<Option<TaskDefinition>>;
     /// Replaces a revision's record (status changes).
     async fn update_task_definition(&self, def: &TaskDefinition) -> Result<()>;
+    /// Stores a revision with the number it has (`wharf migrate`).
+    async fn import_task_definition(&self, def: &TaskDefinition) -> Result<()>;
 
     /// One task.
     async fn task(&self, id: &str) -> Result<Option<Task>>;
@@ -122,10 +124,14 @@ pub trait StateStore: Send + Sync + 'static {
     async fn join_token(&self, hash: &str) -> Result<Option<crate::model::JoinToken>>;
     /// Every join token.
     async fn join_tokens(&self) -> Result<Vec<crate::model::JoinToken>>;
+    /// Every join token with the hash of its secret (`wharf migrate`).
+    async fn join_tokens_with_hashes(&self) -> Result<Vec<(crate::model::JoinToken, String)>>;
     /// Deletes a join token; false if there was none.
     async fn delete_join_token(&self, id: &str) -> Result<bool>;
     /// A service's latest events, newest first.
     async fn events(&self, service: &str, limit: u32) -> Result<Vec<ServiceEvent>>;
+    /// Every service's events, oldest first (`wharf migrate`).
+    async fn all_events(&self) -> Result<Vec<ServiceEvent>>;
 
     /// Creates or replaces a secret (`value` is its sealed form).
     async fn put_secret(
@@ -423,6 +429,20 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    async fn import_task_definition(&self, def: &TaskDefinition) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO task_definitions (family, revision, status, registered_at, body) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&def.family)
+        .bind(def.revision)
+        .bind(definition_status(def.status))
+        .bind(&def.registered_at)
+        .bind(json(def))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn task(&self, id: &str) -> Result<Option<Task>> {
         let row = sqlx::query("SELECT body FROM tasks WHERE id = ?")
             .bind(id)
@@ -564,6 +584,30 @@ impl StateStore for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn join_tokens_with_hashes(&self) -> Result<Vec<(crate::model::JoinToken, String)>> {
+        let rows = sqlx::query("SELECT body, hash FROM join_tokens ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((parse(r.get::<&str, _>(0))?, r.get::<String, _>(1))))
+            .collect()
+    }
+
+    async fn all_events(&self) -> Result<Vec<ServiceEvent>> {
+        let rows = sqlx::query("SELECT id, service, at, message FROM service_events ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ServiceEvent {
+                id: r.get(0),
+                service: r.get(1),
+                at: r.get(2),
+                message: r.get(3),
+            })
+            .collect())
     }
 
     async fn delete_join_token(&self, id: &str) -> Result<bool> {
@@ -948,6 +992,18 @@ mod tests {
             .collect();
         assert_eq!(listed, ["a:2", "a:1", "b:1"]);
         assert_eq!(store.task_definitions(Some("b")).await.unwrap().len(), 1);
+        // Imported revisions keep their numbers, and registration goes on
+        // after them.
+        let mut imported = def("d");
+        imported.revision = 7;
+        imported.task_definition = "d:7".into();
+        store.import_task_definition(&imported).await.unwrap();
+        assert_eq!(
+            store.task_definition("d", Some(7)).await.unwrap(),
+            Some(imported)
+        );
+        let d8 = store.register_task_definition(def("d")).await.unwrap();
+        assert_eq!(d8.task_definition, "d:8");
         // Concurrent registrations of one family get distinct revisions.
         let joins: Vec<_> = (0..20)
             .map(|_| {
@@ -1134,8 +1190,15 @@ mod tests {
             expires_at: "later".into(),
         };
         store.put_join_token(&join, "secret-hash").await.unwrap();
-        assert_eq!(store.join_token("secret-hash").await.unwrap(), Some(join));
+        assert_eq!(
+            store.join_token("secret-hash").await.unwrap(),
+            Some(join.clone())
+        );
         assert!(store.join_token("other").await.unwrap().is_none());
+        assert_eq!(
+            store.join_tokens_with_hashes().await.unwrap(),
+            [(join.clone(), "secret-hash".to_owned())]
+        );
         assert_eq!(store.join_tokens().await.unwrap().len(), 1);
         assert!(store.delete_join_token("j-1").await.unwrap());
         assert!(!store.delete_join_token("j-1").await.unwrap());
@@ -1188,6 +1251,14 @@ mod tests {
             .map(|e| e.message)
             .collect();
         assert_eq!(seen, ["e3", "e1"]);
+        let all: Vec<String> = store
+            .all_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(all, ["e0", "e1", "e2", "e3"], "every service, oldest first");
         store.close().await;
     }
 

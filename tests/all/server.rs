@@ -68,11 +68,23 @@ impl Server {
 
     /// [`start_with`](Self::start_with), with extra environment variables.
     pub(crate) fn start_with_env(data: &Path, flags: &[&str], env: &[(&str, String)]) -> Server {
+        Server::spawn(data, flags, env, true)
+    }
+
+    /// A server on `data` with its state in `state.db`, whatever
+    /// `WHARF_TEST_STATE` says (a single-node install to migrate).
+    pub(crate) fn start_on_sqlite(data: &Path) -> Server {
+        Server::spawn(data, &[], &[], false)
+    }
+
+    fn spawn(data: &Path, flags: &[&str], env: &[(&str, String)], suite_state: bool) -> Server {
         let given = flags
             .iter()
             .position(|f| *f == "--state")
             .map(|i| flags[i + 1].to_owned());
-        let state_url = given.clone().or_else(|| state_url(data));
+        let state_url = given
+            .clone()
+            .or_else(|| suite_state.then(|| state_url(data)).flatten());
         let state = match (&given, &state_url) {
             (None, Some(url)) => vec!["--state".to_owned(), url.clone()],
             _ => Vec::new(),

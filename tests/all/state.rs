@@ -284,3 +284,140 @@ fn blobs_in_an_s3_bucket_survive_a_kill_9_mid_upload_and_are_never_partial() {
     let id = r.json()[0]["id"].as_str().unwrap().to_owned();
     assert_eq!(s.wait_stopped(&id)["stop_code"], "Completed");
 }
+
+/// Runs `wharf` with `args` and `env`; its exit code, stdout and stderr.
+fn wharf(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("WHARF_DATA_DIR")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn migrate_moves_a_single_node_install_onto_postgresql_and_a_bucket() {
+    let garage = wharf_testkit::garage::shared();
+    let blobs = garage.url("moved");
+    let env = garage.env();
+    let state = wharf_testkit::postgres::shared().database();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap().to_owned();
+    // A single-node install (SQLite, registry/ in the data directory)
+    // with some of everything.
+    let s = Server::start_on_sqlite(&data);
+    s.push_sample("echo", Target::P1, "team/echo:v1");
+    let r = s.api(
+        "POST",
+        "/v1/secrets",
+        Some(json!({"name": "db", "value": "moved-secret-7"})),
+    );
+    assert_eq!(r.status, 201);
+    register(
+        &s,
+        json!({"family": "echo", "artifact": "team/echo:v1", "args": ["one"],
+               "secrets": {"PASSWORD": "db"}}),
+    );
+    register(
+        &s,
+        json!({"family": "echo", "artifact": "team/echo:v1", "args": ["two"],
+               "secrets": {"PASSWORD": "db"}}),
+    );
+    let token = s
+        .api(
+            "POST",
+            "/v1/tokens",
+            Some(json!({"name": "ci", "role": "reader"})),
+        )
+        .json()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo:1"})),
+    );
+    let before = r.json()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_stopped(&before)["stop_code"], "Completed");
+    let wasm = std::fs::read(wharf_testkit::wasm("echo", Target::P1)).unwrap();
+    let layer = crate::server::sha256(&wasm);
+
+    // Not while its server runs.
+    let (code, _, stderr) = wharf(
+        &["migrate", "--from", &data_arg, "--to-state", &state],
+        &env,
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("stop it before migrating"), "{stderr}");
+    assert_eq!(s.terminate().code(), Some(0));
+
+    let (code, stdout, stderr) = wharf(
+        &[
+            "migrate",
+            "--from",
+            &data_arg,
+            "--to-state",
+            &state,
+            "--to-blobs",
+            &blobs,
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("every digest checked twice"), "{stdout}");
+    assert!(stdout.contains("2 task definitions, 1 tasks"), "{stdout}");
+    // Into a database that already holds state: refused.
+    let (code, _, stderr) = wharf(
+        &["migrate", "--from", &data_arg, "--to-state", &state],
+        &env,
+    );
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("migrate into an empty database"),
+        "{stderr}"
+    );
+
+    // The same data directory's server on the new stores has it all.
+    std::fs::remove_dir_all(data.join("registry")).unwrap();
+    std::fs::remove_file(data.join("state.db")).unwrap();
+    let s = Server::start_with_env(&data, &["--state", &state, "--blobs", &blobs], &env);
+    let defs = s.api("GET", "/v1/taskdefs?family=echo", None).json();
+    assert_eq!(defs.as_array().unwrap().len(), 2, "{defs}");
+    let t = s.api("GET", &format!("/v1/tasks/{before}"), None).json();
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+    let logs = s.api("GET", &format!("/v1/tasks/{before}/logs"), None);
+    assert!(
+        String::from_utf8_lossy(&logs.body).contains(r#""text":"one""#),
+        "{}",
+        String::from_utf8_lossy(&logs.body)
+    );
+    assert_eq!(s.api_as(&token, "GET", "/v1/tasks", None).status, 200);
+    let r = crate::server::call(s.req("GET", &format!("/v2/team/echo/blobs/{layer}")).call());
+    assert_eq!(crate::server::sha256(&r.body), layer);
+    // A new revision numbers on, and the moved secret opens for a task.
+    let def = register(
+        &s,
+        json!({"family": "echo", "artifact": "team/echo:v1", "secrets": {"PASSWORD": "db"}}),
+    );
+    assert_eq!(def["revision"], 3, "{def}");
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo:3"})),
+    );
+    let after = r.json()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.wait_stopped(&after)["stop_code"], "Completed");
+    let logs = s.api("GET", &format!("/v1/tasks/{after}/logs"), None);
+    assert!(
+        String::from_utf8_lossy(&logs.body).contains("PASSWORD=moved-secret-7"),
+        "{}",
+        String::from_utf8_lossy(&logs.body)
+    );
+}

@@ -321,6 +321,21 @@ impl StateStore for PgStore {
         Ok(())
     }
 
+    async fn import_task_definition(&self, def: &TaskDefinition) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO task_definitions (family, revision, status, registered_at, body)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&def.family)
+        .bind(i64::from(def.revision))
+        .bind(super::definition_status(def.status))
+        .bind(&def.registered_at)
+        .bind(json(def))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn task(&self, id: &str) -> Result<Option<Task>> {
         let row = sqlx::query("SELECT body FROM tasks WHERE id = $1")
             .bind(id)
@@ -471,6 +486,30 @@ impl StateStore for PgStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| parse(r.get::<&str, _>(0))).collect()
+    }
+
+    async fn join_tokens_with_hashes(&self) -> Result<Vec<(JoinToken, String)>> {
+        let rows = sqlx::query("SELECT body, hash FROM join_tokens ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((parse(r.get::<&str, _>(0))?, r.get::<String, _>(1))))
+            .collect()
+    }
+
+    async fn all_events(&self) -> Result<Vec<ServiceEvent>> {
+        let rows = sqlx::query("SELECT id, service, at, message FROM service_events ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ServiceEvent {
+                id: r.get(0),
+                service: r.get(1),
+                at: r.get(2),
+                message: r.get(3),
+            })
+            .collect())
     }
 
     async fn delete_join_token(&self, id: &str) -> Result<bool> {
