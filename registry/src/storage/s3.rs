@@ -284,16 +284,24 @@ impl Storage for S3Storage {
                 format!("nothing to commit at {from}"),
             ));
         }
-        if parts.len() == 1 && parts[0].size <= MAX_COPY {
-            self.store
-                .copy(&parts[0].location, &target)
-                .await
-                .map_err(io_error)?;
-        } else {
-            let mut reader = self.read_spans(Self::spans(&parts, 0, None));
-            let mut writer = BufWriter::with_capacity(self.store.clone(), target, PART_BUFFER);
-            tokio::io::copy(&mut reader, &mut writer).await?;
-            writer.shutdown().await?;
+        // Empty parts (an upload's opening, a chunk of no bytes) hold
+        // nothing: a push in one request then commits by a server-side
+        // copy instead of a second pass of its bytes through the server.
+        let parts: Vec<ObjectMeta> = parts.into_iter().filter(|p| p.size > 0).collect();
+        match parts.as_slice() {
+            [] => self.write(to, b"").await?,
+            [one] if one.size <= MAX_COPY => {
+                self.store
+                    .copy(&one.location, &target)
+                    .await
+                    .map_err(io_error)?;
+            }
+            _ => {
+                let mut reader = self.read_spans(Self::spans(&parts, 0, None));
+                let mut writer = BufWriter::with_capacity(self.store.clone(), target, PART_BUFFER);
+                tokio::io::copy(&mut reader, &mut writer).await?;
+                writer.shutdown().await?;
+            }
         }
         self.delete(from).await
     }
@@ -407,6 +415,25 @@ mod tests {
         assert_eq!(s.read("blobs/x").await.unwrap().unwrap(), all);
         assert_eq!(s.stat("uploads/u/data").await.unwrap(), None);
         s.delete("blobs").await.unwrap();
+        assert!(everything(&s).is_empty(), "{:?}", everything(&s));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_opening_empty_part_is_skipped_and_an_empty_upload_commits_empty() {
+        let s = storage("e");
+        for chunk in [&b""[..], b"only chunk"] {
+            let mut w = s.appender("uploads/a/data").await.unwrap();
+            w.write_all(chunk).await.unwrap();
+            w.shutdown().await.unwrap();
+        }
+        s.commit("uploads/a/data", "blobs/a").await.unwrap();
+        assert_eq!(s.read("blobs/a").await.unwrap().unwrap(), b"only chunk");
+        let mut w = s.appender("uploads/b/data").await.unwrap();
+        w.shutdown().await.unwrap();
+        s.commit("uploads/b/data", "blobs/b").await.unwrap();
+        assert_eq!(s.read("blobs/b").await.unwrap().unwrap(), b"");
+        s.delete("blobs").await.unwrap();
+        s.delete("uploads").await.unwrap();
         assert!(everything(&s).is_empty(), "{:?}", everything(&s));
     }
 
