@@ -8,7 +8,6 @@
 //! `.ci/run` installs it with `cargo install garage --locked --root
 //! ~/.cache/wharf-tools`), or `garage` on `PATH`.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -61,30 +60,6 @@ fn binary() -> PathBuf {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// Removes directories of earlier test processes that are gone.
-fn remove_stale(parent: &Path) {
-    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("wharf-garage-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
 impl Garage {
     fn cli(&self, args: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -111,12 +86,12 @@ impl Garage {
 
     fn start() -> Garage {
         let bin = binary();
-        let parent = std::env::temp_dir();
-        remove_stale(&parent);
-        let dir = parent.join(format!("wharf-garage-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("garage directory");
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let dir = crate::daemon::fresh_dir("wharf-garage-");
+        let (rpc, s3, admin) = (
+            crate::daemon::free_port(),
+            crate::daemon::free_port(),
+            crate::daemon::free_port(),
+        );
         // Garage's node-to-node secret (32 random bytes as hex).
         let mut random = [0u8; 32];
         std::io::Read::read_exact(
@@ -149,43 +124,15 @@ api_bind_addr = "127.0.0.1:{admin}"
         )
         .expect("garage config");
         let log = std::fs::File::create(dir.join("server.log")).expect("garage log");
-        let (bin2, config2) = (bin.clone(), config.clone());
-        // As for PostgreSQL: the server is the child of a thread that lives
-        // as long as the process, and dies with it.
-        let (started, spawned) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut cmd = Command::new(bin2);
-            cmd.arg("-c")
-                .arg(&config2)
-                .arg("server")
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log);
-            // SAFETY: prctl is async-signal-safe and the closure touches
-            // nothing else between fork and exec.
-            #[allow(unsafe_code)]
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn();
-            let ok = child.is_ok();
-            let _ = started.send(child.map(|_| ()).map_err(|e| e.to_string()));
-            if ok {
-                loop {
-                    std::thread::park();
-                }
-            }
-        });
-        spawned
-            .recv()
-            .expect("garage thread")
-            .expect("garage starts");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c")
+            .arg(&config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        crate::daemon::spawn_for_life(cmd, libc::SIGTERM);
         let mut garage = Garage {
             bin,
             config,

@@ -10,6 +10,7 @@
 
 use std::path::PathBuf;
 
+mod daemon;
 pub mod garage;
 pub mod postgres;
 

@@ -7,7 +7,7 @@
 //! since PostgreSQL refuses to run as root.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,38 +87,10 @@ fn as_postgres(cmd: &mut Command) -> &mut Command {
     cmd.env("LC_ALL", "C").env_remove("PGDATA")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// Removes directories of earlier test processes that are gone.
-fn remove_stale(parent: &Path) {
-    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("wharf-pg-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
 impl Postgres {
     fn start() -> Postgres {
         let bin = bin_dir();
-        let parent = std::env::temp_dir();
-        remove_stale(&parent);
-        let dir = parent.join(format!("wharf-pg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("postgres directory");
+        let dir = crate::daemon::fresh_dir("wharf-pg-");
         if let Some((uid, gid)) = postgres_user() {
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown to postgres");
         }
@@ -134,50 +106,21 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
+        let port = crate::daemon::free_port();
         let log = std::fs::File::create(dir.join("server.log")).expect("postgres log");
-        let (bin2, data2, dir2) = (bin.clone(), data.clone(), dir.clone());
-        // The server is a child of a thread that lives as long as the
-        // process: the parent-death signal then stops it when the process
-        // exits, however it exits.
-        let (started, spawned) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut cmd = Command::new(bin2.join("postgres"));
-            as_postgres(&mut cmd)
-                .arg("-D")
-                .arg(&data2)
-                .args(["-p", &port.to_string(), "-k"])
-                .arg(&dir2)
-                .args(["-c", "listen_addresses=127.0.0.1"])
-                .args(["-c", "max_connections=400", "-c", "fsync=off"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log);
-            // SAFETY: prctl is async-signal-safe and the closure touches
-            // nothing else between fork and exec.
-            #[allow(unsafe_code)]
-            unsafe {
-                cmd.pre_exec(|| {
-                    // SIGINT: PostgreSQL's fast shutdown.
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn();
-            let ok = child.is_ok();
-            let _ = started.send(child.map(|_| ()).map_err(|e| e.to_string()));
-            if ok {
-                loop {
-                    std::thread::park();
-                }
-            }
-        });
-        spawned
-            .recv()
-            .expect("postgres thread")
-            .expect("postgres starts");
+        let mut cmd = Command::new(bin.join("postgres"));
+        as_postgres(&mut cmd)
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "max_connections=400", "-c", "fsync=off"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        // SIGINT: PostgreSQL's fast shutdown.
+        crate::daemon::spawn_for_life(cmd, libc::SIGINT);
         let pg = Postgres { bin, port, dir };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
