@@ -107,6 +107,20 @@ pub(crate) struct ServerArgs {
     /// (`wharf node join`).
     #[arg(long, env = "WHARF_NO_LOCAL_NODE")]
     no_local_node: bool,
+    /// With `--state postgres://`: this server's name among the replicas
+    /// sharing the database (also its own node's name). Each replica
+    /// needs its own; a second process with a name in use is refused.
+    #[arg(long, env = "WHARF_REPLICA", value_parser = parse_replica)]
+    replica: Option<String>,
+    /// With `--state postgres://`: the URL other replicas forward requests
+    /// to this one at (default: http:// and the --listen address).
+    #[arg(long, env = "WHARF_ADVERTISE")]
+    advertise: Option<String>,
+    /// With `--state postgres://`: how long a replica's lease lasts
+    /// unrenewed; after about this long a dead replica's tasks are lost
+    /// and a dead leader's services move to another replica.
+    #[arg(long, env = "WHARF_LEASE_TTL", default_value = "3s", value_parser = parse_duration)]
+    lease_ttl: std::time::Duration,
     /// How often edge nodes sync when nothing happens.
     #[arg(long, env = "WHARF_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
     heartbeat: std::time::Duration,
@@ -118,6 +132,25 @@ pub(crate) struct ServerArgs {
     /// before the task fails to start.
     #[arg(long, env = "WHARF_HEALTH_CHECK_GRACE", default_value = "30s", value_parser = parse_duration)]
     health_check_grace: std::time::Duration,
+}
+
+/// A replica name is a node name: 1 to 63 lowercase letters, digits or
+/// '-'.
+fn parse_replica(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 63
+        && !text.starts_with('-')
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(
+            "a replica name is 1 to 63 lowercase letters, digits or '-', not starting with '-'"
+                .into(),
+        )
+    }
 }
 
 /// Checks `--state` (in `main`, not as a clap parser: clap would echo
@@ -241,6 +274,18 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     config.outbound_policy.allow = args.allow_outbound_networks;
     config.local_node.labels = args.node_labels;
     config.local_node.disabled = args.no_local_node;
+    if args.replica.is_some() && config.state.is_none() {
+        anyhow::bail!(
+            "--replica names one of several servers sharing a PostgreSQL database: it needs --state postgres://..."
+        );
+    }
+    config.local_node.replica = args.replica;
+    if !(std::time::Duration::from_millis(500)..=std::time::Duration::from_secs(60))
+        .contains(&args.lease_ttl)
+    {
+        anyhow::bail!("--lease-ttl must be between 500ms and 60s");
+    }
+    config.lease_ttl = args.lease_ttl;
     if args.heartbeat >= args.node_timeout {
         anyhow::bail!(
             "--heartbeat ({:?}) must be shorter than --node-timeout ({:?}), or every node is lost between two heartbeats",
@@ -265,14 +310,27 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
         .build()
         .context("failed to start the async runtime")?;
     tokio.block_on(async move {
-        let api = Api::open(config, runtime, storage)
-            .await
-            .with_context(|| format!("failed to open the state in {state_shown}"))?;
-        let app = api.router();
+        // Bound first: other replicas learn the address at open.
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         let local = listener.local_addr()?;
+        if config.state.is_some() {
+            config.advertise = Some(match args.advertise {
+                Some(url) => url.trim_end_matches('/').to_owned(),
+                None if local.ip().is_unspecified() => anyhow::bail!(
+                    "--listen {local} is every address: give --advertise http://HOST:PORT, where other replicas reach this one"
+                ),
+                None => format!(
+                    "{}://{local}",
+                    if tls.is_some() { "https" } else { "http" }
+                ),
+            });
+        }
+        let api = Api::open(config, runtime, storage)
+            .await
+            .with_context(|| format!("failed to open the state in {state_shown}"))?;
+        let app = api.router();
         api.listening_on(local);
         if let Some(addr) = ingress {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -292,8 +350,17 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             eprintln!("wharf: CA fingerprint sha256:{}", t.fingerprint);
         }
         let drainer = api.drainer();
+        let fenced = api.fenced();
         let shutdown = async move {
-            shutdown_signal().await;
+            tokio::select! {
+                () = shutdown_signal() => {}
+                why = fenced => {
+                    // Other replicas count this one's tasks as lost
+                    // already: they must not run on.
+                    eprintln!("wharf: {why}");
+                    std::process::exit(3);
+                }
+            }
             // Tasks stop first, so requests that follow their logs
             // finish too; new requests meanwhile are answered (runs
             // are refused with 409) until the listener closes.

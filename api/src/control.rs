@@ -119,6 +119,8 @@ pub struct Control {
     pub(crate) own_addrs: std::sync::Mutex<Vec<std::net::SocketAddr>>,
     /// The ingress's address, once it listens.
     pub(crate) ingress_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// This server as one of several replicas (PostgreSQL state).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -244,8 +246,10 @@ impl Control {
         metrics: Metrics,
         wake: Arc<Notify>,
         secret_box: Arc<SecretBox>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Self {
         Control {
+            cluster,
             secret_box,
             config,
             store,
@@ -433,6 +437,20 @@ impl Control {
     /// `family` (latest active revision) or `family:revision`.
     pub async fn task_definition(&self, name: &str) -> Result<Arc<TaskDefinition>> {
         let (family, revision) = parse_def_name(name)?;
+        if self.cluster.is_some() {
+            // Another replica may have registered or deregistered a
+            // revision a moment ago: the database knows.
+            let not_found = || match revision {
+                Some(r) => format!("task definition {family}:{r} does not exist"),
+                None => format!("task definition family {family} has no active revision"),
+            };
+            return Ok(Arc::new(
+                self.store
+                    .task_definition(&family, revision)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(not_found()))?,
+            ));
+        }
         let revision = match revision.or_else(|| self.latest.get(&family).map(|r| *r)) {
             Some(r) => r,
             None => {
@@ -789,6 +807,7 @@ impl Control {
         let hash = auth::hash(&secret);
         self.store.put_token(&token, &hash).await?;
         self.tokens.load(&token, &hash);
+        self.tell_replicas(crate::cluster::TOKENS_CHANGED).await;
         Ok(CreatedToken { token, secret })
     }
 
@@ -816,7 +835,20 @@ impl Control {
             token.revoked_at = Some(model::now());
             self.store.put_token(&token, &hash).await?;
             self.tokens.load(&token, &hash);
+            self.tell_replicas(crate::cluster::TOKENS_CHANGED).await;
         }
         Ok(token)
+    }
+
+    /// Tells the other replicas (if any) that what `message` names changed.
+    async fn tell_replicas(&self, message: &str) {
+        if self.cluster.is_some()
+            && let Some(r) = self.store.replicas()
+            && let Err(e) = r.notify(message).await
+        {
+            // They also reload whenever their channel was lost, but not
+            // otherwise: say so.
+            tracing::error!(error = %e, "cannot tell the other replicas about a change");
+        }
     }
 }

@@ -62,9 +62,76 @@ pub struct TaskFilter {
     pub limit: u32,
 }
 
+/// A replica's row: who it is and where other replicas reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Its name, which is also its local node's.
+    pub name: String,
+    /// The process's random id.
+    pub id: String,
+    /// Where its API listens, for requests other replicas forward.
+    pub api_url: String,
+    /// Where its ingress listens, if it has one.
+    pub ingress_url: Option<String>,
+    /// Whether its lease has run out (by the database's clock).
+    pub expired: bool,
+    /// Whether it holds the `control` lease (and the lease is current).
+    pub leader: bool,
+}
+
+/// Leases of several replicas on one database (PostgreSQL only; an
+/// SQLite file has one server). Every time is the database's clock.
+#[async_trait]
+pub trait Replicas: Send + Sync {
+    /// Takes the row of `me.name` for `ttl`, if nobody has it or its
+    /// holder's lease ran out. `false`: another live process holds it.
+    async fn claim(&self, me: &Replica, ttl: Duration) -> Result<bool>;
+    /// Extends `me`'s row; `false`: it is no longer `me`'s.
+    async fn renew(&self, me: &Replica, ttl: Duration) -> Result<bool>;
+    /// Takes the `control` lease if it is free or ran out, or extends it
+    /// if `me` holds it. `Some(fence)`: `me` holds it, under this fencing
+    /// token (one more at every change of holder).
+    async fn lead(&self, me: &Replica, ttl: Duration) -> Result<Option<i64>>;
+    /// Every replica's row.
+    async fn list(&self) -> Result<Vec<Replica>>;
+    /// Gives up `me`'s row and, if `me` holds it, the `control` lease.
+    async fn leave(&self, me: &Replica) -> Result<()>;
+    /// Forgets the replica `name` if its row is still `id`'s and ran out,
+    /// and marks its local node's unstopped tasks `NodeLost` in the same
+    /// transaction. `None`: the row was renewed or taken over meanwhile.
+    async fn forget(&self, name: &str, id: &str, at: &str) -> Result<Option<Vec<Task>>>;
+    /// Marks the unstopped tasks of `nodes` `NodeLost` with `why` and
+    /// returns them — but with `keep_started`, returns the started ones
+    /// (`PENDING`, `RUNNING`) second, unchanged: what a starting replica
+    /// loses of its own node, and what a new leader takes over of the
+    /// edge nodes.
+    async fn sweep_nodes(
+        &self,
+        at: &str,
+        nodes: &std::collections::BTreeSet<String>,
+        keep_started: bool,
+        why: &str,
+    ) -> Result<(Vec<Task>, Vec<Task>)>;
+    /// Tells every replica's [`listen`](Self::listen)er `message`.
+    async fn notify(&self, message: &str) -> Result<()>;
+    /// The messages of [`notify`](Self::notify), from now on; `None` when
+    /// some may have been missed (the connection was lost), so a
+    /// listener must reload whatever it caches.
+    async fn listen(&self) -> Result<tokio::sync::mpsc::Receiver<Option<String>>>;
+    /// The value every replica must agree on for `key`: the first one
+    /// given is kept and returned; later calls return it.
+    async fn pin(&self, key: &str, value: &str) -> Result<String>;
+    /// The secret replicas authenticate forwarded requests with.
+    async fn replica_key(&self) -> Result<String>;
+}
+
 /// Where the control plane keeps its state.
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
+    /// Several replicas' leases, if this store can hold them.
+    fn replicas(&self) -> Option<&dyn Replicas> {
+        None
+    }
     /// Applies a batch of writes in one transaction.
     async fn write(&self, batch: &[Write]) -> Result<()>;
     /// Marks every task that is not `STOPPED` as stopped with `NodeLost`
@@ -169,10 +236,18 @@ pub trait StateStore: Send + Sync + 'static {
 
 /// A task that was running when the server stopped, as recovery stores it.
 fn mark_lost(task: &mut Task, at: &str) {
+    mark_lost_why(
+        task,
+        at,
+        "the server stopped while the task was running (node lost)",
+    );
+}
+
+fn mark_lost_why(task: &mut Task, at: &str, message: &str) {
     task.status = TaskStatus::Stopped;
     task.desired_status = TaskStatus::Stopped;
     task.stop_code = Some("NodeLost".into());
-    task.message = Some("the server stopped while the task was running (node lost)".into());
+    task.message = Some(message.to_owned());
     task.stopped_at = Some(at.to_owned());
 }
 
@@ -1262,24 +1337,82 @@ mod tests {
         store.close().await;
     }
 
-    /// Two servers on one database would each take the other's tasks for
-    /// lost: the second is refused, with a message saying why, until the
-    /// first lets go.
+    fn replica(name: &str, id: &str) -> Replica {
+        Replica {
+            name: name.into(),
+            id: id.into(),
+            api_url: format!("http://{name}"),
+            ingress_url: None,
+            expired: false,
+            leader: false,
+        }
+    }
+
+    /// Replica rows and the `control` lease by the database's clock: a
+    /// name is one process's until its lease runs out, the lease has one
+    /// holder whose fencing token grows at every change of holder, and a
+    /// replica that ran out is forgotten with its tasks lost — unless it
+    /// came back first.
     #[tokio::test]
-    async fn a_second_server_on_one_postgres_database_is_refused() {
-        let url = wharf_testkit::postgres::shared().database();
-        let first = PgStore::open(&url).await.unwrap();
-        let wait = Duration::from_millis(300);
-        let err = PgStore::open_waiting(&url, wait)
+    async fn replicas_hold_names_and_one_lease_with_fencing() {
+        let store = PgStore::open(&wharf_testkit::postgres::shared().database())
             .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("another wharf server is using the database"),
-            "{err}"
+            .unwrap();
+        let long = Duration::from_secs(30);
+        let short = Duration::from_millis(300);
+        let (a, a2, b) = (replica("a", "1"), replica("a", "2"), replica("b", "3"));
+        assert!(store.claim(&a, short).await.unwrap());
+        assert!(!store.claim(&a2, long).await.unwrap(), "a is taken");
+        assert!(store.claim(&b, long).await.unwrap());
+        assert_eq!(store.lead(&a, short).await.unwrap(), Some(1));
+        assert_eq!(store.lead(&a, short).await.unwrap(), Some(1), "renewed");
+        assert_eq!(store.lead(&b, long).await.unwrap(), None, "a holds it");
+        let rows = store.list().await.unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.name.as_str(), r.leader))
+                .collect::<Vec<_>>(),
+            [("a", true), ("b", false)]
         );
-        first.close().await;
-        PgStore::open(&url).await.unwrap().close().await;
+        let mut on_a = task("t-a", TaskStatus::Running);
+        on_a.node = "a".into();
+        let mut on_b = task("t-b", TaskStatus::Running);
+        on_b.node = "b".into();
+        store
+            .write(&[Write::Task(Box::new(on_a)), Write::Task(Box::new(on_b))])
+            .await
+            .unwrap();
+        assert_eq!(store.forget("a", "1", "x").await.unwrap(), None, "alive");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(store.lead(&b, long).await.unwrap(), Some(2), "taken over");
+        assert_eq!(store.lead(&a, short).await.unwrap(), None, "fenced out");
+        assert!(store.list().await.unwrap()[0].expired);
+        assert_eq!(
+            store.forget("a", "2", "x").await.unwrap(),
+            None,
+            "not its id"
+        );
+        let lost = store.forget("a", "1", "x").await.unwrap().unwrap();
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].id, "t-a");
+        assert_eq!(lost[0].stop_code.as_deref(), Some("NodeLost"));
+        assert_eq!(
+            store.task("t-b").await.unwrap().unwrap().status,
+            TaskStatus::Running,
+            "b's task is b's"
+        );
+        // The name is free again; a renewal of the forgotten process fails.
+        assert!(!store.renew(&a, short).await.unwrap());
+        assert!(store.claim(&a2, long).await.unwrap());
+        // Messages reach listeners.
+        let mut rx = store.listen().await.unwrap();
+        store.notify("hello").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(got, Some(Some("hello".to_owned())));
+        assert_eq!(store.replica_key().await.unwrap().len(), 64);
+        store.close().await;
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub enum ErrorCode {
     InvalidParameter,
     /// Wharf failed; the detail is in the server's log.
     Internal,
+    /// The server cannot answer now (another replica it needs is away);
+    /// retrying shortly may succeed.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -38,6 +41,7 @@ impl ErrorCode {
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::InvalidParameter => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -21,6 +21,7 @@
 pub mod artifacts;
 pub mod auth;
 pub mod autoscale;
+pub mod cluster;
 pub mod control;
 pub mod db;
 pub mod error;
@@ -134,6 +135,13 @@ pub struct ApiConfig {
     /// The server's CA certificate (PEM), which nodes fetch at join and
     /// check against their token's fingerprint (`None`: no TLS).
     pub ca_pem: Option<String>,
+    /// Where other replicas reach this server's API (`http://HOST:PORT`),
+    /// with PostgreSQL state (default `None`: `http://127.0.0.1:7070`).
+    pub advertise: Option<String>,
+    /// How long a replica's lease lasts unrenewed (default 3 s): a dead
+    /// replica's tasks are lost, and a dead leader's duties move, after
+    /// about this long.
+    pub lease_ttl: Duration,
 }
 
 impl ApiConfig {
@@ -165,6 +173,8 @@ impl ApiConfig {
             node_timeout: Duration::from_secs(10),
             ca_fingerprint: None,
             ca_pem: None,
+            advertise: None,
+            lease_ttl: cluster::DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -208,16 +218,42 @@ impl Api {
             Some(url) => Arc::new(PgStore::open(url).await?),
             None => Arc::new(SqliteStore::open(&config.data_dir.join("state.db")).await?),
         };
-        // Edge nodes run on while the server is down: their started tasks
-        // are taken back below, the rest (the local node's) are lost.
-        let remote: std::collections::BTreeSet<String> = store
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|n| n.credential_hash.is_some())
-            .map(|n| n.name)
-            .collect();
-        let (lost, kept) = store.recover_lost_tasks(&model::now(), &remote).await?;
+        let at = model::now();
+        let (cluster, lost, kept) = if store.replicas().is_some() {
+            let me = db::Replica {
+                name: config.local_node.name().to_owned(),
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                api_url: config
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| "http://127.0.0.1:7070".into()),
+                ingress_url: None,
+                expired: false,
+                leader: false,
+            };
+            let cluster = cluster::Cluster::join(&*store, me, config.lease_ttl).await?;
+            // This replica's own node: what a previous process of it ran
+            // is lost. Edge nodes are the leader's business.
+            let own = std::iter::once(cluster.me.name.clone()).collect();
+            let (lost, _) = store
+                .replicas()
+                .expect("replicas")
+                .sweep_nodes(
+                    &at,
+                    &own,
+                    false,
+                    "the server stopped while the task was running (node lost)",
+                )
+                .await?;
+            (Some(cluster), lost, Vec::new())
+        } else {
+            // Edge nodes run on while the server is down: their started
+            // tasks are taken back below, the rest (the local node's) are
+            // lost.
+            let remote = edge_nodes(&*store).await?;
+            let (lost, kept) = store.recover_lost_tasks(&at, &remote).await?;
+            (None, lost, kept)
+        };
         if !lost.is_empty() {
             tracing::warn!(
                 tasks = lost.len(),
@@ -234,6 +270,9 @@ impl Api {
             registry_storage,
             Arc::new(auth::RegistryAuthorizer(tokens.clone(), fleet.clone())),
         );
+        if cluster.is_some() {
+            registry.set_shared();
+        }
         let remote = wharf_registry::remote::Remote::new(config.remote_policy.clone())
             .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         let artifacts = Arc::new(artifacts::Artifacts::new(
@@ -272,15 +311,34 @@ impl Api {
             fleet.clone(),
             config.local_node.disabled,
             config.default_memory.unwrap_or(config.max_task_memory),
+            config.local_node.name().to_owned(),
         ));
         tasks.set_node_labels(config.local_node.labels.clone());
-        let keep = config.keep_stopped_tasks;
-        let keep_audit = config.keep_audit_entries;
-        let keep_log_bytes = config.keep_log_bytes;
         // The key lives beside state.db, never in it.
-        let secret_box = Arc::new(secrets::SecretBox::open_or_create(
-            &config.data_dir.join("secrets.key"),
-        )?);
+        let key_path = config.data_dir.join("secrets.key");
+        let secret_box = Arc::new(secrets::SecretBox::open_or_create(&key_path)?);
+        if let Some(replicas) = store.replicas() {
+            // Every replica opens the others' secrets and takes their
+            // admin token: they must have the same files.
+            let key = auth::hash(&hex::encode(std::fs::read(&key_path)?));
+            for (what, file, mine) in [
+                ("secrets_key_sha256", "secrets.key", key),
+                (
+                    "admin_token_sha256",
+                    "admin.token",
+                    auth::hash(&config.admin_token),
+                ),
+            ] {
+                if replicas.pin(what, &mine).await? != mine {
+                    return Err(sqlx::Error::Configuration(
+                        format!(
+                            "this data directory's {file} is not the one the other replicas on this database use: copy {file} from another replica's data directory (replicas share it, as they share the database)"
+                        )
+                        .into(),
+                    ));
+                }
+            }
+        }
         let control = Arc::new(Control::new(
             config,
             store.clone(),
@@ -292,111 +350,34 @@ impl Api {
             metrics,
             wake,
             secret_box,
+            cluster.clone(),
         ));
         match control.seal_plain_secrets().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(secrets = n, "sealed secrets stored in plain text"),
             Err(e) => return Err(sqlx::Error::Protocol(e.message)),
         }
-        control
-            .load_nodes()
-            .await
-            .map_err(|e| sqlx::Error::Protocol(e.message))?;
-        for task in kept {
-            let memory = task.limits.memory_bytes.unwrap_or(
-                control
-                    .config
-                    .default_memory
-                    .unwrap_or(control.config.max_task_memory),
-            );
-            let logs = control.store.task_logs(&task.id).await?;
-            // An HTTP task takes the ingress's traffic again.
-            let http = match control.task_definition(&task.task_definition).await {
-                Ok(def) if def.kind == model::TaskKind::Http => def.http.clone(),
-                _ => None,
-            };
-            control.tasks.adopt(task, memory, logs, http);
-        }
-        control
-            .load_services()
-            .await
-            .map_err(|e| sqlx::Error::Protocol(e.message))?;
-        for task in lost.iter().filter(|t| t.service.is_some()) {
-            control.writer.send(db::Write::Event {
-                service: task.service.clone().unwrap_or_default(),
-                at: model::now(),
-                message: format!(
-                    "service {} task {} stopped: NodeLost (the server restarted)",
-                    task.service.as_deref().unwrap_or_default(),
-                    task.id
-                ),
-            });
-        }
+        lost_events(&control, &lost, "the server restarted");
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let reconciler = tokio::spawn(services::reconciler(
-            control.clone(),
-            stopped_rx,
-            shutdown_rx.clone(),
-        ));
-        let autoscaler = tokio::spawn({
-            let control = control.clone();
-            let mut shutdown = shutdown_rx.clone();
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        () = tokio::time::sleep(AUTOSCALE_EVERY) => {}
-                    }
-                    control.autoscale().await;
-                }
+        let mut background = Vec::new();
+        match &cluster {
+            None => {
+                take_over(&control, kept).await?;
+                background.extend(lead(control.clone(), stopped_rx, &shutdown_rx));
             }
-        });
-        let sweeper = tokio::spawn({
-            let fleet = fleet.clone();
-            let mut shutdown = shutdown_rx.clone();
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        () = tokio::time::sleep(SWEEP_EVERY) => {}
-                    }
-                    for (node, tasks) in fleet.sweep() {
-                        tracing::warn!(%node, tasks, "node lost: no heartbeat within the timeout");
-                    }
-                }
+            Some(cluster) => {
+                background.extend(replicate(
+                    control.clone(),
+                    cluster.clone(),
+                    stopped_rx,
+                    &shutdown_rx,
+                ));
             }
-        });
-        let janitor = tokio::spawn({
-            let store = store.clone();
-            let mut shutdown = shutdown_rx;
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        () = tokio::time::sleep(PRUNE_EVERY) => {}
-                    }
-                    match store.prune_tasks(keep).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(tasks = n, "pruned stopped tasks"),
-                        Err(e) => tracing::error!(error = %e, "cannot prune stopped tasks"),
-                    }
-                    match store.prune_logs(keep_log_bytes).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(tasks = n, "pruned the output of stopped tasks"),
-                        Err(e) => tracing::error!(error = %e, "cannot prune task output"),
-                    }
-                    match store.prune_audit(keep_audit).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(entries = n, "pruned the audit log"),
-                        Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
-                    }
-                }
-            }
-        });
+        }
         Ok(Api {
             control,
             shutdown: Arc::new(shutdown),
-            background: vec![reconciler, autoscaler, sweeper, janitor],
+            background,
             writer_join,
         })
     }
@@ -411,7 +392,27 @@ impl Api {
             .merge(http::join_router(control.clone()))
             .merge(http::router(control.clone()))
             .merge(wharf_registry::http::router(control.registry.clone()))
-            .layer(axum::middleware::from_fn_with_state(control, http::observe))
+            .layer(axum::middleware::from_fn_with_state(
+                control.clone(),
+                http::observe,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                control,
+                cluster::route,
+            ))
+    }
+
+    /// Resolves with the reason once this replica must stop at once (its
+    /// lease ran out: other replicas count its tasks as lost); never
+    /// without several replicas.
+    pub fn fenced(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let fenced = self.control.cluster.as_ref().map(|c| c.fenced());
+        async move {
+            match fenced {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// Serves the ingress (the data plane for HTTP services) on
@@ -458,9 +459,312 @@ impl Api {
             let _ = job.await;
         }
         let _ = self.control.writer.commit(Vec::new()).await;
+        if let Some(cluster) = &self.control.cluster {
+            cluster.leave(&*self.control.store).await;
+        }
         self.control.store.close().await;
         drop(self.control);
         self.writer_join.abort();
+    }
+}
+
+/// The edge nodes the store knows (those with a credential).
+async fn edge_nodes(
+    store: &dyn StateStore,
+) -> Result<std::collections::BTreeSet<String>, db::DbError> {
+    Ok(store
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| n.credential_hash.is_some())
+        .map(|n| n.name)
+        .collect())
+}
+
+/// A service event for each lost service task.
+fn lost_events(control: &Control, lost: &[model::Task], why: &str) {
+    for task in lost.iter().filter(|t| t.service.is_some()) {
+        control.writer.send(db::Write::Event {
+            service: task.service.clone().unwrap_or_default(),
+            at: model::now(),
+            message: format!(
+                "service {} task {} stopped: NodeLost ({why})",
+                task.service.as_deref().unwrap_or_default(),
+                task.id
+            ),
+        });
+    }
+}
+
+fn protocol(e: ApiError) -> db::DbError {
+    sqlx::Error::Protocol(e.message)
+}
+
+/// What the server that runs the reconcilers loads first: the edge
+/// nodes, their started tasks `kept` (they run on, and follow the nodes'
+/// reports), and the services.
+async fn take_over(control: &Arc<Control>, kept: Vec<model::Task>) -> Result<(), db::DbError> {
+    control.load_nodes().await.map_err(protocol)?;
+    for task in kept {
+        let memory = task.limits.memory_bytes.unwrap_or(
+            control
+                .config
+                .default_memory
+                .unwrap_or(control.config.max_task_memory),
+        );
+        let logs = control.store.task_logs(&task.id).await?;
+        // An HTTP task takes the ingress's traffic again.
+        let http = match control.task_definition(&task.task_definition).await {
+            Ok(def) if def.kind == model::TaskKind::Http => def.http.clone(),
+            _ => None,
+        };
+        control.tasks.adopt(task, memory, logs, http);
+    }
+    control.load_services().await.map_err(protocol)
+}
+
+/// Starts the leader's duties: the reconciler, the autoscaler, the edge
+/// nodes' sweep and the janitor.
+fn lead(
+    control: Arc<Control>,
+    stopped_rx: mpsc::UnboundedReceiver<model::Task>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let reconciler = tokio::spawn(services::reconciler(
+        control.clone(),
+        stopped_rx,
+        shutdown_rx.clone(),
+    ));
+    let autoscaler = tokio::spawn({
+        let control = control.clone();
+        let mut shutdown = shutdown_rx.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    () = tokio::time::sleep(AUTOSCALE_EVERY) => {}
+                }
+                control.autoscale().await;
+            }
+        }
+    });
+    let sweeper = tokio::spawn({
+        let fleet = control.tasks.fleet().clone();
+        let mut shutdown = shutdown_rx.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    () = tokio::time::sleep(SWEEP_EVERY) => {}
+                }
+                for (node, tasks) in fleet.sweep() {
+                    tracing::warn!(%node, tasks, "node lost: no heartbeat within the timeout");
+                }
+            }
+        }
+    });
+    let janitor = tokio::spawn({
+        let store = control.store.clone();
+        let keep = control.config.keep_stopped_tasks;
+        let keep_audit = control.config.keep_audit_entries;
+        let keep_log_bytes = control.config.keep_log_bytes;
+        let mut shutdown = shutdown_rx.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    () = tokio::time::sleep(PRUNE_EVERY) => {}
+                }
+                match store.prune_tasks(keep).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tasks = n, "pruned stopped tasks"),
+                    Err(e) => tracing::error!(error = %e, "cannot prune stopped tasks"),
+                }
+                match store.prune_logs(keep_log_bytes).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tasks = n, "pruned the output of stopped tasks"),
+                    Err(e) => tracing::error!(error = %e, "cannot prune task output"),
+                }
+                match store.prune_audit(keep_audit).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(entries = n, "pruned the audit log"),
+                    Err(e) => tracing::error!(error = %e, "cannot prune the audit log"),
+                }
+            }
+        }
+    });
+    vec![reconciler, autoscaler, sweeper, janitor]
+}
+
+/// A replica's background: the lease keeper, the notification listener,
+/// and a standby that takes the leader's duties once the lease is this
+/// replica's.
+fn replicate(
+    control: Arc<Control>,
+    cluster: Arc<cluster::Cluster>,
+    mut stopped_rx: mpsc::UnboundedReceiver<model::Task>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let (lead_tx, mut lead_rx) = tokio::sync::oneshot::channel();
+    let keeper = tokio::spawn(cluster.clone().keep(
+        control.store.clone(),
+        Some(lead_tx),
+        shutdown_rx.clone(),
+        {
+            let control = control.clone();
+            move |lost| lost_events(&control, &lost, "its replica stopped")
+        },
+    ));
+    let listener = tokio::spawn({
+        let control = control.clone();
+        let mut shutdown = shutdown_rx.clone();
+        async move {
+            let Some(replicas) = control.store.replicas() else {
+                return;
+            };
+            let mut rx = loop {
+                match replicas.listen().await {
+                    Ok(rx) => break rx,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen to the other replicas");
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.changed() => return,
+                    m = rx.recv() => m,
+                };
+                match message {
+                    None => return,
+                    // Tokens changed, or messages may have been missed.
+                    Some(Some(m)) if m != cluster::TOKENS_CHANGED => {}
+                    Some(_) => match control.store.tokens().await {
+                        Ok(all) => {
+                            for (token, hash) in all {
+                                control.tokens.load(&token, &hash);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot reload the tokens"),
+                    },
+                }
+            }
+        }
+    });
+    let standby = tokio::spawn({
+        let mut shutdown = shutdown_rx.clone();
+        let shutdown_rx = shutdown_rx.clone();
+        async move {
+            // The local node's stops matter to no reconciler until this
+            // replica leads.
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = &mut lead_rx => break,
+                    _ = stopped_rx.recv() => {}
+                }
+            }
+            let started = std::time::Instant::now();
+            let lost = settle(&control, &cluster).await;
+            lost_events(&control, &lost, "its replica stopped");
+            let edge = match edge_nodes(&*control.store).await {
+                Ok(edge) => edge,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take over: the edge nodes");
+                    return;
+                }
+            };
+            let at = model::now();
+            let swept = control.store.replicas().expect("replicas").sweep_nodes(
+                &at,
+                &edge,
+                true,
+                "the replica that placed it stopped before the node started it (node lost)",
+            );
+            let kept = match swept.await {
+                Ok((lost, kept)) => {
+                    lost_events(&control, &lost, "the leader changed");
+                    kept
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take over the edge nodes' tasks");
+                    return;
+                }
+            };
+            if let Err(e) = take_over(&control, kept).await {
+                tracing::error!(error = %e, "cannot take over");
+                return;
+            }
+            tracing::info!(
+                replica = %cluster.me.name,
+                fence = cluster.fence(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "took over the services and the edge nodes"
+            );
+            for job in lead(control, stopped_rx, &shutdown_rx) {
+                let _ = job.await;
+            }
+        }
+    });
+    vec![keeper, listener, standby]
+}
+
+/// Before a new leader starts anything: the replicas whose lease ran out
+/// are forgotten (their tasks lost), and it waits — at most two lease
+/// lengths — until no other replica holds an unstopped service task (the
+/// previous leader's, once its lease ran out too), so no desired slot is
+/// ever filled twice.
+async fn settle(control: &Control, cluster: &cluster::Cluster) -> Vec<model::Task> {
+    let deadline = std::time::Instant::now() + cluster.ttl * 2;
+    let mut lost = Vec::new();
+    loop {
+        lost.extend(cluster::forget_expired(&*control.store, &cluster.me).await);
+        let others: std::collections::BTreeSet<String> = match control.store.replicas() {
+            Some(r) => r
+                .list()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r.id != cluster.me.id)
+                .map(|r| r.name)
+                .collect(),
+            None => Default::default(),
+        };
+        let mut held = 0;
+        for status in [
+            model::TaskStatus::Provisioning,
+            model::TaskStatus::Pending,
+            model::TaskStatus::Running,
+        ] {
+            let filter = db::TaskFilter {
+                status: Some(status),
+                limit: u32::MAX,
+                ..Default::default()
+            };
+            held += control
+                .store
+                .tasks(&filter)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter(|t| t.service.is_some() && others.contains(&t.node))
+                .count();
+        }
+        if held == 0 {
+            return lost;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                tasks = held,
+                "other replicas still hold service tasks: taking over anyway"
+            );
+            return lost;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -12,7 +12,7 @@ use crate::control::Control;
 use crate::error::{ApiError, ErrorCode, Result};
 use crate::fleet::{JoinRequest, JoinResponse, Report, SyncResponse};
 use crate::model::{self, JoinToken, Node, NodeResources, NodeState, NodeStatus};
-use crate::tasks::LOCAL_NODE;
+pub use crate::tasks::LOCAL_NODE;
 
 /// The local node's settings from the server's flags.
 #[derive(Debug, Clone, Default)]
@@ -22,6 +22,16 @@ pub struct LocalNodeConfig {
     /// The server runs no tasks itself (`--no-local-node`): a pure
     /// control plane for edge nodes.
     pub disabled: bool,
+    /// The replica's name (`--replica`), which its node takes; `None`:
+    /// `local`.
+    pub replica: Option<String>,
+}
+
+impl LocalNodeConfig {
+    /// The local node's name.
+    pub fn name(&self) -> &str {
+        self.replica.as_deref().unwrap_or(LOCAL_NODE)
+    }
 }
 
 /// The most edge nodes a cluster takes.
@@ -180,7 +190,7 @@ impl Control {
     /// credentials (at start).
     pub(crate) async fn load_nodes(&self) -> Result<()> {
         for node in self.store.nodes().await? {
-            if node.name == LOCAL_NODE {
+            if node.name == self.tasks.local_name() {
                 self.tasks.set_node_status(node.status);
             } else if let Some(hash) = &node.credential_hash {
                 self.tasks
@@ -252,7 +262,7 @@ impl Control {
     /// Removes an edge node: its credential is refused from now on, and
     /// its tasks stop `NodeLost` (services start them elsewhere).
     pub async fn remove_node(&self, name: &str) -> Result<Node> {
-        if name == LOCAL_NODE {
+        if name == self.tasks.local_name() {
             return Err(ApiError::conflict(
                 "the server's own node cannot be removed (start the server with --no-local-node)",
             ));
@@ -341,6 +351,16 @@ impl Control {
         }
         labels.extend(token.labels.clone());
         let _guard = self.join_lock.lock().await;
+        let replica_named = match self.store.replicas() {
+            Some(r) => r.list().await?.iter().any(|r| r.name == req.name),
+            None => false,
+        };
+        if req.name == self.tasks.local_name() || replica_named {
+            return Err(ApiError::conflict(format!(
+                "{} is the name of a server's own node: choose another --name",
+                req.name
+            )));
+        }
         if self.stored_node(&req.name).await?.is_some() {
             return Err(ApiError::conflict(format!(
                 "a node named {} has joined already (wharf node rm {} first, or choose another --name)",
@@ -489,7 +509,7 @@ impl Control {
         let runtime = executor.runtime();
         let budget = executor.memory_budget();
         Node {
-            name: LOCAL_NODE.into(),
+            name: self.tasks.local_name().to_owned(),
             status: self.tasks.node_status(),
             local: true,
             labels: self.config.local_node.labels.clone(),

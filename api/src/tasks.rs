@@ -81,6 +81,8 @@ impl TaskEntry {
 
 /// The node's task manager.
 pub(crate) struct Tasks {
+    /// The local node's name: `local`, or the replica's.
+    local_name: String,
     live: DashMap<String, Arc<TaskEntry>>,
     executor: Executor,
     artifacts: Arc<Artifacts>,
@@ -213,8 +215,8 @@ fn pick<'a>(
     }
 }
 
-/// The node name tasks of this server report.
-pub(crate) const LOCAL_NODE: &str = "local";
+/// The local node's name when the server is not one of several replicas.
+pub const LOCAL_NODE: &str = "local";
 
 /// A runtime log line as the API shows it.
 pub(crate) fn convert_line(l: wharf_runtime::LogLine) -> LogEntry {
@@ -252,8 +254,10 @@ impl Tasks {
         fleet: Arc<Fleet>,
         no_local_node: bool,
         default_memory: u64,
+        local_name: String,
     ) -> Self {
         Tasks {
+            local_name,
             live: DashMap::new(),
             executor,
             artifacts,
@@ -284,6 +288,17 @@ impl Tasks {
         }
     }
 
+    /// The local node's name.
+    pub(crate) fn local_name(&self) -> &str {
+        &self.local_name
+    }
+
+    /// Whether `id` is a live task of this server (on its own node or
+    /// placed by it on an edge node).
+    pub(crate) fn is_live(&self, id: &str) -> bool {
+        self.live.contains_key(id)
+    }
+
     /// The edge nodes.
     pub(crate) fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
@@ -299,7 +314,7 @@ impl Tasks {
         let mut service_tasks = 0;
         for e in self.live.iter().filter(|_| count) {
             let st = e.state.lock().expect("task lock");
-            if st.task.node != LOCAL_NODE {
+            if st.task.node != self.local_name {
                 continue;
             }
             tasks += 1;
@@ -308,7 +323,7 @@ impl Tasks {
             }
         }
         Candidate {
-            name: LOCAL_NODE.into(),
+            name: self.local_name.clone(),
             status: self.node_status(),
             labels: self
                 .node_labels
@@ -502,7 +517,7 @@ impl Tasks {
     pub(crate) fn live_count(&self) -> usize {
         self.live
             .iter()
-            .filter(|e| e.state.lock().expect("task lock").task.node == LOCAL_NODE)
+            .filter(|e| e.state.lock().expect("task lock").task.node == self.local_name)
             .count()
     }
 
@@ -616,7 +631,7 @@ impl Tasks {
                 }
                 Ok(Target::Local) => {
                     let mut st = entry.state.lock().expect("task lock");
-                    st.task.node = LOCAL_NODE.into();
+                    st.task.node = self.local_name.clone();
                     self.writer.send(Write::Task(Box::new(st.task.clone())));
                     Ok(Placed::Local)
                 }
@@ -1198,9 +1213,9 @@ impl Tasks {
     }
 
     /// Whether a live task runs on this server (not on an edge node).
-    fn is_local(entry: &TaskEntry) -> bool {
+    fn is_local(&self, entry: &TaskEntry) -> bool {
         let node = &entry.state.lock().expect("task lock").task.node;
-        node == LOCAL_NODE || node.is_empty()
+        *node == self.local_name || node.is_empty()
     }
 
     /// The nodes operators are draining: their service tasks move.
@@ -1214,7 +1229,7 @@ impl Tasks {
             .map(|n| n.name)
             .collect();
         if self.node_status() == model::NodeStatus::Draining {
-            nodes.insert(LOCAL_NODE.to_owned());
+            nodes.insert(self.local_name.clone());
         }
         nodes
     }
@@ -1228,7 +1243,7 @@ impl Tasks {
         let ids: Vec<String> = self
             .live
             .iter()
-            .filter(|e| Self::is_local(e.value()))
+            .filter(|e| self.is_local(e.value()))
             .map(|e| e.key().clone())
             .collect();
         for id in ids {
@@ -1243,13 +1258,13 @@ impl Tasks {
                 .await;
         }
         let deadline = Instant::now() + grace;
-        while self.live.iter().any(|e| Self::is_local(e.value())) && Instant::now() < deadline {
+        while self.live.iter().any(|e| self.is_local(e.value())) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The output the edge nodes' tasks have sent so far is kept for
         // the next start, which takes the tasks back.
         for e in &self.live {
-            if Self::is_local(e.value()) {
+            if self.is_local(e.value()) {
                 continue;
             }
             let page = convert_page(e.logs.read_from(0, usize::MAX));

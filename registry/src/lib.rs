@@ -98,6 +98,12 @@ impl Registry {
         })
     }
 
+    /// Says other servers (replicas) write to the same storage: upload
+    /// sessions are checked against the stored bytes at every request.
+    pub fn set_shared(&self) {
+        self.store.set_shared();
+    }
+
     /// Holds `name:tag`'s stripe of the tag lock (see `tag_stripes`).
     pub(crate) async fn lock_tag(
         &self,

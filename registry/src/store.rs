@@ -142,6 +142,9 @@ pub struct PutManifest {
 pub struct Store {
     storage: Arc<dyn Storage>,
     uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<UploadState>>>>>,
+    /// Other servers write to the same storage (replicas): an upload's
+    /// live state is checked against its stored length before it is used.
+    shared: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -166,7 +169,29 @@ impl Store {
         Store {
             storage,
             uploads: Mutex::default(),
+            shared: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Says other servers share the storage (see `shared`).
+    pub fn set_shared(&self) {
+        self.shared
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops `state` if another server appended to the upload since it
+    /// was built (its stored length differs), so it is rebuilt from the
+    /// stored bytes.
+    async fn check_fresh(&self, id: &str, state: &mut Option<UploadState>) -> Result<()> {
+        if let Some(live) = state.as_ref()
+            && self.shared.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let stored = self.storage.stat(&upload_data(id)).await?.unwrap_or(0);
+            if stored != live.offset {
+                *state = None;
+            }
+        }
+        Ok(())
     }
 
     /// The primitive storage.
@@ -319,6 +344,7 @@ impl Store {
         self.check_upload(name, id).await?;
         let session = self.session(id);
         let mut guard = session.lock().await;
+        self.check_fresh(id, &mut guard).await?;
         if guard.is_none() {
             *guard = Some(self.recover(id).await?);
         }
@@ -337,6 +363,7 @@ impl Store {
         self.check_upload(name, id).await?;
         let session = self.session(id);
         let mut guard = session.lock().await;
+        self.check_fresh(id, &mut guard).await?;
         if guard.is_none() {
             *guard = Some(self.recover(id).await?);
         }

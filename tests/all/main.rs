@@ -14,6 +14,7 @@ mod nodes;
 mod peers;
 mod registry;
 mod remote;
+mod replicas;
 mod run;
 mod samples;
 mod serve;

@@ -70,13 +70,14 @@ fn the_state_lives_in_postgresql_survives_a_kill_9_and_has_one_server() {
         "the state went to PostgreSQL, not SQLite"
     );
 
-    // A second server on the same database would take the first one's
-    // running tasks for lost: it refuses to start.
+    // A second server of the same replica name (`local` when none is
+    // given) would take the first one's running tasks for lost: it
+    // refuses to start.
     let other = dir.path().join("other");
     let (code, stderr) = server_fails(&other, &["--state", &url]);
     assert_ne!(code, 0);
     assert!(
-        stderr.contains("another wharf server is using the database"),
+        stderr.contains("replica local is already running on this database"),
         "{stderr}"
     );
 

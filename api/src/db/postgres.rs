@@ -3,31 +3,22 @@
 //! store, its own migrations (`api/migrations-postgres/`), and the same
 //! shared test suite.
 //!
-//! Until several replicas share one database, a server holds a session
-//! advisory lock on it for its whole life, and a second server pointed
-//! at the same database refuses to start instead of taking the first
-//! one's tasks for lost.
+//! Several servers share one database as replicas ([`Replicas`]): each
+//! holds a row with a lease by the database's clock, and the holder of
+//! the `control` lease runs the reconcilers (see `crate::cluster`).
 
 use std::collections::{BTreeSet, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row};
-use tokio::sync::Mutex;
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
-use super::{Result, StateStore, TaskFilter, Write, json, parse};
+use super::{Replica, Replicas, Result, StateStore, TaskFilter, Write, json, parse};
 use crate::model::{
     AuditEntry, JoinToken, LogPage, NodeState, Secret, Service, ServiceEvent, Task, TaskDefinition,
     TaskDefinitionStatus, TaskStatus, Token,
 };
-
-/// The advisory lock a server holds on its database ("WHARF" in ASCII).
-const SERVER_LOCK: i64 = 0x0057_4841_5246;
-
-/// How long a starting server waits for the lock: a server killed just
-/// before lets go of it within milliseconds.
-const LEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Rows per multi-row statement: 6 columns × 256 rows stays far below
 /// PostgreSQL's 65,535 bound parameters.
@@ -37,8 +28,6 @@ const ROWS_PER_STATEMENT: usize = 256;
 #[derive(Debug)]
 pub struct PgStore {
     pool: PgPool,
-    /// The connection that holds [`SERVER_LOCK`] (closed by `close`).
-    lease: Mutex<Option<PgConnection>>,
 }
 
 /// A database URL with its password hidden, for messages and logs.
@@ -60,62 +49,225 @@ pub fn redacted(url: &str) -> String {
 impl PgStore {
     /// Connects to `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`,
     /// with libpq's parameters such as `?host=/run/postgresql` or
-    /// `sslmode=require`), takes the server lock and migrates.
+    /// `sslmode=require`) and migrates. Several servers may share the
+    /// database as replicas ([`Replicas`]).
     pub async fn open(url: &str) -> Result<Self> {
-        Self::open_waiting(url, LEASE_WAIT).await
-    }
-
-    /// [`open`](Self::open), waiting at most `wait` for another server's
-    /// lock to go.
-    pub async fn open_waiting(url: &str, wait: Duration) -> Result<Self> {
         let options: PgConnectOptions = url.parse()?;
         let options = options.application_name("wharf");
-        let mut lease = PgConnection::connect_with(&options).await?;
-        // A server whose machine vanished holds its lock until PostgreSQL
-        // notices the connection is dead: tens of seconds, not TCP's
-        // default two hours.
-        sqlx::raw_sql(
-            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5;
-             SET tcp_keepalives_count = 3; SET tcp_user_timeout = 25000",
-        )
-        .execute(&mut lease)
-        .await?;
-        let deadline = Instant::now() + wait;
-        loop {
-            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(SERVER_LOCK)
-                .fetch_one(&mut lease)
-                .await?;
-            if held {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = lease.close().await;
-                return Err(sqlx::Error::Configuration(
-                    format!(
-                        "another wharf server is using the database {} (several servers on one database are not supported yet): stop it, or give this server a database of its own",
-                        redacted(url)
-                    )
-                    .into(),
-                ));
-            }
-            // A server killed a moment ago: its session ends as soon as
-            // PostgreSQL reads the closed connection.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         let pool = PgPoolOptions::new()
             .max_connections(8)
+            // A lease renewal must not wait behind a dead connection.
+            .acquire_timeout(Duration::from_secs(2))
             .connect_with(options)
             .await?;
-        // sqlx takes its own advisory lock while migrating.
+        // sqlx takes its own advisory lock while migrating, so replicas
+        // starting together migrate one at a time.
         sqlx::migrate!("./migrations-postgres")
             .run(&pool)
             .await
             .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        Ok(PgStore {
-            pool,
-            lease: Mutex::new(Some(lease)),
+        Ok(PgStore { pool })
+    }
+}
+
+#[async_trait]
+impl Replicas for PgStore {
+    async fn claim(&self, me: &Replica, ttl: Duration) -> Result<bool> {
+        let taken = sqlx::query(
+            "INSERT INTO replicas (name, id, api_url, ingress_url, started_at, expires_at)
+             VALUES ($1, $2, $3, $4, now(), now() + $5 * interval '1 millisecond')
+             ON CONFLICT (name) DO UPDATE SET id = excluded.id, api_url = excluded.api_url,
+                 ingress_url = excluded.ingress_url, started_at = excluded.started_at,
+                 expires_at = excluded.expires_at
+             WHERE replicas.expires_at < now() OR replicas.id = excluded.id
+             RETURNING id",
+        )
+        .bind(&me.name)
+        .bind(&me.id)
+        .bind(&me.api_url)
+        .bind(&me.ingress_url)
+        .bind(millis(ttl))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(taken.is_some())
+    }
+
+    async fn renew(&self, me: &Replica, ttl: Duration) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE replicas SET expires_at = now() + $3 * interval '1 millisecond'
+             WHERE name = $1 AND id = $2",
+        )
+        .bind(&me.name)
+        .bind(&me.id)
+        .bind(millis(ttl))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn lead(&self, me: &Replica, ttl: Duration) -> Result<Option<i64>> {
+        sqlx::query_scalar(
+            "INSERT INTO leases (name, holder, holder_id, fence, expires_at)
+             VALUES ('control', $1, $2, 1, now() + $3 * interval '1 millisecond')
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                 holder_id = excluded.holder_id,
+                 fence = CASE WHEN leases.holder_id = excluded.holder_id
+                              THEN leases.fence ELSE leases.fence + 1 END,
+                 expires_at = excluded.expires_at
+             WHERE leases.holder_id = excluded.holder_id OR leases.expires_at < now()
+             RETURNING fence",
+        )
+        .bind(&me.name)
+        .bind(&me.id)
+        .bind(millis(ttl))
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<Replica>> {
+        let rows = sqlx::query(
+            "SELECT r.name, r.id, r.api_url, r.ingress_url, r.expires_at < now(),
+                    l.holder_id IS NOT NULL
+             FROM replicas r
+             LEFT JOIN leases l ON l.name = 'control' AND l.holder_id = r.id
+                 AND l.expires_at >= now()
+             ORDER BY r.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Replica {
+                name: r.get(0),
+                id: r.get(1),
+                api_url: r.get(2),
+                ingress_url: r.get(3),
+                expired: r.get(4),
+                leader: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn leave(&self, me: &Replica) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE leases SET expires_at = now() - interval '1 second' WHERE holder_id = $1",
+        )
+        .bind(&me.id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM replicas WHERE name = $1 AND id = $2")
+            .bind(&me.name)
+            .bind(&me.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    async fn forget(&self, name: &str, id: &str, at: &str) -> Result<Option<Vec<Task>>> {
+        let mut tx = self.pool.begin().await?;
+        let gone = sqlx::query(
+            "DELETE FROM replicas WHERE name = $1 AND id = $2 AND expires_at < now() RETURNING id",
+        )
+        .bind(name)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if gone.is_none() {
+            return Ok(None);
+        }
+        let why = format!("replica {name} stopped while the task was running (node lost)");
+        let (lost, _) = sweep_unstopped(&mut tx, at, |t| {
+            (t.node == name).then_some(Some(why.as_str()))
         })
+        .await?;
+        tx.commit().await?;
+        Ok(Some(lost))
+    }
+
+    async fn sweep_nodes(
+        &self,
+        at: &str,
+        nodes: &BTreeSet<String>,
+        keep_started: bool,
+        why: &str,
+    ) -> Result<(Vec<Task>, Vec<Task>)> {
+        let mut tx = self.pool.begin().await?;
+        let found = sweep_unstopped(&mut tx, at, |t| {
+            if !nodes.contains(&t.node) {
+                None
+            } else if keep_started && matches!(t.status, TaskStatus::Pending | TaskStatus::Running)
+            {
+                Some(None)
+            } else {
+                Some(Some(why))
+            }
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    async fn notify(&self, message: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify('wharf', $1)")
+            .bind(message)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<tokio::sync::mpsc::Receiver<Option<String>>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen("wharf").await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                let message = match listener.try_recv().await {
+                    Ok(Some(n)) => Some(n.payload().to_owned()),
+                    // The connection was lost and is made again at the
+                    // next call: what was sent meanwhile is gone.
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the replicas' notification channel");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        None
+                    }
+                };
+                // A full queue drops the message but says so: the
+                // listener reloads.
+                let sent = match tx.try_send(message) {
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        tx.send(None).await.is_ok()
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+                    Ok(()) => true,
+                };
+                if !sent {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn pin(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO cluster (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query_scalar("SELECT value FROM cluster WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    async fn replica_key(&self) -> Result<String> {
+        sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'replica_key'")
+            .fetch_one(&self.pool)
+            .await
     }
 }
 
@@ -149,12 +301,50 @@ async fn put_tasks(conn: &mut PgConnection, tasks: &[&Task]) -> Result<()> {
     Ok(())
 }
 
+/// Goes over the unstopped tasks (locked for the transaction): `choose`
+/// skips one (`None`), keeps it (`Some(None)`) or marks it `NodeLost`
+/// with a message (`Some(Some(why))`). Returns the lost and the kept.
+async fn sweep_unstopped<'m>(
+    tx: &mut PgConnection,
+    at: &str,
+    choose: impl Fn(&Task) -> Option<Option<&'m str>>,
+) -> Result<(Vec<Task>, Vec<Task>)> {
+    let rows = sqlx::query("SELECT body FROM tasks WHERE status != 'STOPPED' FOR UPDATE")
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut lost = Vec::new();
+    let mut kept = Vec::new();
+    for row in rows {
+        let mut task: Task = parse(row.get::<&str, _>(0))?;
+        match choose(&task) {
+            None => {}
+            Some(None) => kept.push(task),
+            Some(Some(why)) => {
+                super::mark_lost_why(&mut task, at, why);
+                lost.push(task);
+            }
+        }
+    }
+    for chunk in lost.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
+        put_tasks(tx, chunk).await?;
+    }
+    Ok((lost, kept))
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[async_trait]
 impl StateStore for PgStore {
+    fn replicas(&self) -> Option<&dyn Replicas> {
+        Some(self)
+    }
+
     async fn write(&self, batch: &[Write]) -> Result<()> {
         let mut tasks = Vec::new();
         let mut logs = Vec::new();
@@ -220,27 +410,20 @@ impl StateStore for PgStore {
         remote: &BTreeSet<String>,
     ) -> Result<(Vec<Task>, Vec<Task>)> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query("SELECT body FROM tasks WHERE status != 'STOPPED' FOR UPDATE")
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut lost = Vec::with_capacity(rows.len());
-        let mut kept = Vec::new();
-        for row in rows {
-            let mut task: Task = parse(row.get::<&str, _>(0))?;
+        let found = sweep_unstopped(&mut tx, at, |task| {
             if remote.contains(&task.node)
                 && matches!(task.status, TaskStatus::Pending | TaskStatus::Running)
             {
-                kept.push(task);
-                continue;
+                Some(None)
+            } else {
+                Some(Some(
+                    "the server stopped while the task was running (node lost)",
+                ))
             }
-            super::mark_lost(&mut task, at);
-            lost.push(task);
-        }
-        for chunk in lost.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
-            put_tasks(&mut tx, chunk).await?;
-        }
+        })
+        .await?;
         tx.commit().await?;
-        Ok((lost, kept))
+        Ok(found)
     }
 
     async fn register_task_definition(&self, mut def: TaskDefinition) -> Result<TaskDefinition> {
@@ -657,8 +840,5 @@ impl StateStore for PgStore {
 
     async fn close(&self) {
         self.pool.close().await;
-        if let Some(lease) = self.lease.lock().await.take() {
-            let _ = lease.close().await;
-        }
     }
 }

@@ -14,6 +14,9 @@ use super::{Reader, Storage, Writer};
 /// Where temporary files live, inside the root.
 pub const TMP_DIR: &str = "_tmp";
 
+/// A temporary file this old was left by a crash.
+pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A directory-backed store.
 #[derive(Debug, Clone)]
 pub struct FsStorage {
@@ -21,16 +24,25 @@ pub struct FsStorage {
 }
 
 impl FsStorage {
-    /// Uses `root`, creating it. Temporary files from a previous crash are
-    /// removed: nothing refers to them.
+    /// Uses `root`, creating it. Temporary files a crash left are removed:
+    /// nothing refers to them. Only those older than [`STALE_TMP`] go, as
+    /// other servers (replicas on a shared filesystem) may be writing
+    /// theirs — each is written, fsynced and renamed within one call.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
-        std::fs::create_dir_all(&root)?;
         let tmp = root.join(TMP_DIR);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
         std::fs::create_dir_all(&tmp)?;
+        let now = std::time::SystemTime::now();
+        for entry in std::fs::read_dir(&tmp)? {
+            let entry = entry?;
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age > STALE_TMP));
+            if old {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(FsStorage { root })
     }
 
@@ -359,15 +371,23 @@ mod tests {
         .await;
     }
 
+    /// A crash's leftovers go; a file another server (a replica on the
+    /// same shared path) is writing right now stays.
     #[test]
-    fn stale_temporary_files_are_removed_on_open() {
+    fn stale_temporary_files_are_removed_on_open_and_fresh_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join(TMP_DIR)).unwrap();
-        std::fs::write(dir.path().join(TMP_DIR).join("half-written"), b"x").unwrap();
+        let tmp = dir.path().join(TMP_DIR);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let stale = std::fs::File::create(tmp.join("half-written")).unwrap();
+        stale
+            .set_modified(std::time::SystemTime::now() - STALE_TMP * 2)
+            .unwrap();
+        std::fs::write(tmp.join("being-written"), b"x").unwrap();
         FsStorage::open(dir.path()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(),
-            0
-        );
+        let left: Vec<String> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["being-written"]);
     }
 }

@@ -1,0 +1,502 @@
+//! Several `wharf server` replicas on one PostgreSQL database and one
+//! object store (issue 12).
+//!
+//! - **Replica rows.** Each process holds the row of its replica name
+//!   (`--replica`, also its local node's name, so a task's `node` says
+//!   which replica runs it) with a lease by the database's clock, renewed
+//!   every [`Cluster::ttl`]/6. A process that cannot renew within the TTL
+//!   (by its own clock, counted from before the renewal was sent, so it
+//!   gives up before the database lets anyone take over) is *fenced*:
+//!   [`Cluster::fenced`] resolves and the server exits, rather than run
+//!   tasks that another replica already counts as lost.
+//! - **The `control` lease.** One replica, the leader, holds it: it runs
+//!   the services' reconcilers, the autoscaler, the edge nodes' protocol
+//!   and the janitor. Its fencing token grows at every change of holder.
+//!   A new leader first forgets the replicas whose lease ran out (their
+//!   tasks become `NodeLost` in the same transaction that drops their
+//!   row), then waits until no other replica holds a service task, then
+//!   takes the edge nodes' tasks over and loads the services — the
+//!   reconciler then refills them, so no desired slot runs twice.
+//! - **Requests go where the state is.** Every replica serves `/v2/`
+//!   (the registry lives in the shared object store), task definitions,
+//!   secrets, tokens and reads from the database, and runs one-off tasks
+//!   on its own node. Services, nodes and the node protocol are the
+//!   leader's: other replicas forward those requests to it, and a task's
+//!   requests to the replica that runs it. A forwarded request carries
+//!   the cluster's replica key (from the database) and the client's
+//!   address, which only a request with the right key may set.
+//! - **Caches.** Tokens are reloaded when a replica notifies a change
+//!   (PostgreSQL `LISTEN/NOTIFY`), and whenever the notification channel
+//!   was lost; task definitions are read from the database.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::watch;
+
+use crate::control::Control;
+use crate::db::{Replica, StateStore};
+use crate::error::{ApiError, ErrorCode};
+
+/// How long a replica's lease lasts without a renewal (default).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// The notification that tokens changed.
+pub(crate) const TOKENS_CHANGED: &str = "tokens";
+
+/// The header a forwarded request carries the replica key in.
+const KEY_HEADER: &str = "x-wharf-replica-key";
+/// The header a forwarded request carries the client's address in.
+const PEER_HEADER: &str = "x-wharf-peer";
+
+/// The largest body of `POST /v1/tasks` a replica reads to decide where
+/// the request goes (a run request is a small JSON document).
+const MAX_ROUTED_BODY: usize = 1 << 20;
+
+/// This process as one of several replicas.
+pub struct Cluster {
+    /// Its row.
+    pub me: Replica,
+    /// Its lease's length.
+    pub ttl: Duration,
+    key: String,
+    /// Whether it holds the `control` lease (and when it lapses by the
+    /// local clock).
+    leading: AtomicBool,
+    lead_until: std::sync::Mutex<Option<Instant>>,
+    fence: AtomicI64,
+    fenced_tx: watch::Sender<Option<String>>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.me.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Takes the replica row of `me.name`, waiting up to the TTL and a
+    /// second for a previous process of that name to run out.
+    pub(crate) async fn join(
+        store: &dyn StateStore,
+        me: Replica,
+        ttl: Duration,
+    ) -> Result<Arc<Cluster>, sqlx::Error> {
+        let replicas = store.replicas().expect("a store with replicas");
+        if store
+            .nodes()
+            .await?
+            .iter()
+            .any(|n| n.name == me.name && n.credential_hash.is_some())
+        {
+            return Err(sqlx::Error::Configuration(
+                format!(
+                    "an edge node is named {}: give this replica another --replica NAME",
+                    me.name
+                )
+                .into(),
+            ));
+        }
+        let deadline = Instant::now() + ttl + Duration::from_secs(1);
+        while !replicas.claim(&me, ttl).await? {
+            if Instant::now() >= deadline {
+                return Err(sqlx::Error::Configuration(
+                    format!(
+                        "replica {} is already running on this database: give each server its own --replica NAME",
+                        me.name
+                    )
+                    .into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let key = replicas.replica_key().await?;
+        Ok(Arc::new(Cluster {
+            me,
+            ttl,
+            key,
+            leading: AtomicBool::new(false),
+            lead_until: std::sync::Mutex::new(None),
+            fence: AtomicI64::new(0),
+            fenced_tx: watch::channel(None).0,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build_http(),
+        }))
+    }
+
+    /// Whether this replica leads now (by its own clock, with a margin).
+    pub fn is_leader(&self) -> bool {
+        self.leading.load(Ordering::Acquire)
+            && self
+                .lead_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// The leader's fencing token (0 before it ever led).
+    pub fn fence(&self) -> i64 {
+        self.fence.load(Ordering::Acquire)
+    }
+
+    /// Resolves with the reason once this replica must stop: its lease ran
+    /// out, or another process took its name or the `control` lease.
+    pub fn fenced(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut rx = self.fenced_tx.subscribe();
+        async move {
+            loop {
+                if let Some(why) = rx.borrow_and_update().clone() {
+                    return why;
+                }
+                if rx.changed().await.is_err() {
+                    return "the replica closed".into();
+                }
+            }
+        }
+    }
+
+    fn fence_off(&self, why: String) {
+        self.leading.store(false, Ordering::Release);
+        tracing::error!(replica = %self.me.name, "{why}");
+        self.fenced_tx.send_if_modified(|w| {
+            if w.is_none() {
+                *w = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The margin kept from the lease's end: a replica acts only while it
+    /// is sure the database still counts it.
+    fn margin(&self) -> Duration {
+        self.ttl / 6
+    }
+
+    /// Renews the lease every TTL/6 and tries for the `control` lease
+    /// (`became_leader` is told when it is taken) until shutdown or until
+    /// fenced. While it leads, it forgets the replicas whose lease ran
+    /// out and hands their lost tasks to `on_lost`.
+    pub(crate) async fn keep(
+        self: Arc<Self>,
+        store: Arc<dyn StateStore>,
+        mut became_leader: Option<tokio::sync::oneshot::Sender<()>>,
+        mut shutdown: watch::Receiver<bool>,
+        on_lost: impl Fn(Vec<crate::model::Task>) + Send,
+    ) {
+        let replicas = store.replicas().expect("a store with replicas");
+        let mut valid_until = Instant::now() + self.ttl - self.margin();
+        loop {
+            let sent = Instant::now();
+            let round = tokio::time::timeout(self.ttl / 3, async {
+                let renewed = replicas.renew(&self.me, self.ttl).await?;
+                let lead = if renewed {
+                    replicas.lead(&self.me, self.ttl).await?
+                } else {
+                    None
+                };
+                Ok::<_, sqlx::Error>((renewed, lead))
+            })
+            .await;
+            match round {
+                Ok(Ok((false, _))) => {
+                    return self.fence_off(format!(
+                        "another process took replica {}'s row: this one stops",
+                        self.me.name
+                    ));
+                }
+                Ok(Ok((true, lead))) => {
+                    valid_until = sent + self.ttl - self.margin();
+                    match lead {
+                        Some(fence) => {
+                            *self.lead_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(valid_until);
+                            let old = self.fence.swap(fence, Ordering::AcqRel);
+                            if !self.leading.swap(true, Ordering::AcqRel) {
+                                tracing::info!(replica = %self.me.name, fence, "this replica leads");
+                                if let Some(tx) = became_leader.take() {
+                                    let _ = tx.send(());
+                                }
+                            } else if old != fence {
+                                return self.fence_off(format!(
+                                    "the control lease changed hands ({old} to {fence}): this replica stops"
+                                ));
+                            }
+                        }
+                        None if self.leading.load(Ordering::Acquire) => {
+                            return self.fence_off(
+                                "another replica took the control lease: this one stops".into(),
+                            );
+                        }
+                        None => {}
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the replica lease"),
+                Err(_) => tracing::warn!("renewing the replica lease timed out"),
+            }
+            if Instant::now() >= valid_until {
+                return self.fence_off(format!(
+                    "replica {} could not renew its lease within {:?}: it stops, since other replicas now count its tasks as lost",
+                    self.me.name, self.ttl
+                ));
+            }
+            if self.is_leader() {
+                on_lost(forget_expired(&*store, &self.me).await);
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(self.ttl / 6) => {}
+            }
+        }
+    }
+
+    /// The replica that leads, if one does.
+    pub(crate) async fn leader(&self, store: &dyn StateStore) -> Option<Replica> {
+        let replicas = store.replicas()?.list().await.ok()?;
+        replicas.into_iter().find(|r| r.leader)
+    }
+
+    /// Lets go: the row and the lease (if held) go at once, so another
+    /// replica takes over without waiting for them to run out.
+    pub(crate) async fn leave(&self, store: &dyn StateStore) {
+        if let Some(r) = store.replicas()
+            && let Err(e) = r.leave(&self.me).await
+        {
+            tracing::warn!(error = %e, "cannot give up the replica lease");
+        }
+    }
+
+    /// Whether `req` was forwarded by another replica (it carries the key).
+    fn forwarded(&self, req: &Request) -> bool {
+        req.headers()
+            .get(KEY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            // Hashes compare in time independent of the key's bytes.
+            .is_some_and(|v| crate::auth::hash(v) == crate::auth::hash(&self.key))
+    }
+
+    /// Sends `req` to `to` and streams its answer back.
+    async fn forward(&self, mut req: Request, to: &Replica, peer: Option<SocketAddr>) -> Response {
+        let Some(path) = req.uri().path_and_query().map(|p| p.as_str().to_owned()) else {
+            return ApiError::invalid("path", "no path").into_response();
+        };
+        let Some(base) = to.api_url.strip_prefix("http://") else {
+            return ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "replica {} serves {}: forwarding between replicas speaks plain HTTP only",
+                    to.name, to.api_url
+                ),
+            )
+            .into_response();
+        };
+        let Ok(uri) = format!("http://{base}{path}").parse::<axum::http::Uri>() else {
+            return ApiError::new(
+                ErrorCode::Internal,
+                format!("replica {}'s address {} is not a URL", to.name, to.api_url),
+            )
+            .into_response();
+        };
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        for hop in [
+            header::CONNECTION,
+            header::HOST,
+            header::TE,
+            header::UPGRADE,
+        ] {
+            headers.remove(hop);
+        }
+        headers.remove(PEER_HEADER);
+        if let Ok(key) = HeaderValue::from_str(&self.key) {
+            headers.insert(KEY_HEADER, key);
+        }
+        if let Some(peer) = peer
+            && let Ok(v) = HeaderValue::from_str(&peer.to_string())
+        {
+            headers.insert(PEER_HEADER, v);
+        }
+        match self.client.request(req).await {
+            Ok(resp) => resp.map(Body::new),
+            Err(e) => ApiError::new(
+                ErrorCode::Unavailable,
+                format!("replica {} did not answer ({e}): try again", to.name),
+            )
+            .into_response(),
+        }
+    }
+}
+
+/// Forgets every replica but `me` whose lease ran out; returns the tasks
+/// that were lost with them.
+pub(crate) async fn forget_expired(
+    store: &dyn StateStore,
+    me: &Replica,
+) -> Vec<crate::model::Task> {
+    let Some(replicas) = store.replicas() else {
+        return Vec::new();
+    };
+    let mut lost = Vec::new();
+    let all = match replicas.list().await {
+        Ok(all) => all,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the replicas");
+            return lost;
+        }
+    };
+    for r in all.iter().filter(|r| r.expired && r.id != me.id) {
+        match replicas.forget(&r.name, &r.id, &crate::model::now()).await {
+            Ok(Some(tasks)) => {
+                tracing::warn!(replica = %r.name, tasks = tasks.len(), "replica lost: its lease ran out");
+                lost.extend(tasks);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(replica = %r.name, error = %e, "cannot forget a replica"),
+        }
+    }
+    lost
+}
+
+/// Where a request goes.
+enum Route {
+    Here,
+    Leader,
+    Replica(String),
+}
+
+/// The outermost layer of a replica's router: serves a request here, or
+/// forwards it to the leader or to the replica that runs its task. A
+/// request another replica forwarded is always served here, with the
+/// client's address it carries.
+pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: Next) -> Response {
+    let Some(cluster) = control.cluster.clone() else {
+        return next.run(req).await;
+    };
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if cluster.forwarded(&req) {
+        let client = req
+            .headers()
+            .get(PEER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<SocketAddr>().ok());
+        if let Some(client) = client {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(client));
+        }
+        return next.run(req).await;
+    }
+    req.headers_mut().remove(PEER_HEADER);
+    let path = req.uri().path().to_owned();
+    let route = if path.starts_with("/v1/services")
+        || path.starts_with("/v1/nodes")
+        || path.starts_with("/v1/agent/")
+    {
+        Route::Leader
+    } else if let Some(rest) = path.strip_prefix("/v1/tasks/") {
+        let id = rest.split('/').next().unwrap_or_default();
+        task_route(&control, &cluster, id).await
+    } else if path == "/v1/tasks" && req.method() == axum::http::Method::POST {
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(body, MAX_ROUTED_BODY).await {
+            Ok(b) => b,
+            Err(_) => {
+                return ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("a run request is at most {MAX_ROUTED_BODY} bytes"),
+                )
+                .into_response();
+            }
+        };
+        let node = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("node").and_then(|n| n.as_str()).map(str::to_owned));
+        req = Request::from_parts(parts, Body::from(bytes));
+        let elsewhere =
+            control.config.local_node.disabled || node.is_some_and(|n| n != cluster.me.name);
+        if elsewhere {
+            Route::Leader
+        } else {
+            Route::Here
+        }
+    } else {
+        Route::Here
+    };
+    let to = match route {
+        Route::Here => return next.run(req).await,
+        Route::Leader if cluster.is_leader() => return next.run(req).await,
+        Route::Leader => cluster.leader(&*control.store).await,
+        Route::Replica(name) => control
+            .store
+            .replicas()
+            .expect("a store with replicas")
+            .list()
+            .await
+            .ok()
+            .and_then(|all| all.into_iter().find(|r| r.name == name && !r.expired)),
+    };
+    match to {
+        Some(to) if to.id != cluster.me.id => cluster.forward(req, &to, peer).await,
+        Some(_) => next.run(req).await,
+        None => {
+            let mut resp = ApiError::new(
+                ErrorCode::Unavailable,
+                "no replica leads the cluster at the moment (one takes over within seconds): try again",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
+        }
+    }
+}
+
+/// A task's requests go to the replica that holds it: here if it is live
+/// here; the replica whose node runs it; the leader for a task on an edge
+/// node; here for a stopped task (its record is in the database).
+async fn task_route(control: &Control, cluster: &Cluster, id: &str) -> Route {
+    if control.tasks.is_live(id) {
+        return Route::Here;
+    }
+    let Ok(Some(task)) = control.store.task(id).await else {
+        return Route::Here;
+    };
+    if task.status == crate::model::TaskStatus::Stopped || task.node == cluster.me.name {
+        return Route::Here;
+    }
+    let replica = control
+        .store
+        .replicas()
+        .expect("a store with replicas")
+        .list()
+        .await
+        .ok()
+        .and_then(|all| all.into_iter().find(|r| r.name == task.node));
+    match replica {
+        Some(r) if !r.expired => Route::Replica(r.name),
+        // A replica that ran out: its tasks are lost, as the leader will
+        // record; the record here says what is known.
+        Some(_) => Route::Here,
+        None if task.node.is_empty() => Route::Here,
+        None => Route::Leader,
+    }
+}

@@ -1,0 +1,374 @@
+//! Several `wharf server` replicas on one real PostgreSQL database
+//! (`wharf_testkit::postgres`) and one real S3-compatible bucket
+//! (`wharf_testkit::garage`): any replica answers any request, one leads
+//! the services, and a `kill -9` of the leader moves them.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use wharf_testkit::Target;
+
+use crate::server::{Server, call, eventually, register, sha256};
+
+/// The shared database and bucket of one test's replicas.
+struct Shared {
+    state: String,
+    blobs: String,
+    env: Vec<(&'static str, String)>,
+    dir: tempfile::TempDir,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        let garage = wharf_testkit::garage::shared();
+        Shared {
+            state: wharf_testkit::postgres::shared().database(),
+            blobs: garage.url("wharf"),
+            env: garage.env(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn data(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts replica `name`; every replica after the first gets the
+    /// first one's admin token and secrets key, as an operator copies
+    /// them.
+    fn start(&self, name: &str) -> Server {
+        let data = self.data(name);
+        let first = self.data("a");
+        if name != "a" && !data.exists() {
+            std::fs::create_dir_all(&data).unwrap();
+            for file in ["admin.token", "secrets.key"] {
+                std::fs::copy(first.join(file), data.join(file)).unwrap();
+            }
+        }
+        Server::start_with_env(
+            &data,
+            &[
+                "--state",
+                &self.state,
+                "--blobs",
+                &self.blobs,
+                "--replica",
+                name,
+            ],
+            &self.env,
+        )
+    }
+}
+
+/// The replica that leads: the `/v1/nodes` listing (the leader's) names
+/// its own node, which is the replica's name.
+fn leader(s: &Server) -> String {
+    let nodes = s.api("GET", "/v1/nodes", None).json();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["local"] == true)
+        .and_then(|n| n["name"].as_str())
+        .unwrap_or_else(|| panic!("no local node in {nodes}"))
+        .to_owned()
+}
+
+fn wait_stopped_on(s: &Server, id: &str) -> serde_json::Value {
+    eventually(Duration::from_secs(30), "the task to stop", || {
+        let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
+        (t["status"] == "STOPPED").then_some(t)
+    })
+}
+
+#[test]
+fn three_replicas_share_the_registry_state_uploads_and_tokens() {
+    let shared = Shared::new();
+    let a = shared.start("a");
+    let b = shared.start("b");
+    let c = shared.start("c");
+
+    // Push to A, pull from B.
+    a.push_sample("echo", Target::P1, "team/echo:v1");
+    let r = call(
+        b.req("GET", "/v2/team/echo/manifests/v1")
+            .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .call(),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let manifest = r.json();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let r = call(b.req("GET", &format!("/v2/team/echo/blobs/{layer}")).call());
+    assert_eq!(r.status, 200);
+    assert_eq!(sha256(&r.body), layer, "B serves the bytes A stored");
+
+    // Register on A, run on B, describe on C: read-your-writes.
+    register(
+        &a,
+        json!({"family": "echo", "artifact": "team/echo:v1", "args": ["on", "b"]}),
+    );
+    let r = b.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo"})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    let r = c.api("GET", &format!("/v1/tasks/{id}"), None);
+    assert_eq!(r.status, 200, "C knows the task at once");
+    let t = wait_stopped_on(&c, &id);
+    assert_eq!(t["stop_code"], "Completed", "{t}");
+    assert_eq!(t["node"], "b", "B ran it on its own node");
+    let logs = c.api("GET", &format!("/v1/tasks/{id}/logs"), None);
+    assert!(
+        String::from_utf8_lossy(&logs.body).contains(r#""text":"b""#),
+        "{}",
+        String::from_utf8_lossy(&logs.body)
+    );
+    // A new revision registered on C is the one B runs next.
+    register(
+        &c,
+        json!({"family": "echo", "artifact": "team/echo:v1", "args": ["revision", "2"]}),
+    );
+    let r = b.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo"})),
+    );
+    assert_eq!(r.json()[0]["task_definition"], "echo:2");
+
+    // A long task on B: stopped and followed through A.
+    a.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    register(
+        &b,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["50"]}),
+    );
+    let r = b.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "beat"})),
+    );
+    let long = r.json()[0]["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(20), "heartbeats through A", || {
+        let logs = a.api("GET", &format!("/v1/tasks/{long}/logs"), None);
+        String::from_utf8_lossy(&logs.body)
+            .contains("heartbeat 1")
+            .then_some(())
+    });
+    let r = a.api("POST", &format!("/v1/tasks/{long}/stop"), None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(wait_stopped_on(&c, &long)["stop_code"], "UserStopped");
+
+    // A chunked upload started on A, continued on B, then on A again
+    // (whose idea of the upload is stale by now), finished on C.
+    let chunks: [Vec<u8>; 3] = [vec![1u8; 1 << 20], vec![2u8; 5000], b"end".to_vec()];
+    let whole = chunks.concat();
+    let digest = sha256(&whole);
+    let r = call(a.req("POST", "/v2/team/echo/blobs/uploads/").call());
+    assert_eq!(r.status, 202);
+    let location = r.header("location").unwrap().to_owned();
+    let mut at = 0;
+    for (chunk, s) in chunks.iter().zip([&a, &b, &a]) {
+        let r = call(
+            s.req("PATCH", &location)
+                .set("Content-Range", &format!("{at}-{}", at + chunk.len() - 1))
+                .send_bytes(chunk),
+        );
+        assert_eq!(r.status, 202, "{r:?}");
+        at += chunk.len();
+        assert_eq!(r.header("range"), Some(format!("0-{}", at - 1).as_str()));
+    }
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = call(
+        c.req("PUT", &format!("{location}{sep}digest={digest}"))
+            .send_bytes(&[]),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = call(
+        a.req("GET", &format!("/v2/team/echo/blobs/{digest}"))
+            .call(),
+    );
+    assert_eq!(sha256(&r.body), digest);
+
+    // A token made on A works on C; revoked on B, it stops working on A.
+    let r = a.api(
+        "POST",
+        "/v1/tokens",
+        Some(json!({"name": "ci", "role": "reader"})),
+    );
+    assert_eq!(r.status, 201);
+    let token = r.json();
+    let secret = token["secret"].as_str().unwrap().to_owned();
+    let token_id = token["token"]["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(5), "the token on C", || {
+        (c.api_as(&secret, "GET", "/v1/taskdefs", None).status == 200).then_some(())
+    });
+    assert_eq!(
+        b.api("DELETE", &format!("/v1/tokens/{token_id}"), None)
+            .status,
+        200
+    );
+    eventually(Duration::from_secs(5), "the revocation on A", || {
+        (a.api_as(&secret, "GET", "/v1/taskdefs", None).status == 401).then_some(())
+    });
+
+    // A fourth process may not take a live replica's name.
+    let (code, stderr) = fails(&shared, "b");
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("replica b is already running on this database"),
+        "{stderr}"
+    );
+    // Nor join with another data directory's secrets.
+    let other = shared.data("d");
+    std::fs::create_dir_all(&other).unwrap();
+    let (code, stderr) = fails(&shared, "d");
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("secrets.key is not the one the other replicas"),
+        "{stderr}"
+    );
+    drop(a);
+    drop((b, c));
+}
+
+/// Starts replica `name` expecting it to fail; its exit code and stderr.
+fn fails(shared: &Shared, name: &str) -> (i32, String) {
+    let data = shared.data(&format!("{name}-again"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["server", "--listen", "127.0.0.1:0", "--ingress", "off"])
+        .arg("--data-dir")
+        .arg(if name == "d" { shared.data("d") } else { data })
+        .args([
+            "--state",
+            &shared.state,
+            "--blobs",
+            &shared.blobs,
+            "--replica",
+            name,
+        ])
+        .envs(shared.env.iter().map(|(k, v)| (k, v)))
+        .env_remove("WHARF_STATE")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The service's tasks as any replica lists them.
+fn tasks_of(s: &Server, service: &str) -> Vec<serde_json::Value> {
+    s.api(
+        "GET",
+        &format!("/v1/tasks?service={service}&limit=1000"),
+        None,
+    )
+    .json()
+    .as_array()
+    .unwrap()
+    .clone()
+}
+
+#[test]
+fn a_kill_9_of_the_leader_during_a_scale_up_moves_the_service_within_5_s_with_no_duplicate() {
+    let shared = Shared::new();
+    let a = shared.start("a");
+    let b = shared.start("b");
+    let c = shared.start("c");
+    assert_eq!(leader(&b), "a", "the first replica leads");
+    a.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    register(
+        &b,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["100"]}),
+    );
+    // Created on C, which forwards it to the leader.
+    let r = c.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "web", "task_definition": "beat", "desired_count": 2})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    crate::server::converged(&b, "web", 2);
+    let before: Vec<String> = tasks_of(&b, "web")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(tasks_of(&b, "web").iter().all(|t| t["node"] == "a"));
+
+    // Scale up through B, and kill the leader at once.
+    let r = b.api(
+        "PATCH",
+        "/v1/services/web",
+        Some(json!({"desired_count": 6})),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    a.kill9();
+    let killed = Instant::now();
+
+    // Watch from C until the service runs 6 tasks again; at no moment
+    // may more than 6 run outside the dead replica.
+    let mut worst = 0;
+    let took = loop {
+        let tasks = tasks_of(&c, "web");
+        let live: Vec<&serde_json::Value> = tasks
+            .iter()
+            .filter(|t| t["status"] != "STOPPED" && t["node"] != "a")
+            .collect();
+        worst = worst.max(live.len());
+        let running = live.iter().filter(|t| t["status"] == "RUNNING").count();
+        if running == 6 && live.len() == 6 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the service did not come back: {tasks:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("failover: 6 tasks RUNNING again {took:?} after the kill -9");
+    assert!(worst <= 6, "{worst} tasks were live at once for 6 slots");
+    assert!(
+        took < Duration::from_secs(5),
+        "another replica finished the scale-up {took:?} after the kill (target 5 s)"
+    );
+    let new_leader = leader(&c);
+    assert!(["b", "c"].contains(&new_leader.as_str()), "{new_leader}");
+    let tasks = tasks_of(&c, "web");
+    // Every record is kept: the dead leader's tasks are STOPPED NodeLost.
+    for id in &before {
+        let t = tasks
+            .iter()
+            .find(|t| t["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("task {id} has no record"));
+        assert_eq!(t["status"], "STOPPED", "{t}");
+        assert_eq!(t["stop_code"], "NodeLost", "{t}");
+    }
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t["status"] == "RUNNING")
+            .all(|t| t["node"] == new_leader.as_str()),
+        "{tasks:?}"
+    );
+    let events = crate::server::events(&c, "web");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("NodeLost (its replica stopped)")),
+        "{events:?}"
+    );
+
+    // The dead replica comes back under its name: it follows, and the
+    // service keeps its 6 tasks.
+    let a = shared.start("a");
+    assert_eq!(leader(&a), new_leader);
+    std::thread::sleep(Duration::from_secs(1));
+    let live = tasks_of(&a, "web")
+        .into_iter()
+        .filter(|t| t["status"] != "STOPPED")
+        .count();
+    assert_eq!(live, 6);
+    drop((a, b, c));
+}
