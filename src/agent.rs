@@ -80,6 +80,18 @@ pub(crate) struct JoinArgs {
     allow_outbound_networks: Vec<wharf_registry::remote::IpNet>,
 }
 
+/// A sync that did not reach a server able to answer it.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
 /// What the node keeps of its membership (`node.json`, mode 0600).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Membership {
@@ -112,7 +124,11 @@ struct Local {
 
 struct Agent {
     http: reqwest::Client,
-    base: String,
+    /// The server's URLs: several replicas of one cluster, tried in turn
+    /// when the current one fails.
+    servers: Vec<String>,
+    /// Which of `servers` syncs go to.
+    current: std::sync::atomic::AtomicUsize,
     credential: String,
     executor: Executor,
     runtime: Arc<Runtime>,
@@ -190,8 +206,16 @@ pub(crate) fn main(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("failed to create {}", data_dir.display()))?;
     let _lock = crate::paths::lock_data_dir(&data_dir)?;
-    let server = server.trim_end_matches('/').to_owned();
-    check_transport(&server, args.insecure)?;
+    // Several replicas of one cluster: `--server URL,URL,...`.
+    let servers: Vec<String> = server
+        .split(',')
+        .map(|s| s.trim().trim_end_matches('/').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for s in &servers {
+        check_transport(s, args.insecure)?;
+    }
+    let server = servers.first().context("--server is empty")?.clone();
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -301,7 +325,8 @@ pub(crate) fn main(
     };
     let agent = Arc::new(Agent {
         http,
-        base: server.clone(),
+        servers: servers.clone(),
+        current: std::sync::atomic::AtomicUsize::new(0),
         credential: membership.credential.clone(),
         executor,
         runtime,
@@ -600,20 +625,51 @@ impl Agent {
             .any(|t| t.finished.is_some() || !t.logs.read_from(t.sent, 1).lines.is_empty())
     }
 
-    /// One sync; applies the answer.
+    /// The server syncs go to now.
+    fn base(&self) -> &str {
+        &self.servers[self.current.load(Ordering::Acquire) % self.servers.len()]
+    }
+
+    /// After a failure: the next of several servers (replicas).
+    fn next_server(&self) {
+        if self.servers.len() > 1 {
+            self.current.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// One sync; applies the answer. A server that cannot be reached, or
+    /// answers that it cannot serve now (503, 502), makes the next one
+    /// (of several replicas) current.
     async fn sync(self: &Arc<Self>, wait_ms: u64) -> Result<()> {
+        let result = self.sync_once(wait_ms).await;
+        if let Err(e) = &result
+            && e.downcast_ref::<Unreachable>().is_some()
+        {
+            self.next_server();
+        }
+        result
+    }
+
+    async fn sync_once(self: &Arc<Self>, wait_ms: u64) -> Result<()> {
         let (report, upto) = self.report(wait_ms);
         let response = self
             .http
-            .post(format!("{}/v1/agent/sync", self.base))
+            .post(format!("{}/v1/agent/sync", self.base()))
             .bearer_auth(&self.credential)
             // A poll answered into a cut link is given up soon, so the node
             // is back within a heartbeat or two of the link.
             .timeout(Duration::from_millis(wait_ms) + Duration::from_secs(5))
             .json(&report)
             .send()
-            .await?;
+            .await
+            .map_err(|e| anyhow::Error::new(Unreachable(e.to_string())))?;
         let status = response.status();
+        if matches!(
+            status,
+            reqwest::StatusCode::BAD_GATEWAY | reqwest::StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            return Err(Unreachable(format!("the server answered {status}")).into());
+        }
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             // Removed (wharf node rm): its tasks run elsewhere now.
             self.removed.notify_one();
@@ -704,7 +760,7 @@ impl Agent {
             match self.sync(wait).await {
                 Ok(()) => {
                     if failing {
-                        eprintln!("wharf: reconnected to {}", self.base);
+                        eprintln!("wharf: reconnected to {}", self.base());
                         failing = false;
                     }
                 }
@@ -712,7 +768,7 @@ impl Agent {
                     if !failing {
                         eprintln!(
                             "wharf: cannot reach {} ({e:#}); tasks keep running, retrying",
-                            self.base
+                            self.base()
                         );
                         failing = true;
                     }
@@ -971,7 +1027,12 @@ impl Agent {
     }
 
     async fn pull(&self, a: &Assignment, hex: &str) -> std::result::Result<Vec<u8>, String> {
-        let url = format!("{}/v2/{}/blobs/{}", self.base, a.repository, a.wasm_digest);
+        let url = format!(
+            "{}/v2/{}/blobs/{}",
+            self.base(),
+            a.repository,
+            a.wasm_digest
+        );
         let mut response = self
             .http
             .get(&url)

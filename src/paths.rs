@@ -26,9 +26,11 @@ pub(crate) fn compile_cache(data_dir: &std::path::Path) -> PathBuf {
 /// Where the registry keeps its blobs, manifests and uploads.
 #[derive(Debug, Clone)]
 pub(crate) enum Blobs {
-    /// A directory: `registry/` in the data directory, or `--blobs
-    /// file:///PATH` (a shared filesystem such as NFS).
+    /// `registry/` in the data directory: this server's alone.
     Dir(PathBuf),
+    /// `--blobs file:///PATH`: a shared filesystem such as NFS, which
+    /// other servers (replicas) may use at the same time.
+    Shared(PathBuf),
     /// `--blobs s3://BUCKET/PREFIX?endpoint=URL&region=R`.
     S3(String),
 }
@@ -46,7 +48,7 @@ impl Blobs {
         }
         match url.strip_prefix("file://") {
             Some(path) if path.starts_with('/') && !path.split('/').any(|c| c == "..") => {
-                Ok(Blobs::Dir(PathBuf::from(path)))
+                Ok(Blobs::Shared(PathBuf::from(path)))
             }
             Some(_) => anyhow::bail!(
                 "--blobs {url}: a file:// URL needs an absolute path without `..`, such as file:///mnt/shared/wharf"
@@ -57,9 +59,10 @@ impl Blobs {
         }
     }
 
-    /// Opens the storage. A directory is opened as its owner (stale
-    /// temporary files removed) or, with `owner` false, beside a running
-    /// server that owns it.
+    /// Opens the storage. A directory is opened as its owner (temporary
+    /// files a crash left removed: all of them in the data directory,
+    /// the stale ones on a shared path) or, with `owner` false, beside a
+    /// running server that owns it.
     pub(crate) fn open(
         &self,
         owner: bool,
@@ -67,11 +70,11 @@ impl Blobs {
         use anyhow::Context;
         use wharf_registry::storage::fs::FsStorage;
         Ok(match self {
-            Blobs::Dir(root) => std::sync::Arc::new(
-                if owner {
-                    FsStorage::open(root)
-                } else {
-                    FsStorage::attach(root)
+            Blobs::Dir(root) | Blobs::Shared(root) => std::sync::Arc::new(
+                match (owner, self) {
+                    (false, _) => FsStorage::attach(root),
+                    (true, Blobs::Shared(_)) => FsStorage::open_shared(root),
+                    (true, _) => FsStorage::open(root),
                 }
                 .with_context(|| {
                     format!("failed to open registry storage in {}", root.display())

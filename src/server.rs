@@ -116,6 +116,11 @@ pub(crate) struct ServerArgs {
     /// to this one at (default: http:// and the --listen address).
     #[arg(long, env = "WHARF_ADVERTISE")]
     advertise: Option<String>,
+    /// With `--state postgres://`: the URL other replicas relay HTTP
+    /// services' requests to this one's ingress at (default: http:// and
+    /// the --ingress address).
+    #[arg(long, env = "WHARF_ADVERTISE_INGRESS")]
+    advertise_ingress: Option<String>,
     /// With `--state postgres://`: how long a replica's lease lasts
     /// unrenewed; after about this long a dead replica's tasks are lost
     /// and a dead leader's services move to another replica.
@@ -315,6 +320,26 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             .await
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         let local = listener.local_addr()?;
+        let ingress_listener = match ingress {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("failed to listen on {addr} for the ingress"))?,
+            ),
+            None => None,
+        };
+        if let Some(l) = &ingress_listener
+            && config.state.is_some()
+        {
+            let at = l.local_addr()?;
+            config.advertise_ingress = Some(match &args.advertise_ingress {
+                Some(url) => url.trim_end_matches('/').to_owned(),
+                None if at.ip().is_unspecified() => anyhow::bail!(
+                    "--ingress {at} is every address: give --advertise-ingress http://HOST:PORT, where other replicas relay HTTP services' requests to"
+                ),
+                None => format!("http://{at}"),
+            });
+        }
         if config.state.is_some() {
             config.advertise = Some(match args.advertise {
                 Some(url) => url.trim_end_matches('/').to_owned(),
@@ -332,10 +357,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             .with_context(|| format!("failed to open the state in {state_shown}"))?;
         let app = api.router();
         api.listening_on(local);
-        if let Some(addr) = ingress {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("failed to listen on {addr} for the ingress"))?;
+        if let Some(listener) = ingress_listener {
             // Scripts and tests wait for this line too.
             eprintln!("wharf: ingress on http://{}", listener.local_addr()?);
             api.serve_ingress(listener);

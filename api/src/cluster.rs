@@ -73,6 +73,8 @@ pub struct Cluster {
     lead_until: std::sync::Mutex<Option<Instant>>,
     fence: AtomicI64,
     fenced_tx: watch::Sender<Option<String>>,
+    /// The leader as of the last round (every TTL/6).
+    leader: std::sync::Mutex<Option<Replica>>,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Body,
@@ -132,6 +134,7 @@ impl Cluster {
             lead_until: std::sync::Mutex::new(None),
             fence: AtomicI64::new(0),
             fenced_tx: watch::channel(None).0,
+            leader: std::sync::Mutex::new(None),
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
@@ -257,8 +260,15 @@ impl Cluster {
                     self.me.name, self.ttl
                 ));
             }
-            if self.is_leader() {
-                on_lost(forget_expired(&*store, &self.me).await);
+            match replicas.list().await {
+                Ok(all) => {
+                    *self.leader.lock().unwrap_or_else(|p| p.into_inner()) =
+                        all.iter().find(|r| r.leader).cloned();
+                    if self.is_leader() {
+                        on_lost(forget_expired(&*store, &self.me, all).await);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list the replicas"),
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -267,10 +277,56 @@ impl Cluster {
         }
     }
 
-    /// The replica that leads, if one does.
-    pub(crate) async fn leader(&self, store: &dyn StateStore) -> Option<Replica> {
-        let replicas = store.replicas()?.list().await.ok()?;
-        replicas.into_iter().find(|r| r.leader)
+    /// The replica that led at the last round (at most TTL/6 ago).
+    pub(crate) fn leader(&self) -> Option<Replica> {
+        self.leader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The leader: the last round's, or the database's if that knew none
+    /// (a replica that just started, or during a change of leader).
+    pub(crate) async fn find_leader(&self, store: &dyn StateStore) -> Option<Replica> {
+        if let Some(l) = self.leader() {
+            return Some(l);
+        }
+        let found = store
+            .replicas()?
+            .list()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|r| r.leader);
+        if found.is_some() {
+            self.leader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone_from(&found);
+        }
+        found
+    }
+
+    /// Where this replica's ingress sends a request: here (it leads, or
+    /// another replica relayed the request already), the leader's
+    /// ingress, or nowhere yet (no replica leads).
+    pub(crate) fn ingress_relay(self: &Arc<Self>, relayed: bool) -> crate::ingress::Relay {
+        if relayed || self.is_leader() {
+            return crate::ingress::Relay::Here;
+        }
+        match self.leader() {
+            Some(l) if l.id != self.me.id => match l.ingress_url {
+                Some(url) => crate::ingress::Relay::To(url, self.clone()),
+                None => crate::ingress::Relay::Nowhere(format!(
+                    "replica {}, which serves the HTTP services, has no ingress",
+                    l.name
+                )),
+            },
+            _ if self.leader().is_some() => crate::ingress::Relay::Here,
+            _ => crate::ingress::Relay::Nowhere(
+                "no replica leads the cluster at the moment (one takes over within seconds)".into(),
+            ),
+        }
     }
 
     /// Lets go: the row and the lease (if held) go at once, so another
@@ -281,6 +337,15 @@ impl Cluster {
         {
             tracing::warn!(error = %e, "cannot give up the replica lease");
         }
+    }
+
+    /// Sends a request to another replica as it is.
+    pub(crate) async fn send(
+        &self,
+        req: Request,
+    ) -> Result<axum::http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>
+    {
+        self.client.request(req).await
     }
 
     /// Whether `req` was forwarded by another replica (it carries the key).
@@ -335,32 +400,34 @@ impl Cluster {
         }
         match self.client.request(req).await {
             Ok(resp) => resp.map(Body::new),
-            Err(e) => ApiError::new(
-                ErrorCode::Unavailable,
-                format!("replica {} did not answer ({e}): try again", to.name),
-            )
-            .into_response(),
+            Err(e) => {
+                // A dead leader: the next request asks the database again.
+                let mut cached = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+                if cached.as_ref().is_some_and(|l| l.id == to.id) {
+                    *cached = None;
+                }
+                drop(cached);
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("replica {} did not answer ({e}): try again", to.name),
+                )
+                .into_response()
+            }
         }
     }
 }
 
-/// Forgets every replica but `me` whose lease ran out; returns the tasks
-/// that were lost with them.
+/// Forgets every replica of `all` but `me` whose lease ran out; returns
+/// the tasks that were lost with them.
 pub(crate) async fn forget_expired(
     store: &dyn StateStore,
     me: &Replica,
+    all: Vec<Replica>,
 ) -> Vec<crate::model::Task> {
     let Some(replicas) = store.replicas() else {
         return Vec::new();
     };
     let mut lost = Vec::new();
-    let all = match replicas.list().await {
-        Ok(all) => all,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list the replicas");
-            return lost;
-        }
-    };
     for r in all.iter().filter(|r| r.expired && r.id != me.id) {
         match replicas.forget(&r.name, &r.id, &crate::model::now()).await {
             Ok(Some(tasks)) => {
@@ -444,7 +511,7 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
     let to = match route {
         Route::Here => return next.run(req).await,
         Route::Leader if cluster.is_leader() => return next.run(req).await,
-        Route::Leader => cluster.leader(&*control.store).await,
+        Route::Leader => cluster.find_leader(&*control.store).await,
         Route::Replica(name) => control
             .store
             .replicas()

@@ -163,6 +163,20 @@ impl RouteTable {
     }
 }
 
+/// Where an ingress sends a request (several replicas: only the leader
+/// holds the services).
+pub(crate) enum Relay {
+    /// Routed here.
+    Here,
+    /// To the leader's ingress at this URL, through this replica's client.
+    To(String, Arc<crate::cluster::Cluster>),
+    /// Nowhere yet: 503, saying why.
+    Nowhere(String),
+}
+
+/// Marks a request one replica's ingress relayed to another's.
+const RELAYED: &str = "x-wharf-relayed";
+
 /// What an ingress routes to: the server's (every service, with
 /// autoscaling) or an edge node's (the services with tasks on it).
 pub(crate) trait Gateway: Send + Sync + 'static {
@@ -171,6 +185,10 @@ pub(crate) trait Gateway: Send + Sync + 'static {
     /// The tasks taking traffic.
     fn backends(&self) -> &Backends;
     fn metrics(&self) -> &Metrics;
+    /// Where requests go (default: routed here).
+    fn relay(&self, _relayed: bool) -> Relay {
+        Relay::Here
+    }
     /// A request to `service` began (the autoscaler's traffic book).
     fn began(&self, _service: &str) {}
     /// A request to `service` ended after `took`.
@@ -194,6 +212,13 @@ impl Gateway for Control {
 
     fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    fn relay(&self, relayed: bool) -> Relay {
+        match &self.cluster {
+            Some(c) => c.ingress_relay(relayed),
+            None => Relay::Here,
+        }
     }
 
     fn began(&self, service: &str) {
@@ -310,6 +335,14 @@ async fn route_request<G: Gateway>(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
+    let relayed = request.headers().contains_key(RELAYED);
+    match gateway.relay(relayed) {
+        Relay::Here => {}
+        Relay::To(url, cluster) => return relay(&cluster, &url, request, peer).await,
+        Relay::Nowhere(why) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", why);
+        }
+    }
     let started = Instant::now();
     let request_id = request
         .headers()
@@ -362,6 +395,62 @@ async fn route_request<G: Gateway>(
     };
     response.headers_mut().insert("x-request-id", request_id);
     response
+}
+
+/// Relays a request to the leader's ingress (`url`), as it came, with the
+/// client in `X-Forwarded-For`.
+async fn relay(
+    cluster: &crate::cluster::Cluster,
+    url: &str,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let (mut parts, body) = request.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(uri) = url
+        .strip_prefix("http://")
+        .and_then(|base| format!("http://{base}{path}").parse::<http::Uri>().ok())
+    else {
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "BAD_GATEWAY",
+            format!("the leader's ingress {url} is not an http:// URL"),
+        );
+    };
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.uri = uri;
+    let forwarded = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(before) => format!("{before}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    parts.headers.insert(RELAYED, HeaderValue::from_static("1"));
+    for name in ["connection", "keep-alive", "te", "trailer", "upgrade"] {
+        parts.headers.remove(name);
+    }
+    let request = Request::from_parts(parts, axum::body::Body::new(body));
+    match cluster.send(request).await {
+        Ok(response) => response.map(|b| {
+            b.map_err(|_| wharf_runtime::HttpError::HttpProtocolError)
+                .boxed_unsync()
+        }),
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "BAD_GATEWAY",
+            format!("the leader's ingress {url} did not answer: {e}"),
+        ),
+    }
 }
 
 /// Sends a routed request to one of the service's tasks.

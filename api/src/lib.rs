@@ -138,6 +138,9 @@ pub struct ApiConfig {
     /// Where other replicas reach this server's API (`http://HOST:PORT`),
     /// with PostgreSQL state (default `None`: `http://127.0.0.1:7070`).
     pub advertise: Option<String>,
+    /// Where other replicas relay HTTP services' requests to this one's
+    /// ingress (`http://HOST:PORT`; default `None`: it has none).
+    pub advertise_ingress: Option<String>,
     /// How long a replica's lease lasts unrenewed (default 3 s): a dead
     /// replica's tasks are lost, and a dead leader's duties move, after
     /// about this long.
@@ -174,6 +177,7 @@ impl ApiConfig {
             ca_fingerprint: None,
             ca_pem: None,
             advertise: None,
+            advertise_ingress: None,
             lease_ttl: cluster::DEFAULT_LEASE_TTL,
         }
     }
@@ -227,7 +231,7 @@ impl Api {
                     .advertise
                     .clone()
                     .unwrap_or_else(|| "http://127.0.0.1:7070".into()),
-                ingress_url: None,
+                ingress_url: config.advertise_ingress.clone(),
                 expired: false,
                 leader: false,
             };
@@ -722,18 +726,16 @@ async fn settle(control: &Control, cluster: &cluster::Cluster) -> Vec<model::Tas
     let deadline = std::time::Instant::now() + cluster.ttl * 2;
     let mut lost = Vec::new();
     loop {
-        lost.extend(cluster::forget_expired(&*control.store, &cluster.me).await);
-        let others: std::collections::BTreeSet<String> = match control.store.replicas() {
-            Some(r) => r
-                .list()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|r| r.id != cluster.me.id)
-                .map(|r| r.name)
-                .collect(),
-            None => Default::default(),
+        let all = match control.store.replicas() {
+            Some(r) => r.list().await.unwrap_or_default(),
+            None => Vec::new(),
         };
+        let others: std::collections::BTreeSet<String> = all
+            .iter()
+            .filter(|r| r.id != cluster.me.id)
+            .map(|r| r.name.clone())
+            .collect();
+        lost.extend(cluster::forget_expired(&*control.store, &cluster.me, all).await);
         let mut held = 0;
         for status in [
             model::TaskStatus::Provisioning,

@@ -1456,7 +1456,7 @@ fn a_cut_off_node_restarts_its_failing_service_task_with_backoff() {
 }
 
 /// A GET to `url`, as (status, body); 0 when nothing answered.
-fn http_get(url: &str) -> (u16, String) {
+pub(crate) fn http_get(url: &str) -> (u16, String) {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(20))
         .build();

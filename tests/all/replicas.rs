@@ -372,3 +372,113 @@ fn a_kill_9_of_the_leader_during_a_scale_up_moves_the_service_within_5_s_with_no
     assert_eq!(live, 6);
     drop((a, b, c));
 }
+
+/// HTTP services are the leader's: another replica's ingress relays their
+/// requests to it. A node attached (through any replica) keeps its task
+/// through a `kill -9` of the leader: it syncs with the next replica it
+/// was given, which forwards to the new leader, which took the task over.
+#[test]
+fn ingresses_relay_to_the_leader_and_a_node_moves_on_when_the_leader_dies() {
+    let shared = Shared::new();
+    let a = shared.start("a");
+    let b = shared.start("b");
+    let c = shared.start("c");
+    a.push_sample("http_echo", Target::P2, "team/web:v1");
+    register(
+        &b,
+        json!({"family": "web", "artifact": "team/web:v1", "kind": "http",
+               "http": {"health_check": "/healthz"}}),
+    );
+    let r = c.api(
+        "POST",
+        "/v1/services",
+        Some(
+            json!({"name": "web", "task_definition": "web", "desired_count": 1,
+                    "routes": ["/web"]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    crate::server::converged(&b, "web", 1);
+    for s in [&a, &b, &c] {
+        let url = format!("{}/web/hi", s.ingress.as_deref().unwrap());
+        let (status, body) = crate::edge::http_get(&url);
+        assert_eq!(status, 200, "{url}: {body}");
+    }
+
+    // A node joins through C and is given every replica.
+    let token = crate::edge::join_token(&c, &[]);
+    let servers = format!("{},{},{}", a.base, b.base, c.base);
+    let _node = crate::edge::Agent::start_in(
+        &[],
+        &servers,
+        &shared.data("node"),
+        Some(&token),
+        &["--name", "edge1"],
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the node reports", || {
+        let n = c.api("GET", "/v1/nodes/edge1", None).json();
+        (n["status"] == "READY").then_some(())
+    });
+    a.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    register(
+        &a,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["100"]}),
+    );
+    let r = b.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "beat", "node": "edge1"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(20), "the task runs on the node", || {
+        let t = c.api("GET", &format!("/v1/tasks/{id}"), None).json();
+        (t["status"] == "RUNNING" && t["node"] == "edge1").then_some(())
+    });
+
+    a.kill9();
+    let new_leader = eventually(Duration::from_secs(10), "a new leader", || {
+        let r = b.api("GET", "/v1/nodes", None);
+        (r.status == 200).then(|| leader(&b))
+    });
+    assert_ne!(new_leader, "a");
+    // The node's task runs on, followed by the new leader: its output
+    // keeps coming and it is never lost.
+    let beats = |s: &Server| -> usize {
+        let logs = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
+        logs["lines"].as_array().map_or(0, Vec::len)
+    };
+    let before = eventually(Duration::from_secs(15), "the node's output", || {
+        let n = beats(&c);
+        (n > 0).then_some(n)
+    });
+    eventually(
+        Duration::from_secs(15),
+        "more output after the move",
+        || (beats(&b) > before + 5).then_some(()),
+    );
+    let t = c.api("GET", &format!("/v1/tasks/{id}"), None).json();
+    assert_eq!(t["status"], "RUNNING", "{t}");
+    assert_eq!(t["node"], "edge1");
+    let n = c.api("GET", "/v1/nodes/edge1", None).json();
+    assert_eq!(n["status"], "READY", "{n}");
+    // And the HTTP service, moved to the new leader, answers through
+    // every live replica's ingress.
+    eventually(
+        Duration::from_secs(15),
+        "the service through B and C",
+        || {
+            [&b, &c]
+                .iter()
+                .all(|s| {
+                    let url = format!("{}/web/hi", s.ingress.as_deref().unwrap());
+                    crate::edge::http_get(&url).0 == 200
+                })
+                .then_some(())
+        },
+    );
+    let r = c.api("POST", &format!("/v1/tasks/{id}/stop"), None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(wait_stopped_on(&b, &id)["stop_code"], "UserStopped");
+}

@@ -24,11 +24,24 @@ pub struct FsStorage {
 }
 
 impl FsStorage {
-    /// Uses `root`, creating it. Temporary files a crash left are removed:
-    /// nothing refers to them. Only those older than [`STALE_TMP`] go, as
-    /// other servers (replicas on a shared filesystem) may be writing
-    /// theirs — each is written, fsynced and renamed within one call.
+    /// Uses `root`, creating it. Temporary files from a previous crash are
+    /// removed: nothing refers to them.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        let tmp = root.join(TMP_DIR);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        Ok(FsStorage { root })
+    }
+
+    /// Uses `root` on a filesystem other servers (replicas) share.
+    /// Temporary files a crash left are removed, but only those older
+    /// than [`STALE_TMP`]: another server may be writing its own right
+    /// now (each is written, fsynced and renamed within one call).
+    pub fn open_shared(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         let tmp = root.join(TMP_DIR);
         std::fs::create_dir_all(&tmp)?;
@@ -371,10 +384,22 @@ mod tests {
         .await;
     }
 
-    /// A crash's leftovers go; a file another server (a replica on the
-    /// same shared path) is writing right now stays.
     #[test]
-    fn stale_temporary_files_are_removed_on_open_and_fresh_ones_kept() {
+    fn stale_temporary_files_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(TMP_DIR)).unwrap();
+        std::fs::write(dir.path().join(TMP_DIR).join("half-written"), b"x").unwrap();
+        FsStorage::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(),
+            0
+        );
+    }
+
+    /// On a shared path a crash's leftovers go; a file another server (a
+    /// replica) is writing right now stays.
+    #[test]
+    fn on_a_shared_path_stale_temporary_files_go_and_fresh_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
         let tmp = dir.path().join(TMP_DIR);
         std::fs::create_dir_all(&tmp).unwrap();
@@ -383,7 +408,7 @@ mod tests {
             .set_modified(std::time::SystemTime::now() - STALE_TMP * 2)
             .unwrap();
         std::fs::write(tmp.join("being-written"), b"x").unwrap();
-        FsStorage::open(dir.path()).unwrap();
+        FsStorage::open_shared(dir.path()).unwrap();
         let left: Vec<String> = std::fs::read_dir(&tmp)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
