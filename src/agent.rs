@@ -453,7 +453,7 @@ async fn ip_towards(server: &str) -> Result<std::net::IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
-fn hostname() -> Result<String> {
+pub(crate) fn hostname() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .context("cannot find the host name: give --name")?;

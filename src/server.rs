@@ -139,6 +139,16 @@ pub(crate) struct ServerArgs {
     health_check_grace: std::time::Duration,
 }
 
+/// Where other replicas reach a listener on `addr`: the address, or for
+/// every address (`0.0.0.0`, `::`) this machine's host name.
+fn advertised(addr: SocketAddr) -> Result<String> {
+    if addr.ip().is_unspecified() {
+        Ok(format!("{}:{}", crate::agent::hostname()?, addr.port()))
+    } else {
+        Ok(addr.to_string())
+    }
+}
+
 /// A replica name is a node name: 1 to 63 lowercase letters, digits or
 /// '-'.
 fn parse_replica(text: &str) -> Result<String, String> {
@@ -334,21 +344,16 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             let at = l.local_addr()?;
             config.advertise_ingress = Some(match &args.advertise_ingress {
                 Some(url) => url.trim_end_matches('/').to_owned(),
-                None if at.ip().is_unspecified() => anyhow::bail!(
-                    "--ingress {at} is every address: give --advertise-ingress http://HOST:PORT, where other replicas relay HTTP services' requests to"
-                ),
-                None => format!("http://{at}"),
+                None => format!("http://{}", advertised(at)?),
             });
         }
         if config.state.is_some() {
             config.advertise = Some(match args.advertise {
                 Some(url) => url.trim_end_matches('/').to_owned(),
-                None if local.ip().is_unspecified() => anyhow::bail!(
-                    "--listen {local} is every address: give --advertise http://HOST:PORT, where other replicas reach this one"
-                ),
                 None => format!(
-                    "{}://{local}",
-                    if tls.is_some() { "https" } else { "http" }
+                    "{}://{}",
+                    if tls.is_some() { "https" } else { "http" },
+                    advertised(local)?
                 ),
             });
         }

@@ -6,9 +6,11 @@
 //!   which replica runs it) with a lease by the database's clock, renewed
 //!   every [`Cluster::ttl`]/6. A process that cannot renew within the TTL
 //!   (by its own clock, counted from before the renewal was sent, so it
-//!   gives up before the database lets anyone take over) is *fenced*:
-//!   [`Cluster::fenced`] resolves and the server exits, rather than run
-//!   tasks that another replica already counts as lost.
+//!   gives up before the database lets anyone take over) while other
+//!   replicas live, or that finds its row or the lease taken, is
+//!   *fenced*: [`Cluster::fenced`] resolves and the server exits, rather
+//!   than run tasks that another replica already counts as lost. Alone
+//!   on the database, a late renewal takes nothing from anyone.
 //! - **The `control` lease.** One replica, the leader, holds it: it runs
 //!   the services' reconcilers, the autoscaler, the edge nodes' protocol
 //!   and the janitor. Its fencing token grows at every change of holder.
@@ -75,6 +77,9 @@ pub struct Cluster {
     fenced_tx: watch::Sender<Option<String>>,
     /// The leader as of the last round (every TTL/6).
     leader: std::sync::Mutex<Option<Replica>>,
+    /// Whether the last round saw no other live replica: nobody could
+    /// take over, so a late renewal is no reason to stop.
+    alone: AtomicBool,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Body,
@@ -135,6 +140,7 @@ impl Cluster {
             fence: AtomicI64::new(0),
             fenced_tx: watch::channel(None).0,
             leader: std::sync::Mutex::new(None),
+            alone: AtomicBool::new(true),
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
@@ -151,6 +157,37 @@ impl Cluster {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// At start: takes the `control` lease if it is free, waiting (up to
+    /// the TTL and a second) while a lease whose holder is gone runs out
+    /// — unless another live replica leads. `true`: this replica leads.
+    pub(crate) async fn lead_at_start(&self, store: &dyn StateStore) -> Result<bool, sqlx::Error> {
+        let replicas = store.replicas().expect("a store with replicas");
+        let deadline = Instant::now() + self.ttl + Duration::from_secs(1);
+        loop {
+            let sent = Instant::now();
+            if let Some(fence) = replicas.lead(&self.me, self.ttl).await? {
+                self.fence.store(fence, Ordering::Release);
+                *self.lead_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(sent + self.ttl - self.margin());
+                self.leading.store(true, Ordering::Release);
+                tracing::info!(replica = %self.me.name, fence, "this replica leads");
+                return Ok(true);
+            }
+            let all = replicas.list().await?;
+            let leader = all.iter().find(|r| r.leader && r.id != self.me.id);
+            if let Some(l) = leader
+                && !l.expired
+            {
+                *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(l.clone());
+                return Ok(false);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The leader's fencing token (0 before it ever led).
@@ -254,7 +291,10 @@ impl Cluster {
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the replica lease"),
                 Err(_) => tracing::warn!("renewing the replica lease timed out"),
             }
-            if Instant::now() >= valid_until {
+            // Late, with others who may have taken over: stop. Alone, a
+            // late renewal (a pause, a slow database) takes nothing from
+            // anyone, and the next one that succeeds carries on.
+            if Instant::now() >= valid_until && !self.alone.load(Ordering::Acquire) {
                 return self.fence_off(format!(
                     "replica {} could not renew its lease within {:?}: it stops, since other replicas now count its tasks as lost",
                     self.me.name, self.ttl
@@ -264,6 +304,10 @@ impl Cluster {
                 Ok(all) => {
                     *self.leader.lock().unwrap_or_else(|p| p.into_inner()) =
                         all.iter().find(|r| r.leader).cloned();
+                    self.alone.store(
+                        !all.iter().any(|r| r.id != self.me.id && !r.expired),
+                        Ordering::Release,
+                    );
                     if self.is_leader() {
                         on_lost(forget_expired(&*store, &self.me, all).await);
                     }

@@ -914,6 +914,7 @@ mod tests {
             started_at: None,
             stopped_at: None,
             http: None,
+            replica: None,
         }
     }
 
@@ -1378,8 +1379,15 @@ mod tests {
         on_a.node = "a".into();
         let mut on_b = task("t-b", TaskStatus::Running);
         on_b.node = "b".into();
+        // Started but not placed yet: held by the replica that started it.
+        let mut unplaced_a = task("u-a", TaskStatus::Provisioning);
+        unplaced_a.node = String::new();
+        unplaced_a.replica = Some("a".into());
+        let mut unplaced_b = unplaced_a.clone();
+        unplaced_b.id = "u-b".into();
+        unplaced_b.replica = Some("b".into());
         store
-            .write(&[Write::Task(Box::new(on_a)), Write::Task(Box::new(on_b))])
+            .write(&[on_a, on_b, unplaced_a, unplaced_b].map(|t| Write::Task(Box::new(t))))
             .await
             .unwrap();
         assert_eq!(store.forget("a", "1", "x").await.unwrap(), None, "alive");
@@ -1393,9 +1401,17 @@ mod tests {
             "not its id"
         );
         let lost = store.forget("a", "1", "x").await.unwrap().unwrap();
-        assert_eq!(lost.len(), 1);
-        assert_eq!(lost[0].id, "t-a");
-        assert_eq!(lost[0].stop_code.as_deref(), Some("NodeLost"));
+        let mut ids: Vec<&str> = lost.iter().map(|t| t.id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["t-a", "u-a"]);
+        assert!(
+            lost.iter()
+                .all(|t| t.stop_code.as_deref() == Some("NodeLost"))
+        );
+        assert_eq!(
+            store.task("u-b").await.unwrap().unwrap().status,
+            TaskStatus::Provisioning
+        );
         assert_eq!(
             store.task("t-b").await.unwrap().unwrap().status,
             TaskStatus::Running,

@@ -316,6 +316,7 @@ impl Api {
             config.local_node.disabled,
             config.default_memory.unwrap_or(config.max_task_memory),
             config.local_node.name().to_owned(),
+            cluster.as_ref().map(|c| c.me.name.clone()),
         ));
         tasks.set_node_labels(config.local_node.labels.clone());
         // The key lives beside state.db, never in it.
@@ -370,12 +371,9 @@ impl Api {
                 background.extend(lead(control.clone(), stopped_rx, &shutdown_rx));
             }
             Some(cluster) => {
-                background.extend(replicate(
-                    control.clone(),
-                    cluster.clone(),
-                    stopped_rx,
-                    &shutdown_rx,
-                ));
+                background.extend(
+                    replicate(control.clone(), cluster.clone(), stopped_rx, &shutdown_rx).await?,
+                );
             }
         }
         Ok(Api {
@@ -603,12 +601,18 @@ fn lead(
 /// A replica's background: the lease keeper, the notification listener,
 /// and a standby that takes the leader's duties once the lease is this
 /// replica's.
-fn replicate(
+async fn replicate(
     control: Arc<Control>,
     cluster: Arc<cluster::Cluster>,
     mut stopped_rx: mpsc::UnboundedReceiver<model::Task>,
     shutdown_rx: &watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, db::DbError> {
+    // Alone on the database (or the first of several): lead before the
+    // first request, as a single server does.
+    let leads = cluster.lead_at_start(&*control.store).await?;
+    if leads {
+        become_leader(&control, &cluster).await?;
+    }
     let (lead_tx, mut lead_rx) = tokio::sync::oneshot::channel();
     let keeper = tokio::spawn(cluster.clone().keep(
         control.store.clone(),
@@ -659,6 +663,11 @@ fn replicate(
             }
         }
     });
+    if leads {
+        let mut jobs = vec![keeper, listener];
+        jobs.extend(lead(control, stopped_rx, shutdown_rx));
+        return Ok(jobs);
+    }
     let standby = tokio::spawn({
         let mut shutdown = shutdown_rx.clone();
         let shutdown_rx = shutdown_rx.clone();
@@ -672,49 +681,50 @@ fn replicate(
                     _ = stopped_rx.recv() => {}
                 }
             }
-            let started = std::time::Instant::now();
-            let lost = settle(&control, &cluster).await;
-            lost_events(&control, &lost, "its replica stopped");
-            let edge = match edge_nodes(&*control.store).await {
-                Ok(edge) => edge,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot take over: the edge nodes");
-                    return;
-                }
-            };
-            let at = model::now();
-            let swept = control.store.replicas().expect("replicas").sweep_nodes(
-                &at,
-                &edge,
-                true,
-                "the replica that placed it stopped before the node started it (node lost)",
-            );
-            let kept = match swept.await {
-                Ok((lost, kept)) => {
-                    lost_events(&control, &lost, "the leader changed");
-                    kept
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot take over the edge nodes' tasks");
-                    return;
-                }
-            };
-            if let Err(e) = take_over(&control, kept).await {
+            if let Err(e) = become_leader(&control, &cluster).await {
                 tracing::error!(error = %e, "cannot take over");
                 return;
             }
-            tracing::info!(
-                replica = %cluster.me.name,
-                fence = cluster.fence(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "took over the services and the edge nodes"
-            );
             for job in lead(control, stopped_rx, &shutdown_rx) {
                 let _ = job.await;
             }
         }
     });
-    vec![keeper, listener, standby]
+    Ok(vec![keeper, listener, standby])
+}
+
+/// What a replica does when it takes the `control` lease, before its
+/// duties start: the dead replicas' tasks lost ([`settle`]), the edge
+/// nodes' unstarted tasks lost and their running ones and the services
+/// taken over.
+async fn become_leader(
+    control: &Arc<Control>,
+    cluster: &cluster::Cluster,
+) -> Result<(), db::DbError> {
+    let started = std::time::Instant::now();
+    let lost = settle(control, cluster).await;
+    lost_events(control, &lost, "its replica stopped");
+    let edge = edge_nodes(&*control.store).await?;
+    let (lost, kept) = control
+        .store
+        .replicas()
+        .expect("replicas")
+        .sweep_nodes(
+            &model::now(),
+            &edge,
+            true,
+            "the replica that placed it stopped before the node started it (node lost)",
+        )
+        .await?;
+    lost_events(control, &lost, "the leader changed");
+    take_over(control, kept).await?;
+    tracing::info!(
+        replica = %cluster.me.name,
+        fence = cluster.fence(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "took over the services and the edge nodes"
+    );
+    Ok(())
 }
 
 /// Before a new leader starts anything: the replicas whose lease ran out
@@ -753,7 +763,7 @@ async fn settle(control: &Control, cluster: &cluster::Cluster) -> Vec<model::Tas
                 .await
                 .unwrap_or_default()
                 .iter()
-                .filter(|t| t.service.is_some() && others.contains(&t.node))
+                .filter(|t| t.service.is_some() && held_by(t, &others))
                 .count();
         }
         if held == 0 {
@@ -768,6 +778,13 @@ async fn settle(control: &Control, cluster: &cluster::Cluster) -> Vec<model::Tas
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether a task is held by one of `replicas`: it runs on one's own
+/// node, or one started it and has not placed it yet.
+fn held_by(task: &model::Task, replicas: &std::collections::BTreeSet<String>) -> bool {
+    replicas.contains(&task.node)
+        || (task.node.is_empty() && task.replica.as_ref().is_some_and(|r| replicas.contains(r)))
 }
 
 /// Drains the node; see [`Api::drainer`].

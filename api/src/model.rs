@@ -238,6 +238,10 @@ pub struct Task {
     /// What a task of an HTTP service has served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpStats>,
+    /// With several servers: the replica that holds it (started it, or
+    /// follows it on an edge node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// A line of a task's output.

@@ -83,6 +83,8 @@ impl TaskEntry {
 pub(crate) struct Tasks {
     /// The local node's name: `local`, or the replica's.
     local_name: String,
+    /// The replica's name, with several servers (tasks record it).
+    replica: Option<String>,
     live: DashMap<String, Arc<TaskEntry>>,
     executor: Executor,
     artifacts: Arc<Artifacts>,
@@ -255,9 +257,11 @@ impl Tasks {
         no_local_node: bool,
         default_memory: u64,
         local_name: String,
+        replica: Option<String>,
     ) -> Self {
         Tasks {
             local_name,
+            replica,
             live: DashMap::new(),
             executor,
             artifacts,
@@ -556,6 +560,7 @@ impl Tasks {
             started_at: None,
             stopped_at: None,
             http: None,
+            replica: self.replica.clone(),
         };
         let (status, _) = watch::channel(TaskStatus::Provisioning);
         let entry = Arc::new(TaskEntry {
@@ -918,7 +923,7 @@ impl Tasks {
     /// `NodeLost` if the node does not come back in time).
     pub(crate) fn adopt(
         self: &Arc<Self>,
-        task: Task,
+        mut task: Task,
         memory: u64,
         logs: Option<LogPage>,
         http: Option<model::HttpSettings>,
@@ -926,6 +931,7 @@ impl Tasks {
         let Some(node) = self.fleet.get(&task.node) else {
             return;
         };
+        task.replica = self.replica.clone();
         let repository = String::new();
         let (status, _) = watch::channel(task.status);
         // A stop asked for before the restart is passed on.

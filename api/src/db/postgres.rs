@@ -177,8 +177,10 @@ impl Replicas for PgStore {
             return Ok(None);
         }
         let why = format!("replica {name} stopped while the task was running (node lost)");
+        // Its own node's tasks, and those it started but never placed.
         let (lost, _) = sweep_unstopped(&mut tx, at, |t| {
-            (t.node == name).then_some(Some(why.as_str()))
+            let held = t.node == name || (t.node.is_empty() && t.replica.as_deref() == Some(name));
+            held.then_some(Some(why.as_str()))
         })
         .await?;
         tx.commit().await?;
@@ -194,7 +196,10 @@ impl Replicas for PgStore {
     ) -> Result<(Vec<Task>, Vec<Task>)> {
         let mut tx = self.pool.begin().await?;
         let found = sweep_unstopped(&mut tx, at, |t| {
-            if !nodes.contains(&t.node) {
+            let unplaced_of = |t: &Task| {
+                t.node.is_empty() && t.replica.as_ref().is_some_and(|r| nodes.contains(r))
+            };
+            if !nodes.contains(&t.node) && !unplaced_of(t) {
                 None
             } else if keep_started && matches!(t.status, TaskStatus::Pending | TaskStatus::Running)
             {
