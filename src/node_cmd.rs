@@ -13,6 +13,9 @@ use crate::client::{ApiArgs, block, segment, show, table, wire};
 pub(crate) enum NodeCommand {
     /// List nodes.
     Ls,
+    /// List the `wharf server` replicas sharing the database, and which
+    /// one leads (admin).
+    Replicas,
     /// Show a node: capacity, what is free, engine, WASI interfaces.
     Describe {
         /// The node's name.
@@ -90,6 +93,7 @@ pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
     let path = |name: &str| format!("/v1/nodes/{}", segment(name));
     match command {
         NodeCommand::Ls => show(output, client.get("/v1/nodes", &[])?, list),
+        NodeCommand::Replicas => show(output, client.get("/v1/replicas", &[])?, replicas),
         NodeCommand::Describe { name } => show(output, client.get(&path(&name), &[])?, describe),
         NodeCommand::Drain { name } => show(
             output,
@@ -151,6 +155,26 @@ pub(crate) fn main(api: ApiArgs, command: NodeCommand) -> Result<()> {
 
 fn memory(bytes: Option<u64>) -> String {
     bytes.map_or("no budget".to_owned(), |b| format!("{} MiB", b >> 20))
+}
+
+fn replicas(all: Vec<wharf_api::model::ReplicaInfo>) {
+    if all.is_empty() {
+        println!("a single server: its state is not in PostgreSQL");
+        return;
+    }
+    let rows = all
+        .into_iter()
+        .map(|r| {
+            [
+                r.name,
+                if r.leader { "yes" } else { "-" }.to_owned(),
+                if r.expired { "EXPIRED" } else { "ok" }.to_owned(),
+                r.api_url,
+                r.ingress_url.unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(["NAME", "LEADER", "LEASE", "API", "INGRESS"], rows);
 }
 
 fn list(nodes: Vec<Node>) {

@@ -100,6 +100,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/replicas", get(list_replicas))
         .route("/v1/nodes/{name}", get(describe_node).delete(remove_node))
         .route(
             "/v1/join-tokens",
@@ -707,6 +708,32 @@ async fn audit(
     Ok(Json(c.store.audit(limit).await?))
 }
 
+#[utoipa::path(get, path = "/v1/replicas", tag = "nodes",
+    responses((status = 200, body = Vec<crate::model::ReplicaInfo>, description = "The replicas sharing this server's database (admin; empty: a single server on SQLite)"), (status = "4XX", body = ApiError)))]
+async fn list_replicas(
+    State(c): Ctl,
+    Extension(who): Extension<Arc<Principal>>,
+) -> Result<Json<Vec<crate::model::ReplicaInfo>>> {
+    who.require(Role::Admin)?;
+    let Some(replicas) = c.store.replicas() else {
+        return Ok(Json(Vec::new()));
+    };
+    Ok(Json(
+        replicas
+            .list()
+            .await?
+            .into_iter()
+            .map(|r| crate::model::ReplicaInfo {
+                name: r.name,
+                leader: r.leader,
+                expired: r.expired,
+                api_url: r.api_url,
+                ingress_url: r.ingress_url,
+            })
+            .collect(),
+    ))
+}
+
 #[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
     responses((status = 200, body = Vec<Node>, description = "Every node"), (status = "4XX", body = ApiError)))]
 async fn list_nodes(State(c): Ctl) -> Json<Vec<Node>> {
@@ -865,7 +892,7 @@ impl utoipa::Modify for Security {
         run_task, list_tasks, describe_task, stop_task, task_logs,
         create_service, list_services, describe_service, update_service, delete_service, service_events,
         put_secret, list_secrets, delete_secret, create_token, list_tokens, revoke_token, audit,
-        list_nodes, describe_node, drain_node, activate_node, remove_node,
+        list_nodes, list_replicas, describe_node, drain_node, activate_node, remove_node,
         create_join_token, list_join_tokens, delete_join_token,
     ),
     components(schemas(ApiErrorSchema, ErrorCode)),

@@ -514,6 +514,24 @@ pub struct NodeResources {
     pub memory_bytes: Option<u64>,
 }
 
+/// One of several `wharf server` replicas on one database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaInfo {
+    /// Its name, which is also its own node's.
+    pub name: String,
+    /// Whether it holds the `control` lease: it runs the services and the
+    /// edge nodes.
+    pub leader: bool,
+    /// Whether its lease ran out (it is gone, or cannot reach the
+    /// database); the leader forgets it and its tasks are lost.
+    pub expired: bool,
+    /// Where other replicas forward requests to it.
+    pub api_url: String,
+    /// Where other replicas relay HTTP services' requests to it, if it
+    /// has an ingress.
+    pub ingress_url: Option<String>,
+}
+
 /// A node: a machine that runs tasks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Node {

@@ -61,18 +61,28 @@ impl Shared {
     }
 }
 
-/// The replica that leads: the `/v1/nodes` listing (the leader's) names
-/// its own node, which is the replica's name.
+/// The replica that leads, as `/v1/replicas` says; the `/v1/nodes`
+/// listing (the leader's) must agree: it names its own node, which is the
+/// replica's name.
 fn leader(s: &Server) -> String {
-    let nodes = s.api("GET", "/v1/nodes", None).json();
-    nodes
+    let replicas = s.api("GET", "/v1/replicas", None).json();
+    let leaders: Vec<&str> = replicas
         .as_array()
         .unwrap()
         .iter()
+        .filter(|r| r["leader"] == true)
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    let nodes = s.api("GET", "/v1/nodes", None).json();
+    let own = nodes
+        .as_array()
+        .unwrap_or_else(|| panic!("no node list: {nodes}"))
+        .iter()
         .find(|n| n["local"] == true)
         .and_then(|n| n["name"].as_str())
-        .unwrap_or_else(|| panic!("no local node in {nodes}"))
-        .to_owned()
+        .unwrap_or_else(|| panic!("no local node in {nodes}"));
+    assert_eq!(leaders, [own], "{replicas}");
+    own.to_owned()
 }
 
 fn wait_stopped_on(s: &Server, id: &str) -> serde_json::Value {
@@ -204,6 +214,17 @@ fn three_replicas_share_the_registry_state_uploads_and_tokens() {
     eventually(Duration::from_secs(5), "the token on C", || {
         (c.api_as(&secret, "GET", "/v1/taskdefs", None).status == 200).then_some(())
     });
+    // Which replicas there are, and their addresses, is for admins.
+    assert_eq!(c.api_as(&secret, "GET", "/v1/replicas", None).status, 403);
+    let replicas = c.api("GET", "/v1/replicas", None).json();
+    let names: Vec<&str> = replicas
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(leader(&c), "a");
     assert_eq!(
         b.api("DELETE", &format!("/v1/tokens/{token_id}"), None)
             .status,
