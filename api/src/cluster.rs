@@ -401,27 +401,34 @@ impl Cluster {
             .is_some_and(|v| crate::auth::hash(v) == crate::auth::hash(&self.key))
     }
 
-    /// Sends `req` to `to` and streams its answer back.
-    async fn forward(&self, mut req: Request, to: &Replica, peer: Option<SocketAddr>) -> Response {
+    /// Sends `req` to `to` and streams its answer back. `Err` when `to`
+    /// took no connection (nothing reached it: the request may go
+    /// elsewhere), saying why.
+    async fn forward(
+        &self,
+        mut req: Request,
+        to: &Replica,
+        peer: Option<SocketAddr>,
+    ) -> Result<Response, String> {
         let Some(path) = req.uri().path_and_query().map(|p| p.as_str().to_owned()) else {
-            return ApiError::invalid("path", "no path").into_response();
+            return Ok(ApiError::invalid("path", "no path").into_response());
         };
         let Some(base) = to.api_url.strip_prefix("http://") else {
-            return ApiError::new(
+            return Ok(ApiError::new(
                 ErrorCode::Unavailable,
                 format!(
                     "replica {} serves {}: forwarding between replicas speaks plain HTTP only",
                     to.name, to.api_url
                 ),
             )
-            .into_response();
+            .into_response());
         };
         let Ok(uri) = format!("http://{base}{path}").parse::<axum::http::Uri>() else {
-            return ApiError::new(
+            return Ok(ApiError::new(
                 ErrorCode::Internal,
                 format!("replica {}'s address {} is not a URL", to.name, to.api_url),
             )
-            .into_response();
+            .into_response());
         };
         *req.uri_mut() = uri;
         let headers = req.headers_mut();
@@ -443,7 +450,7 @@ impl Cluster {
             headers.insert(PEER_HEADER, v);
         }
         match self.client.request(req).await {
-            Ok(resp) => resp.map(Body::new),
+            Ok(resp) => Ok(resp.map(Body::new)),
             Err(e) => {
                 // A dead leader: the next request asks the database again.
                 let mut cached = self.leader.lock().unwrap_or_else(|p| p.into_inner());
@@ -451,14 +458,84 @@ impl Cluster {
                     *cached = None;
                 }
                 drop(cached);
-                ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!("replica {} did not answer ({e}): try again", to.name),
-                )
-                .into_response()
+                let why = format!("replica {} did not answer ({e})", to.name);
+                if e.is_connect() {
+                    Err(why)
+                } else {
+                    Ok(unavailable(format!("{why}: try again")))
+                }
             }
         }
     }
+}
+
+/// A 503 with `Retry-After: 1`.
+fn unavailable(message: String) -> Response {
+    let mut resp = ApiError::new(ErrorCode::Unavailable, message).into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// The largest body a follower holds while it finds the leader (the
+/// API's JSON bodies are at most 2 MB).
+const MAX_HELD_BODY: usize = 4 << 20;
+
+/// A request as it came, again, to send or serve once more.
+fn again(parts: &axum::http::request::Parts, body: &bytes::Bytes) -> Request {
+    let mut req = Request::new(Body::from(body.clone()));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    if let Some(c) = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        req.extensions_mut().insert(*c);
+    }
+    req
+}
+
+/// Serves a leader's request here (this replica leads) or at the leader.
+/// While no replica leads, or the one that led took no connection (it
+/// just died), the request is held — for at most the lease's length and
+/// two seconds, as long as a takeover takes — so a client sees a change
+/// of leader as a slower answer, not an error.
+async fn to_leader(
+    control: &Control,
+    cluster: &Cluster,
+    req: Request,
+    next: Next,
+    peer: Option<SocketAddr>,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_HELD_BODY).await else {
+        return ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the request body is over {MAX_HELD_BODY} bytes, or it broke off"),
+        )
+        .into_response();
+    };
+    let deadline = Instant::now() + cluster.ttl + Duration::from_secs(2);
+    let mut why = "no replica leads the cluster at the moment".to_owned();
+    while Instant::now() < deadline {
+        if cluster.is_leader() {
+            return next.run(again(&parts, &body)).await;
+        }
+        match cluster.find_leader(&*control.store).await {
+            Some(l) if l.id == cluster.me.id => return next.run(again(&parts, &body)).await,
+            Some(l) => match cluster.forward(again(&parts, &body), &l, peer).await {
+                Ok(resp) => return resp,
+                Err(e) => why = e,
+            },
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unavailable(format!(
+        "{why} (a replica takes over within seconds): try again"
+    ))
 }
 
 /// Forgets every replica of `all` but `me` whose lease ran out; returns
@@ -554,8 +631,7 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
     };
     let to = match route {
         Route::Here => return next.run(req).await,
-        Route::Leader if cluster.is_leader() => return next.run(req).await,
-        Route::Leader => cluster.find_leader(&*control.store).await,
+        Route::Leader => return to_leader(&control, &cluster, req, next, peer).await,
         Route::Replica(name) => control
             .store
             .replicas()
@@ -566,18 +642,11 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
             .and_then(|all| all.into_iter().find(|r| r.name == name && !r.expired)),
     };
     match to {
-        Some(to) if to.id != cluster.me.id => cluster.forward(req, &to, peer).await,
-        Some(_) => next.run(req).await,
-        None => {
-            let mut resp = ApiError::new(
-                ErrorCode::Unavailable,
-                "no replica leads the cluster at the moment (one takes over within seconds): try again",
-            )
-            .into_response();
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            resp
-        }
+        Some(to) if to.id != cluster.me.id => match cluster.forward(req, &to, peer).await {
+            Ok(resp) => resp,
+            Err(why) => unavailable(format!("{why}: try again")),
+        },
+        _ => next.run(req).await,
     }
 }
 
