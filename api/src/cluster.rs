@@ -488,12 +488,8 @@ fn again(parts: &axum::http::request::Parts, body: &bytes::Bytes) -> Request {
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
-    if let Some(c) = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-    {
-        req.extensions_mut().insert(*c);
-    }
+    // The route's path parameters and the client's address among them.
+    *req.extensions_mut() = parts.extensions.clone();
     req
 }
 
@@ -509,6 +505,9 @@ async fn to_leader(
     next: Next,
     peer: Option<SocketAddr>,
 ) -> Response {
+    if cluster.is_leader() {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_HELD_BODY).await else {
         return ApiError::new(

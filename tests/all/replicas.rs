@@ -327,6 +327,13 @@ fn a_kill_9_of_the_leader_during_a_scale_up_moves_the_service_within_5_s_with_no
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     a.kill9();
     let killed = Instant::now();
+    // A request for the leader meanwhile is held through the change of
+    // leader, not refused: both followers answer it.
+    for s in [&b, &c] {
+        let r = s.api("GET", "/v1/services/web", None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["desired_count"], 6);
+    }
 
     // Watch from C until the service runs 6 tasks again; at no moment
     // may more than 6 run outside the dead replica.
