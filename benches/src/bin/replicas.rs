@@ -16,12 +16,15 @@
 //!   scaled to 20 through a follower, and the leader killed at once;
 //!   watched through a survivor every 20 ms.
 //!
-//! PostgreSQL is the testkit's (Debian's binaries, `initdb` defaults, on
-//! loopback), one fresh database per configuration and round.
+//! PostgreSQL: with `BENCH_PG=HOST:PORT:USER`, a running server (such as
+//! Debian's cluster, `initdb` defaults: `fsync` and `synchronous_commit`
+//! on), a fresh database per configuration and round made with its
+//! `createdb`; without it, the testkit's (which runs with `fsync=off`,
+//! for tests: the summary says so).
 //!
 //! `cargo build --release -p wharf && cargo run --release -p wharf-bench --bin replicas`
 //! Env: `WHARF_BIN` (default target/release/wharf), `ROUNDS` (default 3),
-//! `CLIENTS` (default 8). Prints a summary and writes
+//! `CLIENTS` (default 8), `BENCH_PG`. Prints a summary and writes
 //! `target/bench-results/replicas.json`. Results: `docs/PERFORMANCE.md`,
 //! "Several servers".
 
@@ -359,6 +362,17 @@ fn failover(c: &mut Cluster, round: usize) -> Value {
     })
 }
 
+/// Debian's `createdb`, of the newest PostgreSQL installed.
+fn createdb() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL's binaries in /usr/lib/postgresql")
+        .filter_map(|e| Some(e.ok()?.path().join("bin/createdb")))
+        .filter(|p| p.exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("createdb")
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -369,7 +383,32 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let pg = wharf_testkit::postgres::shared();
+    let external = std::env::var("BENCH_PG").ok();
+    let made = std::sync::atomic::AtomicUsize::new(0);
+    let database = || -> String {
+        match &external {
+            Some(spec) => {
+                let mut it = spec.splitn(3, ':');
+                let (host, port, user) = (
+                    it.next().unwrap_or("127.0.0.1"),
+                    it.next().unwrap_or("5432"),
+                    it.next().unwrap_or("postgres"),
+                );
+                let name = format!(
+                    "bench_{}_{}",
+                    std::process::id(),
+                    made.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                let out = Command::new(createdb())
+                    .args(["-h", host, "-p", port, "-U", user, &name])
+                    .output()
+                    .expect("createdb");
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                format!("postgres://{user}@{host}:{port}/{name}")
+            }
+            None => wharf_testkit::postgres::shared().database(),
+        }
+    };
     let configs: [(&str, usize, bool); 3] = [
         ("SQLite, 1 server", 1, false),
         ("PostgreSQL, 1 replica", 1, true),
@@ -379,7 +418,7 @@ fn main() {
     let mut failovers = Vec::new();
     for round in 0..rounds {
         for (k, (name, n, on_pg)) in configs.iter().enumerate() {
-            let mut c = Cluster::new(*n, on_pg.then(|| pg.database()));
+            let mut c = Cluster::new(*n, on_pg.then(&database));
             let l = latency(&c);
             let t = throughput(&c);
             eprintln!("round {round} {name}: {l} {t}");
@@ -392,6 +431,10 @@ fn main() {
         }
     }
     let mut summary = vec![
+        match &external {
+            Some(spec) => format!("PostgreSQL: {spec} (its own settings)"),
+            None => "PostgreSQL: the testkit's, with fsync=off (give BENCH_PG for a durable one)".into(),
+        },
         "| configuration | run → STOPPED p50 | p99 | task runs/s, 8 clients |".to_owned(),
         "|---|---|---|---|".to_owned(),
     ];
