@@ -403,7 +403,11 @@ fn main() {
                     .args(["-h", host, "-p", port, "-U", user, &name])
                     .output()
                     .expect("createdb");
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 format!("postgres://{user}@{host}:{port}/{name}")
             }
             None => wharf_testkit::postgres::shared().database(),
@@ -433,7 +437,9 @@ fn main() {
     let mut summary = vec![
         match &external {
             Some(spec) => format!("PostgreSQL: {spec} (its own settings)"),
-            None => "PostgreSQL: the testkit's, with fsync=off (give BENCH_PG for a durable one)".into(),
+            None => {
+                "PostgreSQL: the testkit's, with fsync=off (give BENCH_PG for a durable one)".into()
+            }
         },
         "| configuration | run → STOPPED p50 | p99 | task runs/s, 8 clients |".to_owned(),
         "|---|---|---|---|".to_owned(),
