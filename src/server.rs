@@ -308,6 +308,13 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             args.node_timeout
         );
     }
+    // Replicas forward to each other over TLS when they serve it,
+    // trusting the CA they share.
+    if config.state.is_some()
+        && let Some(t) = &tls
+    {
+        config.replica_tls = Some(crate::tls::client_trusting(&t.ca_pem)?);
+    }
     config.ca_fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
     config.ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
     config.heartbeat = args.heartbeat;

@@ -77,11 +77,13 @@ pub struct Cluster {
     fenced_tx: watch::Sender<Option<String>>,
     /// The leader as of the last round (every TTL/6).
     leader: std::sync::Mutex<Option<Replica>>,
+    /// Whether `client` speaks TLS (to `https://` replicas).
+    tls: bool,
     /// Whether the last round saw no other live replica: nobody could
     /// take over, so a late renewal is no reason to stop.
     alone: AtomicBool,
     client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
         Body,
     >,
 }
@@ -101,6 +103,7 @@ impl Cluster {
         store: &dyn StateStore,
         me: Replica,
         ttl: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Arc<Cluster>, sqlx::Error> {
         let replicas = store.replicas().expect("a store with replicas");
         if store
@@ -140,12 +143,13 @@ impl Cluster {
             fence: AtomicI64::new(0),
             fenced_tx: watch::channel(None).0,
             leader: std::sync::Mutex::new(None),
+            tls: tls.is_some(),
             alone: AtomicBool::new(true),
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
             .pool_idle_timeout(Duration::from_secs(30))
-            .build_http(),
+            .build(connector(tls)),
         }))
     }
 
@@ -413,17 +417,19 @@ impl Cluster {
         let Some(path) = req.uri().path_and_query().map(|p| p.as_str().to_owned()) else {
             return Ok(ApiError::invalid("path", "no path").into_response());
         };
-        let Some(base) = to.api_url.strip_prefix("http://") else {
+        let scheme_ok =
+            to.api_url.starts_with("http://") || (to.api_url.starts_with("https://") && self.tls);
+        if !scheme_ok {
             return Ok(ApiError::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "replica {} serves {}: forwarding between replicas speaks plain HTTP only",
+                    "replica {} serves {} but this one has no TLS to reach it with: give every replica TLS with one CA, or none",
                     to.name, to.api_url
                 ),
             )
             .into_response());
-        };
-        let Ok(uri) = format!("http://{base}{path}").parse::<axum::http::Uri>() else {
+        }
+        let Ok(uri) = format!("{}{path}", to.api_url).parse::<axum::http::Uri>() else {
             return Ok(ApiError::new(
                 ErrorCode::Internal,
                 format!("replica {}'s address {} is not a URL", to.name, to.api_url),
@@ -559,6 +565,33 @@ pub(crate) async fn forget_expired(
         }
     }
     lost
+}
+
+/// Connections to other replicas: `https://` with the replicas' shared
+/// CA when they serve TLS, else plain HTTP only.
+fn connector(
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(2)));
+    // Without a configuration of its own, it trusts nobody: an https://
+    // replica is refused before any connection (see `forward`).
+    let config = match tls {
+        Some(cfg) => (*cfg).clone(),
+        None => rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("rustls' default versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth(),
+    };
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
 }
 
 /// Where a request goes.

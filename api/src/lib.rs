@@ -138,6 +138,10 @@ pub struct ApiConfig {
     /// Where other replicas reach this server's API (`http://HOST:PORT`),
     /// with PostgreSQL state (default `None`: `http://127.0.0.1:7070`).
     pub advertise: Option<String>,
+    /// The TLS client configuration replicas forward to each other with
+    /// (`https://` addresses; it trusts the server's CA, which replicas
+    /// share), or `None`: plain HTTP.
+    pub replica_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Where other replicas relay HTTP services' requests to this one's
     /// ingress (`http://HOST:PORT`; default `None`: it has none).
     pub advertise_ingress: Option<String>,
@@ -178,6 +182,7 @@ impl ApiConfig {
             ca_pem: None,
             advertise: None,
             advertise_ingress: None,
+            replica_tls: None,
             lease_ttl: cluster::DEFAULT_LEASE_TTL,
         }
     }
@@ -235,7 +240,9 @@ impl Api {
                 expired: false,
                 leader: false,
             };
-            let cluster = cluster::Cluster::join(&*store, me, config.lease_ttl).await?;
+            let cluster =
+                cluster::Cluster::join(&*store, me, config.lease_ttl, config.replica_tls.clone())
+                    .await?;
             // This replica's own node: what a previous process of it ran
             // is lost. Edge nodes are the leader's business.
             let own = std::iter::once(cluster.me.name.clone()).collect();

@@ -38,6 +38,11 @@ impl Shared {
     /// first one's admin token and secrets key, as an operator copies
     /// them.
     fn start(&self, name: &str) -> Server {
+        self.start_with(name, &[])
+    }
+
+    /// [`start`](Self::start) with more flags.
+    fn start_with(&self, name: &str, extra: &[&str]) -> Server {
         let data = self.data(name);
         let first = self.data("a");
         if name != "a" && !data.exists() {
@@ -45,19 +50,25 @@ impl Shared {
             for file in ["admin.token", "secrets.key"] {
                 std::fs::copy(first.join(file), data.join(file)).unwrap();
             }
+            // With TLS, the CA too: replicas trust each other through it.
+            if first.join("tls").exists() {
+                std::fs::create_dir_all(data.join("tls")).unwrap();
+                for file in ["ca.pem", "ca.key"] {
+                    std::fs::copy(first.join("tls").join(file), data.join("tls").join(file))
+                        .unwrap();
+                }
+            }
         }
-        Server::start_with_env(
-            &data,
-            &[
-                "--state",
-                &self.state,
-                "--blobs",
-                &self.blobs,
-                "--replica",
-                name,
-            ],
-            &self.env,
-        )
+        let mut flags = vec![
+            "--state",
+            &self.state,
+            "--blobs",
+            &self.blobs,
+            "--replica",
+            name,
+        ];
+        flags.extend_from_slice(extra);
+        Server::start_with_env(&data, &flags, &self.env)
     }
 }
 
@@ -509,4 +520,43 @@ fn ingresses_relay_to_the_leader_and_a_node_moves_on_when_the_leader_dies() {
     let r = c.api("POST", &format!("/v1/tasks/{id}/stop"), None);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(wait_stopped_on(&b, &id)["stop_code"], "UserStopped");
+}
+
+/// Replicas that serve TLS forward to each other over TLS, trusting the
+/// CA they share (`--tls auto`'s, copied as the admin token is).
+#[test]
+fn replicas_with_tls_forward_to_each_other_over_tls() {
+    let shared = Shared::new();
+    let a = shared.start_with("a", &["--tls", "auto"]);
+    let b = shared.start_with("b", &["--tls", "auto"]);
+    assert!(b.base.starts_with("https://"), "{}", b.base);
+    let ca = shared.data("a").join("tls/ca.pem");
+    let cli = |s: &Server, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(args)
+            .args(["--ca-cert", ca.to_str().unwrap(), "--output", "json"])
+            .env("WHARF_SERVER", &s.base)
+            .env("WHARF_TOKEN", &s.token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let replicas = cli(&b, &["node", "replicas"]);
+    let urls: Vec<&str> = replicas
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["api_url"].as_str())
+        .collect();
+    assert!(urls.iter().all(|u| u.starts_with("https://")), "{urls:?}");
+    // B is a follower: the node listing is A's, forwarded over TLS.
+    let nodes = cli(&b, &["node", "ls"]);
+    assert_eq!(nodes[0]["name"], "a", "{nodes}");
+    assert_eq!(cli(&b, &["service", "ls"]), json!([]));
+    drop(a);
 }
