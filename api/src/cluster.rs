@@ -79,6 +79,8 @@ pub struct Cluster {
     leader: std::sync::Mutex<Option<Replica>>,
     /// Whether `client` speaks TLS (to `https://` replicas).
     tls: bool,
+    /// Whether the leader's duties are loaded (see `set_ready`).
+    ready: AtomicBool,
     /// Whether the last round saw no other live replica: nobody could
     /// take over, so a late renewal is no reason to stop.
     alone: AtomicBool,
@@ -144,6 +146,7 @@ impl Cluster {
             fenced_tx: watch::channel(None).0,
             leader: std::sync::Mutex::new(None),
             tls: tls.is_some(),
+            ready: AtomicBool::new(false),
             alone: AtomicBool::new(true),
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
@@ -151,6 +154,18 @@ impl Cluster {
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector(tls)),
         }))
+    }
+
+    /// Says the leader's duties are loaded (services, edge nodes): from
+    /// now on it serves the leader's routes.
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether this replica leads and has taken over (its services and
+    /// edge nodes are loaded): the leader's routes are served here.
+    pub fn serves_leader(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.is_leader()
     }
 
     /// Whether this replica leads now (by its own clock, with a margin).
@@ -215,7 +230,7 @@ impl Cluster {
         }
     }
 
-    fn fence_off(&self, why: String) {
+    pub(crate) fn fence_off(&self, why: String) {
         self.leading.store(false, Ordering::Release);
         tracing::error!(replica = %self.me.name, "{why}");
         self.fenced_tx.send_if_modified(|w| {
@@ -359,7 +374,7 @@ impl Cluster {
     /// another replica relayed the request already), the leader's
     /// ingress, or nowhere yet (no replica leads).
     pub(crate) fn ingress_relay(self: &Arc<Self>, relayed: bool) -> crate::ingress::Relay {
-        if relayed || self.is_leader() {
+        if relayed || self.serves_leader() {
             return crate::ingress::Relay::Here;
         }
         match self.leader() {
@@ -437,6 +452,8 @@ impl Cluster {
             .into_response());
         };
         *req.uri_mut() = uri;
+        // The client speaks HTTP/1.1 to replicas, whatever the caller spoke.
+        *req.version_mut() = axum::http::Version::HTTP_11;
         let headers = req.headers_mut();
         for hop in [
             header::CONNECTION,
@@ -511,7 +528,7 @@ async fn to_leader(
     next: Next,
     peer: Option<SocketAddr>,
 ) -> Response {
-    if cluster.is_leader() {
+    if cluster.serves_leader() {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
@@ -525,11 +542,12 @@ async fn to_leader(
     let deadline = Instant::now() + cluster.ttl + Duration::from_secs(2);
     let mut why = "no replica leads the cluster at the moment".to_owned();
     while Instant::now() < deadline {
-        if cluster.is_leader() {
+        if cluster.serves_leader() {
             return next.run(again(&parts, &body)).await;
         }
         match cluster.find_leader(&*control.store).await {
-            Some(l) if l.id == cluster.me.id => return next.run(again(&parts, &body)).await,
+            // This replica leads but is still taking over: wait.
+            Some(l) if l.id == cluster.me.id => {}
             Some(l) => match cluster.forward(again(&parts, &body), &l, peer).await {
                 Ok(resp) => return resp,
                 Err(e) => why = e,
@@ -594,6 +612,22 @@ fn connector(
         .wrap_connector(http)
 }
 
+/// The leader's routes: services, nodes and the node protocol.
+fn leader_route(path: &str) -> bool {
+    path.starts_with("/v1/services")
+        || path.starts_with("/v1/nodes")
+        || path.starts_with("/v1/agent/")
+}
+
+/// A registry request with a credential this replica does not know: an
+/// edge node's (only the leader holds those), or a token made a moment
+/// ago on another replica. The leader knows both.
+fn node_pull(control: &Control, req: &Request, path: &str) -> bool {
+    path.starts_with("/v2/")
+        && crate::auth::token_of(req.headers())
+            .is_some_and(|t| control.tokens.authenticate(&t).is_none())
+}
+
 /// Where a request goes.
 enum Route {
     Here,
@@ -623,14 +657,24 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(client));
         }
+        // A leader's route reaches a replica that is still taking over
+        // (its edge nodes and services not yet loaded): it waits.
+        if leader_route(req.uri().path()) {
+            let deadline = Instant::now() + cluster.ttl * 2 + Duration::from_secs(2);
+            while !cluster.serves_leader() {
+                if Instant::now() >= deadline {
+                    return unavailable(
+                        "this replica is not ready to lead yet (a replica takes over within seconds): try again".into(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         return next.run(req).await;
     }
     req.headers_mut().remove(PEER_HEADER);
     let path = req.uri().path().to_owned();
-    let route = if path.starts_with("/v1/services")
-        || path.starts_with("/v1/nodes")
-        || path.starts_with("/v1/agent/")
-    {
+    let route = if leader_route(&path) || node_pull(&control, &req, &path) {
         Route::Leader
     } else if let Some(rest) = path.strip_prefix("/v1/tasks/") {
         let id = rest.split('/').next().unwrap_or_default();
@@ -695,6 +739,15 @@ async fn task_route(control: &Control, cluster: &Cluster, id: &str) -> Route {
     if task.status == crate::model::TaskStatus::Stopped || task.node == cluster.me.name {
         return Route::Here;
     }
+    // Not placed yet: the replica that started it holds it.
+    let holder = if task.node.is_empty() {
+        match &task.replica {
+            Some(r) if *r != cluster.me.name => r.clone(),
+            _ => return Route::Here,
+        }
+    } else {
+        task.node.clone()
+    };
     let replica = control
         .store
         .replicas()
@@ -702,7 +755,7 @@ async fn task_route(control: &Control, cluster: &Cluster, id: &str) -> Route {
         .list()
         .await
         .ok()
-        .and_then(|all| all.into_iter().find(|r| r.name == task.node));
+        .and_then(|all| all.into_iter().find(|r| r.name == holder));
     match replica {
         Some(r) if !r.expired => Route::Replica(r.name),
         // A replica that ran out: its tasks are lost, as the leader will

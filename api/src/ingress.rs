@@ -436,6 +436,7 @@ async fn relay(
         parts.headers.insert("x-forwarded-for", v);
     }
     parts.headers.insert(RELAYED, HeaderValue::from_static("1"));
+    parts.version = http::Version::HTTP_11;
     for name in ["connection", "keep-alive", "te", "trailer", "upgrade"] {
         parts.headers.remove(name);
     }

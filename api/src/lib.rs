@@ -617,10 +617,9 @@ async fn replicate(
     // Alone on the database (or the first of several): lead before the
     // first request, as a single server does.
     let leads = cluster.lead_at_start(&*control.store).await?;
-    if leads {
-        become_leader(&control, &cluster).await?;
-    }
     let (lead_tx, mut lead_rx) = tokio::sync::oneshot::channel();
+    // The keeper runs from now on: a takeover may wait for seconds, and
+    // the lease must not lapse meanwhile.
     let keeper = tokio::spawn(cluster.clone().keep(
         control.store.clone(),
         Some(lead_tx),
@@ -630,6 +629,10 @@ async fn replicate(
             move |lost| lost_events(&control, &lost, "its replica stopped")
         },
     ));
+    if leads {
+        become_leader(&control, &cluster).await?;
+        cluster.set_ready();
+    }
     let listener = tokio::spawn({
         let control = control.clone();
         let mut shutdown = shutdown_rx.clone();
@@ -684,14 +687,25 @@ async fn replicate(
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => return,
-                    _ = &mut lead_rx => break,
+                    // Dropped unsent: the keeper ended (shutdown, or
+                    // fenced) without this replica ever leading.
+                    led = &mut lead_rx => match led {
+                        Ok(()) => break,
+                        Err(_) => return,
+                    },
                     _ = stopped_rx.recv() => {}
                 }
             }
-            if let Err(e) = become_leader(&control, &cluster).await {
-                tracing::error!(error = %e, "cannot take over");
+            if !cluster.is_leader() {
                 return;
             }
+            if let Err(e) = become_leader(&control, &cluster).await {
+                // Leading with nothing loaded would serve nobody: let
+                // another replica take over.
+                cluster.fence_off(format!("cannot take over as the leader: {e}"));
+                return;
+            }
+            cluster.set_ready();
             for job in lead(control, stopped_rx, &shutdown_rx) {
                 let _ = job.await;
             }
