@@ -612,6 +612,17 @@ fn connector(
         .wrap_connector(http)
 }
 
+/// Whether `name` is a live replica's (and so its own node's) name.
+async fn is_replica(store: &dyn StateStore, name: &str) -> bool {
+    match store.replicas() {
+        Some(r) => r
+            .list()
+            .await
+            .is_ok_and(|all| all.iter().any(|r| r.name == name && !r.expired)),
+        None => false,
+    }
+}
+
 /// The leader's routes: services, nodes and the node protocol.
 fn leader_route(path: &str) -> bool {
     path.starts_with("/v1/services")
@@ -695,12 +706,16 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
             .ok()
             .and_then(|v| v.get("node").and_then(|n| n.as_str()).map(str::to_owned));
         req = Request::from_parts(parts, Body::from(bytes));
-        let elsewhere =
-            control.config.local_node.disabled || node.is_some_and(|n| n != cluster.me.name);
-        if elsewhere {
-            Route::Leader
-        } else {
-            Route::Here
+        match node {
+            // Here, on this replica's own node.
+            Some(n) if n == cluster.me.name => Route::Here,
+            // Another replica's own node: that replica runs it.
+            Some(n) if is_replica(&*control.store, &n).await => Route::Replica(n),
+            // An edge node (the leader's), or any node when this replica
+            // runs no tasks itself.
+            Some(_) => Route::Leader,
+            None if control.config.local_node.disabled => Route::Leader,
+            None => Route::Here,
         }
     } else {
         Route::Here

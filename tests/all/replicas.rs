@@ -147,6 +147,15 @@ fn three_replicas_share_the_registry_state_uploads_and_tokens() {
         "{}",
         String::from_utf8_lossy(&logs.body)
     );
+    // A run on A for C's own node runs on C.
+    let r = a.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo", "node": "c"})),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let on_c = r.json()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_stopped_on(&b, &on_c)["node"], "c");
     // A new revision registered on C is the one B runs next.
     register(
         &c,
