@@ -81,6 +81,8 @@ pub struct Cluster {
     tls: bool,
     /// Whether the leader's duties are loaded (see `set_ready`).
     ready: AtomicBool,
+    /// Places for request bodies held while routing ([`MAX_HELD_REQUESTS`]).
+    held: tokio::sync::Semaphore,
     /// Whether the last round saw no other live replica: nobody could
     /// take over, so a late renewal is no reason to stop.
     alone: AtomicBool,
@@ -147,6 +149,7 @@ impl Cluster {
             leader: std::sync::Mutex::new(None),
             tls: tls.is_some(),
             ready: AtomicBool::new(false),
+            held: tokio::sync::Semaphore::new(MAX_HELD_REQUESTS),
             alone: AtomicBool::new(true),
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
@@ -154,6 +157,11 @@ impl Cluster {
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector(tls)),
         }))
+    }
+
+    /// A place to hold a request's body while routing it, if one is free.
+    fn hold(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.held.try_acquire().ok()
     }
 
     /// Says the leader's duties are loaded (services, edge nodes): from
@@ -501,8 +509,20 @@ fn unavailable(message: String) -> Response {
 }
 
 /// The largest body a follower holds while it finds the leader (the
-/// API's JSON bodies are at most 2 MB).
-const MAX_HELD_BODY: usize = 4 << 20;
+/// API's JSON bodies are at most 2 MB too).
+const MAX_HELD_BODY: usize = 2 << 20;
+
+/// Requests whose bodies a replica holds at once while it routes them
+/// (before any authentication: the replica that serves them
+/// authenticates): at most this many × [`MAX_HELD_BODY`] of memory.
+const MAX_HELD_REQUESTS: usize = 64;
+
+/// The answer when [`MAX_HELD_REQUESTS`] are held already.
+fn too_many_held() -> Response {
+    unavailable(format!(
+        "this replica holds {MAX_HELD_REQUESTS} requests for other replicas already: try again"
+    ))
+}
 
 /// A request as it came, again, to send or serve once more.
 fn again(parts: &axum::http::request::Parts, body: &bytes::Bytes) -> Request {
@@ -531,6 +551,9 @@ async fn to_leader(
     if cluster.serves_leader() {
         return next.run(req).await;
     }
+    let Some(_held) = cluster.hold() else {
+        return too_many_held();
+    };
     let (parts, body) = req.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_HELD_BODY).await else {
         return ApiError::new(
@@ -612,15 +635,15 @@ fn connector(
         .wrap_connector(http)
 }
 
-/// Whether `name` is a live replica's (and so its own node's) name.
-async fn is_replica(store: &dyn StateStore, name: &str) -> bool {
-    match store.replicas() {
-        Some(r) => r
-            .list()
-            .await
-            .is_ok_and(|all| all.iter().any(|r| r.name == name && !r.expired)),
-        None => false,
-    }
+/// The live replica named `name` (also its own node's name), if any.
+async fn live_replica(store: &dyn StateStore, name: &str) -> Option<Replica> {
+    store
+        .replicas()?
+        .list()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|r| r.name == name && !r.expired)
 }
 
 /// The leader's routes: services, nodes and the node protocol.
@@ -691,6 +714,9 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
         let id = rest.split('/').next().unwrap_or_default();
         task_route(&control, &cluster, id).await
     } else if path == "/v1/tasks" && req.method() == axum::http::Method::POST {
+        let Some(_held) = cluster.hold() else {
+            return too_many_held();
+        };
         let (parts, body) = req.into_parts();
         let bytes = match axum::body::to_bytes(body, MAX_ROUTED_BODY).await {
             Ok(b) => b,
@@ -710,7 +736,7 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
             // Here, on this replica's own node.
             Some(n) if n == cluster.me.name => Route::Here,
             // Another replica's own node: that replica runs it.
-            Some(n) if is_replica(&*control.store, &n).await => Route::Replica(n),
+            Some(n) if live_replica(&*control.store, &n).await.is_some() => Route::Replica(n),
             // An edge node (the leader's), or any node when this replica
             // runs no tasks itself.
             Some(_) => Route::Leader,
@@ -723,14 +749,7 @@ pub async fn route(State(control): State<Arc<Control>>, mut req: Request, next: 
     let to = match route {
         Route::Here => return next.run(req).await,
         Route::Leader => return to_leader(&control, &cluster, req, next, peer).await,
-        Route::Replica(name) => control
-            .store
-            .replicas()
-            .expect("a store with replicas")
-            .list()
-            .await
-            .ok()
-            .and_then(|all| all.into_iter().find(|r| r.name == name && !r.expired)),
+        Route::Replica(name) => live_replica(&*control.store, &name).await,
     };
     match to {
         Some(to) if to.id != cluster.me.id => match cluster.forward(req, &to, peer).await {
@@ -763,20 +782,13 @@ async fn task_route(control: &Control, cluster: &Cluster, id: &str) -> Route {
     } else {
         task.node.clone()
     };
-    let replica = control
-        .store
-        .replicas()
-        .expect("a store with replicas")
-        .list()
-        .await
-        .ok()
-        .and_then(|all| all.into_iter().find(|r| r.name == holder));
-    match replica {
-        Some(r) if !r.expired => Route::Replica(r.name),
-        // A replica that ran out: its tasks are lost, as the leader will
-        // record; the record here says what is known.
-        Some(_) => Route::Here,
+    match live_replica(&*control.store, &holder).await {
+        Some(r) => Route::Replica(r.name),
+        // Unplaced, of a replica that ran out: its record says what is
+        // known (the leader marks it lost).
         None if task.node.is_empty() => Route::Here,
+        // An edge node's task (the leader's), or one of a replica that ran
+        // out (the leader answers from its record).
         None => Route::Leader,
     }
 }

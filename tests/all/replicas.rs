@@ -254,6 +254,19 @@ fn three_replicas_share_the_registry_state_uploads_and_tokens() {
         (a.api_as(&secret, "GET", "/v1/taskdefs", None).status == 401).then_some(())
     });
 
+    // A follower holds a leader's request body only up to the API's own
+    // limit, even one with no token (the leader authenticates it).
+    let big = vec![b'x'; 3 << 20];
+    let r = call(
+        ureq::post(&format!("{}/v1/services", b.base))
+            .set("Content-Type", "application/json")
+            .send_bytes(&big),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("over 2097152 bytes"),
+        "{r:?}"
+    );
     // A fourth process may not take a live replica's name.
     let (code, stderr) = fails(&shared, "b");
     assert_ne!(code, 0);
