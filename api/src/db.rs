@@ -49,6 +49,12 @@ pub enum Write {
     Audit(Box<AuditEntry>),
 }
 
+/// Writes batches synchronously, on the thread that calls it.
+pub trait BatchWriter: Send {
+    /// Applies `batch` in one transaction.
+    fn write(&mut self, batch: &[Write]) -> std::result::Result<(), String>;
+}
+
 /// Which tasks to list.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
@@ -134,6 +140,12 @@ pub trait StateStore: Send + Sync + 'static {
     }
     /// Applies a batch of writes in one transaction.
     async fn write(&self, batch: &[Write]) -> Result<()>;
+    /// A synchronous writer of batches for the group-commit writer's own
+    /// thread, if the store has one (SQLite: no hand-off per batch);
+    /// otherwise the writer is a task calling [`write`](Self::write).
+    fn batch_writer(&self) -> Option<Box<dyn BatchWriter>> {
+        None
+    }
     /// Marks every task that is not `STOPPED` as stopped with `NodeLost`
     /// (the node that ran it is gone) and returns them, except the tasks
     /// of `remote` nodes that had started (`PENDING` or `RUNNING`): those
@@ -263,6 +275,13 @@ fn definition_status(status: TaskDefinitionStatus) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The batch writer's own connection, synchronous (rusqlite), used by
+    /// one thread: the group-commit writer runs on it, so a batch costs no
+    /// hand-off to a connection thread and back. Only it writes task
+    /// records, so its page cache stays valid from one batch to the next
+    /// (a pooled connection finds the WAL moved by another and drops its
+    /// cache).
+    writer: std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>,
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -300,19 +319,142 @@ impl SqliteStore {
             // Deleted and overwritten content is zeroed, so an old value
             // does not linger in free pages.
             .pragma("secure_delete", "on")
+            // Checkpoints run beside the writer (`checkpoints`), not inside
+            // the commit that crosses a threshold, where their fsyncs made
+            // the tail of every write. This one is the backstop if they
+            // fall behind: a commit checkpoints itself past 64 MiB of WAL.
+            .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string())
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             // The database is a local file: a ping before each use would
             // only add a round trip to the connection's thread.
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
             .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        Ok(SqliteStore { pool })
+        let writer = open_writer(path).map_err(lite)?;
+        tokio::spawn(checkpoints(pool.clone()));
+        Ok(SqliteStore {
+            pool,
+            writer: std::sync::Arc::new(std::sync::Mutex::new(writer)),
+        })
+    }
+}
+
+/// The writer's connection, with the pool's settings.
+fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "secure_delete", "on")?;
+    conn.pragma_update(None, "foreign_keys", "on")?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
+    Ok(conn)
+}
+
+/// A rusqlite error as the store's error type.
+fn lite(e: rusqlite::Error) -> DbError {
+    sqlx::Error::Io(std::io::Error::other(e))
+}
+
+const PUT_TASK: &str = "INSERT INTO tasks (id, family, service, status, created_at, body) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+     ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body";
+
+/// Applies a batch in one `IMMEDIATE` transaction, a cached prepared
+/// statement per kind of write; nothing of it is kept if any part fails.
+fn write_batch(conn: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::Result<()> {
+    use rusqlite::params;
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for write in batch {
+        match write {
+            Write::Task(t) => {
+                tx.prepare_cached(PUT_TASK)?.execute(params![
+                    t.id,
+                    t.family,
+                    t.service,
+                    t.status.as_str(),
+                    t.created_at,
+                    json(&**t)
+                ])?;
+            }
+            Write::TaskLogs(id, page) => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO task_logs (task_id, body) VALUES (?1, ?2)",
+                )?
+                .execute(params![id, json(&**page)])?;
+            }
+            Write::Event {
+                service,
+                at,
+                message,
+            } => {
+                tx.prepare_cached(
+                    "INSERT INTO service_events (service, at, message) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![service, at, message])?;
+            }
+            Write::Audit(e) => {
+                tx.prepare_cached(
+                    "INSERT INTO audit (at, token_id, actor, method, path, status) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    e.at, e.token_id, e.actor, e.method, e.path, e.status
+                ])?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// The group-commit writer's side of a [`SqliteStore`]: it writes on the
+/// writer's own thread.
+struct SqliteBatches(std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>);
+
+impl BatchWriter for SqliteBatches {
+    fn write(&mut self, batch: &[Write]) -> Result<(), String> {
+        let mut conn = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        write_batch(&mut conn, batch).map_err(|e| e.to_string())
+    }
+}
+
+/// WAL pages (4 KiB) past which a commit checkpoints by itself.
+const WAL_BACKSTOP_PAGES: u32 = 16_384;
+/// How often the background checkpointer runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// Copies the WAL back into the database beside the writer: a `PASSIVE`
+/// checkpoint every 250 ms (nothing to do, nothing done). It never waits
+/// for the writer, nor the writer for it; the WAL starts over at the
+/// writer's next commit after a checkpoint that caught up. Ends when the
+/// pool closes.
+async fn checkpoints(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+            && !pool.is_closed()
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
     }
 }
 
@@ -343,71 +485,18 @@ async fn put_tasks(conn: &mut sqlx::SqliteConnection, tasks: &[&Task]) -> Result
 #[async_trait]
 impl StateStore for SqliteStore {
     async fn write(&self, batch: &[Write]) -> Result<()> {
-        // One multi-row statement per kind and chunk: the cost of a batch
-        // is a handful of statements, not one per row.
-        let mut tasks = Vec::new();
-        let mut logs = Vec::new();
-        let mut events = Vec::new();
-        let mut audit = Vec::new();
-        for write in batch {
-            match write {
-                Write::Task(t) => tasks.push(&**t),
-                Write::TaskLogs(id, page) => logs.push((id, &**page)),
-                Write::Event {
-                    service,
-                    at,
-                    message,
-                } => events.push((service, at, message)),
-                Write::Audit(e) => audit.push(&**e),
-            }
-        }
-        if tasks.is_empty() && logs.is_empty() && events.is_empty() && audit.is_empty() {
-            return Ok(());
-        }
-        // The whole batch is one SQL text — BEGIN, the inserts, COMMIT —
-        // sent to SQLite's connection thread in one round trip (sqlx binds
-        // the arguments across the statements in order).
-        let mut q = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE; ");
-        for chunk in tasks.chunks(ROWS_PER_STATEMENT) {
-            push_tasks(&mut q, chunk);
-            q.push("; ");
-        }
-        for chunk in logs.chunks(ROWS_PER_STATEMENT) {
-            q.push("INSERT OR REPLACE INTO task_logs (task_id, body) ");
-            q.push_values(chunk, |mut row, (id, page)| {
-                row.push_bind(*id).push_bind(json(page));
-            });
-            q.push("; ");
-        }
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            q.push("INSERT INTO service_events (service, at, message) ");
-            q.push_values(chunk, |mut row, (service, at, message)| {
-                row.push_bind(*service).push_bind(*at).push_bind(*message);
-            });
-            q.push("; ");
-        }
-        for chunk in audit.chunks(ROWS_PER_STATEMENT) {
-            q.push("INSERT INTO audit (at, token_id, actor, method, path, status) ");
-            q.push_values(chunk, |mut row, e| {
-                row.push_bind(&e.at)
-                    .push_bind(&e.token_id)
-                    .push_bind(&e.actor)
-                    .push_bind(&e.method)
-                    .push_bind(&e.path)
-                    .push_bind(e.status);
-            });
-            q.push("; ");
-        }
-        q.push("COMMIT");
-        let mut conn = self.pool.acquire().await?;
-        // Common shapes (one task and its audit entry, a task and its logs)
-        // stay prepared in the connection's statement cache.
-        let done = q.build().execute(&mut *conn).await;
-        if done.is_err() {
-            // A statement failed between BEGIN and COMMIT: undo the rest.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        }
-        done.map(|_| ())
+        let writer = self.writer.clone();
+        let batch = batch.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            write_batch(&mut conn, &batch).map_err(lite)
+        })
+        .await
+        .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?
+    }
+
+    fn batch_writer(&self) -> Option<Box<dyn BatchWriter>> {
+        Some(Box::new(SqliteBatches(self.writer.clone())))
     }
 
     async fn recover_lost_tasks(
@@ -825,7 +914,7 @@ impl StateStore for SqliteStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The shared suite: every test runs against SQLite and against a
     //! real PostgreSQL server (`wharf_testkit::postgres`).
 
@@ -892,7 +981,7 @@ mod tests {
         join_tokens_and_audit_round_trip_and_audit_is_pruned_oldest_first,
     );
 
-    fn task(id: &str, status: TaskStatus) -> Task {
+    pub(crate) fn task(id: &str, status: TaskStatus) -> Task {
         Task {
             id: id.into(),
             task_definition: "f:1".into(),

@@ -193,7 +193,6 @@ pub struct Api {
     control: Arc<Control>,
     shutdown: Arc<watch::Sender<bool>>,
     background: Vec<tokio::task::JoinHandle<()>>,
-    writer_join: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Api {
@@ -271,7 +270,7 @@ impl Api {
                 "tasks were running when the server stopped: NodeLost"
             );
         }
-        let (writer, writer_join) = Writer::start(store.clone());
+        let writer = Writer::start(store.clone())?;
         let fleet = Arc::new(fleet::Fleet::new(config.heartbeat, config.node_timeout));
         let tokens = Arc::new(auth::Tokens::with_admin(&config.admin_token));
         for (token, hash) in store.tokens().await? {
@@ -387,7 +386,6 @@ impl Api {
             control,
             shutdown: Arc::new(shutdown),
             background,
-            writer_join,
         })
     }
 
@@ -473,7 +471,6 @@ impl Api {
         }
         self.control.store.close().await;
         drop(self.control);
-        self.writer_join.abort();
     }
 }
 

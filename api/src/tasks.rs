@@ -86,6 +86,10 @@ pub(crate) struct Tasks {
     /// The replica's name, with several servers (tasks record it).
     replica: Option<String>,
     live: DashMap<String, Arc<TaskEntry>>,
+    /// Live tasks placed on the local node, by service (`None`: one-off),
+    /// kept as they are placed and finish: placement reads counts, not a
+    /// walk over every live task (which made a backlog quadratic).
+    local_counts: Mutex<std::collections::HashMap<Option<String>, u64>>,
     executor: Executor,
     artifacts: Arc<Artifacts>,
     writer: Writer,
@@ -263,6 +267,7 @@ impl Tasks {
             local_name,
             replica,
             live: DashMap::new(),
+            local_counts: Mutex::default(),
             executor,
             artifacts,
             writer,
@@ -314,18 +319,16 @@ impl Tasks {
     fn local_candidate(&self, service: Option<&str>, count: bool) -> Candidate {
         let stats = self.executor.stats();
         let slots = self.executor.slots() as u64;
-        let mut tasks = 0;
-        let mut service_tasks = 0;
-        for e in self.live.iter().filter(|_| count) {
-            let st = e.state.lock().expect("task lock");
-            if st.task.node != self.local_name {
-                continue;
-            }
-            tasks += 1;
-            if service.is_some() && st.task.service.as_deref() == service {
-                service_tasks += 1;
-            }
-        }
+        let (tasks, service_tasks) = if count {
+            let counts = self.counts();
+            let of_service = service
+                .and_then(|s| counts.get(&Some(s.to_owned())))
+                .copied()
+                .unwrap_or(0);
+            (counts.values().sum(), of_service)
+        } else {
+            (0, 0)
+        };
         Candidate {
             name: self.local_name.clone(),
             status: self.node_status(),
@@ -519,10 +522,11 @@ impl Tasks {
 
     /// Tasks of the local node that have not stopped.
     pub(crate) fn live_count(&self) -> usize {
-        self.live
-            .iter()
-            .filter(|e| e.state.lock().expect("task lock").task.node == self.local_name)
-            .count()
+        self.counts().values().sum::<u64>() as usize
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Option<String>, u64>> {
+        self.local_counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The HTTP tasks that take traffic, per service.
@@ -539,7 +543,7 @@ impl Tasks {
         }
         let def = launch.def.clone();
         let task = Task {
-            id: uuid::Uuid::new_v4().simple().to_string(),
+            id: uuid::Uuid::now_v7().simple().to_string(),
             task_definition: def.task_definition.clone(),
             family: def.family.clone(),
             service: launch.service.clone(),
@@ -637,6 +641,7 @@ impl Tasks {
                 Ok(Target::Local) => {
                     let mut st = entry.state.lock().expect("task lock");
                     st.task.node = self.local_name.clone();
+                    *self.counts().entry(st.task.service.clone()).or_default() += 1;
                     self.writer.send(Write::Task(Box::new(st.task.clone())));
                     Ok(Placed::Local)
                 }
@@ -1114,7 +1119,15 @@ impl Tasks {
         if let Some(ms) = outcome.instantiate_ms {
             self.metrics.instantiate.observe(ms / 1000.0);
         }
-        self.live.remove(&task.id);
+        if self.live.remove(&task.id).is_some() && task.node == self.local_name {
+            let mut counts = self.counts();
+            if let Some(n) = counts.get_mut(&task.service) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(&task.service);
+                }
+            }
+        }
         // Ends the streams that follow it (the executor closes the buffer
         // of a task it ran; a task on a node, or one that never started,
         // ends here).

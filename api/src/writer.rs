@@ -7,10 +7,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+#[cfg(test)]
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use crate::db::{StateStore, Write};
+use crate::db::{BatchWriter, StateStore, Write};
 use crate::error::{ApiError, Result};
 
 /// At most this many writes share one transaction: large enough to carry
@@ -18,25 +20,58 @@ use crate::error::{ApiError, Result};
 /// stays in the low milliseconds.
 const MAX_BATCH: usize = 4096;
 
+/// How long writes nobody waits for may sit in the queue for company: a
+/// task's intermediate records (placed, `PENDING`, `RUNNING`) then share
+/// the commit of its final one, or of the next write somebody waits for,
+/// instead of costing a commit each. Nothing acknowledged waits for this.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
 type Ack = oneshot::Sender<std::result::Result<(), String>>;
+type Item = (Vec<Write>, Option<Ack>);
 
 /// The queue in front of the store.
 #[derive(Debug, Clone)]
 pub(crate) struct Writer {
-    queue: mpsc::UnboundedSender<(Vec<Write>, Option<Ack>)>,
+    queue: std::sync::mpsc::Sender<Item>,
+}
+
+/// A store without a synchronous writer, written from the writer's thread
+/// through the runtime.
+struct OnRuntime(Arc<dyn StateStore>, tokio::runtime::Handle);
+
+impl BatchWriter for OnRuntime {
+    fn write(&mut self, batch: &[Write]) -> std::result::Result<(), String> {
+        self.1
+            .block_on(self.0.write(batch))
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl Writer {
-    /// Starts the writer task over `store`.
-    pub(crate) fn start(store: Arc<dyn StateStore>) -> (Writer, tokio::task::JoinHandle<()>) {
-        let (queue, rx) = mpsc::unbounded_channel();
-        let join = tokio::spawn(run(store, rx));
-        (Writer { queue }, join)
+    /// Starts the writer over `store` on a thread of its own (SQLite's
+    /// writer writes there; other stores through the current runtime).
+    /// The thread ends once every `Writer` is dropped.
+    pub(crate) fn start(store: Arc<dyn StateStore>) -> std::io::Result<Writer> {
+        let sink = match store.batch_writer() {
+            Some(sink) => sink,
+            None => Box::new(OnRuntime(store, tokio::runtime::Handle::current())),
+        };
+        let (queue, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("wharf-writer".into())
+            .spawn(move || run(sink, rx))?;
+        Ok(Writer { queue })
+    }
+
+    fn push(&self, item: Item) {
+        // A send fails only once the writer has ended (shutdown); the ack
+        // is then dropped, which its waiter sees as "stopped".
+        let _ = self.queue.send(item);
     }
 
     /// Queues writes without waiting for them.
     pub(crate) fn send(&self, write: Write) {
-        let _ = self.queue.send((vec![write], None));
+        self.push((vec![write], None));
     }
 
     /// Queues writes and waits until they (and everything queued before
@@ -50,7 +85,7 @@ impl Writer {
     /// what to wait on for their commit.
     pub(crate) fn queue_acked(&self, writes: Vec<Write>) -> Committed {
         let (ack, done) = oneshot::channel();
-        let _ = self.queue.send((writes, Some(ack)));
+        self.push((writes, Some(ack)));
         Committed(done)
     }
 }
@@ -70,20 +105,33 @@ impl Committed {
     }
 }
 
-async fn run(
-    store: Arc<dyn StateStore>,
-    mut rx: mpsc::UnboundedReceiver<(Vec<Write>, Option<Ack>)>,
-) {
+/// The writer's thread: takes what is queued (up to [`MAX_BATCH`],
+/// lingering while nobody waits), collapses it, writes it in one
+/// transaction and answers every waiter with the result.
+fn run(mut sink: Box<dyn BatchWriter>, rx: std::sync::mpsc::Receiver<Item>) {
+    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
     let mut writes = Vec::new();
     let mut acks = Vec::new();
-    while let Some((first, ack)) = rx.recv().await {
+    while let Ok((first, ack)) = rx.recv() {
         writes.extend(first);
         acks.extend(ack);
+        let mut deadline = None;
         while writes.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok((more, ack)) => {
                     writes.extend(more);
                     acks.extend(ack);
+                }
+                Err(TryRecvError::Empty) if acks.is_empty() => {
+                    let until = *deadline.get_or_insert_with(|| std::time::Instant::now() + LINGER);
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok((more, ack)) => {
+                            writes.extend(more);
+                            acks.extend(ack);
+                        }
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
                 }
                 Err(_) => break,
             }
@@ -92,7 +140,7 @@ async fn run(
         let result = if batch.is_empty() {
             Ok(())
         } else {
-            store.write(&batch).await.map_err(|e| e.to_string())
+            sink.write(&batch)
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "state batch failed");
@@ -103,7 +151,7 @@ async fn run(
     }
 }
 
-/// Keeps only the last record of each task, in order of first appearance.
+/// Keeps only the last record of each task, where that last one stands.
 fn collapse(writes: Vec<Write>) -> Vec<Write> {
     let mut last: HashMap<String, usize> = HashMap::new();
     for (i, w) in writes.iter().enumerate() {
@@ -120,4 +168,107 @@ fn collapse(writes: Vec<Write>) -> Vec<Write> {
         })
         .map(|(_, w)| w)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::db::tests::task;
+    use crate::model::TaskStatus;
+
+    /// Records each batch as `id:STATUS` strings; the first batch waits
+    /// for a go, so what is queued meanwhile forms the next one.
+    struct Recorder {
+        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        go: Option<mpsc::Receiver<()>>,
+    }
+
+    impl BatchWriter for Recorder {
+        fn write(&mut self, batch: &[Write]) -> std::result::Result<(), String> {
+            if let Some(go) = self.go.take() {
+                go.recv().unwrap();
+            }
+            let names = batch
+                .iter()
+                .map(|w| match w {
+                    Write::Task(t) => format!("{}:{}", t.id, t.status.as_str()),
+                    _ => "other".into(),
+                })
+                .collect();
+            self.batches.lock().unwrap().push(names);
+            Ok(())
+        }
+    }
+
+    fn writer() -> (Writer, Arc<Mutex<Vec<Vec<String>>>>, mpsc::Sender<()>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (go_tx, go) = mpsc::channel();
+        let sink = Recorder {
+            batches: batches.clone(),
+            go: Some(go),
+        };
+        let (queue, rx) = mpsc::channel();
+        std::thread::spawn(move || run(Box::new(sink), rx));
+        (Writer { queue }, batches, go_tx)
+    }
+
+    #[tokio::test]
+    async fn writes_queued_during_a_commit_form_the_next_batch_one_row_per_task() {
+        let (writer, batches, go) = writer();
+        let first = writer.queue_acked(vec![Write::Task(Box::new(task("x", TaskStatus::Running)))]);
+        // The first commit is under way (its sink waits): these queue.
+        std::thread::sleep(Duration::from_millis(20));
+        writer.send(Write::Task(Box::new(task("a", TaskStatus::Pending))));
+        writer.send(Write::Task(Box::new(task("b", TaskStatus::Pending))));
+        writer.send(Write::Task(Box::new(task("a", TaskStatus::Running))));
+        let last = writer.queue_acked(vec![Write::Task(Box::new(task("a", TaskStatus::Stopped)))]);
+        go.send(()).unwrap();
+        first.wait().await.unwrap();
+        last.wait().await.unwrap();
+        let batches = batches.lock().unwrap().clone();
+        assert_eq!(
+            batches,
+            vec![
+                vec!["x:RUNNING".to_owned()],
+                vec!["b:PENDING".to_owned(), "a:STOPPED".to_owned()],
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_nobody_waits_for_is_committed_soon_after_its_linger() {
+        let (writer, batches, go) = writer();
+        go.send(()).unwrap();
+        writer.send(Write::Task(Box::new(task("a", TaskStatus::Pending))));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while batches.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never committed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(batches.lock().unwrap()[0], vec!["a:PENDING".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_writer_ends_its_thread_and_a_failed_batch_fails_its_waiters() {
+        struct Failing;
+        impl BatchWriter for Failing {
+            fn write(&mut self, _: &[Write]) -> std::result::Result<(), String> {
+                Err("disk full".into())
+            }
+        }
+        let (queue, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || run(Box::new(Failing), rx));
+        let writer = Writer { queue };
+        let result = writer
+            .queue_acked(vec![Write::Task(Box::new(task("a", TaskStatus::Stopped)))])
+            .0
+            .await
+            .expect("an answer, not a dropped waiter");
+        assert_eq!(result, Err("disk full".to_owned()));
+        drop(writer);
+        thread.join().unwrap();
+    }
 }
