@@ -182,7 +182,7 @@ mod tests {
     /// Records each batch as `id:STATUS` strings; the first batch waits
     /// for a go, so what is queued meanwhile forms the next one.
     struct Recorder {
-        batches: Arc<Mutex<Vec<Vec<String>>>>,
+        batches: Batches,
         go: Option<mpsc::Receiver<()>>,
     }
 
@@ -203,7 +203,9 @@ mod tests {
         }
     }
 
-    fn writer() -> (Writer, Arc<Mutex<Vec<Vec<String>>>>, mpsc::Sender<()>) {
+    type Batches = Arc<Mutex<Vec<Vec<String>>>>;
+
+    fn writer() -> (Writer, Batches, mpsc::Sender<()>) {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let (go_tx, go) = mpsc::channel();
         let sink = Recorder {

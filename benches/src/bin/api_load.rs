@@ -22,7 +22,8 @@
 //! `cargo build --release -p wharf && cargo run --release -p wharf-bench --bin api_load`
 //! Env: `WHARF_BIN` (default target/release/wharf), `WASMTIME` (default
 //! `wasmtime` on PATH; the peer is skipped with a note when absent),
-//! `PARTS` (e.g. `latency,throughput,service`), `CLIENTS` (default 8).
+//! `PARTS` (e.g. `latency,throughput,wrk,service`; `wrk` is the sustained
+//! runs again with `wrk` as the client), `CLIENTS` (default 8).
 //! Prints a summary and writes `target/bench-results/api_load.json`.
 //! Results and method: `docs/PERFORMANCE.md`, "Control plane".
 
@@ -806,6 +807,129 @@ fn throughput(server: &Server, per_request: u32, summary: &mut Vec<String>) -> V
     })
 }
 
+/// The same sustained runs with `wrk` as the client (C, epoll: it costs
+/// the shared 2 cores far less than ureq's threads): `CLIENTS`
+/// connections on 2 threads, each `POST /v1/tasks` for `hello` with
+/// `count` 1, for `SUBMIT_FOR`; the figure is again tasks stopped per
+/// second until the last accepted one stopped. Skipped with a note when
+/// `wrk` is not on PATH.
+fn wrk_runs(server: &Server, summary: &mut Vec<String>) -> Value {
+    let Some(wrk) = find_on_path("wrk") else {
+        summary.push("## 2b. sustained runs with wrk: skipped (no wrk on PATH)".into());
+        return json!({ "skipped": "no wrk on PATH" });
+    };
+    let clients = clients();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\n\
+             wrk.body = '{{\"task_definition\":\"hello\"}}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"Authorization\"] = \"{}\"\n",
+            server.auth
+        ),
+    )
+    .unwrap();
+    let before = server.metrics();
+    let cpu0 = cpu_pair(server);
+    let machine0 = machine_cpu();
+    let started = Instant::now();
+    let out = Command::new(wrk)
+        .args(["-t2", &format!("-c{clients}"), "--latency"])
+        .arg(format!("-d{}s", SUBMIT_FOR.as_secs()))
+        .arg("-s")
+        .arg(&script)
+        .arg(format!("{}/v1/tasks", server.base))
+        .output()
+        .expect("run wrk");
+    let submitted_secs = started.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "wrk failed: {text}");
+    // "N requests in 10.00s", "Non-2xx or 3xx responses: M", and the
+    // latency distribution's "50% 1.23ms" lines.
+    let requests: u64 = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("wrk's request count");
+    let refused: u64 = text
+        .lines()
+        .find(|l| l.contains("Non-2xx or 3xx responses:"))
+        .and_then(|l| l.rsplit(':').next()?.trim().parse().ok())
+        .unwrap_or(0);
+    let accepted = requests - refused;
+    let pct = |p: &str| -> f64 {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .map(|v| {
+                let v = v.trim();
+                let (n, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+                let n: f64 = n.parse().unwrap_or(f64::NAN);
+                n * match unit {
+                    "us" => 1.0,
+                    "ms" => 1_000.0,
+                    "s" => 1_000_000.0,
+                    _ => f64::NAN,
+                }
+            })
+            .unwrap_or(f64::NAN)
+    };
+    let (p50, p90, p99) = (pct("50% "), pct("90% "), pct("99% "));
+    let stopped_now = |text: &str| stops_delta(&before, text).values().sum::<u64>();
+    let after = loop {
+        let m = server.metrics();
+        if stopped_now(&m) >= accepted {
+            break m;
+        }
+        assert!(
+            started.elapsed() < SUBMIT_FOR + DRAIN_LIMIT,
+            "{accepted} tasks accepted but only {} stopped",
+            stopped_now(&m)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let total_secs = started.elapsed().as_secs_f64();
+    let cpu1 = cpu_pair(server);
+    let machine1 = machine_cpu();
+    let codes = stops_delta(&before, &after);
+    let completed = codes.get("Completed").copied().unwrap_or(0);
+    let stopped: u64 = codes.values().sum();
+    let runs_per_s = stopped as f64 / total_secs;
+    let server_cpu = (cpu1.0 - cpu0.0) / total_secs;
+    let machine_busy = (machine1.0 - machine0.0) / total_secs;
+    let machine_idle = (machine1.1 - machine0.1) / total_secs;
+    summary.push(format!(
+        "## 2b. sustained runs, wrk, {clients} connections, count=1 per request, {:.0} s\n\
+         - tasks stopped: {stopped} ({completed} Completed) of {accepted} accepted ({refused} refused), \
+           in {total_secs:.2} s (last stop {:.2} s after wrk ended)\n\
+         - **{runs_per_s:.0} task runs/s** (target ≥ 10,000: {})\n\
+         - POST latency (wrk): p50 {p50:.0} µs, p90 {p90:.0} µs, p99 {p99:.0} µs\n\
+         - CPU: server {server_cpu:.2} cores; whole machine busy {machine_busy:.2}, idle {machine_idle:.2} cores",
+        SUBMIT_FOR.as_secs_f64(),
+        total_secs - submitted_secs,
+        if runs_per_s >= 10_000.0 { "met" } else { "NOT met" },
+    ));
+    json!({
+        "client": "wrk",
+        "connections": clients,
+        "requests": requests,
+        "refused": refused,
+        "stopped": stopped,
+        "stop_codes": codes,
+        "total_seconds": (total_secs * 1000.0).round() / 1000.0,
+        "task_runs_per_s": runs_per_s.round(),
+        "post_latency_us": { "p50": p50, "p90": p90, "p99": p99 },
+        "server_cpu_cores": (server_cpu * 100.0).round() / 100.0,
+        "machine_cores": {
+            "busy": (machine_busy * 100.0).round() / 100.0,
+            "idle": (machine_idle * 100.0).round() / 100.0,
+        },
+    })
+}
+
 // ----- part 3: a service of 1,000 long-running tasks -----
 
 fn service(summary: &mut Vec<String>) -> Value {
@@ -999,7 +1123,7 @@ fn main() {
     results.insert("wharf_bin".into(), json!(wharf_bin().display().to_string()));
     let mut summary = Vec::new();
 
-    if want("latency") || want("throughput") {
+    if want("latency") || want("throughput") || want("wrk") {
         let server = Server::start();
         let artifact = server.push("hello");
         server.call(
@@ -1022,6 +1146,10 @@ fn main() {
                 })
                 .collect();
             results.insert("throughput".into(), json!(runs));
+        }
+        if want("wrk") {
+            results.insert("wrk".into(), wrk_runs(&server, &mut summary));
+            eprintln!("done: wrk");
         }
     }
     if want("service") {
