@@ -4,6 +4,7 @@
 //! the `harness` binary reports p50/p99 and throughput for
 //! `docs/PERFORMANCE.md`.
 
+pub mod raw;
 pub mod soak;
 
 use std::sync::Arc;

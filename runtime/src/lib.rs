@@ -139,6 +139,12 @@ impl Runtime {
         }))
     }
 
+    /// The wasmtime engine itself, for benchmarks that run the same code
+    /// on the very same engine without Wharf (the raw-wasmtime arm).
+    pub fn engine(&self) -> &wasmtime::Engine {
+        &self.engine
+    }
+
     /// The configuration the runtime was built with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
