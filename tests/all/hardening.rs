@@ -679,3 +679,80 @@ fn concurrent_manifest_pushes_scan_within_a_memory_bound() {
         "six concurrent scans raised the server's peak memory by {grew_mib} MiB"
     );
 }
+
+#[test]
+fn every_task_acknowledged_under_load_survives_a_kill_9() {
+    // Four clients submit runs back to back; the server is killed with
+    // SIGKILL mid-stream. Every task that got its 201 must be in the
+    // state after the restart: the writer acknowledges nothing before its
+    // commit, whatever it lingers or batches.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path());
+    s.push_sample("hello", wharf_testkit::Target::P1, "team/hello:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "hello", "artifact": "team/hello:v1"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let acked = std::sync::Mutex::new(Vec::<String>::new());
+    let refused = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..100_000 {
+                    match s
+                        .req("POST", "/v1/tasks")
+                        .send_json(json!({"task_definition": "hello", "count": 3}))
+                    {
+                        Ok(r) => {
+                            let tasks: Value = r.into_json().unwrap();
+                            let mut acked = acked.lock().unwrap();
+                            for t in tasks.as_array().unwrap() {
+                                acked.push(t["id"].as_str().unwrap().to_owned());
+                            }
+                        }
+                        // The server is gone: stop submitting.
+                        Err(_) => {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while acked.lock().unwrap().len() < 600 {
+            assert!(std::time::Instant::now() < deadline, "too few runs accepted");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let killed = Command::new("kill")
+            .args(["-9", &s.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    });
+    assert_eq!(refused.into_inner(), 4, "every client saw the server go");
+    s.kill9();
+    let acked = acked.into_inner().unwrap();
+    let s = Server::start_in(dir.path());
+    let mut missing = Vec::new();
+    for id in &acked {
+        let r = s.api("GET", &format!("/v1/tasks/{id}"), None);
+        if r.status != 200 {
+            missing.push(id.clone());
+        } else {
+            let t = r.json();
+            assert_eq!(t["status"], "STOPPED", "{t}");
+            let code = t["stop_code"].as_str().unwrap();
+            assert!(code == "Completed" || code == "NodeLost", "{t}");
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged tasks are gone after the kill -9: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
