@@ -723,7 +723,10 @@ fn every_task_acknowledged_under_load_survives_a_kill_9() {
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while acked.lock().unwrap().len() < 600 {
-            assert!(std::time::Instant::now() < deadline, "too few runs accepted");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "too few runs accepted"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let killed = Command::new("kill")
