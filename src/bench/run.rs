@@ -717,7 +717,12 @@ mod tests {
             });
             let summary = super::super::stats::summarize(&ours).unwrap();
             let harness_mean = harness.iter().sum::<f64>() / harness.len() as f64;
-            if summary.ci95[0] <= harness_mean && harness_mean <= summary.ci95[1] {
+            // `wharf bench`'s own clock reads cost about 0.8 µs (~2 %) per
+            // run in this debug build, a bias the interval does not hold;
+            // 3 % of slack takes it, and still fails a run that counts its
+            // artifact lookup in (+6–8 %).
+            let slack = 0.03 * summary.mean;
+            if summary.ci95[0] - slack <= harness_mean && harness_mean <= summary.ci95[1] + slack {
                 return;
             }
             attempts.push(format!(
