@@ -66,7 +66,7 @@ fn store<T>(engine: &Engine, state: T) -> Store<T> {
 impl Raw {
     /// Compiles `bytes` (a p1 module or a p2 command) on `engine`.
     pub fn new(engine: &Engine, bytes: &[u8]) -> Raw {
-        if wasmparser_is_component(bytes) {
+        if wasmparser::Parser::is_component(bytes) {
             let component = Component::new(engine, bytes).expect("component compiles");
             let mut linker = wasmtime::component::Linker::<P2>::new(engine);
             wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("link WASI p2");
@@ -133,9 +133,4 @@ impl Raw {
         }
         debug_assert!(!out.contents().is_empty());
     }
-}
-
-/// A component's preamble (layer 1) rather than a module's (layer 0).
-fn wasmparser_is_component(bytes: &[u8]) -> bool {
-    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
 }

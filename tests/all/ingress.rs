@@ -748,58 +748,36 @@ fn after_a_kill_9_under_load_the_service_serves_again() {
     assert_eq!(r.body, b"hello from wharf: GET /again\n");
 }
 
-/// Runs a `wharf` client command against `s`; returns its stdout.
-fn wharf(s: &Server, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(args)
-        .env("WHARF_SERVER", &s.base)
-        .env("WHARF_TOKEN", &s.token)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "wharf {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn autoscaling_goes_from_zero_to_n_under_load_and_back_to_zero_when_idle() {
     let s = Server::start();
     http_def(&s, "http_slow", "slow", json!({}));
-    wharf(
-        &s,
-        &[
-            "service",
-            "create",
-            "auto",
-            "--taskdef",
-            "slow",
-            "--desired",
-            "0",
-            "--route",
-            "/",
-        ],
-    );
-    let shown = wharf(
-        &s,
-        &[
-            "service",
-            "autoscale",
-            "auto",
-            "--min",
-            "0",
-            "--max",
-            "4",
-            "--target-inflight",
-            "2",
-            "--scale-in-cooldown",
-            "1s",
-            "--idle-to-zero",
-            "3s",
-        ],
-    );
+    s.cli(&[
+        "service",
+        "create",
+        "auto",
+        "--taskdef",
+        "slow",
+        "--desired",
+        "0",
+        "--route",
+        "/",
+    ]);
+    let shown = s.cli(&[
+        "service",
+        "autoscale",
+        "auto",
+        "--min",
+        "0",
+        "--max",
+        "4",
+        "--target-inflight",
+        "2",
+        "--scale-in-cooldown",
+        "1s",
+        "--idle-to-zero",
+        "3s",
+    ]);
     assert!(
         shown.contains("0 to 4 tasks at 2 in flight per task"),
         "{shown}"

@@ -573,19 +573,8 @@ fn replicas_with_tls_forward_to_each_other_over_tls() {
     assert!(b.base.starts_with("https://"), "{}", b.base);
     let ca = shared.data("a").join("tls/ca.pem");
     let cli = |s: &Server, args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
-            .args(args)
-            .args(["--ca-cert", ca.to_str().unwrap(), "--output", "json"])
-            .env("WHARF_SERVER", &s.base)
-            .env("WHARF_TOKEN", &s.token)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        let ca = ["--ca-cert", ca.to_str().unwrap(), "--output", "json"];
+        serde_json::from_str::<serde_json::Value>(&s.cli(&[args, &ca].concat())).unwrap()
     };
     let replicas = cli(&b, &["node", "replicas"]);
     let urls: Vec<&str> = replicas

@@ -246,6 +246,24 @@ impl Server {
         }
     }
 
+    /// Runs a `wharf` client command against this server (its URL and
+    /// admin token in the environment); panics unless it succeeds, with
+    /// its stderr; returns its stdout.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(args)
+            .env("WHARF_SERVER", &self.base)
+            .env("WHARF_TOKEN", &self.token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "wharf {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Pushes a sample with `wharf push` as `repo:tag`.
     pub(crate) fn push_sample(&self, sample: &str, target: wharf_testkit::Target, repo_tag: &str) {
         let out = Command::new(env!("CARGO_BIN_EXE_wharf"))

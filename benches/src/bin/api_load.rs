@@ -678,6 +678,26 @@ fn clients() -> usize {
         .unwrap_or(CLIENTS)
 }
 
+/// Waits until `accepted` tasks have stopped since the `before` metrics:
+/// every accepted task counts once it has stopped, and the clock (from
+/// `started`) runs until the last one has. Returns the metrics then and
+/// the seconds since `started`; panics past the drain limit.
+fn drain(server: &Server, before: &str, accepted: u64, started: Instant) -> (String, f64) {
+    let stopped_now = |text: &str| stops_delta(before, text).values().sum::<u64>();
+    loop {
+        let m = server.metrics();
+        if stopped_now(&m) >= accepted {
+            return (m, started.elapsed().as_secs_f64());
+        }
+        assert!(
+            started.elapsed() < SUBMIT_FOR + DRAIN_LIMIT,
+            "{accepted} tasks accepted but only {} stopped",
+            stopped_now(&m)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn throughput(server: &Server, per_request: u32, summary: &mut Vec<String>) -> Value {
     let clients = clients();
     let before = server.metrics();
@@ -712,22 +732,7 @@ fn throughput(server: &Server, per_request: u32, summary: &mut Vec<String>) -> V
     let requests: u64 = results.iter().map(|r| r.0).sum();
     let accepted: u64 = results.iter().map(|r| r.1).sum();
     let mut lat: Vec<Duration> = results.into_iter().flat_map(|r| r.2).collect();
-    let stopped_now = |text: &str| stops_delta(&before, text).values().sum::<u64>();
-    // Every accepted task counts once it has stopped; the clock runs until
-    // the last one has.
-    let after = loop {
-        let m = server.metrics();
-        if stopped_now(&m) >= accepted {
-            break m;
-        }
-        assert!(
-            started.elapsed() < SUBMIT_FOR + DRAIN_LIMIT,
-            "{accepted} tasks accepted but only {} stopped",
-            stopped_now(&m)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let total_secs = started.elapsed().as_secs_f64();
+    let (after, total_secs) = drain(server, &before, accepted, started);
     let cpu1 = cpu_pair(server);
     let threads1 = threads(server.pid());
     let machine1 = machine_cpu();
@@ -878,20 +883,7 @@ fn wrk_runs(server: &Server, summary: &mut Vec<String>) -> Value {
             .unwrap_or(f64::NAN)
     };
     let (p50, p90, p99) = (pct("50% "), pct("90% "), pct("99% "));
-    let stopped_now = |text: &str| stops_delta(&before, text).values().sum::<u64>();
-    let after = loop {
-        let m = server.metrics();
-        if stopped_now(&m) >= accepted {
-            break m;
-        }
-        assert!(
-            started.elapsed() < SUBMIT_FOR + DRAIN_LIMIT,
-            "{accepted} tasks accepted but only {} stopped",
-            stopped_now(&m)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let total_secs = started.elapsed().as_secs_f64();
+    let (after, total_secs) = drain(server, &before, accepted, started);
     let cpu1 = cpu_pair(server);
     let machine1 = machine_cpu();
     let codes = stops_delta(&before, &after);
