@@ -1533,3 +1533,51 @@ pub(crate) mod tests {
         assert_eq!(redacted("postgres://u@h/db"), "postgres://u@h/db");
     }
 }
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+    use crate::model::TaskStatus;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_copied_back_beside_the_writer_without_a_commit_crossing_a_threshold() {
+        // Far below the 64 MiB backstop at which a commit checkpoints by
+        // itself: only the background checkpointer can move these pages
+        // into the database file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let mut sink = store
+            .batch_writer()
+            .expect("SQLite writes on the writer's thread");
+        let db_len = || std::fs::metadata(&path).unwrap().len();
+        let before = db_len();
+        for n in 0..20 {
+            let batch: Vec<Write> = (0..100)
+                .map(|i| {
+                    Write::Task(Box::new(tests::task(
+                        &format!("{n:02}{i:03}"),
+                        TaskStatus::Stopped,
+                    )))
+                })
+                .collect();
+            sink.write(&batch).unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("state.db-wal"))
+            .unwrap()
+            .len();
+        assert!(wal > 100 << 10, "the batches are in the WAL ({wal} bytes)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while db_len() <= before + (100 << 10) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint within 5 s: the database file is {} bytes, {before} before",
+                db_len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // What was copied back reads the same.
+        assert_eq!(store.task("19099").await.unwrap().unwrap().id, "19099");
+        store.close().await;
+    }
+}
