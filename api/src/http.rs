@@ -475,8 +475,8 @@ async fn task_logs(
         ));
     }
     if q.follow == Some(true) {
-        if let Some(buffer) = c.tasks.log_buffer(&id) {
-            return Ok(follow(buffer, from));
+        if let Some((buffer, status)) = c.tasks.log_follow(&id) {
+            return Ok(follow(buffer, status, from));
         }
         let page = c
             .tasks
@@ -498,10 +498,19 @@ async fn task_logs(
     Ok(Json(page).into_response())
 }
 
-fn follow(buffer: Arc<wharf_runtime::LogBuffer>, from: u64) -> Response {
-    let stream =
-        futures_util::stream::unfold((buffer, from, false), |(buffer, seq, done)| async move {
+fn follow(
+    buffer: Arc<wharf_runtime::LogBuffer>,
+    status: tokio::sync::watch::Receiver<model::TaskStatus>,
+    from: u64,
+) -> Response {
+    let stream = futures_util::stream::unfold(
+        (buffer, status, from, false),
+        |(buffer, mut status, seq, done)| async move {
             if done {
+                // The output is whole; the stream ends once STOPPED is
+                // visible, so a client that reads the task next sees it
+                // stopped (a dropped sender: the task is gone, also done).
+                let _ = status.wait_for(|s| *s == model::TaskStatus::Stopped).await;
                 return None;
             }
             loop {
@@ -516,12 +525,13 @@ fn follow(buffer: Arc<wharf_runtime::LogBuffer>, from: u64) -> Response {
                     let done = page.closed && buffer.read_from(page.next_seq, 1).lines.is_empty();
                     return Some((
                         Ok::<_, std::io::Error>(chunk),
-                        (buffer, page.next_seq, done),
+                        (buffer, status, page.next_seq, done),
                     ));
                 }
                 buffer.wait_for(seq).await;
             }
-        });
+        },
+    );
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(stream),

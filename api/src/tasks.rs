@@ -1231,6 +1231,18 @@ impl Tasks {
         self.live.get(id).map(|e| e.logs.clone())
     }
 
+    /// A live task's output and its status: a follower of the output ends
+    /// when the task is `STOPPED` (its final record durable), not when the
+    /// buffer closes, which happens as the guest ends, a commit earlier.
+    pub(crate) fn log_follow(
+        &self,
+        id: &str,
+    ) -> Option<(Arc<LogBuffer>, watch::Receiver<TaskStatus>)> {
+        self.live
+            .get(id)
+            .map(|e| (e.logs.clone(), e.status.subscribe()))
+    }
+
     /// Whether a live task runs on this server (not on an edge node).
     fn is_local(&self, entry: &TaskEntry) -> bool {
         let node = &entry.state.lock().expect("task lock").task.node;
