@@ -173,11 +173,13 @@ impl Store {
             }
         }
         for id in s.list("uploads").await? {
-            let age = now.saturating_sub(
-                s.modified(&format!("uploads/{id}/data"))
-                    .await?
-                    .unwrap_or(0),
-            );
+            // A session's age is its last byte, or its start before any
+            // byte arrived (the data file is created by the first one).
+            let touched = match s.modified(&format!("uploads/{id}/data")).await? {
+                Some(t) => Some(t),
+                None => s.modified(&format!("uploads/{id}/repo")).await?,
+            };
+            let age = now.saturating_sub(touched.unwrap_or(0));
             if age >= STALE_UPLOAD_SECS {
                 report.uploads_removed += 1;
                 if !dry_run {

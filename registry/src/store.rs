@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{ErrorCode, RegistryError, Result};
 use crate::path::{Name, Reference, valid_tag};
-use crate::storage::{Reader, Storage};
+use crate::storage::Storage;
 
 /// Manifests larger than this are refused: the spec suggests registries
 /// accept at least 4 MiB, and a manifest is buffered to validate it.
@@ -107,6 +107,17 @@ pub struct RepoSettings {
     pub keep_last_tagged: Option<usize>,
     /// Lifecycle: remove untagged manifests older than this many seconds.
     pub expire_untagged_after_secs: Option<u64>,
+}
+
+/// The largest blob pushed whole that is hashed in memory and written
+/// once, instead of streamed through an upload file.
+const SMALL_BLOB: usize = 256 << 10;
+
+fn body_ended(e: axum::Error) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::BlobUploadInvalid,
+        format!("request body ended early: {e}"),
+    )
 }
 
 /// The live hash of an upload. Kept in memory between requests; rebuilt
@@ -209,14 +220,14 @@ impl Store {
         Ok(self.storage.stat(&blob_path(digest)).await?)
     }
 
-    /// Reads a blob's bytes from `offset`.
-    pub async fn blob_reader(
+    /// A blob's `len` bytes from `offset`, as a response body's chunks.
+    pub async fn blob_chunks(
         &self,
         digest: &Digest,
         offset: u64,
-        len: Option<u64>,
-    ) -> Result<Option<Reader>> {
-        Ok(self.storage.reader(&blob_path(digest), offset, len).await?)
+        len: u64,
+    ) -> Result<Option<crate::storage::Chunks>> {
+        Ok(self.storage.chunks(&blob_path(digest), offset, len).await?)
     }
 
     /// Whether the blob content exists anywhere.
@@ -231,7 +242,7 @@ impl Store {
         if self.blob_size(from, digest).await?.is_none() {
             return Ok(false);
         }
-        self.storage.write(&link_path(name, digest), b"").await?;
+        self.storage.mark(&link_path(name, digest)).await?;
         Ok(true)
     }
 
@@ -241,7 +252,7 @@ impl Store {
         if !self.blob_exists(&digest).await? {
             self.storage.write(&blob_path(&digest), bytes).await?;
         }
-        self.storage.write(&link_path(name, &digest), b"").await?;
+        self.storage.mark(&link_path(name, &digest)).await?;
         Ok(digest)
     }
 
@@ -275,11 +286,11 @@ impl Store {
     /// Opens an upload session for `name`.
     pub async fn start_upload(&self, name: &Name) -> Result<String> {
         let id = uuid::Uuid::new_v4().to_string();
+        // Not synced: a session a power loss takes only costs the client a
+        // retry. The data file comes with the first byte.
         self.storage
-            .write(&upload_repo(&id), name.as_str().as_bytes())
+            .write_scratch(&upload_repo(&id), name.as_str().as_bytes())
             .await?;
-        let mut w = self.storage.appender(&upload_data(&id)).await?;
-        w.shutdown().await?;
         self.uploads.lock().expect("uploads lock").insert(
             id.clone(),
             Arc::new(tokio::sync::Mutex::new(Some(UploadState {
@@ -385,12 +396,7 @@ impl Store {
         let mut received = 0u64;
         let result: Result<()> = async {
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| {
-                    RegistryError::new(
-                        ErrorCode::BlobUploadInvalid,
-                        format!("request body ended early: {e}"),
-                    )
-                })?;
+                let chunk = chunk.map_err(body_ended)?;
                 writer.write_all(&chunk).await?;
                 state.hasher.update(&chunk);
                 received += chunk.len() as u64;
@@ -421,7 +427,30 @@ impl Store {
         digest: &Digest,
         body: impl BodyStream,
     ) -> Result<()> {
-        self.append_upload(name, id, None, body).await?;
+        let mut body = body;
+        // A blob pushed whole and small (the common monolithic push of a
+        // config, a scan, a small module) never goes through the upload
+        // file: hashed in memory and written once, durably.
+        if self.upload_offset(name, id).await? == 0 {
+            let mut prefix = Vec::new();
+            let mut ended = true;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(body_ended)?;
+                prefix.extend_from_slice(&chunk);
+                if prefix.len() > SMALL_BLOB {
+                    ended = false;
+                    break;
+                }
+            }
+            if ended {
+                return self.finish_small(name, id, digest, &prefix).await;
+            }
+            let prefix = futures_util::stream::iter([Ok(bytes::Bytes::from(prefix))]);
+            self.append_upload(name, id, None, prefix.chain(body))
+                .await?;
+        } else {
+            self.append_upload(name, id, None, body).await?;
+        }
         let session = self.session(id);
         let mut guard = session.lock().await;
         let state = match guard.take() {
@@ -444,18 +473,50 @@ impl Store {
                 format!("the uploaded content has digest {actual}, not {digest}"),
             ))
         } else {
+            let link = link_path(name, digest);
             if self.blob_exists(digest).await? {
                 self.storage.delete(&upload_data(id)).await?;
+                self.storage.mark(&link).await?;
             } else {
                 self.storage
-                    .commit(&upload_data(id), &blob_path(digest))
+                    .commit_marked(&upload_data(id), &blob_path(digest), &link)
                     .await?;
             }
-            self.storage.write(&link_path(name, digest), b"").await?;
             Ok(())
         };
         self.storage.delete(&format!("uploads/{id}")).await?;
         drop(guard);
+        self.uploads.lock().expect("uploads lock").remove(id);
+        result
+    }
+
+    /// Completes an upload of no earlier bytes whose whole content is
+    /// `bytes`: checked, then written as the blob in one durable write.
+    async fn finish_small(
+        &self,
+        name: &Name,
+        id: &str,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let actual = digest.same_algorithm_of(bytes);
+        let result = if &actual != digest {
+            Err(RegistryError::new(
+                ErrorCode::DigestInvalid,
+                format!("the uploaded content has digest {actual}, not {digest}"),
+            ))
+        } else {
+            let link = link_path(name, digest);
+            if self.blob_exists(digest).await? {
+                self.storage.mark(&link).await?;
+            } else {
+                self.storage
+                    .write_marked(&blob_path(digest), bytes, &link)
+                    .await?;
+            }
+            Ok(())
+        };
+        self.storage.delete(&format!("uploads/{id}")).await?;
         self.uploads.lock().expect("uploads lock").remove(id);
         result
     }
@@ -645,7 +706,7 @@ impl Store {
                 digest.algorithm().as_str(),
                 digest.hex()
             );
-            self.storage.write(&link, b"").await?;
+            self.storage.mark(&link).await?;
         }
         if let Reference::Tag(tag) = reference {
             self.storage

@@ -6,7 +6,6 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use tokio_util::io::ReaderStream;
 
 use super::{empty, query_pairs, set};
 use crate::Registry;
@@ -14,10 +13,6 @@ use crate::auth::Access;
 use crate::digest::Digest;
 use crate::error::{ErrorCode, RegistryError, Result};
 use crate::path::Name;
-
-/// Bytes read from storage per chunk of a blob response: each read is a
-/// trip to the blocking pool, so large reads keep large pulls cheap.
-const READ_CHUNK: usize = 1 << 20;
 
 fn unknown(name: &Name, digest: &Digest) -> RegistryError {
     RegistryError::new(
@@ -82,13 +77,13 @@ pub(super) async fn get(
     let body = if head {
         Body::empty()
     } else {
-        let reader = registry
+        let chunks = registry
             .store
-            .blob_reader(digest, offset, Some(len))
+            .blob_chunks(digest, offset, len)
             .await?
             .ok_or_else(|| unknown(name, digest))?;
         registry.metrics.bytes_out(len);
-        Body::from_stream(ReaderStream::with_capacity(reader, READ_CHUNK))
+        Body::from_stream(chunks)
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;

@@ -19,6 +19,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
 /// A boxed writer appending to an object.
 pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+/// An object's bytes as the chunks a response body sends.
+pub type Chunks = Pin<Box<dyn futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send>>;
+
+/// Bytes per chunk of [`Storage::chunks`]: each read is a trip to the
+/// blocking pool, so large reads keep large pulls cheap.
+pub const CHUNK: usize = 1 << 20;
 
 /// The storage primitives. Implementations must make [`write`] and
 /// [`commit`] atomic: a reader sees the old object, the new object, or no
@@ -33,6 +39,14 @@ pub trait Storage: Send + Sync + 'static {
     /// Reads `len` bytes (or to the end) from `offset`.
     async fn reader(&self, name: &str, offset: u64, len: Option<u64>)
     -> io::Result<Option<Reader>>;
+    /// Reads `len` bytes from `offset` as chunks of up to [`CHUNK`] bytes,
+    /// for a response body.
+    async fn chunks(&self, name: &str, offset: u64, len: u64) -> io::Result<Option<Chunks>> {
+        Ok(self
+            .reader(name, offset, Some(len))
+            .await?
+            .map(|r| Box::pin(tokio_util::io::ReaderStream::with_capacity(r, CHUNK)) as Chunks))
+    }
     /// Reads a small object whole.
     async fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
     /// Writes a small object atomically, replacing any previous one.
@@ -42,6 +56,34 @@ pub trait Storage: Send + Sync + 'static {
     /// failure only costs a client a retry (upload-session markers). It
     /// still survives a crash of the process.
     async fn write_scratch(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
+    /// Creates an empty object (a link or a marker) durably; one that
+    /// exists already is left as it is. Cheaper than [`write`] where the
+    /// backend can: an empty object has no content to make durable.
+    ///
+    /// [`write`]: Storage::write
+    async fn mark(&self, name: &str) -> io::Result<()> {
+        self.write(name, b"").await
+    }
+    /// [`write`]s `name`, then [`mark`]s `mark`: durable together once
+    /// this returns. A crash before that may leave the mark without the
+    /// object (readers treat a link to a missing blob as no link).
+    ///
+    /// [`write`]: Storage::write
+    /// [`mark`]: Storage::mark
+    async fn write_marked(&self, name: &str, bytes: &[u8], mark: &str) -> io::Result<()> {
+        self.write(name, bytes).await?;
+        self.mark(mark).await
+    }
+    /// [`commit`]s `from` to `to`, then [`mark`]s `mark`, as
+    /// [`write_marked`] does.
+    ///
+    /// [`commit`]: Storage::commit
+    /// [`mark`]: Storage::mark
+    /// [`write_marked`]: Storage::write_marked
+    async fn commit_marked(&self, from: &str, to: &str, mark: &str) -> io::Result<()> {
+        self.commit(from, to).await?;
+        self.mark(mark).await
+    }
     /// Opens an object for appending, creating it if needed. Appended bytes
     /// are not durable until [`commit`](Storage::commit).
     async fn appender(&self, name: &str) -> io::Result<Writer>;
@@ -74,6 +116,16 @@ pub(crate) mod suite {
         Some(out)
     }
 
+    async fn chunks_to_end(s: &dyn Storage, name: &str, offset: u64, len: u64) -> Option<Vec<u8>> {
+        use futures_util::StreamExt;
+        let mut chunks = s.chunks(name, offset, len).await.unwrap()?;
+        let mut out = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        Some(out)
+    }
+
     /// Runs every check against `s`, which must start empty. `leftovers`
     /// lists whatever the backend holds besides the named objects (temporary
     /// files), which must be nothing at the end.
@@ -90,7 +142,31 @@ pub(crate) mod suite {
         assert_eq!(s.read("a/b").await.unwrap().unwrap(), b"replaced");
         assert_eq!(read_to_end(s, "a/b", 2, Some(3)).await.unwrap(), b"pla");
         assert_eq!(read_to_end(s, "a/b", 5, None).await.unwrap(), b"ced");
+        assert_eq!(chunks_to_end(s, "a/b", 1, 6).await.unwrap(), b"eplace");
+        assert!(s.chunks("a/nope", 0, 1).await.unwrap().is_none());
         assert!(s.modified("a/b").await.unwrap().is_some());
+
+        s.mark("a/m").await.unwrap();
+        s.mark("a/m").await.unwrap();
+        assert_eq!(s.stat("a/m").await.unwrap(), Some(0));
+        s.delete("a/m").await.unwrap();
+
+        s.write_marked("w/obj", b"whole", "w/links/obj")
+            .await
+            .unwrap();
+        assert_eq!(s.read("w/obj").await.unwrap().unwrap(), b"whole");
+        assert_eq!(s.stat("w/links/obj").await.unwrap(), Some(0));
+        let mut w = s.appender("w/up").await.unwrap();
+        w.write_all(b"appended").await.unwrap();
+        w.shutdown().await.unwrap();
+        drop(w);
+        s.commit_marked("w/up", "w/obj2", "w/links/obj2")
+            .await
+            .unwrap();
+        assert_eq!(s.read("w/obj2").await.unwrap().unwrap(), b"appended");
+        assert_eq!(s.stat("w/links/obj2").await.unwrap(), Some(0));
+        assert_eq!(s.stat("w/up").await.unwrap(), None);
+        s.delete("w").await.unwrap();
 
         s.write_scratch("scratch/x", b"marker").await.unwrap();
         assert_eq!(s.read("scratch/x").await.unwrap().unwrap(), b"marker");

@@ -306,3 +306,49 @@ async fn abandoned_uploads_are_collected() {
         1
     );
 }
+
+/// A blob pushed whole is hashed in memory and written once when small,
+/// and streamed through an upload file when not: on both sides of that
+/// limit what is pulled is exactly what was pushed, a wrong digest stores
+/// nothing, and no upload session is left behind.
+#[tokio::test]
+async fn whole_pushes_on_both_sides_of_the_in_memory_limit_keep_exactly_their_bytes() {
+    let h = Harness::new();
+    for len in [0usize, 1, 256 << 10, (256 << 10) + 1, 3 << 20] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = h.blob("app", &bytes).await;
+        let (status, pulled) = h
+            .send("GET", &format!("/v2/app/blobs/{digest}"), None, Vec::new())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{len} bytes");
+        assert!(
+            pulled == bytes,
+            "{len} bytes: pulled {} bytes",
+            pulled.len()
+        );
+
+        let mut other = bytes.clone();
+        other.push(1);
+        let (status, body) = h
+            .send(
+                "POST",
+                &format!("/v2/wrong/blobs/uploads/?digest={digest}"),
+                None,
+                other,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{len} bytes");
+        assert!(
+            String::from_utf8_lossy(&body).contains("DIGEST_INVALID"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(
+            h.status(&format!("/v2/wrong/blobs/{digest}")).await,
+            StatusCode::NOT_FOUND,
+            "a refused push links nothing"
+        );
+    }
+    let sessions = h.registry.store.storage().list("uploads").await.unwrap();
+    assert!(sessions.is_empty(), "left behind: {sessions:?}");
+}
