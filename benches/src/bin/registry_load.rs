@@ -5,7 +5,12 @@
 //!
 //! `cargo build --release -p wharf && cargo run --release -p wharf-bench --bin registry_load`
 //! Env: `WHARF_BIN` (default target/release/wharf), `DOCKER_REGISTRY`
-//! (default /usr/bin/docker-registry), `SIZES` (e.g. `1K,1M`).
+//! (default /usr/bin/docker-registry), `SIZES` (e.g. `1K,1M`), `STREAMS`
+//! (default `1,8`), `ROUNDS` (default 1: rounds alternate which peer goes
+//! first; each cell reports the medians and the range of the ratio). For
+//! blobs of 64 MiB and more, the machine's own floor for a durable write
+//! of the same bytes is measured in the same run. Every timed push starts
+//! after a `sync`, so no peer pays for the write-back of another's bytes.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -15,7 +20,6 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 
 struct Peer {
-    name: &'static str,
     base: String,
     auth: Option<String>,
     child: Child,
@@ -31,7 +35,6 @@ impl Drop for Peer {
 fn start_wharf(dir: &std::path::Path) -> Peer {
     let (child, base, token) = wharf_bench::spawn_wharf_server(dir);
     Peer {
-        name: "wharf",
         base,
         auth: Some(format!("Bearer {token}")),
         child,
@@ -69,7 +72,6 @@ fn start_distribution(dir: &std::path::Path) -> Peer {
         std::thread::sleep(Duration::from_millis(50));
     }
     Peer {
-        name: "distribution",
         base,
         auth: None,
         child,
@@ -140,11 +142,39 @@ fn pull(peer: &Peer, repo: &str, digest: &str) -> u64 {
     }
 }
 
-struct Row {
-    size: String,
-    concurrency: usize,
-    op: &'static str,
-    results: Vec<(&'static str, f64, f64)>, // (peer, MB/s, req/s)
+/// Per round: (wharf MB/s, wharf req/s, distribution MB/s, distribution req/s).
+type Cell = Vec<(f64, f64, f64, f64)>;
+
+/// The machine's own floor for a durable write of `blob` in `dir`: one
+/// write of the whole blob from memory, then fsync (what `dd conv=fsync`
+/// measures), in MB/s.
+fn durable_write(dir: &std::path::Path, blob: &[u8]) -> f64 {
+    use std::io::Write;
+    let path = dir.join("floor");
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(blob).unwrap();
+    f.sync_all().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).unwrap();
+    blob.len() as f64 / secs / 1e6
+}
+
+/// Flushes what earlier phases left dirty (distribution does not fsync
+/// its blobs: the kernel would write them back during the next peer's
+/// push), so every timed push starts from the same clean page cache.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() {
@@ -158,100 +188,129 @@ fn main() {
     .map(|(n, s, c)| (n.to_owned(), s, c))
     .filter(|(n, _, _)| std::env::var("SIZES").map_or(true, |v| v.split(',').any(|x| x == n)))
     .collect();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let concurrencies: Vec<usize> = std::env::var("STREAMS")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .map(|c| c.parse().expect("STREAMS: numbers, e.g. 1,8"))
+        .collect();
+    // Rounds alternate which peer goes first, so a slow phase of the
+    // machine does not always land on the same one.
+    let rounds: usize = std::env::var("ROUNDS").map_or(1, |r| r.parse().expect("ROUNDS: a number"));
+    let dirs = [
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    ];
     let peers = [
         Arc::new(start_wharf(dirs[0].path())),
         Arc::new(start_distribution(dirs[1].path())),
     ];
-    let mut rows = Vec::new();
+    // (size, streams, op) → per-round results, in the order first seen.
+    let mut cells: Vec<((String, usize, &'static str), Cell)> = Vec::new();
+    let mut floors: Vec<(String, Vec<f64>)> = Vec::new();
     let mut seed = 0u64;
-    for (size_name, size, count) in &sizes {
-        for concurrency in [1usize, 8] {
-            // Every stream pushes its own blobs (distinct content).
-            let per_thread = (*count / concurrency).max(1);
-            let blobs: Vec<Vec<(Vec<u8>, String)>> = (0..concurrency)
-                .map(|_| {
-                    (0..per_thread)
-                        .map(|_| {
-                            seed += 1;
-                            let b = fill(seed, *size);
-                            let d = format!("sha256:{}", hex::encode(Sha256::digest(&b)));
-                            (b, d)
-                        })
-                        .collect()
-                })
-                .collect();
-            let blobs = Arc::new(blobs);
-            let total_bytes = (concurrency * per_thread * size) as f64;
-            let total_reqs = (concurrency * per_thread) as f64;
-            let mut push_row = Row {
-                size: size_name.clone(),
-                concurrency,
-                op: "push",
-                results: vec![],
-            };
-            let mut pull_row = Row {
-                size: size_name.clone(),
-                concurrency,
-                op: "pull",
-                results: vec![],
-            };
-            for peer in &peers {
-                let repo = format!("bench/s{}c{concurrency}", size_name.to_lowercase());
-                let t = Instant::now();
-                let handles: Vec<_> = (0..concurrency)
-                    .map(|i| {
-                        let (peer, blobs, repo) = (peer.clone(), blobs.clone(), repo.clone());
-                        std::thread::spawn(move || {
-                            for (b, d) in &blobs[i] {
-                                push(&peer, &repo, b, d);
-                            }
-                        })
+    for round in 0..rounds {
+        for (size_name, size, count) in &sizes {
+            for &concurrency in &concurrencies {
+                // Every stream pushes its own blobs (distinct content, new
+                // in every round).
+                let per_thread = (*count / concurrency).max(1);
+                let blobs: Vec<Vec<(Vec<u8>, String)>> = (0..concurrency)
+                    .map(|_| {
+                        (0..per_thread)
+                            .map(|_| {
+                                seed += 1;
+                                let b = fill(seed, *size);
+                                let d = format!("sha256:{}", hex::encode(Sha256::digest(&b)));
+                                (b, d)
+                            })
+                            .collect()
                     })
                     .collect();
-                handles.into_iter().for_each(|h| h.join().unwrap());
-                let secs = t.elapsed().as_secs_f64();
-                push_row
-                    .results
-                    .push((peer.name, total_bytes / secs / 1e6, total_reqs / secs));
-                let t = Instant::now();
-                let handles: Vec<_> = (0..concurrency)
-                    .map(|i| {
-                        let (peer, blobs, repo) = (peer.clone(), blobs.clone(), repo.clone());
-                        std::thread::spawn(move || {
-                            for (b, d) in &blobs[i] {
-                                assert_eq!(pull(&peer, &repo, d), b.len() as u64);
-                            }
+                if *size >= 64 << 20 && concurrency == 1 {
+                    settle();
+                    let floor = durable_write(dirs[2].path(), &blobs[0][0].0);
+                    match floors.iter_mut().find(|(n, _)| n == size_name) {
+                        Some((_, v)) => v.push(floor),
+                        None => floors.push((size_name.clone(), vec![floor])),
+                    }
+                }
+                let blobs = Arc::new(blobs);
+                let total_bytes = (concurrency * per_thread * size) as f64;
+                let total_reqs = (concurrency * per_thread) as f64;
+                let mut results = [[(0.0, 0.0); 2]; 2]; // [op][peer]
+                let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                for p in order {
+                    let peer = &peers[p];
+                    let repo = format!("bench/s{}c{concurrency}", size_name.to_lowercase());
+                    settle();
+                    let t = Instant::now();
+                    let handles: Vec<_> = (0..concurrency)
+                        .map(|i| {
+                            let (peer, blobs, repo) = (peer.clone(), blobs.clone(), repo.clone());
+                            std::thread::spawn(move || {
+                                for (b, d) in &blobs[i] {
+                                    push(&peer, &repo, b, d);
+                                }
+                            })
                         })
-                    })
-                    .collect();
-                handles.into_iter().for_each(|h| h.join().unwrap());
-                let secs = t.elapsed().as_secs_f64();
-                pull_row
-                    .results
-                    .push((peer.name, total_bytes / secs / 1e6, total_reqs / secs));
+                        .collect();
+                    handles.into_iter().for_each(|h| h.join().unwrap());
+                    let secs = t.elapsed().as_secs_f64();
+                    results[0][p] = (total_bytes / secs / 1e6, total_reqs / secs);
+                    let t = Instant::now();
+                    let handles: Vec<_> = (0..concurrency)
+                        .map(|i| {
+                            let (peer, blobs, repo) = (peer.clone(), blobs.clone(), repo.clone());
+                            std::thread::spawn(move || {
+                                for (b, d) in &blobs[i] {
+                                    assert_eq!(pull(&peer, &repo, d), b.len() as u64);
+                                }
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().for_each(|h| h.join().unwrap());
+                    let secs = t.elapsed().as_secs_f64();
+                    results[1][p] = (total_bytes / secs / 1e6, total_reqs / secs);
+                }
+                for (op, r) in ["push", "pull"].into_iter().zip(results) {
+                    let key = (size_name.clone(), concurrency, op);
+                    let row = (r[0].0, r[0].1, r[1].0, r[1].1);
+                    match cells.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, v)) => v.push(row),
+                        None => cells.push((key, vec![row])),
+                    }
+                }
+                eprintln!("round {} done {size_name} c{concurrency}", round + 1);
             }
-            eprintln!("done {size_name} c{concurrency}");
-            rows.push(push_row);
-            rows.push(pull_row);
         }
     }
     println!(
-        "| blob | conc. | op | wharf MB/s | wharf blobs/s | distribution MB/s | distribution blobs/s | ratio |"
+        "| blob | conc. | op | wharf MB/s | wharf blobs/s | distribution MB/s | distribution blobs/s | ratio, median (range) |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for r in rows {
-        let (w, d) = (&r.results[0], &r.results[1]);
+    for ((size, concurrency, op), runs) in cells {
+        let ratios: Vec<f64> = runs.iter().map(|r| r.0 / r.2).collect();
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+        let col = |f: fn(&(f64, f64, f64, f64)) -> f64| median(runs.iter().map(f).collect());
         println!(
-            "| {} | {} | {} | {:.1} | {:.0} | {:.1} | {:.0} | {:.2}× |",
-            r.size,
-            r.concurrency,
-            r.op,
-            w.1,
-            w.2,
-            d.1,
-            d.2,
-            w.1 / d.1
+            "| {size} | {concurrency} | {op} | {:.1} | {:.0} | {:.1} | {:.0} | {:.2}× ({lo:.2}–{hi:.2}) |",
+            col(|r| r.0),
+            col(|r| r.1),
+            col(|r| r.2),
+            col(|r| r.3),
+            median(ratios.clone()),
+        );
+    }
+    for (size, v) in floors {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+        println!(
+            "\nmachine floor, {size}: one write + fsync from memory (dd conv=fsync) {:.0} MB/s ({lo:.0}–{hi:.0})",
+            median(v)
         );
     }
 }
