@@ -352,14 +352,33 @@ impl Store {
 
     /// Bytes received so far.
     pub async fn upload_offset(&self, name: &Name, id: &str) -> Result<u64> {
+        let guard = self.locked(name, id).await?;
+        Ok(guard.as_ref().expect("state present").offset)
+    }
+
+    /// Locks upload `id` of `name` with its live state fresh or rebuilt.
+    /// The session is checked before its entry is made (an unknown id
+    /// never enters the map) and again once the lock is held: a request
+    /// that waited behind the one completing or cancelling it finds it
+    /// gone instead of writing into a finished session.
+    async fn locked(
+        &self,
+        name: &Name,
+        id: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Option<UploadState>>> {
         self.check_upload(name, id).await?;
-        let session = self.session(id);
-        let mut guard = session.lock().await;
+        let mut guard = self.session(id).lock_owned().await;
+        if let Err(e) = self.check_upload(name, id).await {
+            // It passed a moment ago: it was completed or cancelled.
+            drop(guard);
+            self.uploads.lock().expect("uploads lock").remove(id);
+            return Err(e);
+        }
         self.check_fresh(id, &mut guard).await?;
         if guard.is_none() {
             *guard = Some(self.recover(id).await?);
         }
-        Ok(guard.as_ref().expect("state present").offset)
+        Ok(guard)
     }
 
     /// Appends a chunk. With `start`, the chunk must begin where the upload
@@ -371,13 +390,7 @@ impl Store {
         start: Option<u64>,
         body: impl BodyStream,
     ) -> Result<u64> {
-        self.check_upload(name, id).await?;
-        let session = self.session(id);
-        let mut guard = session.lock().await;
-        self.check_fresh(id, &mut guard).await?;
-        if guard.is_none() {
-            *guard = Some(self.recover(id).await?);
-        }
+        let mut guard = self.locked(name, id).await?;
         let state = guard.as_mut().expect("state present");
         if let Some(start) = start
             && start != state.offset
@@ -430,8 +443,10 @@ impl Store {
         let mut body = body;
         // A blob pushed whole and small (the common monolithic push of a
         // config, a scan, a small module) never goes through the upload
-        // file: hashed in memory and written once, durably.
-        if self.upload_offset(name, id).await? == 0 {
+        // file: hashed in memory and written once, durably. The session
+        // stays locked until then, so no chunk slips in beside it.
+        let guard = self.locked(name, id).await?;
+        if guard.as_ref().expect("state present").offset == 0 {
             let mut prefix = Vec::new();
             let mut ended = true;
             while let Some(chunk) = body.next().await {
@@ -445,10 +460,12 @@ impl Store {
             if ended {
                 return self.finish_small(name, id, digest, &prefix).await;
             }
+            drop(guard);
             let prefix = futures_util::stream::iter([Ok(bytes::Bytes::from(prefix))]);
             self.append_upload(name, id, None, prefix.chain(body))
                 .await?;
         } else {
+            drop(guard);
             self.append_upload(name, id, None, body).await?;
         }
         let session = self.session(id);

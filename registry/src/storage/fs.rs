@@ -402,9 +402,10 @@ const WRITE_BLOCK: usize = 1 << 20;
 /// without waiting for it, so the disk works while more arrives and the
 /// final fsync of a large blob has little left to do.
 const WRITEBACK_EVERY: u64 = 8 << 20;
-/// At most this many bytes of an upload wait for write-back: past it, the
-/// writer waits for the oldest range (which is long done, normally). Keeps
-/// a fast sender from filling memory with dirty pages.
+/// About this many bytes of an upload (plus the ranges in flight) wait
+/// for write-back: past it, the writer waits for the oldest range (which
+/// is long done, normally). Keeps a fast sender from filling memory with
+/// dirty pages.
 const DIRTY_WINDOW: u64 = 32 << 20;
 
 /// Write-back of one appended file, a window at a time.
@@ -461,10 +462,13 @@ fn start_writeback(file: &std::fs::File, start: u64, end: u64) -> io::Result<()>
         }
     };
     range(start, end, libc::SYNC_FILE_RANGE_WRITE)?;
-    if start >= DIRTY_WINDOW {
-        let old = start - DIRTY_WINDOW;
+    let old = start.saturating_sub(DIRTY_WINDOW);
+    let from = old.saturating_sub(end - start);
+    // Never a range of no bytes: to sync_file_range that means "to the
+    // end of the file", which would wait for everything just started.
+    if from < old {
         range(
-            old.saturating_sub(end - start),
+            from,
             old,
             libc::SYNC_FILE_RANGE_WAIT_BEFORE
                 | libc::SYNC_FILE_RANGE_WRITE
