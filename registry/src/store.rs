@@ -120,6 +120,14 @@ fn body_ended(e: axum::Error) -> RegistryError {
     )
 }
 
+/// Where a completed upload's bytes are.
+enum Content<'a> {
+    /// Received whole, in memory (a small push).
+    Memory(&'a [u8]),
+    /// In the upload's data file.
+    Upload,
+}
+
 /// The live hash of an upload. Kept in memory between requests; rebuilt
 /// from the bytes on disk after a restart.
 struct UploadState {
@@ -484,26 +492,12 @@ impl Store {
                 .hasher
                 .finish(),
         };
-        let result = if &actual != digest {
-            Err(RegistryError::new(
-                ErrorCode::DigestInvalid,
-                format!("the uploaded content has digest {actual}, not {digest}"),
-            ))
-        } else {
-            let link = link_path(name, digest);
-            if self.blob_exists(digest).await? {
-                self.storage.delete(&upload_data(id)).await?;
-                self.storage.mark(&link).await?;
-            } else {
-                self.storage
-                    .commit_marked(&upload_data(id), &blob_path(digest), &link)
-                    .await?;
-            }
-            Ok(())
-        };
-        self.storage.delete(&format!("uploads/{id}")).await?;
+        // Still locked: a chunk waiting behind this request finds the
+        // session gone, never half committed.
+        let result = self
+            .conclude(name, id, digest, &actual, Content::Upload)
+            .await;
         drop(guard);
-        self.uploads.lock().expect("uploads lock").remove(id);
         result
     }
 
@@ -517,19 +511,42 @@ impl Store {
         bytes: &[u8],
     ) -> Result<()> {
         let actual = digest.same_algorithm_of(bytes);
-        let result = if &actual != digest {
+        self.conclude(name, id, digest, &actual, Content::Memory(bytes))
+            .await
+    }
+
+    /// Ends upload `id`: if its bytes hash to `digest` (they hash to
+    /// `actual`), they become the blob, linked into `name`; otherwise
+    /// nothing is stored. Either way the session is gone.
+    async fn conclude(
+        &self,
+        name: &Name,
+        id: &str,
+        digest: &Digest,
+        actual: &Digest,
+        content: Content<'_>,
+    ) -> Result<()> {
+        let result = if actual != digest {
             Err(RegistryError::new(
                 ErrorCode::DigestInvalid,
                 format!("the uploaded content has digest {actual}, not {digest}"),
             ))
         } else {
             let link = link_path(name, digest);
+            let blob = blob_path(digest);
             if self.blob_exists(digest).await? {
                 self.storage.mark(&link).await?;
             } else {
-                self.storage
-                    .write_marked(&blob_path(digest), bytes, &link)
-                    .await?;
+                match content {
+                    Content::Memory(bytes) => {
+                        self.storage.write_marked(&blob, bytes, &link).await?
+                    }
+                    Content::Upload => {
+                        self.storage
+                            .commit_marked(&upload_data(id), &blob, &link)
+                            .await?
+                    }
+                }
             }
             Ok(())
         };

@@ -142,6 +142,32 @@ fn pull(peer: &Peer, repo: &str, digest: &str) -> u64 {
     }
 }
 
+/// Each stream's blobs with their digests.
+type Streams = Vec<Vec<(Vec<u8>, String)>>;
+
+/// Runs `op` on every blob, one thread per stream (each its own list of
+/// blobs), and returns the seconds until all are done.
+fn in_streams(
+    peer: &Arc<Peer>,
+    blobs: &Arc<Streams>,
+    repo: &str,
+    op: fn(&Peer, &str, &[u8], &str),
+) -> f64 {
+    let t = Instant::now();
+    let handles: Vec<_> = (0..blobs.len())
+        .map(|i| {
+            let (peer, blobs, repo) = (peer.clone(), blobs.clone(), repo.to_owned());
+            std::thread::spawn(move || {
+                for (b, d) in &blobs[i] {
+                    op(&peer, &repo, b, d);
+                }
+            })
+        })
+        .collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+    t.elapsed().as_secs_f64()
+}
+
 /// Per round: (wharf MB/s, wharf req/s, distribution MB/s, distribution req/s).
 type Cell = Vec<(f64, f64, f64, f64)>;
 
@@ -215,7 +241,7 @@ fn main() {
                 // Every stream pushes its own blobs (distinct content, new
                 // in every round).
                 let per_thread = (*count / concurrency).max(1);
-                let blobs: Vec<Vec<(Vec<u8>, String)>> = (0..concurrency)
+                let blobs: Streams = (0..concurrency)
                     .map(|_| {
                         (0..per_thread)
                             .map(|_| {
@@ -244,33 +270,11 @@ fn main() {
                     let peer = &peers[p];
                     let repo = format!("bench/s{}c{concurrency}", size_name.to_lowercase());
                     settle();
-                    let t = Instant::now();
-                    let handles: Vec<_> = (0..concurrency)
-                        .map(|i| {
-                            let (peer, blobs, repo) = (peer.clone(), blobs.clone(), repo.clone());
-                            std::thread::spawn(move || {
-                                for (b, d) in &blobs[i] {
-                                    push(&peer, &repo, b, d);
-                                }
-                            })
-                        })
-                        .collect();
-                    handles.into_iter().for_each(|h| h.join().unwrap());
-                    let secs = t.elapsed().as_secs_f64();
+                    let secs = in_streams(peer, &blobs, &repo, push);
                     results[0][p] = (total_bytes / secs / 1e6, total_reqs / secs);
-                    let t = Instant::now();
-                    let handles: Vec<_> = (0..concurrency)
-                        .map(|i| {
-                            let (peer, blobs, repo) = (peer.clone(), blobs.clone(), repo.clone());
-                            std::thread::spawn(move || {
-                                for (b, d) in &blobs[i] {
-                                    assert_eq!(pull(&peer, &repo, d), b.len() as u64);
-                                }
-                            })
-                        })
-                        .collect();
-                    handles.into_iter().for_each(|h| h.join().unwrap());
-                    let secs = t.elapsed().as_secs_f64();
+                    let secs = in_streams(peer, &blobs, &repo, |peer, repo, b, d| {
+                        assert_eq!(pull(peer, repo, d), b.len() as u64);
+                    });
                     results[1][p] = (total_bytes / secs / 1e6, total_reqs / secs);
                 }
                 for (op, r) in ["push", "pull"].into_iter().zip(results) {

@@ -76,6 +76,14 @@ impl FsStorage {
         self.root.join(name)
     }
 
+    /// A fresh temporary file's path, on the same file system as every
+    /// object (so a rename into place is atomic).
+    fn tmp_path(&self) -> PathBuf {
+        self.root
+            .join(TMP_DIR)
+            .join(uuid::Uuid::new_v4().to_string())
+    }
+
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -174,10 +182,7 @@ impl Storage for FsStorage {
 
     async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let target = self.path(name);
-        let tmp = self
-            .root
-            .join(TMP_DIR)
-            .join(uuid::Uuid::new_v4().to_string());
+        let tmp = self.tmp_path();
         let bytes = bytes.to_vec();
         // One trip to the blocking pool for the whole sequence.
         blocking(move || {
@@ -192,10 +197,7 @@ impl Storage for FsStorage {
     /// directory sync finds its entry committed already).
     async fn write_marked(&self, name: &str, bytes: &[u8], mark: &str) -> io::Result<()> {
         let (target, mark) = (self.path(name), self.path(mark));
-        let tmp = self
-            .root
-            .join(TMP_DIR)
-            .join(uuid::Uuid::new_v4().to_string());
+        let tmp = self.tmp_path();
         let bytes = bytes.to_vec();
         blocking(move || {
             place_whole(&tmp, &target, &bytes)?;
