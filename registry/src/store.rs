@@ -466,7 +466,10 @@ impl Store {
                 }
             }
             if ended {
-                return self.finish_small(name, id, digest, &prefix).await;
+                let actual = digest.same_algorithm_of(&prefix);
+                return self
+                    .conclude(name, id, digest, &actual, Content::Memory(&prefix))
+                    .await;
             }
             drop(guard);
             let prefix = futures_util::stream::iter([Ok(bytes::Bytes::from(prefix))]);
@@ -499,20 +502,6 @@ impl Store {
             .await;
         drop(guard);
         result
-    }
-
-    /// Completes an upload of no earlier bytes whose whole content is
-    /// `bytes`: checked, then written as the blob in one durable write.
-    async fn finish_small(
-        &self,
-        name: &Name,
-        id: &str,
-        digest: &Digest,
-        bytes: &[u8],
-    ) -> Result<()> {
-        let actual = digest.same_algorithm_of(bytes);
-        self.conclude(name, id, digest, &actual, Content::Memory(bytes))
-            .await
     }
 
     /// Ends upload `id`: if its bytes hash to `digest` (they hash to

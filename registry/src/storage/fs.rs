@@ -211,9 +211,7 @@ impl Storage for FsStorage {
     async fn commit_marked(&self, from: &str, to: &str, mark: &str) -> io::Result<()> {
         let (from, to, mark) = (self.path(from), self.path(to), self.path(mark));
         blocking(move || {
-            std::fs::File::open(&from)?.sync_all()?;
-            std::fs::create_dir_all(to.parent().expect("object has a parent"))?;
-            std::fs::rename(&from, &to)?;
+            place_file(&from, &to)?;
             create_empty(&mark)?;
             sync_parent(&to)?;
             sync_parent(&mark)
@@ -263,11 +261,8 @@ impl Storage for FsStorage {
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
         let (from, to) = (self.path(from), self.path(to));
         blocking(move || {
-            std::fs::File::open(&from)?.sync_all()?;
-            let parent = to.parent().expect("object has a parent");
-            std::fs::create_dir_all(parent)?;
-            std::fs::rename(&from, &to)?;
-            std::fs::File::open(parent)?.sync_all()
+            place_file(&from, &to)?;
+            sync_parent(&to)
         })
         .await
     }
@@ -338,6 +333,14 @@ fn place_whole(tmp: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(tmp);
     }
     result
+}
+
+/// Syncs the file `from` and renames it to `to` (whose directory is
+/// created if needed).
+fn place_file(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::File::open(from)?.sync_all()?;
+    std::fs::create_dir_all(to.parent().expect("object has a parent"))?;
+    std::fs::rename(from, to)
 }
 
 /// Creates an empty file at `path` (and its directory) unless one exists.
