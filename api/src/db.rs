@@ -1489,6 +1489,68 @@ pub(crate) mod tests {
         }
     }
 
+    /// The PostgreSQL writer's own connection dies (a restart of the
+    /// database, a proxy timing out): the batch on it fails, so its
+    /// waiters hear of it, and the next batch connects again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_postgres_writer_connects_again_after_its_connection_dies() {
+        let store = PgStore::open(&wharf_testkit::postgres::shared().database())
+            .await
+            .unwrap();
+        let sink = Arc::new(std::sync::Mutex::new(
+            store.batch_writer().expect("a writer of its own"),
+        ));
+        let write = |id: &'static str| {
+            let sink = sink.clone();
+            async move {
+                let batch = vec![Write::Task(Box::new(task(id, TaskStatus::Running)))];
+                tokio::task::spawn_blocking(move || sink.lock().unwrap().write(&batch))
+                    .await
+                    .unwrap()
+            }
+        };
+        write("1").await.unwrap();
+        // Every other backend of this database: the writer's, and idle
+        // ones of the pool (which opens new ones when it needs them).
+        // (both on one connection, which is not among them)
+        let mut conn = store.pool.acquire().await.unwrap();
+        let killed: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty(), "the writer's connection was open");
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid")
+            .bind(&killed)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        drop(conn);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+        )
+        .bind(&killed)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+            > 0
+        {
+            assert!(std::time::Instant::now() < deadline, "backends still there");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            write("2").await.is_err(),
+            "a batch on a dead connection fails"
+        );
+        write("3").await.unwrap();
+        assert!(store.task("1").await.unwrap().is_some());
+        assert!(store.task("2").await.unwrap().is_none());
+        assert!(store.task("3").await.unwrap().is_some());
+    }
+
     /// Replica rows and the `control` lease by the database's clock: a
     /// name is one process's until its lease runs out, the lease has one
     /// holder whose fencing token grows at every change of holder, and a

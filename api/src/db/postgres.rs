@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row};
 
-use super::{Replica, Replicas, Result, StateStore, TaskFilter, Write, json, parse};
+use super::{BatchWriter, Replica, Replicas, Result, StateStore, TaskFilter, Write, json, parse};
 use crate::model::{
     AuditEntry, JoinToken, LogPage, NodeState, Secret, Service, ServiceEvent, Task, TaskDefinition,
     TaskDefinitionStatus, TaskStatus, Token,
@@ -27,7 +27,9 @@ const ROWS_PER_STATEMENT: usize = 256;
 /// The state in a PostgreSQL database.
 #[derive(Debug)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
+    /// How to open the group-commit writer's own connection.
+    options: PgConnectOptions,
 }
 
 /// A database URL with its password hidden, for messages and logs.
@@ -58,7 +60,7 @@ impl PgStore {
             .max_connections(8)
             // A lease renewal must not wait behind a dead connection.
             .acquire_timeout(Duration::from_secs(2))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         // sqlx takes its own advisory lock while migrating, so replicas
         // starting together migrate one at a time.
@@ -66,7 +68,7 @@ impl PgStore {
             .run(&pool)
             .await
             .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, options })
     }
 }
 
@@ -306,6 +308,127 @@ async fn put_tasks(conn: &mut PgConnection, tasks: &[&Task]) -> Result<()> {
     Ok(())
 }
 
+/// A batch as one statement: each kind of write is a data-modifying
+/// `WITH` over arrays, so the text never changes (one prepared statement)
+/// and a batch costs one round trip and its commit — not a `BEGIN`, a
+/// statement per kind of write and a `COMMIT`, each a round trip. A
+/// single statement is one transaction: all of it or nothing. Events and
+/// audit entries get their ids in the batch's order.
+const WRITE_BATCH: &str = "WITH t AS (
+        INSERT INTO tasks (id, family, service, status, created_at, body)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+        ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body
+    ), l AS (
+        INSERT INTO task_logs (task_id, body)
+        SELECT * FROM unnest($7::text[], $8::text[])
+        ON CONFLICT (task_id) DO UPDATE SET body = excluded.body
+    ), e AS (
+        INSERT INTO service_events (service, at, message)
+        SELECT s, a, m FROM unnest($9::text[], $10::text[], $11::text[])
+            WITH ORDINALITY AS x(s, a, m, n) ORDER BY n
+    )
+    INSERT INTO audit (at, token_id, actor, method, path, status)
+    SELECT a, t, c, m, p, st FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::int4[])
+        WITH ORDINALITY AS x(a, t, c, m, p, st, n) ORDER BY n";
+
+/// Applies `batch` with [`WRITE_BATCH`] (a task's or a log page's last
+/// write in the batch wins, as in a transaction of one statement each).
+async fn write_batch(conn: &mut PgConnection, batch: &[Write]) -> Result<()> {
+    let mut tasks = Vec::new();
+    let mut logs = Vec::new();
+    let (mut ev_service, mut ev_at, mut ev_message) = (Vec::new(), Vec::new(), Vec::new());
+    let mut audit: [Vec<&str>; 5] = Default::default();
+    let mut audit_status = Vec::new();
+    for write in batch {
+        match write {
+            Write::Task(t) => tasks.push((t.id.as_str(), &**t)),
+            Write::TaskLogs(id, page) => logs.push((id.as_str(), &**page)),
+            Write::Event {
+                service,
+                at,
+                message,
+            } => {
+                ev_service.push(service.as_str());
+                ev_at.push(at.as_str());
+                ev_message.push(message.as_str());
+            }
+            Write::Audit(e) => {
+                for (column, value) in
+                    audit
+                        .iter_mut()
+                        .zip([&e.at, &e.token_id, &e.actor, &e.method, &e.path])
+                {
+                    column.push(value.as_str());
+                }
+                audit_status.push(i32::from(e.status));
+            }
+        }
+    }
+    if tasks.is_empty() && logs.is_empty() && ev_at.is_empty() && audit_status.is_empty() {
+        return Ok(());
+    }
+    let tasks = last_per_id(tasks);
+    let logs = last_per_id(logs);
+    let column = |f: fn(&Task) -> &str| tasks.iter().map(|(_, t)| f(t)).collect::<Vec<_>>();
+    let [at, token_id, actor, method, path] = audit;
+    sqlx::query(WRITE_BATCH)
+        .bind(column(|t| &t.id))
+        .bind(column(|t| &t.family))
+        .bind(
+            tasks
+                .iter()
+                .map(|(_, t)| t.service.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|t| t.status.as_str()))
+        .bind(column(|t| &t.created_at))
+        .bind(tasks.iter().map(|(_, t)| json(t)).collect::<Vec<_>>())
+        .bind(logs.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(logs.iter().map(|(_, page)| json(page)).collect::<Vec<_>>())
+        .bind(ev_service)
+        .bind(ev_at)
+        .bind(ev_message)
+        .bind(at)
+        .bind(token_id)
+        .bind(actor)
+        .bind(method)
+        .bind(path)
+        .bind(audit_status)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The group-commit writer's side of a [`PgStore`]: a connection of its
+/// own, driven from the writer's thread (no pool to acquire from, no
+/// ping before each batch). A batch that fails drops it; the next batch
+/// connects again.
+struct PgBatches {
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl BatchWriter for PgBatches {
+    fn write(&mut self, batch: &[Write]) -> std::result::Result<(), String> {
+        self.runtime
+            .block_on(async {
+                let conn = match &mut self.conn {
+                    Some(conn) => conn,
+                    None => self
+                        .conn
+                        .insert(PgConnection::connect_with(&self.options).await?),
+                };
+                let done = write_batch(conn, batch).await;
+                if done.is_err() {
+                    self.conn = None;
+                }
+                done
+            })
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Goes over the unstopped tasks (locked for the transaction): `choose`
 /// skips one (`None`), keeps it (`Some(None)`) or marks it `NodeLost`
 /// with a message (`Some(Some(why))`). Returns the lost and the kept.
@@ -351,62 +474,15 @@ impl StateStore for PgStore {
     }
 
     async fn write(&self, batch: &[Write]) -> Result<()> {
-        let mut tasks = Vec::new();
-        let mut logs = Vec::new();
-        let mut events = Vec::new();
-        let mut audit = Vec::new();
-        for write in batch {
-            match write {
-                Write::Task(t) => tasks.push((t.id.as_str(), &**t)),
-                Write::TaskLogs(id, page) => logs.push((id.as_str(), &**page)),
-                Write::Event {
-                    service,
-                    at,
-                    message,
-                } => events.push((service, at, message)),
-                Write::Audit(e) => audit.push(&**e),
-            }
-        }
-        if tasks.is_empty() && logs.is_empty() && events.is_empty() && audit.is_empty() {
-            return Ok(());
-        }
-        let tasks: Vec<&Task> = last_per_id(tasks).into_iter().map(|(_, t)| t).collect();
-        let logs = last_per_id(logs);
-        let mut tx = self.pool.begin().await?;
-        for chunk in tasks.chunks(ROWS_PER_STATEMENT) {
-            put_tasks(&mut tx, chunk).await?;
-        }
-        for chunk in logs.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Postgres>::new("INSERT INTO task_logs (task_id, body) ");
-            q.push_values(chunk, |mut row, (id, page)| {
-                row.push_bind(*id).push_bind(json(page));
-            });
-            q.push(" ON CONFLICT (task_id) DO UPDATE SET body = excluded.body");
-            q.build().execute(&mut *tx).await?;
-        }
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let mut q =
-                QueryBuilder::<Postgres>::new("INSERT INTO service_events (service, at, message) ");
-            q.push_values(chunk, |mut row, (service, at, message)| {
-                row.push_bind(*service).push_bind(*at).push_bind(*message);
-            });
-            q.build().execute(&mut *tx).await?;
-        }
-        for chunk in audit.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Postgres>::new(
-                "INSERT INTO audit (at, token_id, actor, method, path, status) ",
-            );
-            q.push_values(chunk, |mut row, e| {
-                row.push_bind(&e.at)
-                    .push_bind(&e.token_id)
-                    .push_bind(&e.actor)
-                    .push_bind(&e.method)
-                    .push_bind(&e.path)
-                    .push_bind(i32::from(e.status));
-            });
-            q.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await
+        write_batch(&mut *self.pool.acquire().await?, batch).await
+    }
+
+    fn batch_writer(&self) -> Option<Box<dyn BatchWriter>> {
+        Some(Box::new(PgBatches {
+            options: self.options.clone(),
+            conn: None,
+            runtime: tokio::runtime::Handle::current(),
+        }))
     }
 
     async fn recover_lost_tasks(
