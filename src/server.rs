@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -401,22 +402,205 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             eprintln!("wharf: stopping tasks");
             drainer.drain().await;
         };
-        match tls {
-            Some(t) => crate::tls::serve(listener, t.config, app, shutdown).await?,
-            // Handlers see the peer's address (a node's ingress must be
-            // the address it connects from).
-            None => axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("server failed")?,
-        }
+        serve(
+            listener,
+            tls.map(|t| t.config),
+            app,
+            shutdown,
+            MAX_API_CONNECTIONS,
+            API_HEADER_TIMEOUT,
+        )
+        .await;
         api.shutdown().await;
         eprintln!("wharf: stopped");
         Ok(())
     })
+}
+
+/// Connections the API listener holds at once; the next one waits in the
+/// kernel's backlog until one closes (as the ingress does).
+pub(crate) const MAX_API_CONNECTIONS: usize = 10_000;
+/// How long a client may take to send a request's headers, and how long
+/// a keep-alive connection may sit idle between requests.
+const API_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS client may take over its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` — over TLS (HTTP/1.1 and h2 by ALPN) when
+/// `tls` is set, else HTTP/1.1 and h2c — until `shutdown` resolves, then
+/// lets open requests finish (up to 30 s). What a caller can make it
+/// hold is bounded: at most `connections` at once (the server's:
+/// [`MAX_API_CONNECTIONS`]), each with `header_timeout` to send its
+/// headers (a client that trickles them, or idles, is dropped) and 256
+/// h2 streams. Handlers see
+/// the peer's address (a node's ingress must be the address it connects
+/// from). Replies go out without Nagle's delay.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+    connections: usize,
+    header_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => p.expect("never closed"),
+            () = &mut shutdown => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut r: axum::http::Request<hyper::body::Incoming>| {
+                r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                r
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match acceptor {
+                Some(acceptor) => {
+                    // A client that never finishes its handshake is dropped.
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    serve_connection(stream, &builder, service, watcher, header_timeout).await;
+                }
+                None => serve_connection(tcp, &builder, service, watcher, header_timeout).await,
+            }
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+}
+
+/// One connection of [`serve`]. hyper's header timeout starts only once
+/// it knows the protocol, which it learns from the first bytes: a client
+/// that connects and sends nothing would hold its place for ever, so one
+/// that has sent nothing within `header_timeout` is dropped here.
+async fn serve_connection<S>(
+    io: S,
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    service: hyper_util::service::TowerToHyperService<
+        impl tower::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+    >,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_timeout: Duration,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let heard = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = hyper_util::rt::TokioIo::new(FirstBytes {
+        io,
+        heard: heard.clone(),
+    });
+    let conn = watcher.watch(
+        builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned(),
+    );
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = &mut conn => return,
+        () = tokio::time::sleep(header_timeout) => {}
+    }
+    if heard.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = conn.await;
+    }
+}
+
+/// A connection's reads, noting that a byte has arrived.
+struct FirstBytes<S> {
+    io: S,
+    heard: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstBytes<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstBytes<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.
@@ -438,5 +622,82 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod serve_tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// What a hostile client can make the API listener hold: connections
+    /// past the cap wait unserved, and a client that trickles its headers
+    /// or idles loses its connection after the header timeout, which
+    /// frees its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_api_listener_holds_at_most_its_cap_and_drops_slow_and_idle_clients() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            2,
+            Duration::from_millis(400),
+        ));
+        // One trickles a request line and stops; one says nothing.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        // A third gets through the kernel's backlog but no answer while
+        // both places are held.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), third.read(&mut buf))
+                .await
+                .is_err(),
+            "served a connection past the cap"
+        );
+        // The header timeout drops the two, and the third is served.
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .expect("answered once a place was free")
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        for client in [&mut slow, &mut idle] {
+            let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        // hyper may answer the half request with a 408
+                        // before it closes.
+                        Ok(_) => continue,
+                    }
+                }
+            })
+            .await;
+            assert!(closed.is_ok(), "a slow or idle client kept its connection");
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(35), server)
+            .await
+            .expect("the listener ends at shutdown")
+            .unwrap();
     }
 }

@@ -12,7 +12,6 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use rustls_pki_types::pem::PemObject;
@@ -156,59 +155,6 @@ pub(crate) fn auto(data_dir: &Path, listen: SocketAddr, sans: &[String]) -> Resu
         ca_pem,
         fingerprint,
     })
-}
-
-/// Serves `app` over TLS on `listener` (HTTP/1.1 and h2 by ALPN) until
-/// `shutdown` resolves, then lets open requests finish (up to 30 s).
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    app: axum::Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // A client that never finishes its handshake is dropped.
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-            else {
-                return;
-            };
-            // Handlers see the peer's address, as over plain HTTP.
-            let app = tower::ServiceExt::map_request(
-                app,
-                move |mut r: axum::http::Request<hyper::body::Incoming>| {
-                    r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                    r
-                },
-            );
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let _ = watcher.watch(conn.into_owned()).await;
-        });
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
-    Ok(())
 }
 
 /// A rustls client configuration that trusts the web's CAs (Mozilla's,
