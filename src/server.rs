@@ -504,10 +504,9 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
-/// One connection of [`serve`]. hyper's header timeout starts only once
-/// it knows the protocol, which it learns from the first bytes: a client
-/// that connects and sends nothing would hold its place for ever, so one
-/// that has sent nothing within `header_timeout` is dropped here.
+/// One connection of [`serve`], dropped if it has sent no byte within
+/// `header_timeout` ([`wharf_api::conn`]: hyper's own header timeout
+/// starts only once it has sniffed the protocol).
 async fn serve_connection<S>(
     io: S,
     builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
@@ -526,81 +525,13 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let heard = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let io = hyper_util::rt::TokioIo::new(FirstBytes {
-        io,
-        heard: heard.clone(),
-    });
+    let (io, heard) = wharf_api::conn::heard(io);
     let conn = watcher.watch(
         builder
-            .serve_connection_with_upgrades(io, service)
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service)
             .into_owned(),
     );
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = &mut conn => return,
-        () = tokio::time::sleep(header_timeout) => {}
-    }
-    if heard.load(std::sync::atomic::Ordering::Relaxed) {
-        let _ = conn.await;
-    }
-}
-
-/// A connection's reads, noting that a byte has arrived.
-struct FirstBytes<S> {
-    io: S,
-    heard: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstBytes<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.heard.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstBytes<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    let _ = wharf_api::conn::drop_if_silent(conn, &heard, header_timeout).await;
 }
 
 /// Resolves on Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.

@@ -8,7 +8,8 @@
 //! takes traffic, or every task full → 503 with `Retry-After`; headers
 //! over [`MAX_HEADER_BYTES`] → 431 (hyper's own answer); a body over the
 //! task definition's `max_request_body` → 413; a client that does not
-//! finish its headers within [`HEADER_TIMEOUT`] is dropped (slowloris);
+//! finish its headers — or send anything — within [`HEADER_TIMEOUT`] is
+//! dropped (slowloris);
 //! at most [`MAX_CONNECTIONS`] connections at once.
 
 use std::collections::BTreeMap;
@@ -580,9 +581,15 @@ pub(crate) async fn serve<G: Gateway>(
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .max_concurrent_streams(256);
-            let _ = builder
-                .serve_connection(TokioIo::new(socket), service)
-                .await;
+            // hyper's header timeout starts once the protocol is known:
+            // a client that never sends a byte is dropped here.
+            let (socket, heard) = crate::conn::heard(socket);
+            let _ = crate::conn::drop_if_silent(
+                builder.serve_connection(TokioIo::new(socket), service),
+                &heard,
+                HEADER_TIMEOUT,
+            )
+            .await;
             drop(permit);
         });
     }

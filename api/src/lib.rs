@@ -22,6 +22,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod autoscale;
 pub mod cluster;
+pub mod conn;
 pub mod control;
 pub mod db;
 pub mod error;
