@@ -501,6 +501,9 @@ async fn serve(
             }
         });
     }
+    // New clients are refused while the open requests finish, not left
+    // in the backlog of a listener nobody accepts on.
+    drop(listener);
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
@@ -629,6 +632,54 @@ mod serve_tests {
         tokio::time::timeout(Duration::from_secs(35), server)
             .await
             .expect("the listener ends at shutdown")
+            .unwrap();
+    }
+    /// At shutdown a request in flight finishes, and a new client is
+    /// refused at once instead of waiting in the backlog.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_shutdown_open_requests_finish_and_new_clients_are_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                "done"
+            }),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            8,
+            Duration::from_secs(5),
+        ));
+        let mut open = TcpStream::connect(addr).await.unwrap();
+        open.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "a new client was let in during the drain"
+        );
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut answer))
+            .await
+            .expect("the open request finished and its connection closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("done"), "{answer}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the listener ends once its requests are done")
             .unwrap();
     }
 }
