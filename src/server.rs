@@ -419,7 +419,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
 
 /// Connections the API listener holds at once; the next one waits in the
 /// kernel's backlog until one closes (as the ingress does).
-pub(crate) const MAX_API_CONNECTIONS: usize = 10_000;
+const MAX_API_CONNECTIONS: usize = 10_000;
 /// How long a client may take to send a request's headers, and how long
 /// a keep-alive connection may sit idle between requests.
 const API_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -432,9 +432,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// hold is bounded: at most `connections` at once (the server's:
 /// [`MAX_API_CONNECTIONS`]), each with `header_timeout` to send its
 /// headers (a client that trickles them, or idles, is dropped) and 256
-/// h2 streams. Handlers see
-/// the peer's address (a node's ingress must be the address it connects
-/// from). Replies go out without Nagle's delay.
+/// h2 streams. Handlers see the peer's address (a node's ingress must be
+/// the address it connects from). Replies go out without Nagle's delay.
 async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
@@ -566,26 +565,42 @@ mod serve_tests {
 
     use super::*;
 
+    /// `app` served on a loopback port with these bounds, until the
+    /// sender is used.
+    async fn start(
+        app: axum::Router,
+        connections: usize,
+        header_timeout: Duration,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            app,
+            shutdown,
+            connections,
+            header_timeout,
+        ));
+        (addr, stop, server)
+    }
+
     /// What a hostile client can make the API listener hold: connections
     /// past the cap wait unserved, and a client that trickles its headers
     /// or idles loses its connection after the header timeout, which
     /// frees its place.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_api_listener_holds_at_most_its_cap_and_drops_slow_and_idle_clients() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            listener,
-            None,
-            app,
-            async {
-                let _ = stopped.await;
-            },
-            2,
-            Duration::from_millis(400),
-        ));
+        let (addr, stop, server) = start(app, 2, Duration::from_millis(400)).await;
         // One trickles a request line and stops; one says nothing.
         let mut slow = TcpStream::connect(addr).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
@@ -638,8 +653,6 @@ mod serve_tests {
     /// refused at once instead of waiting in the backlog.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn at_shutdown_open_requests_finish_and_new_clients_are_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().route(
             "/slow",
             axum::routing::get(|| async {
@@ -647,17 +660,7 @@ mod serve_tests {
                 "done"
             }),
         );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            listener,
-            None,
-            app,
-            async {
-                let _ = stopped.await;
-            },
-            8,
-            Duration::from_secs(5),
-        ));
+        let (addr, stop, server) = start(app, 8, Duration::from_secs(5)).await;
         let mut open = TcpStream::connect(addr).await.unwrap();
         open.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
             .await

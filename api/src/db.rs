@@ -1654,6 +1654,22 @@ mod sqlite_writer_tests {
     use super::*;
     use crate::model::TaskStatus;
 
+    /// `batches` batches of `per` stopped tasks through the writer, ids
+    /// `BBNNN` (batch, then task).
+    fn write_stopped(sink: &mut dyn BatchWriter, batches: usize, per: usize) {
+        for n in 0..batches {
+            let batch: Vec<Write> = (0..per)
+                .map(|i| {
+                    Write::Task(Box::new(tests::task(
+                        &format!("{n:02}{i:03}"),
+                        TaskStatus::Stopped,
+                    )))
+                })
+                .collect();
+            sink.write(&batch).unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_is_copied_back_beside_the_writer_without_a_commit_crossing_a_threshold() {
         // Far below the 64 MiB backstop at which a commit checkpoints by
@@ -1667,17 +1683,7 @@ mod sqlite_writer_tests {
             .expect("SQLite writes on the writer's thread");
         let db_len = || std::fs::metadata(&path).unwrap().len();
         let before = db_len();
-        for n in 0..20 {
-            let batch: Vec<Write> = (0..100)
-                .map(|i| {
-                    Write::Task(Box::new(tests::task(
-                        &format!("{n:02}{i:03}"),
-                        TaskStatus::Stopped,
-                    )))
-                })
-                .collect();
-            sink.write(&batch).unwrap();
-        }
+        write_stopped(&mut *sink, 20, 100);
         let wal = std::fs::metadata(dir.path().join("state.db-wal"))
             .unwrap()
             .len();
@@ -1706,17 +1712,7 @@ mod sqlite_writer_tests {
         );
         let mut sink = store.batch_writer().unwrap();
         // 20,000 stopped tasks: two reads, 79 transactions of deletes.
-        for n in 0..40 {
-            let batch: Vec<Write> = (0..500)
-                .map(|i| {
-                    Write::Task(Box::new(tests::task(
-                        &format!("{n:02}{i:03}"),
-                        TaskStatus::Stopped,
-                    )))
-                })
-                .collect();
-            sink.write(&batch).unwrap();
-        }
+        write_stopped(&mut *sink, 40, 500);
         let count = || async {
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tasks")
                 .fetch_one(&store.pool)

@@ -12,17 +12,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{Connection, PgConnection, Row};
 
 use super::{BatchWriter, Replica, Replicas, Result, StateStore, TaskFilter, Write, json, parse};
 use crate::model::{
     AuditEntry, JoinToken, LogPage, NodeState, Secret, Service, ServiceEvent, Task, TaskDefinition,
     TaskDefinitionStatus, TaskStatus, Token,
 };
-
-/// Rows per multi-row statement: 6 columns × 256 rows stays far below
-/// PostgreSQL's 65,535 bound parameters.
-const ROWS_PER_STATEMENT: usize = 256;
 
 /// The state in a PostgreSQL database.
 #[derive(Debug)]
@@ -291,23 +287,6 @@ fn last_per_id<T>(items: Vec<(&str, T)>) -> Vec<(&str, T)> {
     kept
 }
 
-async fn put_tasks(conn: &mut PgConnection, tasks: &[&Task]) -> Result<()> {
-    let mut q = QueryBuilder::<Postgres>::new(
-        "INSERT INTO tasks (id, family, service, status, created_at, body) ",
-    );
-    q.push_values(tasks, |mut row, task| {
-        row.push_bind(&task.id)
-            .push_bind(&task.family)
-            .push_bind(&task.service)
-            .push_bind(task.status.as_str())
-            .push_bind(&task.created_at)
-            .push_bind(json(task));
-    });
-    q.push(" ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body");
-    q.build().execute(conn).await?;
-    Ok(())
-}
-
 /// A batch as one statement: each kind of write is a data-modifying
 /// `WITH` over arrays, so the text never changes (one prepared statement)
 /// and a batch costs one round trip and its commit — not a `BEGIN`, a
@@ -453,9 +432,12 @@ async fn sweep_unstopped<'m>(
             }
         }
     }
-    for chunk in lost.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
-        put_tasks(tx, chunk).await?;
-    }
+    let marked: Vec<Write> = lost
+        .iter()
+        .cloned()
+        .map(|t| Write::Task(Box::new(t)))
+        .collect();
+    write_batch(tx, &marked).await?;
     Ok((lost, kept))
 }
 
