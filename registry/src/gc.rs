@@ -11,14 +11,14 @@
 //!    along with the repository links to it; upload sessions idle for
 //!    [`STALE_UPLOAD_SECS`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use serde_json::Value;
 
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::path::{Name, Reference};
-use crate::store::Store;
+use crate::store::{Store, upload_data, upload_id, upload_repo};
 
 /// Unreferenced blobs younger than this survive a collection.
 pub const GRACE_SECS: u64 = 3600;
@@ -172,17 +172,33 @@ impl Store {
                 }
             }
         }
-        for id in s.list("uploads").await? {
+        let sessions: BTreeSet<String> = s
+            .list("uploads")
+            .await?
+            .iter()
+            .map(|object| upload_id(object).to_owned())
+            .collect();
+        for id in sessions {
             // A session's age is its last byte, or its start before any
             // byte arrived (the data file is created by the first one).
-            let touched = match s.modified(&format!("uploads/{id}/data")).await? {
-                Some(t) => Some(t),
-                None => s.modified(&format!("uploads/{id}/repo")).await?,
-            };
+            let mut touched = None;
+            for object in [
+                upload_data(&id),
+                upload_repo(&id),
+                format!("uploads/{id}/data"),
+                format!("uploads/{id}/repo"),
+            ] {
+                touched = s.modified(&object).await?;
+                if touched.is_some() {
+                    break;
+                }
+            }
             let age = now.saturating_sub(touched.unwrap_or(0));
             if age >= STALE_UPLOAD_SECS {
                 report.uploads_removed += 1;
                 if !dry_run {
+                    s.delete(&upload_repo(&id)).await?;
+                    s.delete(&upload_data(&id)).await?;
                     s.delete(&format!("uploads/{id}")).await?;
                 }
             }

@@ -7,8 +7,8 @@
 //! ```text
 //! <root>/
 //! ├── blobs/<alg>/<hex>                          content, complete and verified, shared
-//! ├── uploads/<id>/repo                          repository the upload belongs to
-//! │               /data                          bytes received so far
+//! ├── uploads/<id>.repo                          repository the upload belongs to
+//! │   └── <id>.data                              bytes received so far
 //! ├── repositories/<name...>/
 //! │   ├── _links/<alg>/<hex>                     blob is part of this repository
 //! │   ├── _manifests/<alg>/<hex>                 manifest revision; content: its media type
@@ -86,11 +86,23 @@ fn referrers_dir(name: &Name, subject: &Digest) -> String {
         subject.hex()
     )
 }
-fn upload_data(id: &str) -> String {
-    format!("uploads/{id}/data")
+// An upload session is two objects beside each other, not a directory:
+// on a file system a session then costs no directory to create and
+// remove, which a small push would pay for within its few milliseconds.
+pub(crate) fn upload_data(id: &str) -> String {
+    format!("uploads/{id}.data")
 }
-fn upload_repo(id: &str) -> String {
-    format!("uploads/{id}/repo")
+pub(crate) fn upload_repo(id: &str) -> String {
+    format!("uploads/{id}.repo")
+}
+/// The session an object under `uploads/` belongs to: `<id>.repo`,
+/// `<id>.data`, or a directory `<id>` (the layout before sessions were
+/// flat, which garbage collection still clears).
+pub(crate) fn upload_id(object: &str) -> &str {
+    object
+        .strip_suffix(".repo")
+        .or_else(|| object.strip_suffix(".data"))
+        .unwrap_or(object)
 }
 
 fn settings_path(name: &Name) -> String {
@@ -118,6 +130,87 @@ fn body_ended(e: axum::Error) -> RegistryError {
         ErrorCode::BlobUploadInvalid,
         format!("request body ended early: {e}"),
     )
+}
+
+/// Bytes of an upload hashed where they are received; past them, hashing
+/// moves to a thread of its own and takes batches of this size.
+const HASH_BATCH: usize = 1 << 20;
+/// Batches waiting for the hashing thread, at most (a bound on the memory
+/// one upload holds for it).
+const HASH_QUEUE: usize = 4;
+
+/// An upload's sha256 as its chunks arrive. A large body is hashed on a
+/// blocking thread, beside the task that receives it (which then only
+/// receives and hands bytes to the writer): in series on one worker,
+/// hashing was a third of a large push. A small body never pays for a
+/// thread.
+struct Hashing {
+    /// The hasher, while it is still here.
+    hasher: Option<Hasher>,
+    /// Chunks not yet hashed, and their length.
+    batch: Vec<bytes::Bytes>,
+    batched: usize,
+    /// The hashing thread, once there is one.
+    thread: Option<(
+        tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
+        tokio::task::JoinHandle<Hasher>,
+    )>,
+}
+
+impl Hashing {
+    fn new(hasher: Hasher) -> Self {
+        Hashing {
+            hasher: Some(hasher),
+            batch: Vec::new(),
+            batched: 0,
+            thread: None,
+        }
+    }
+
+    async fn update(&mut self, chunk: bytes::Bytes) {
+        self.batched += chunk.len();
+        self.batch.push(chunk);
+        if self.batched < HASH_BATCH {
+            return;
+        }
+        self.batched = 0;
+        let batch = std::mem::take(&mut self.batch);
+        let (tx, _) = self.thread.get_or_insert_with(|| {
+            let mut hasher = self.hasher.take().expect("the hasher is here");
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(HASH_QUEUE);
+            let done = tokio::task::spawn_blocking(move || {
+                while let Some(batch) = rx.blocking_recv() {
+                    for chunk in batch {
+                        hasher.update(&chunk);
+                    }
+                }
+                hasher
+            });
+            (tx, done)
+        });
+        // Fails only if the thread is gone, which `finish` reports.
+        let _ = tx.send(batch).await;
+    }
+
+    async fn finish(mut self) -> Result<Hasher> {
+        let batch = std::mem::take(&mut self.batch);
+        match self.thread {
+            None => {
+                let mut hasher = self.hasher.take().expect("the hasher is here");
+                for chunk in batch {
+                    hasher.update(&chunk);
+                }
+                Ok(hasher)
+            }
+            Some((tx, done)) => {
+                let _ = tx.send(batch).await;
+                drop(tx);
+                done.await.map_err(|e| {
+                    RegistryError::Internal(format!("the hashing thread failed: {e}"))
+                })
+            }
+        }
+    }
 }
 
 /// Where a completed upload's bytes are.
@@ -415,28 +508,37 @@ impl Store {
         let mut writer = self.storage.appender(&upload_data(id)).await?;
         let mut body = body;
         let mut received = 0u64;
-        let result: Result<()> = async {
+        let mut hashing = Hashing::new(std::mem::replace(
+            &mut state.hasher,
+            Hasher::new(Algorithm::Sha256),
+        ));
+        let result: Result<Hasher> = async {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(body_ended)?;
                 writer.write_all(&chunk).await?;
-                state.hasher.update(&chunk);
                 received += chunk.len() as u64;
+                hashing.update(chunk).await;
             }
             writer.shutdown().await?;
-            Ok(())
+            hashing.finish().await
         }
         .await;
-        if let Err(e) = result {
-            // Let the writer finish what it was given, so the file is settled
-            // before anyone reads it; its own error adds nothing.
-            let _ = writer.shutdown().await;
-            // The bytes on disk and the hash may now disagree; rebuild the
-            // state from disk on the next request.
-            *guard = None;
-            return Err(e);
+        match result {
+            Ok(hasher) => {
+                state.hasher = hasher;
+                state.offset += received;
+                Ok(state.offset)
+            }
+            Err(e) => {
+                // Let the writer finish what it was given, so the file is
+                // settled before anyone reads it; its own error adds nothing.
+                let _ = writer.shutdown().await;
+                // The bytes on disk and the hash may now disagree; rebuild
+                // the state from disk on the next request.
+                *guard = None;
+                Err(e)
+            }
         }
-        state.offset += received;
-        Ok(state.offset)
     }
 
     /// Completes an upload: appends the last bytes, verifies the digest,
@@ -539,17 +641,23 @@ impl Store {
             }
             Ok(())
         };
-        self.storage.delete(&format!("uploads/{id}")).await?;
-        self.uploads.lock().expect("uploads lock").remove(id);
+        self.remove_session(id).await?;
         result
+    }
+
+    /// Removes upload `id`: its marker first, so a request checking the
+    /// session finds it gone before its bytes go.
+    async fn remove_session(&self, id: &str) -> Result<()> {
+        self.storage.delete(&upload_repo(id)).await?;
+        self.storage.delete(&upload_data(id)).await?;
+        self.uploads.lock().expect("uploads lock").remove(id);
+        Ok(())
     }
 
     /// Cancels an upload.
     pub async fn cancel_upload(&self, name: &Name, id: &str) -> Result<()> {
         self.check_upload(name, id).await?;
-        self.storage.delete(&format!("uploads/{id}")).await?;
-        self.uploads.lock().expect("uploads lock").remove(id);
-        Ok(())
+        self.remove_session(id).await
     }
 
     // ----- manifests -----

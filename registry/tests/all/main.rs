@@ -286,6 +286,35 @@ async fn abandoned_uploads_are_collected() {
         .send("POST", "/v2/app/blobs/uploads/", None, Vec::new())
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
+    // A session with bytes, and one in the layout of older versions (a
+    // directory per session), which collection still clears.
+    let (status, _) = h
+        .send("POST", "/v2/app/blobs/uploads/", None, Vec::new())
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let storage = h.registry.store.storage();
+    let with_bytes = storage
+        .list("uploads")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| o.ends_with(".repo"))
+        .unwrap();
+    let id = with_bytes.trim_end_matches(".repo");
+    let (status, _) = h
+        .send(
+            "PATCH",
+            &format!("/v2/app/blobs/uploads/{id}"),
+            None,
+            b"some bytes".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    storage
+        .write_scratch("uploads/0123-old/repo", b"app")
+        .await
+        .unwrap();
+    assert_eq!(storage.list("uploads").await.unwrap().len(), 4);
     assert_eq!(
         h.registry
             .store
@@ -303,8 +332,10 @@ async fn abandoned_uploads_are_collected() {
             .await
             .unwrap()
             .uploads_removed,
-        1
+        3
     );
+    let left = storage.list("uploads").await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// A blob pushed whole is hashed in memory and written once when small,
