@@ -29,7 +29,13 @@
 //!   address, which only a request with the right key may set.
 //! - **Caches.** Tokens are reloaded when a replica notifies a change
 //!   (PostgreSQL `LISTEN/NOTIFY`), and whenever the notification channel
-//!   was lost; task definitions are read from the database.
+//!   was lost. Task definitions are cached too, with read-your-writes
+//!   across replicas: each change counts a generation in its transaction
+//!   and notifies; every replica drops its cache when told (or when the
+//!   channel was lost, or every TTL/6 if the generation moved) and records
+//!   the generation it is fresh for; the replica that made the change
+//!   answers its client only once every other live replica has recorded
+//!   it (or, after a TTL, could not and so stops).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +58,8 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
 
 /// The notification that tokens changed.
 pub(crate) const TOKENS_CHANGED: &str = "tokens";
+/// The notification that task definitions changed.
+pub(crate) const DEFS_CHANGED: &str = "taskdefs";
 
 /// The header a forwarded request carries the replica key in.
 const KEY_HEADER: &str = "x-wharf-replica-key";

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,14 @@ pub struct Control {
     defs: DashMap<String, Arc<TaskDefinition>>,
     /// The latest active revision per family.
     latest: DashMap<String, u32>,
+    /// Counts the times the two caches above were dropped; a read from
+    /// the database fills them only if none happened since it started
+    /// (so a drop never loses to a read of what it dropped). Held while
+    /// dropping and while filling.
+    defs_epoch: std::sync::Mutex<u64>,
+    /// With replicas: the change of the task definitions (see
+    /// [`Replicas::defs_generation`]) the caches are fresh for, or -1.
+    defs_seen: std::sync::atomic::AtomicI64,
     pub(crate) services: tokio::sync::Mutex<BTreeMap<String, ServiceState>>,
     pub(crate) wake: Arc<Notify>,
     /// The ingress's routes, rebuilt whenever a service's routes change.
@@ -261,6 +270,8 @@ impl Control {
             metrics,
             defs: DashMap::new(),
             latest: DashMap::new(),
+            defs_epoch: std::sync::Mutex::new(0),
+            defs_seen: std::sync::atomic::AtomicI64::new(-1),
             services: tokio::sync::Mutex::new(BTreeMap::new()),
             wake,
             routes: Default::default(),
@@ -353,6 +364,7 @@ impl Control {
         self.latest.insert(def.family.clone(), def.revision);
         self.defs
             .insert(def.task_definition.clone(), Arc::new(def.clone()));
+        self.defs_changed().await;
         Ok(def)
     }
 
@@ -434,23 +446,13 @@ impl Control {
         }
     }
 
-    /// `family` (latest active revision) or `family:revision`.
+    /// `family` (latest active revision) or `family:revision`. Served
+    /// from the caches; with replicas they are dropped whenever another
+    /// replica changes a task definition, before that change is
+    /// acknowledged to its client (see [`Control::defs_changed`]).
     pub async fn task_definition(&self, name: &str) -> Result<Arc<TaskDefinition>> {
         let (family, revision) = parse_def_name(name)?;
-        if self.cluster.is_some() {
-            // Another replica may have registered or deregistered a
-            // revision a moment ago: the database knows.
-            let not_found = || match revision {
-                Some(r) => format!("task definition {family}:{r} does not exist"),
-                None => format!("task definition family {family} has no active revision"),
-            };
-            return Ok(Arc::new(
-                self.store
-                    .task_definition(&family, revision)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found(not_found()))?,
-            ));
-        }
+        let epoch = self.defs_epoch();
         let revision = match revision.or_else(|| self.latest.get(&family).map(|r| *r)) {
             Some(r) => r,
             None => {
@@ -465,7 +467,9 @@ impl Control {
                     })?;
                 // Only if still unknown: a concurrent register or
                 // deregister knows better than this read.
-                self.latest.entry(family.clone()).or_insert(def.revision);
+                self.fill_defs(epoch, || {
+                    self.latest.entry(family.clone()).or_insert(def.revision);
+                });
                 def.revision
             }
         };
@@ -473,12 +477,99 @@ impl Control {
         if let Some(def) = self.defs.get(&key) {
             return Ok(def.clone());
         }
-        let def = self
-            .store
-            .task_definition(&family, Some(revision))
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("task definition {key} does not exist")))?;
-        Ok(self.defs.entry(key).or_insert(Arc::new(def)).clone())
+        let def = Arc::new(
+            self.store
+                .task_definition(&family, Some(revision))
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("task definition {key} does not exist"))
+                })?,
+        );
+        self.fill_defs(epoch, || {
+            self.defs.entry(key).or_insert(def.clone());
+        });
+        Ok(def)
+    }
+
+    fn defs_epoch(&self) -> u64 {
+        *self.defs_epoch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `fill` on the caches unless they were dropped since `epoch`.
+    fn fill_defs(&self, epoch: u64, fill: impl FnOnce()) {
+        let now = self.defs_epoch.lock().unwrap_or_else(|p| p.into_inner());
+        if *now == epoch {
+            fill();
+        }
+    }
+
+    /// Drops every cached task definition.
+    fn drop_defs(&self) {
+        let mut epoch = self.defs_epoch.lock().unwrap_or_else(|p| p.into_inner());
+        *epoch += 1;
+        self.defs.clear();
+        self.latest.clear();
+    }
+
+    /// With replicas: if the task definitions changed since the caches
+    /// were last dropped, drops them, then records the change this
+    /// replica is fresh for. Called when another replica says so, when
+    /// that channel was lost, and every TTL/6.
+    pub(crate) async fn catch_up_defs(&self) {
+        let (Some(cluster), Some(replicas)) = (&self.cluster, self.store.replicas()) else {
+            return;
+        };
+        let generation = match replicas.defs_generation().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the task definitions' generation");
+                return;
+            }
+        };
+        let seen = &self.defs_seen;
+        if seen.load(std::sync::atomic::Ordering::Acquire) == generation {
+            return;
+        }
+        self.drop_defs();
+        match replicas.ack_defs(&cluster.me, generation).await {
+            Ok(()) => seen.store(generation, std::sync::atomic::Ordering::Release),
+            Err(e) => tracing::warn!(error = %e, "cannot record the task definitions' generation"),
+        }
+    }
+
+    /// With replicas, after this replica changed a task definition: waits
+    /// until every other live replica has dropped what it cached from
+    /// before (they are told at once, and look every TTL/6 anyway), so
+    /// that a client told of the change finds it on any replica. A
+    /// replica that cannot record it within its lease's TTL cannot renew
+    /// its lease either, and stops; the wait ends then.
+    async fn defs_changed(&self) {
+        let (Some(cluster), Some(replicas)) = (&self.cluster, self.store.replicas()) else {
+            return;
+        };
+        let deadline = Instant::now() + cluster.ttl + cluster.ttl / 3;
+        let generation = match replicas.defs_generation().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the task definitions' generation");
+                return;
+            }
+        };
+        loop {
+            match replicas.defs_laggards(&cluster.me, generation).await {
+                Ok(late) if late.is_empty() => return,
+                Ok(late) if Instant::now() >= deadline => {
+                    tracing::warn!(replicas = ?late, generation, "replicas did not record a task definition change in time");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot check the other replicas"),
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Marks a revision `INACTIVE`; its running tasks carry on.
@@ -498,6 +589,7 @@ impl Control {
             self.defs
                 .insert(def.task_definition.clone(), Arc::new(def.clone()));
             self.latest.remove(&def.family);
+            self.defs_changed().await;
         }
         Ok(def)
     }

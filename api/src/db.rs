@@ -129,6 +129,15 @@ pub trait Replicas: Send + Sync {
     async fn pin(&self, key: &str, value: &str) -> Result<String>;
     /// The secret replicas authenticate forwarded requests with.
     async fn replica_key(&self) -> Result<String>;
+    /// How many times the task definitions have changed (registered,
+    /// deregistered, imported), counted in commit order.
+    async fn defs_generation(&self) -> Result<i64>;
+    /// Records that `me` dropped every task definition it cached from
+    /// before change `generation`.
+    async fn ack_defs(&self, me: &Replica, generation: i64) -> Result<()>;
+    /// The live replicas other than `me` that have not recorded
+    /// `generation` yet.
+    async fn defs_laggards(&self, me: &Replica, generation: i64) -> Result<Vec<String>>;
 }
 
 /// Where the control plane keeps its state.
@@ -1630,6 +1639,56 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(got, Some(Some("hello".to_owned())));
         assert_eq!(store.replica_key().await.unwrap().len(), 64);
+        store.close().await;
+    }
+
+    /// Every change of the task definitions counts one generation in its
+    /// own transaction; a replica's record of the generation it is fresh
+    /// for never goes back; the laggards are the live replicas other than
+    /// the asker that have not recorded a generation yet.
+    #[tokio::test]
+    async fn task_definition_changes_count_generations_that_replicas_record() {
+        let store = PgStore::open(&wharf_testkit::postgres::shared().database())
+            .await
+            .unwrap();
+        let long = Duration::from_secs(30);
+        let (a, b, c) = (replica("a", "1"), replica("b", "2"), replica("c", "3"));
+        for r in [&a, &b, &c] {
+            assert!(store.claim(r, long).await.unwrap());
+        }
+        assert_eq!(store.defs_generation().await.unwrap(), 0);
+        let mut rx = store.listen().await.unwrap();
+        let mut d = store.register_task_definition(def("f")).await.unwrap();
+        assert_eq!(store.defs_generation().await.unwrap(), 1);
+        let told = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(told, Some(Some(crate::cluster::DEFS_CHANGED.to_owned())));
+        d.status = TaskDefinitionStatus::Inactive;
+        store.update_task_definition(&d).await.unwrap();
+        let mut imported = def("g");
+        imported.revision = 4;
+        imported.task_definition = "g:4".into();
+        store.import_task_definition(&imported).await.unwrap();
+        assert_eq!(store.defs_generation().await.unwrap(), 3);
+
+        assert_eq!(store.defs_laggards(&a, 3).await.unwrap(), ["b", "c"]);
+        store.ack_defs(&b, 3).await.unwrap();
+        store.ack_defs(&b, 2).await.unwrap();
+        assert_eq!(store.defs_laggards(&a, 3).await.unwrap(), ["c"]);
+        assert_eq!(store.defs_laggards(&c, 3).await.unwrap(), ["a"]);
+        store.leave(&c).await.unwrap();
+        assert!(
+            store.defs_laggards(&a, 3).await.unwrap().is_empty(),
+            "only live replicas"
+        );
+        // Concurrent changes each count once.
+        let all = futures_util::future::join_all(
+            (0..8).map(|i| store.register_task_definition(def(&format!("h{i}")))),
+        )
+        .await;
+        assert!(all.iter().all(|r| r.is_ok()));
+        assert_eq!(store.defs_generation().await.unwrap(), 11);
         store.close().await;
     }
 

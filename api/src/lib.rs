@@ -634,6 +634,7 @@ async fn replicate(
     let listener = tokio::spawn({
         let control = control.clone();
         let mut shutdown = shutdown_rx.clone();
+        let ttl = cluster.ttl;
         async move {
             let Some(replicas) = control.store.replicas() else {
                 return;
@@ -650,11 +651,20 @@ async fn replicate(
                     }
                 }
             };
+            control.catch_up_defs().await;
+            let mut look = tokio::time::interval(ttl / 6);
             loop {
                 let message = tokio::select! {
                     _ = shutdown.changed() => return,
                     m = rx.recv() => m,
+                    _ = look.tick() => {
+                        control.catch_up_defs().await;
+                        continue;
+                    }
                 };
+                if !matches!(&message, Some(Some(m)) if m == cluster::TOKENS_CHANGED) {
+                    control.catch_up_defs().await;
+                }
                 match message {
                     None => return,
                     // Tokens changed, or messages may have been missed.

@@ -205,9 +205,8 @@ impl Hashing {
             Some((tx, done)) => {
                 let _ = tx.send(batch).await;
                 drop(tx);
-                done.await.map_err(|e| {
-                    RegistryError::Internal(format!("the hashing thread failed: {e}"))
-                })
+                done.await
+                    .map_err(|e| RegistryError::Internal(format!("the hashing thread failed: {e}")))
             }
         }
     }

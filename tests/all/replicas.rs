@@ -167,6 +167,18 @@ fn three_replicas_share_the_registry_state_uploads_and_tokens() {
         Some(json!({"task_definition": "echo"})),
     );
     assert_eq!(r.json()[0]["task_definition"], "echo:2");
+    // B caches task definitions: a deregistration on A is what B runs
+    // next, a moment later, all the same.
+    let r = a.api("DELETE", "/v1/taskdefs/echo:2", None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = b.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "echo"})),
+    );
+    assert_eq!(r.json()[0]["task_definition"], "echo:1");
+    let r = b.api("GET", "/v1/taskdefs/echo:2", None);
+    assert_eq!(r.json()["status"], "INACTIVE");
 
     // A long task on B: stopped and followed through A.
     a.push_sample("heartbeat", Target::P1, "team/beat:v1");

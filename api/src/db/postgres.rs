@@ -44,6 +44,10 @@ pub fn redacted(url: &str) -> String {
     shown
 }
 
+/// How long a pooled connection counts as alive after its last use (see
+/// [`PgStore::open`]).
+const FRESH: Duration = Duration::from_secs(1);
+
 impl PgStore {
     /// Connects to `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`,
     /// with libpq's parameters such as `?host=/run/postgresql` or
@@ -56,6 +60,21 @@ impl PgStore {
             .max_connections(8)
             // A lease renewal must not wait behind a dead connection.
             .acquire_timeout(Duration::from_secs(2))
+            // sqlx pings a connection when it goes back to the pool, and
+            // by default again when it is taken out: two round trips
+            // beside each query's one. A connection back for less than
+            // `FRESH` was found alive a moment ago and is not pinged
+            // again; one idle longer (the database may have restarted
+            // meanwhile) still is, and a dead one is replaced unseen.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= FRESH {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone())
             .await?;
         // sqlx takes its own advisory lock while migrating, so replicas
@@ -272,6 +291,60 @@ impl Replicas for PgStore {
             .fetch_one(&self.pool)
             .await
     }
+
+    async fn defs_generation(&self) -> Result<i64> {
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM cluster WHERE key = 'taskdefs'")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
+    }
+
+    async fn ack_defs(&self, me: &Replica, generation: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO cluster (key, value) VALUES ('taskdefs/' || $1, $2::bigint::text)
+             ON CONFLICT (key) DO UPDATE
+             SET value = GREATEST(cluster.value::bigint, excluded.value::bigint)::text",
+        )
+        .bind(&me.name)
+        .bind(generation)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn defs_laggards(&self, me: &Replica, generation: i64) -> Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT r.name FROM replicas r
+             LEFT JOIN cluster c ON c.key = 'taskdefs/' || r.name
+             WHERE r.expires_at > now() AND r.name <> $1
+               AND COALESCE(c.value::bigint, 0) < $2
+             ORDER BY r.name",
+        )
+        .bind(&me.name)
+        .bind(generation)
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
+/// Counts a change of the task definitions in `tx`, and tells the other
+/// replicas when it commits. The count is a row, so concurrent changes
+/// take their numbers in the order they commit (the second waits for the
+/// first's lock): a replica that has seen number N has seen every change
+/// up to N.
+async fn defs_changed(tx: &mut PgConnection) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO cluster (key, value) VALUES ('taskdefs', '1')
+         ON CONFLICT (key) DO UPDATE SET value = (cluster.value::bigint + 1)::text",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify('wharf', $1)")
+        .bind(crate::cluster::DEFS_CHANGED)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 /// The last write of each id wins: one multi-row upsert may not touch a
@@ -515,6 +588,7 @@ impl StateStore for PgStore {
         .bind(json(&def))
         .execute(&mut *tx)
         .await?;
+        defs_changed(&mut tx).await?;
         tx.commit().await?;
         Ok(def)
     }
@@ -555,6 +629,7 @@ impl StateStore for PgStore {
     }
 
     async fn update_task_definition(&self, def: &TaskDefinition) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE task_definitions SET status = $1, body = $2 WHERE family = $3 AND revision = $4",
         )
@@ -562,12 +637,14 @@ impl StateStore for PgStore {
         .bind(json(def))
         .bind(&def.family)
         .bind(i64::from(def.revision))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        defs_changed(&mut tx).await?;
+        tx.commit().await
     }
 
     async fn import_task_definition(&self, def: &TaskDefinition) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO task_definitions (family, revision, status, registered_at, body)
              VALUES ($1, $2, $3, $4, $5)",
@@ -577,9 +654,10 @@ impl StateStore for PgStore {
         .bind(super::definition_status(def.status))
         .bind(&def.registered_at)
         .bind(json(def))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        defs_changed(&mut tx).await?;
+        tx.commit().await
     }
 
     async fn task(&self, id: &str) -> Result<Option<Task>> {
