@@ -113,6 +113,13 @@ pub struct Control {
     /// With replicas: the change of the task definitions (see
     /// [`Replicas::defs_generation`]) the caches are fresh for, or -1.
     defs_seen: std::sync::atomic::AtomicI64,
+    /// With replicas: until when (ms after `defs_base`) the caches may be
+    /// used — a TTL after the start of the last catch-up that succeeded.
+    /// Past it (the listener stopped in a drain, the database is out of
+    /// reach), reads go to the database: a replica that made a change
+    /// waits at most a TTL and a third for the others' records.
+    defs_fresh_until: std::sync::atomic::AtomicU64,
+    defs_base: Instant,
     pub(crate) services: tokio::sync::Mutex<BTreeMap<String, ServiceState>>,
     pub(crate) wake: Arc<Notify>,
     /// The ingress's routes, rebuilt whenever a service's routes change.
@@ -272,6 +279,8 @@ impl Control {
             latest: DashMap::new(),
             defs_epoch: std::sync::Mutex::new(0),
             defs_seen: std::sync::atomic::AtomicI64::new(-1),
+            defs_fresh_until: std::sync::atomic::AtomicU64::new(0),
+            defs_base: Instant::now(),
             services: tokio::sync::Mutex::new(BTreeMap::new()),
             wake,
             routes: Default::default(),
@@ -361,9 +370,7 @@ impl Control {
             deregistered_at: None,
         };
         let def = self.store.register_task_definition(def).await?;
-        self.latest.insert(def.family.clone(), def.revision);
-        self.defs
-            .insert(def.task_definition.clone(), Arc::new(def.clone()));
+        self.forget_def(&def);
         self.defs_changed().await;
         Ok(def)
     }
@@ -452,6 +459,18 @@ impl Control {
     /// acknowledged to its client (see [`Control::defs_changed`]).
     pub async fn task_definition(&self, name: &str) -> Result<Arc<TaskDefinition>> {
         let (family, revision) = parse_def_name(name)?;
+        if self.cluster.is_some() && !self.defs_fresh() {
+            let not_found = || match revision {
+                Some(r) => format!("task definition {family}:{r} does not exist"),
+                None => format!("task definition family {family} has no active revision"),
+            };
+            return Ok(Arc::new(
+                self.store
+                    .task_definition(&family, revision)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(not_found()))?,
+            ));
+        }
         let epoch = self.defs_epoch();
         let revision = match revision.or_else(|| self.latest.get(&family).map(|r| *r)) {
             Some(r) => r,
@@ -503,6 +522,29 @@ impl Control {
         }
     }
 
+    /// Forgets what the caches hold of `def`'s family and revision after
+    /// this replica changed it (the next read fetches it), and keeps
+    /// reads that started before from filling them with what they saw. A
+    /// write of `def` itself could land after a drop for a later change
+    /// and outlive it.
+    fn forget_def(&self, def: &TaskDefinition) {
+        let mut epoch = self.defs_epoch.lock().unwrap_or_else(|p| p.into_inner());
+        *epoch += 1;
+        self.latest.remove(&def.family);
+        self.defs.remove(&def.task_definition);
+    }
+
+    fn defs_millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.defs_base).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn defs_fresh(&self) -> bool {
+        self.defs_millis(Instant::now())
+            < self
+                .defs_fresh_until
+                .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Drops every cached task definition.
     fn drop_defs(&self) {
         let mut epoch = self.defs_epoch.lock().unwrap_or_else(|p| p.into_inner());
@@ -519,6 +561,7 @@ impl Control {
         let (Some(cluster), Some(replicas)) = (&self.cluster, self.store.replicas()) else {
             return;
         };
+        let started = Instant::now();
         let generation = match replicas.defs_generation().await {
             Ok(g) => g,
             Err(e) => {
@@ -527,14 +570,18 @@ impl Control {
             }
         };
         let seen = &self.defs_seen;
-        if seen.load(std::sync::atomic::Ordering::Acquire) == generation {
-            return;
+        if seen.load(std::sync::atomic::Ordering::Acquire) != generation {
+            self.drop_defs();
+            if let Err(e) = replicas.ack_defs(&cluster.me, generation).await {
+                tracing::warn!(error = %e, "cannot record the task definitions' generation");
+                return;
+            }
+            seen.store(generation, std::sync::atomic::Ordering::Release);
         }
-        self.drop_defs();
-        match replicas.ack_defs(&cluster.me, generation).await {
-            Ok(()) => seen.store(generation, std::sync::atomic::Ordering::Release),
-            Err(e) => tracing::warn!(error = %e, "cannot record the task definitions' generation"),
-        }
+        self.defs_fresh_until.store(
+            self.defs_millis(started + cluster.ttl),
+            std::sync::atomic::Ordering::Release,
+        );
     }
 
     /// With replicas, after this replica changed a task definition: waits
@@ -548,11 +595,14 @@ impl Control {
             return;
         };
         let deadline = Instant::now() + cluster.ttl + cluster.ttl / 3;
-        let generation = match replicas.defs_generation().await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the task definitions' generation");
-                return;
+        let generation = loop {
+            match replicas.defs_generation().await {
+                Ok(g) => break g,
+                Err(e) if Instant::now() >= deadline => {
+                    tracing::warn!(error = %e, "cannot read the task definitions' generation");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
         loop {
@@ -586,9 +636,7 @@ impl Control {
             def.status = TaskDefinitionStatus::Inactive;
             def.deregistered_at = Some(model::now());
             self.store.update_task_definition(&def).await?;
-            self.defs
-                .insert(def.task_definition.clone(), Arc::new(def.clone()));
-            self.latest.remove(&def.family);
+            self.forget_def(&def);
             self.defs_changed().await;
         }
         Ok(def)

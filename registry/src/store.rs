@@ -153,9 +153,17 @@ struct Hashing {
     /// The hashing thread, once there is one.
     thread: Option<(
         tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
-        tokio::task::JoinHandle<Hasher>,
+        tokio::sync::oneshot::Receiver<Hasher>,
     )>,
 }
+
+/// Uploads hashed on threads of their own at once, at most; others hash
+/// where they receive. The threads are not tokio's blocking pool: an
+/// upload's writer already holds a thread there, and a hasher queued
+/// behind hundreds of writers waiting for their own uploads' bytes would
+/// stall all of them.
+const HASHING_THREADS: usize = 4;
+static HASHERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HASHING_THREADS);
 
 impl Hashing {
     fn new(hasher: Hasher) -> Self {
@@ -175,21 +183,66 @@ impl Hashing {
         }
         self.batched = 0;
         let batch = std::mem::take(&mut self.batch);
-        let (tx, _) = self.thread.get_or_insert_with(|| {
-            let mut hasher = self.hasher.take().expect("the hasher is here");
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(HASH_QUEUE);
-            let done = tokio::task::spawn_blocking(move || {
+        if self.thread.is_none()
+            && let Some(hasher) = self.hasher.take()
+        {
+            match Self::start_thread(hasher) {
+                Ok(thread) => self.thread = Some(thread),
+                Err(hasher) => self.hasher = Some(hasher),
+            }
+        }
+        match (&self.thread, &mut self.hasher) {
+            // Fails only if the thread is gone, which `finish` reports.
+            (Some((tx, _)), _) => {
+                let _ = tx.send(batch).await;
+            }
+            (None, Some(hasher)) => {
+                for chunk in batch {
+                    hasher.update(&chunk);
+                }
+            }
+            (None, None) => unreachable!("the hasher is here or on its thread"),
+        }
+    }
+
+    /// Hands `hasher` to a thread of its own, or gives it back when
+    /// [`HASHING_THREADS`] are busy (or no thread can be made).
+    #[allow(clippy::type_complexity, clippy::result_large_err)]
+    fn start_thread(
+        hasher: Hasher,
+    ) -> std::result::Result<
+        (
+            tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
+            tokio::sync::oneshot::Receiver<Hasher>,
+        ),
+        Hasher,
+    > {
+        let Ok(permit) = HASHERS.try_acquire() else {
+            return Err(hasher);
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(HASH_QUEUE);
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        // Shared, so that a thread that cannot be made gives it back.
+        let slot = Arc::new(Mutex::new(Some(hasher)));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wharf-hash".into())
+            .spawn(move || {
+                let _permit = permit;
+                let taken = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let Some(mut hasher) = taken else { return };
                 while let Some(batch) = rx.blocking_recv() {
                     for chunk in batch {
                         hasher.update(&chunk);
                     }
                 }
-                hasher
+                let _ = done_tx.send(hasher);
             });
-            (tx, done)
-        });
-        // Fails only if the thread is gone, which `finish` reports.
-        let _ = tx.send(batch).await;
+        let mut back = slot.lock().unwrap_or_else(|p| p.into_inner());
+        match spawned {
+            Ok(_) => Ok((tx, done)),
+            Err(_) => Err(back.take().expect("a thread never made never took it")),
+        }
     }
 
     async fn finish(mut self) -> Result<Hasher> {
@@ -205,8 +258,9 @@ impl Hashing {
             Some((tx, done)) => {
                 let _ = tx.send(batch).await;
                 drop(tx);
-                done.await
-                    .map_err(|e| RegistryError::Internal(format!("the hashing thread failed: {e}")))
+                done.await.map_err(|_| {
+                    RegistryError::Internal("the hashing thread ended without its hash".into())
+                })
             }
         }
     }
@@ -507,6 +561,10 @@ impl Store {
         let mut writer = self.storage.appender(&upload_data(id)).await?;
         let mut body = body;
         let mut received = 0u64;
+        // The live state leaves the session while the body is read: if
+        // this request is dropped half way, the next one rebuilds it from
+        // the bytes on disk instead of finding an emptied hasher.
+        let mut state = guard.take().expect("state present");
         let mut hashing = Hashing::new(std::mem::replace(
             &mut state.hasher,
             Hasher::new(Algorithm::Sha256),
@@ -526,15 +584,16 @@ impl Store {
             Ok(hasher) => {
                 state.hasher = hasher;
                 state.offset += received;
-                Ok(state.offset)
+                let offset = state.offset;
+                *guard = Some(state);
+                Ok(offset)
             }
             Err(e) => {
                 // Let the writer finish what it was given, so the file is
                 // settled before anyone reads it; its own error adds nothing.
+                // The bytes on disk and the hash may now disagree: the state
+                // stays out, and the next request rebuilds it from disk.
                 let _ = writer.shutdown().await;
-                // The bytes on disk and the hash may now disagree; rebuild
-                // the state from disk on the next request.
-                *guard = None;
                 Err(e)
             }
         }
@@ -1043,4 +1102,36 @@ fn descriptor_digest(descriptor: &Value) -> std::result::Result<Digest, String> 
         .and_then(Value::as_str)
         .ok_or_else(|| "a descriptor has no digest".to_owned())?;
     text.parse().map_err(|e: RegistryError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn hash_in_chunks(bytes: &[u8]) -> Digest {
+        let mut hashing = Hashing::new(Hasher::new(Algorithm::Sha256));
+        for chunk in bytes.chunks(64 << 10) {
+            hashing.update(bytes::Bytes::copy_from_slice(chunk)).await;
+        }
+        hashing.finish().await.unwrap().finish()
+    }
+
+    /// A large body is hashed right on a thread of its own, and right
+    /// where it is received when every hashing thread is taken.
+    #[tokio::test]
+    async fn hashing_is_the_same_on_its_thread_and_inline_when_threads_are_busy() {
+        let bytes: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i * 31 % 253) as u8).collect();
+        let want = Digest::sha256_of(&bytes);
+        assert_eq!(hash_in_chunks(&bytes).await, want, "on its thread");
+        let all = HASHERS.acquire_many(HASHING_THREADS as u32).await.unwrap();
+        let mut hashing = Hashing::new(Hasher::new(Algorithm::Sha256));
+        hashing.update(bytes::Bytes::copy_from_slice(&bytes)).await;
+        assert!(hashing.thread.is_none(), "no thread while all are taken");
+        assert_eq!(hashing.finish().await.unwrap().finish(), want);
+        drop(all);
+        assert_eq!(
+            hash_in_chunks(&bytes[..100]).await,
+            Digest::sha256_of(&bytes[..100])
+        );
+    }
 }
