@@ -65,7 +65,9 @@ impl PgStore {
             // beside each query's one. A connection back for less than
             // `FRESH` was found alive a moment ago and is not pinged
             // again; one idle longer (the database may have restarted
-            // meanwhile) still is, and a dead one is replaced unseen.
+            // meanwhile) still is, and if dead is replaced unseen. The
+            // price: after a restart of the database, a connection used
+            // within the last second fails the one query it is given.
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
