@@ -35,7 +35,9 @@
 //!   channel was lost, or every TTL/6 if the generation moved) and records
 //!   the generation it is fresh for; the replica that made the change
 //!   answers its client only once every other live replica has recorded
-//!   it (or, after a TTL, could not and so stops).
+//!   it, or after a TTL and a third, by when one that has not no longer
+//!   uses its cache (a replica uses it only within a TTL of its last
+//!   catch-up, and reads the database otherwise).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

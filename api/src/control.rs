@@ -471,10 +471,10 @@ impl Control {
                     .ok_or_else(|| ApiError::not_found(not_found()))?,
             ));
         }
-        let epoch = self.defs_epoch();
         let revision = match revision.or_else(|| self.latest.get(&family).map(|r| *r)) {
             Some(r) => r,
             None => {
+                let epoch = self.defs_epoch();
                 let def = self
                     .store
                     .task_definition(&family, None)
@@ -496,6 +496,7 @@ impl Control {
         if let Some(def) = self.defs.get(&key) {
             return Ok(def.clone());
         }
+        let epoch = self.defs_epoch();
         let def = Arc::new(
             self.store
                 .task_definition(&family, Some(revision))
@@ -587,9 +588,10 @@ impl Control {
     /// With replicas, after this replica changed a task definition: waits
     /// until every other live replica has dropped what it cached from
     /// before (they are told at once, and look every TTL/6 anyway), so
-    /// that a client told of the change finds it on any replica. A
-    /// replica that cannot record it within its lease's TTL cannot renew
-    /// its lease either, and stops; the wait ends then.
+    /// that a client told of the change finds it on any replica. The wait
+    /// ends after a TTL and a third all the same: by then a replica that
+    /// has not recorded the change no longer uses its cache, which it does
+    /// only within a TTL of its last catch-up (`defs_fresh_until`).
     async fn defs_changed(&self) {
         let (Some(cluster), Some(replicas)) = (&self.cluster, self.store.replicas()) else {
             return;

@@ -335,7 +335,7 @@ impl Replicas for PgStore {
 /// take their numbers in the order they commit (the second waits for the
 /// first's lock): a replica that has seen number N has seen every change
 /// up to N.
-async fn defs_changed(tx: &mut PgConnection) -> Result<()> {
+async fn count_defs_change(tx: &mut PgConnection) -> Result<()> {
     sqlx::query(
         "INSERT INTO cluster (key, value) VALUES ('taskdefs', '1')
          ON CONFLICT (key) DO UPDATE SET value = (cluster.value::bigint + 1)::text",
@@ -590,7 +590,7 @@ impl StateStore for PgStore {
         .bind(json(&def))
         .execute(&mut *tx)
         .await?;
-        defs_changed(&mut tx).await?;
+        count_defs_change(&mut tx).await?;
         tx.commit().await?;
         Ok(def)
     }
@@ -641,7 +641,7 @@ impl StateStore for PgStore {
         .bind(i64::from(def.revision))
         .execute(&mut *tx)
         .await?;
-        defs_changed(&mut tx).await?;
+        count_defs_change(&mut tx).await?;
         tx.commit().await
     }
 
@@ -658,7 +658,7 @@ impl StateStore for PgStore {
         .bind(json(def))
         .execute(&mut *tx)
         .await?;
-        defs_changed(&mut tx).await?;
+        count_defs_change(&mut tx).await?;
         tx.commit().await
     }
 
