@@ -53,6 +53,15 @@ pub enum Write {
 pub trait BatchWriter: Send {
     /// Applies `batch` in one transaction.
     fn write(&mut self, batch: &[Write]) -> std::result::Result<(), String>;
+
+    /// Applies `batch` as [`write`](Self::write) does, but only if that
+    /// needs no waiting for a lock (the caller may be a runtime's worker
+    /// thread): `None`, having written nothing, if something else holds
+    /// the connection, or if this writer writes only through the runtime.
+    fn write_now(&mut self, batch: &[Write]) -> Option<std::result::Result<(), String>> {
+        let _ = batch;
+        None
+    }
 }
 
 /// Which tasks to list.
@@ -436,6 +445,16 @@ impl BatchWriter for SqliteBatches {
     fn write(&mut self, batch: &[Write]) -> Result<(), String> {
         let mut conn = self.0.lock().unwrap_or_else(|p| p.into_inner());
         write_batch(&mut conn, batch).map_err(|e| e.to_string())
+    }
+
+    fn write_now(&mut self, batch: &[Write]) -> Option<Result<(), String>> {
+        let mut conn = match self.0.try_lock() {
+            Ok(conn) => conn,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // A prune's transaction holds it.
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(write_batch(&mut conn, batch).map_err(|e| e.to_string()))
     }
 }
 

@@ -404,7 +404,7 @@ async fn describe_task(
     Path(id): Path<String>,
     Query(q): Query<DescribeQuery>,
 ) -> Result<Json<Task>> {
-    c.task_for(&id, &who).await?;
+    let task = c.task_for(&id, &who).await?;
     let task = match q.wait_stopped_ms {
         Some(ms) if ms > MAX_WAIT_MS => {
             return Err(ApiError::invalid(
@@ -412,8 +412,11 @@ async fn describe_task(
                 format!("must be at most {MAX_WAIT_MS}"),
             ));
         }
-        Some(ms) => c.tasks.wait_stopped(&id, Duration::from_millis(ms)).await?,
-        None => c.tasks.get(&id).await?,
+        // A stopped task's record is final: no second lookup.
+        Some(ms) if task.status != TaskStatus::Stopped => {
+            c.tasks.wait_stopped(&id, Duration::from_millis(ms)).await?
+        }
+        _ => Some(task),
     };
     task.map(Json)
         .ok_or_else(|| ApiError::not_found(format!("task {id} does not exist")))

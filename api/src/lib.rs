@@ -572,6 +572,7 @@ fn lead(
     });
     let janitor = tokio::spawn({
         let store = control.store.clone();
+        let tasks = control.tasks.clone();
         let keep = control.config.keep_stopped_tasks;
         let keep_audit = control.config.keep_audit_entries;
         let keep_log_bytes = control.config.keep_log_bytes;
@@ -584,7 +585,10 @@ fn lead(
                 }
                 match store.prune_tasks(keep).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(tasks = n, "pruned stopped tasks"),
+                    Ok(n) => {
+                        tasks.forget_recent();
+                        tracing::info!(tasks = n, "pruned stopped tasks");
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot prune stopped tasks"),
                 }
                 match store.prune_logs(keep_log_bytes).await {

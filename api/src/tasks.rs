@@ -4,8 +4,9 @@
 //!
 //! Live tasks are kept in memory (their logs, stop handles and status
 //! watchers live here); a stopped task's final record and retained output
-//! are committed before anyone can see it stopped, and then it lives only
-//! in the store.
+//! are committed before anyone can see it stopped, and then it lives in
+//! the store (and, for a few seconds, in [`Recent`]: a client waiting for
+//! its task asks right after it stopped).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +87,8 @@ pub(crate) struct Tasks {
     /// The replica's name, with several servers (tasks record it).
     replica: Option<String>,
     live: DashMap<String, Arc<TaskEntry>>,
+    /// Tasks that stopped here lately, as committed.
+    recent: Mutex<Recent>,
     /// Live tasks placed on the local node, by service (`None`: one-off),
     /// kept as they are placed and finish: placement reads counts, not a
     /// walk over every live task (which made a backlog quadratic).
@@ -124,6 +127,49 @@ pub(crate) struct Tasks {
     placing: Mutex<()>,
     /// Forwards requests to the HTTP tasks on edge nodes.
     forwarder: Arc<crate::serving::Forwarder>,
+}
+
+/// How many stopped tasks [`Recent`] keeps, and for how long.
+const RECENT_TASKS: usize = 1024;
+const RECENT_FOR: Duration = Duration::from_secs(5);
+
+/// The final records of the tasks that stopped here lately, newest last,
+/// so that a describe right after a stop (a client waiting for its task)
+/// is answered without a database read. Entries are committed records,
+/// put here after their commit; an entry outlives its row by at most
+/// [`RECENT_FOR`] when a prune deletes it (the local janitor's prunes
+/// clear it at once).
+#[derive(Default)]
+struct Recent {
+    order: std::collections::VecDeque<(Instant, String)>,
+    tasks: std::collections::HashMap<String, Task>,
+}
+
+impl Recent {
+    fn put(&mut self, task: Task, now: Instant) {
+        self.expire(now);
+        if self.order.len() >= RECENT_TASKS
+            && let Some((_, id)) = self.order.pop_front()
+        {
+            self.tasks.remove(&id);
+        }
+        self.order.push_back((now, task.id.clone()));
+        self.tasks.insert(task.id.clone(), task);
+    }
+
+    fn get(&mut self, id: &str, now: Instant) -> Option<Task> {
+        self.expire(now);
+        self.tasks.get(id).cloned()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front()
+            && now.duration_since(*at) >= RECENT_FOR
+        {
+            let (_, id) = self.order.pop_front().expect("a front");
+            self.tasks.remove(&id);
+        }
+    }
 }
 
 /// A placed task.
@@ -267,6 +313,7 @@ impl Tasks {
             local_name,
             replica,
             live: DashMap::new(),
+            recent: Mutex::default(),
             local_counts: Mutex::default(),
             executor,
             artifacts,
@@ -1107,6 +1154,9 @@ impl Tasks {
             }
         };
         entry.state.lock().expect("task lock").task = task.clone();
+        if durable {
+            self.recent().put(task.clone(), Instant::now());
+        }
         self.metrics.tasks.with_label_values(&[from.as_str()]).dec();
         self.metrics
             .task_stops
@@ -1140,7 +1190,7 @@ impl Tasks {
     /// Asks a task to stop with `reason`. `Ok(None)`: no such task.
     pub(crate) async fn stop(&self, id: &str, reason: StopReason) -> Result<Option<Task>> {
         let Some(entry) = self.live.get(id).map(|e| e.clone()) else {
-            return Ok(self.store.task(id).await?);
+            return self.stored(id).await;
         };
         let mut st = entry.state.lock().expect("task lock");
         if st.reason.is_none() && !st.finishing && st.task.status != TaskStatus::Stopped {
@@ -1161,7 +1211,26 @@ impl Tasks {
         if let Some(entry) = self.live.get(id).map(|e| e.clone()) {
             return Ok(Some(entry.snapshot()));
         }
+        self.stored(id).await
+    }
+
+    /// A task that is not live: one that stopped here lately, or the
+    /// store's record.
+    async fn stored(&self, id: &str) -> Result<Option<Task>> {
+        if let Some(task) = self.recent().get(id, Instant::now()) {
+            return Ok(Some(task));
+        }
         Ok(self.store.task(id).await?)
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the tasks that stopped lately (stopped tasks were pruned
+    /// from the store: a describe must not show one that is gone).
+    pub(crate) fn forget_recent(&self) {
+        *self.recent() = Recent::default();
     }
 
     /// Waits up to `timeout` for a live task to stop, then returns it.
@@ -1204,7 +1273,7 @@ impl Tasks {
         if let Some(entry) = self.live.get(id).map(|e| e.clone()) {
             return Ok(Some(convert_page(entry.logs.read_from(from, max))));
         }
-        if self.store.task(id).await?.is_none() {
+        if self.stored(id).await?.is_none() {
             return Ok(None);
         }
         let mut page = self.store.task_logs(id).await?.unwrap_or(LogPage {
@@ -1307,5 +1376,31 @@ impl Tasks {
     /// Whether new tasks are refused.
     pub(crate) fn draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::tests::task;
+
+    #[test]
+    fn recent_tasks_are_bounded_in_count_and_age() {
+        let t0 = Instant::now();
+        let mut recent = Recent::default();
+        for i in 0..=RECENT_TASKS {
+            recent.put(task(&format!("t{i}"), TaskStatus::Stopped), t0);
+        }
+        // The oldest made room for the newest.
+        assert_eq!(recent.get("t0", t0), None);
+        assert_eq!(recent.tasks.len(), RECENT_TASKS);
+        assert_eq!(recent.order.len(), RECENT_TASKS);
+        let newest = format!("t{RECENT_TASKS}");
+        assert_eq!(recent.get(&newest, t0).map(|t| t.id), Some(newest.clone()));
+        // Kept until RECENT_FOR has passed, then gone, all of them.
+        let late = t0 + RECENT_FOR - Duration::from_millis(1);
+        assert!(recent.get(&newest, late).is_some());
+        assert_eq!(recent.get(&newest, t0 + RECENT_FOR), None);
+        assert!(recent.tasks.is_empty() && recent.order.is_empty());
     }
 }

@@ -23,7 +23,7 @@
 //! Env: `WHARF_BIN` (default target/release/wharf), `WASMTIME` (default
 //! `wasmtime` on PATH; the peer is skipped with a note when absent),
 //! `PARTS` (e.g. `latency,throughput,wrk,service`; `wrk` is the sustained
-//! runs again with `wrk` as the client), `CLIENTS` (default 8).
+//! runs again with `wrk` as the client), `CLIENTS` (default 8), `LATENCY_RUNS` (default 2,000).
 //! Prints a summary and writes `target/bench-results/api_load.json`.
 //! Results and method: `docs/PERFORMANCE.md`, "Control plane".
 
@@ -39,7 +39,8 @@ use wharf_testkit::{Target, wasm};
 /// Sequential runs before the latency is timed (the first compiles and
 /// loads the artifact; the rest warm the allocator, SQLite and sockets).
 const LATENCY_WARMUP: usize = 200;
-/// Timed sequential runs: enough for a stable p99.
+/// Timed sequential runs: enough for a stable p99 (`LATENCY_RUNS`
+/// overrides it, e.g. to profile the path for longer).
 const LATENCY_RUNS: usize = 2_000;
 /// Process spawns per peer (each is milliseconds), after warm-ups that
 /// also fill both compile caches.
@@ -510,6 +511,10 @@ fn time_process(program: &Path, args: &[std::ffi::OsString]) -> Vec<Duration> {
 }
 
 fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
+    let runs = std::env::var("LATENCY_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LATENCY_RUNS);
     let body = json!({ "task_definition": "hello" });
     for _ in 0..LATENCY_WARMUP {
         run_and_wait(server, &body);
@@ -517,11 +522,11 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
     let before = server.metrics();
     let cpu0 = cpu_pair(server);
     let threads0 = threads(server.pid());
-    let mut total = Vec::with_capacity(LATENCY_RUNS);
-    let mut post = Vec::with_capacity(LATENCY_RUNS);
-    let mut wait = Vec::with_capacity(LATENCY_RUNS);
+    let mut total = Vec::with_capacity(runs);
+    let mut post = Vec::with_capacity(runs);
+    let mut wait = Vec::with_capacity(runs);
     let started = Instant::now();
-    for _ in 0..LATENCY_RUNS {
+    for _ in 0..runs {
         let (p, w) = run_and_wait(server, &body);
         total.push(p + w);
         post.push(p);
@@ -529,7 +534,7 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu1 = cpu_pair(server);
-    let per_thread = threads_delta(&threads0, &threads(server.pid()), LATENCY_RUNS as f64);
+    let per_thread = threads_delta(&threads0, &threads(server.pid()), runs as f64);
     let after = server.metrics();
     let (total_p, post_p, wait_p) = (pcts(&mut total), pcts(&mut post), pcts(&mut wait));
     let h_post = Hist::delta(
@@ -549,7 +554,7 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
     let h_run = Hist::delta(&before, &after, "wharf_task_duration_seconds", &[]);
 
     summary.push(format!(
-        "## 1. run-task → STOPPED, hello (p1), one client, sequential, {LATENCY_RUNS} runs after {LATENCY_WARMUP} warm-ups\n\
+        "## 1. run-task → STOPPED, hello (p1), one client, sequential, {runs} runs after {LATENCY_WARMUP} warm-ups\n\
          | | p50 µs | p90 µs | p99 µs |\n|---|---|---|---|\n\
          | POST + wait (end to end) | {} | {} | {} |\n\
          | POST /v1/tasks (answered when the record is durable) | {} | {} | {} |\n\
@@ -582,9 +587,9 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
         h_start.describe(),
         h_inst.describe(),
         h_run.describe(),
-        (cpu1.0 - cpu0.0) / LATENCY_RUNS as f64 * 1e6,
-        (cpu1.1 - cpu0.1) / LATENCY_RUNS as f64 * 1e6,
-        wall / LATENCY_RUNS as f64 * 1e6,
+        (cpu1.0 - cpu0.0) / runs as f64 * 1e6,
+        (cpu1.1 - cpu0.1) / runs as f64 * 1e6,
+        wall / runs as f64 * 1e6,
         describe_threads(&per_thread),
     ));
 
@@ -647,7 +652,7 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
     ));
 
     json!({
-        "runs": LATENCY_RUNS,
+        "runs": runs,
         "warmup": LATENCY_WARMUP,
         "end_to_end": pcts_json(total_p),
         "post": pcts_json(post_p),
@@ -660,10 +665,10 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
             "task_start_latency": h_start.json(),
             "task_instantiate": h_inst.json(),
             "task_duration": h_run.json(),
-            "cpu_us_per_run": round1((cpu1.0 - cpu0.0) / LATENCY_RUNS as f64 * 1e6),
+            "cpu_us_per_run": round1((cpu1.0 - cpu0.0) / runs as f64 * 1e6),
             "threads_per_run": threads_json(&per_thread),
         },
-        "client_cpu_us_per_run": round1((cpu1.1 - cpu0.1) / LATENCY_RUNS as f64 * 1e6),
+        "client_cpu_us_per_run": round1((cpu1.1 - cpu0.1) / runs as f64 * 1e6),
         "peers": peers,
         "wasmtime_version": wasmtime_version,
     })
