@@ -363,6 +363,10 @@ impl SqliteStore {
     }
 }
 
+/// How long the writer's connection waits for SQLite's write lock (the
+/// pool's setting).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The writer's connection, with the pool's settings.
 fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
@@ -370,7 +374,7 @@ fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "secure_delete", "on")?;
     conn.pragma_update(None, "foreign_keys", "on")?;
@@ -454,7 +458,25 @@ impl BatchWriter for SqliteBatches {
             // A prune's transaction holds it.
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        Some(write_batch(&mut conn, batch).map_err(|e| e.to_string()))
+        // Another connection (the pool's: a service, a secret) may hold
+        // SQLite's write lock: no sleeping in the busy handler on a
+        // caller's thread; the writer's thread waits for it instead.
+        conn.busy_timeout(Duration::ZERO).ok()?;
+        let result = write_batch(&mut conn, batch);
+        if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+            tracing::error!(error = %e, "cannot restore the writer's busy timeout");
+        }
+        match result {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                None
+            }
+            result => Some(result.map_err(|e| e.to_string())),
+        }
     }
 }
 

@@ -137,8 +137,8 @@ const RECENT_FOR: Duration = Duration::from_secs(5);
 /// so that a describe right after a stop (a client waiting for its task)
 /// is answered without a database read. Entries are committed records,
 /// put here after their commit; an entry outlives its row by at most
-/// [`RECENT_FOR`] when a prune deletes it (the local janitor's prunes
-/// clear it at once).
+/// [`RECENT_FOR`] when a prune deletes it (the local janitor clears it
+/// after each prune that deleted tasks, which shortens that mostly).
 #[derive(Default)]
 struct Recent {
     order: std::collections::VecDeque<(Instant, String)>,

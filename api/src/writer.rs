@@ -106,6 +106,9 @@ struct State {
     /// The thread waits on `wake` (a notification is a system call: it
     /// is made only when someone listens).
     sleeping: bool,
+    /// The thread has ended (a panic in a write): nothing is queued any
+    /// more, so every waiter hears at once that the writer stopped.
+    dead: bool,
 }
 
 impl State {
@@ -238,6 +241,20 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// Marks the thread's end, also by a panic: what is queued then is
+/// dropped (its waiters see the writer stopped) and nothing more queues.
+struct Gone<'a>(&'a Shared);
+
+impl Drop for Gone<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.dead = true;
+        st.queue.clear();
+        st.riders.clear();
+        (st.writes, st.acks) = (0, 0);
+    }
+}
+
 /// Closes the queue when the last [`Writer`] goes.
 struct Alive(Arc<Shared>);
 
@@ -312,7 +329,10 @@ impl Writer {
     /// by waking it.
     fn push(&self, item: Item) {
         let mut st = self.shared.state();
-        let wake = st.queue.is_empty() || item.1.is_some() || st.writes >= MAX_BATCH;
+        if st.dead {
+            return;
+        }
+        let wake = st.queue.is_empty() || item.1.is_some() || st.writes + item.0.len() >= MAX_BATCH;
         st.push_back(item);
         if wake {
             self.shared.wake_thread(st);
@@ -337,6 +357,9 @@ impl Writer {
     /// leaves it to the writer's thread.
     fn commit_here(&self, item: Item) {
         let mut st = self.shared.state();
+        if st.dead {
+            return;
+        }
         match item {
             (writes, Some(ack)) if writes.is_empty() && st.writing && st.queue.is_empty() => {
                 st.riders.push(ack);
@@ -360,9 +383,9 @@ impl Writer {
             return;
         }
         st.writing = true;
-        let writing = Writing(shared);
         let items = st.take();
         drop(st);
+        let writing = Writing(shared);
         let (writes, acks) = flatten(items);
         let batch = collapse(writes);
         let result = if batch.is_empty() {
@@ -427,6 +450,7 @@ impl Committed {
 /// transaction and answers every waiter with the result. Ends once the
 /// queue is closed and empty.
 fn run(shared: &Shared) {
+    let _gone = Gone(shared);
     let mut st = shared.state();
     loop {
         while st.queue.is_empty() || st.writing {
@@ -450,9 +474,9 @@ fn run(shared: &Shared) {
             }
         }
         st.writing = true;
-        let writing = Writing(shared);
         let items = st.take();
         drop(st);
+        let writing = Writing(shared);
         let (writes, acks) = flatten(items);
         let batch = collapse(writes);
         let result = if batch.is_empty() {
@@ -588,7 +612,13 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
+    /// Queues without waking the thread (as if it were asleep while this
+    /// was queued): whatever writes it next is the test's to choose.
+    fn queue_quietly(writer: &Writer, write: Write) {
+        writer.shared.state().push_back((vec![write], None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_queued_during_a_commit_form_the_next_batch_one_row_per_task() {
         for inline in [false, true] {
             let Rig {
@@ -635,7 +665,7 @@ mod tests {
         // The thread's first write would wait for a go: never given, so
         // whatever gets written here was written on the caller's thread.
         drop(go);
-        writer.send(put("a", TaskStatus::Provisioning));
+        queue_quietly(&writer, put("a", TaskStatus::Provisioning));
         writer.commit(Vec::new()).await.unwrap();
         // A commit right after a batch is load: wait out the idle time.
         std::thread::sleep(IDLE_FOR);
@@ -738,7 +768,7 @@ mod tests {
         } = rig(true);
         go.send(()).unwrap();
         busy.store(true, std::sync::atomic::Ordering::SeqCst);
-        writer.send(put("a", TaskStatus::Pending));
+        queue_quietly(&writer, put("a", TaskStatus::Pending));
         writer
             .commit(vec![
                 put("a", TaskStatus::Running),
@@ -793,6 +823,30 @@ mod tests {
             drop(writer);
             thread.join().unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_threads_write_fails_its_waiters_and_every_later_one() {
+        struct Panicking;
+        impl BatchWriter for Panicking {
+            fn write(&mut self, _: &[Write]) -> std::result::Result<(), String> {
+                panic!("a bug in a write");
+            }
+        }
+        let (writer, thread) = Writer::over(Box::new(Panicking), false).unwrap();
+        let first = writer.queue_acked(vec![put("a", TaskStatus::Stopped)]);
+        assert!(first.wait().await.is_err());
+        assert!(thread.join().is_err(), "the thread panicked");
+        // Nothing waits forever on a writer that is gone.
+        let later = tokio::time::timeout(
+            Duration::from_secs(5),
+            writer.commit(vec![put("b", TaskStatus::Stopped)]),
+        )
+        .await
+        .expect("answered at once");
+        assert!(later.is_err());
+        writer.send(put("c", TaskStatus::Stopped));
+        assert!(writer.shared.state().queue.is_empty());
     }
 
     #[test]
