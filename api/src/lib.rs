@@ -534,7 +534,7 @@ async fn take_over(control: &Arc<Control>, kept: Vec<model::Task>) -> Result<(),
 /// nodes' sweep and the janitor.
 fn lead(
     control: Arc<Control>,
-    stopped_rx: mpsc::UnboundedReceiver<model::Task>,
+    stopped_rx: mpsc::UnboundedReceiver<Arc<model::Task>>,
     shutdown_rx: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let reconciler = tokio::spawn(services::reconciler(
@@ -613,7 +613,7 @@ fn lead(
 async fn replicate(
     control: Arc<Control>,
     cluster: Arc<cluster::Cluster>,
-    mut stopped_rx: mpsc::UnboundedReceiver<model::Task>,
+    mut stopped_rx: mpsc::UnboundedReceiver<Arc<model::Task>>,
     shutdown_rx: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, db::DbError> {
     // Alone on the database (or the first of several): lead before the

@@ -1019,7 +1019,7 @@ impl Control {
 /// The reconciler loop; ends when `shutdown` turns true.
 pub(crate) async fn reconciler(
     control: Arc<Control>,
-    mut stopped: mpsc::UnboundedReceiver<Task>,
+    mut stopped: mpsc::UnboundedReceiver<Arc<Task>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     /// Even with nothing to wake it, the reconciler looks every so often.
