@@ -26,8 +26,8 @@ use wharf_api::fleet::{
 use wharf_api::model::{self, TaskStatus};
 use wharf_api::node_ingress::NodeIngress;
 use wharf_runtime::{
-    Executor, ExecutorConfig, LogBuffer, Outcome, Runtime, RuntimeConfig, StopCode, StopSignal,
-    TaskPhase, TaskSpec,
+    Executor, ExecutorConfig, LogBuffer, Outcome, Runtime, StopCode, StopSignal, TaskPhase,
+    TaskSpec,
 };
 
 /// The largest Wasm layer a node pulls.
@@ -52,8 +52,9 @@ pub(crate) struct JoinArgs {
     /// Labels for placement: KEY=VALUE,... (the join token's win).
     #[arg(long, env = "WHARF_NODE_LABELS", default_value = "", value_parser = wharf_api::nodes::parse_labels)]
     labels: BTreeMap<String, String>,
-    /// Concurrent tasks on this node (default: the instance pool, 1000).
-    #[arg(long, env = "WHARF_SLOTS")]
+    /// Concurrent tasks on this node; sizes the instance pool (default
+    /// 1000).
+    #[arg(long, env = "WHARF_SLOTS", value_parser = crate::server::parse_slots)]
     slots: Option<usize>,
     /// Memory this node's running tasks may reserve together (default:
     /// half of the machine's memory).
@@ -275,11 +276,8 @@ pub(crate) fn main(
             m
         }
     };
-    let runtime = Runtime::new(RuntimeConfig {
-        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
-        ..RuntimeConfig::default()
-    })
-    .context("failed to start the wasm runtime")?;
+    let runtime = Runtime::new(crate::server::runtime_config(&data_dir, args.slots))
+        .context("failed to start the wasm runtime")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let executor = tokio
         .block_on(async {

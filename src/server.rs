@@ -33,8 +33,9 @@ pub(crate) struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "WHARF_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Concurrent tasks on this node (default: the instance pool, 1000).
-    #[arg(long, env = "WHARF_SLOTS")]
+    /// Concurrent tasks on this node; sizes the instance pool (default
+    /// 1000).
+    #[arg(long, env = "WHARF_SLOTS", value_parser = parse_slots)]
     slots: Option<usize>,
     /// Memory the node's running tasks may reserve together (each reserves
     /// its memory limit); tasks beyond it wait PENDING. Default: half of
@@ -185,6 +186,37 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     wharf_runtime::parse_size(text).map_err(|e| e.to_string())
 }
 
+/// The most concurrent tasks a node may be given: the pool reserves ~8 GiB
+/// of address space per slot (two linear memories at 4 GiB and their
+/// guards), so past ~15,000 slots the reservation fails and the engine
+/// falls back to mapping each task's memory on demand.
+pub(crate) const MAX_SLOTS: usize = 100_000;
+
+/// `--slots`: 1 to [`MAX_SLOTS`].
+pub(crate) fn parse_slots(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of slots"))?;
+    if !(1..=MAX_SLOTS).contains(&n) {
+        return Err(format!("must be 1 to {MAX_SLOTS}"));
+    }
+    Ok(n)
+}
+
+/// The runtime of a node with `slots` concurrent tasks (default: the
+/// runtime's own, 1,000): the instance pool is sized for them, so
+/// `--slots 10000` holds ten thousand tasks with the pool's fast starts.
+pub(crate) fn runtime_config(data_dir: &Path, slots: Option<usize>) -> RuntimeConfig {
+    let default = RuntimeConfig::default();
+    RuntimeConfig {
+        cache_dir: Some(crate::paths::compile_cache(data_dir)),
+        max_instances: slots.map_or(default.max_instances, |n| {
+            u32::try_from(n).unwrap_or(u32::MAX)
+        }),
+        ..default
+    }
+}
+
 /// Bytes of physical memory, from `/proc/meminfo` (`None` elsewhere).
 pub(crate) fn physical_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -258,11 +290,8 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     let _lock = crate::paths::lock_data_dir(&data_dir)?;
     let token = admin_token(&data_dir)?;
     let storage = crate::paths::Blobs::parse(&data_dir, args.blobs.as_deref())?.open(true)?;
-    let runtime = Runtime::new(RuntimeConfig {
-        cache_dir: Some(crate::paths::compile_cache(&data_dir)),
-        ..RuntimeConfig::default()
-    })
-    .context("failed to start the wasm runtime")?;
+    let runtime = Runtime::new(runtime_config(&data_dir, args.slots))
+        .context("failed to start the wasm runtime")?;
     let max_task_memory = runtime.config().max_task_memory;
     if args.default_memory > max_task_memory {
         anyhow::bail!(

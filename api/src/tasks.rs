@@ -719,7 +719,10 @@ impl Tasks {
                 let http = (def.kind == TaskKind::Http)
                     .then(|| def.http.clone())
                     .flatten();
-                return self.follow_remote(entry, node, rx, accepted, http).await;
+                // Boxed, as are the HTTP and bench paths below: the driver
+                // of every task, held for as long as it runs, is sized by
+                // its largest state, and these are ~3 KiB it need not carry.
+                return Box::pin(self.follow_remote(entry, node, rx, accepted, http)).await;
             }
             Ok(Placed::Local) => {}
         }
@@ -757,7 +760,7 @@ impl Tasks {
         }
         self.transition(&entry, TaskStatus::Pending, |_| {});
         if def.kind == TaskKind::Http {
-            return self.serve_http(entry, launch, artifact, early).await;
+            return Box::pin(self.serve_http(entry, launch, artifact, early)).await;
         }
         let bench = launch.bench;
         let mut spec = TaskSpec::new(entry.logs.clone());
@@ -772,10 +775,15 @@ impl Tasks {
         if let Some(b) = bench {
             let now = model::now();
             self.transition(&entry, TaskStatus::Running, |t| t.started_at = Some(now));
-            let outcome = self
-                .executor
-                .bench(artifact, &spec, b.runs, b.warmup, &early, &entry.logs)
-                .await;
+            let outcome = Box::pin(self.executor.bench(
+                artifact,
+                &spec,
+                b.runs,
+                b.warmup,
+                &early,
+                &entry.logs,
+            ))
+            .await;
             return self.finish(&entry, outcome).await;
         }
         let handle = self.executor.spawn(artifact, spec);

@@ -343,8 +343,9 @@ pub(crate) async fn run(
             let mut store = new_store(engine, state, fuel, deadline, stop);
             let ended = supervise(
                 async {
-                    let instance = pre
-                        .instantiate_async(&mut store)
+                    // Boxed: instantiation's state (~1 KiB) is not kept in
+                    // the task's future for as long as the guest runs.
+                    let instance = Box::pin(pre.instantiate_async(&mut store))
                         .await
                         .map_err(Failure::Start)?;
                     mark();
@@ -375,8 +376,7 @@ pub(crate) async fn run(
             let mut store = new_store(engine, state, fuel, deadline, stop);
             let ended = supervise(
                 async {
-                    let command = pre
-                        .instantiate_async(&mut store)
+                    let command = Box::pin(pre.instantiate_async(&mut store))
                         .await
                         .map_err(Failure::Start)?;
                     mark();

@@ -212,3 +212,49 @@ fn a_task_whose_artifact_imports_what_no_node_provides_is_refused_by_name() {
         "no READY node provides wasi_ephemeral_nn (the artifact imports it)"
     );
 }
+
+/// `--slots` sizes the instance pool, not just the node's admission: a
+/// node given more slots than the default pool (1,000) runs that many
+/// tasks at once (before, the slots were capped at the pool's size and
+/// the tasks beyond it waited `PENDING`); out-of-range values are refused
+/// by name.
+#[test]
+fn slots_beyond_the_default_pool_run_that_many_tasks_at_once() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["server", "--slots", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--slots") && err.contains("must be 1 to 100000"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = 1_100u64;
+    let s = Server::start_with(
+        &dir.path().join("data"),
+        &["--slots", "1100", "--memory-budget", "8GiB"],
+    );
+    let node = s.api("GET", "/v1/nodes/local", None).json();
+    assert_eq!(node["capacity"]["slots"], tasks, "{node}");
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    crate::server::register(
+        &s,
+        json!({"family": "beat", "artifact": "team/beat:v1", "args": ["1000"],
+               "limits": {"memory": "4MiB"}}),
+    );
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "many", "task_definition": "beat", "desired_count": tasks})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    crate::server::eventually(std::time::Duration::from_secs(120), "1,100 running", || {
+        let svc = crate::server::service(&s, "many");
+        (svc["running_count"] == tasks).then_some(())
+    });
+    let node = s.api("GET", "/v1/nodes/local", None).json();
+    assert_eq!(node["free"]["slots"], 0, "{node}");
+}

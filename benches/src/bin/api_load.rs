@@ -23,7 +23,9 @@
 //! Env: `WHARF_BIN` (default target/release/wharf), `WASMTIME` (default
 //! `wasmtime` on PATH; the peer is skipped with a note when absent),
 //! `PARTS` (e.g. `latency,throughput,wrk,service`; `wrk` is the sustained
-//! runs again with `wrk` as the client), `CLIENTS` (default 8), `LATENCY_RUNS` (default 2,000).
+//! runs again with `wrk` as the client), `CLIENTS` (default 8), `LATENCY_RUNS` (default 2,000),
+//! `SERVICE_TASKS` (default 1,000; above it the server gets `--slots` to
+//! match).
 //! Prints a summary and writes `target/bench-results/api_load.json`.
 //! Results and method: `docs/PERFORMANCE.md`, "Control plane".
 
@@ -33,7 +35,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wharf_bench::{percentile, spawn_wharf_server, wharf_bin};
+use wharf_bench::{percentile, spawn_server, wharf_bin};
 use wharf_testkit::{Target, wasm};
 
 /// Sequential runs before the latency is timed (the first compiles and
@@ -54,7 +56,7 @@ const SUBMIT_FOR: Duration = Duration::from_secs(10);
 /// How long the wait for the last accepted task to stop may take before
 /// the part counts as failed.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
-/// Tasks of the long-running service.
+/// Tasks of the long-running service (`SERVICE_TASKS` overrides it).
 const SERVICE_TASKS: u64 = 1_000;
 /// How long the converged service is watched, sampled once a second.
 const HOLD_SECONDS: u64 = 20;
@@ -95,8 +97,12 @@ fn agent() -> ureq::Agent {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    fn start_with(flags: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let (child, base, token) = spawn_wharf_server(dir.path());
+        let (child, base, token) = spawn_server(&wharf_bin(), dir.path(), flags);
         Server {
             base,
             auth: format!("Bearer {token}"),
@@ -511,10 +517,7 @@ fn time_process(program: &Path, args: &[std::ffi::OsString]) -> Vec<Duration> {
 }
 
 fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
-    let runs = std::env::var("LATENCY_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(LATENCY_RUNS);
+    let runs = env_or("LATENCY_RUNS", LATENCY_RUNS);
     let body = json!({ "task_definition": "hello" });
     for _ in 0..LATENCY_WARMUP {
         run_and_wait(server, &body);
@@ -677,10 +680,15 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
 // ----- part 2: throughput -----
 
 fn clients() -> usize {
-    std::env::var("CLIENTS")
+    env_or("CLIENTS", CLIENTS)
+}
+
+/// The number in the environment variable `name`, or `default`.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(CLIENTS)
+        .unwrap_or(default)
 }
 
 /// Waits until `accepted` tasks have stopped since the `before` metrics:
@@ -930,7 +938,17 @@ fn wrk_runs(server: &Server, summary: &mut Vec<String>) -> Value {
 // ----- part 3: a service of 1,000 long-running tasks -----
 
 fn service(summary: &mut Vec<String>) -> Value {
-    let server = Server::start();
+    let service_tasks: u64 = env_or("SERVICE_TASKS", SERVICE_TASKS as usize) as u64;
+    // The default pool holds 1,000 tasks; more need slots (and a pool)
+    // of their size, and a memory budget for their 8 MiB limits (the
+    // default, half of the machine, reserves ~1,500 of them).
+    let slots = service_tasks.to_string();
+    let budget = format!("{}MiB", service_tasks * 8);
+    let server = if service_tasks > 1_000 {
+        Server::start_with(&["--slots", &slots, "--memory-budget", &budget])
+    } else {
+        Server::start()
+    };
     let pid = server.pid();
     let artifact = server.push("heartbeat");
     // One beat a second, no beat count: runs until stopped.
@@ -970,13 +988,13 @@ fn service(summary: &mut Vec<String>) -> Value {
         &server.agent,
         "POST",
         "/v1/services",
-        Some(&json!({ "name": "s", "task_definition": "beat", "desired_count": SERVICE_TASKS })),
+        Some(&json!({ "name": "s", "task_definition": "beat", "desired_count": service_tasks })),
     );
     let mut polls = 0u64;
     let converge = loop {
         let s = server.call(&server.agent, "GET", "/v1/services/s", None);
         polls += 1;
-        if s["running_count"].as_u64() == Some(SERVICE_TASKS) {
+        if s["running_count"].as_u64() == Some(service_tasks) {
             break created.elapsed();
         }
         assert!(
@@ -1000,16 +1018,16 @@ fn service(summary: &mut Vec<String>) -> Value {
     }
     let server_cpu = (cpu_seconds(&pid.to_string()) - cpu0) / HOLD_SECONDS as f64;
     let hold_stops = stops_delta(&hold_metrics_before, &server.metrics());
-    let stable = running.iter().all(|&r| r == SERVICE_TASKS) && hold_stops.is_empty();
+    let stable = running.iter().all(|&r| r == service_tasks) && hold_stops.is_empty();
     let mut steady: Vec<u64> = rss.iter().map(|r| r["VmRSS"]).collect();
     steady.sort_unstable();
     let steady_rss = steady[steady.len() / 2];
     let mut steady_anon: Vec<u64> = rss.iter().map(|r| r["RssAnon"]).collect();
     steady_anon.sort_unstable();
     let steady_anon = steady_anon[steady_anon.len() / 2];
-    let per_task_kib = (steady_rss as f64 - rss_before["VmRSS"] as f64) / SERVICE_TASKS as f64;
+    let per_task_kib = (steady_rss as f64 - rss_before["VmRSS"] as f64) / service_tasks as f64;
     let per_task_anon_kib =
-        (steady_anon as f64 - rss_before["RssAnon"] as f64) / SERVICE_TASKS as f64;
+        (steady_anon as f64 - rss_before["RssAnon"] as f64) / service_tasks as f64;
 
     // Deleting drains: the service is removed, and every one of its tasks
     // stops. Both moments are timed; live tasks are the server's
@@ -1046,8 +1064,8 @@ fn service(summary: &mut Vec<String>) -> Value {
     let h_start = Hist::delta(&before, &after, "wharf_task_start_latency_seconds", &[]);
 
     summary.push(format!(
-        "## 3. service of {SERVICE_TASKS} heartbeat tasks (1 beat/s, 8 MiB, fresh server)\n\
-         - converged (running_count = {SERVICE_TASKS}) in {:.1} ms ({polls} polls of GET /v1/services/s); task accepted → slot {}\n\
+        "## 3. service of {service_tasks} heartbeat tasks (1 beat/s, 8 MiB, fresh server)\n\
+         - converged (running_count = {service_tasks}) in {:.1} ms ({polls} polls of GET /v1/services/s); task accepted → slot {}\n\
          - held {HOLD_SECONDS} s, sampled each second: running {}–{}, pending {}–{}, stops during the hold {hold_stops:?}: {}\n\
          - server CPU while holding: {:.3} cores\n\
          - server RSS: before {} KiB (anon {}), steady median {} KiB (anon {}), after drain {} KiB\n\
@@ -1071,7 +1089,7 @@ fn service(summary: &mut Vec<String>) -> Value {
         drained.as_secs_f64() * 1e3,
     ));
     json!({
-        "tasks": SERVICE_TASKS,
+        "tasks": service_tasks,
         "converge_ms": round1(converge.as_secs_f64() * 1e3),
         "task_start_latency": h_start.json(),
         "hold_seconds": HOLD_SECONDS,
