@@ -445,12 +445,14 @@ impl crate::Runtime {
             .memory
             .unwrap_or(self.config().max_task_memory)
             .min(self.config().max_task_memory);
-        let mut wasi = match wasi_builder(spec) {
-            Ok(b) => b,
+        // Built in one statement: the builder is not kept in the request's
+        // future (see `sandbox::run`).
+        let wasi = match wasi_builder(spec) {
+            Ok(mut b) => b.build(),
             Err(message) => return failed(500, StopCode::FailedToStart, message, started),
         };
         let state = HttpState {
-            wasi: wasi.build(),
+            wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory),

@@ -35,8 +35,8 @@ pub const DEFAULT_RETAINED_BYTES: usize = 1 << 20;
 /// them, not millions.
 pub const LINE_OVERHEAD_BYTES: usize = 64;
 
-fn line_cost(text: &str) -> usize {
-    text.len() + LINE_OVERHEAD_BYTES
+fn line_cost(len: usize) -> usize {
+    len + LINE_OVERHEAD_BYTES
 }
 
 /// How much a guest may write in one WASI `write` call (the permit).
@@ -99,6 +99,14 @@ pub struct LogPage {
 }
 
 /// The bounded, followable log of one task.
+///
+/// Held for every running task, so its memory is what a long-running
+/// task costs: a retained line is a 16-byte record and its text, back to
+/// back with the other lines' text in one ring, and nothing more (a
+/// `VecDeque<LogLine>` cost 56 bytes a line and a 32-byte allocation for
+/// its text). What it holds stays within its retention budget for lines
+/// of ~10 bytes and more (the budget counts [`LINE_OVERHEAD_BYTES`] a
+/// line), and within 1.5 times it for any lines.
 #[derive(Debug)]
 pub struct LogBuffer {
     inner: Mutex<Inner>,
@@ -106,13 +114,81 @@ pub struct LogBuffer {
     retained_bytes: usize,
 }
 
+/// One retained line; its text is the next `len` bytes of `Inner::text`.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    /// When the line was completed: nanoseconds since the Unix epoch.
+    at: u64,
+    len: u32,
+    stream: Stream,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    lines: VecDeque<LogLine>,
+    /// The retained lines, oldest first.
+    meta: VecDeque<Meta>,
+    /// Their text (each line valid UTF-8), oldest first.
+    text: VecDeque<u8>,
+    /// The sequence number of `meta[0]`.
+    first_seq: u64,
+    /// What the retained lines cost the budget (`line_cost` each).
     bytes: usize,
-    next_seq: u64,
+    /// Each stream's unterminated line: empty (no allocation) while a
+    /// guest writes whole lines.
     partial: [Vec<u8>; 2],
     closed: bool,
+}
+
+impl Inner {
+    fn next_seq(&self) -> u64 {
+        self.first_seq + self.meta.len() as u64
+    }
+
+    /// Where line `index`'s text starts in `text`, counted from whichever
+    /// end is nearer.
+    fn offset(&self, index: usize) -> usize {
+        if index <= self.meta.len() / 2 {
+            self.meta.range(..index).map(|m| m.len as usize).sum()
+        } else {
+            self.text.len()
+                - self
+                    .meta
+                    .range(index..)
+                    .map(|m| m.len as usize)
+                    .sum::<usize>()
+        }
+    }
+
+    fn line(&self, index: usize, start: usize) -> LogLine {
+        let meta = self.meta[index];
+        let end = start + meta.len as usize;
+        let (a, b) = self.text.as_slices();
+        let mut bytes = Vec::with_capacity(meta.len as usize);
+        if start < a.len() {
+            bytes.extend_from_slice(&a[start..end.min(a.len())]);
+        }
+        if end > a.len() {
+            bytes.extend_from_slice(&b[start.saturating_sub(a.len())..end - a.len()]);
+        }
+        LogLine {
+            seq: self.first_seq + index as u64,
+            at: SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(meta.at),
+            stream: meta.stream,
+            // Kept as valid UTF-8, so this never replaces anything.
+            text: match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            },
+        }
+    }
+
+    /// Bytes allocated for the retained lines and partial lines.
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        self.meta.capacity() * std::mem::size_of::<Meta>()
+            + self.text.capacity()
+            + self.partial.iter().map(Vec::capacity).sum::<usize>()
+    }
 }
 
 impl LogBuffer {
@@ -137,23 +213,22 @@ impl LogBuffer {
         if inner.closed {
             return;
         }
+        let slot = stream as usize;
         let mut added = false;
         while !bytes.is_empty() {
-            let slot = stream as usize;
             let room = MAX_LINE_BYTES - inner.partial[slot].len();
             let take = bytes.len().min(room);
             match bytes[..take].iter().position(|&b| b == b'\n') {
                 Some(nl) => {
-                    inner.partial[slot].extend_from_slice(&bytes[..nl]);
+                    self.push_line(&mut inner, stream, &bytes[..nl]);
                     bytes = &bytes[nl + 1..];
-                    self.push_partial(&mut inner, stream);
                     added = true;
                 }
                 None => {
                     inner.partial[slot].extend_from_slice(&bytes[..take]);
                     bytes = &bytes[take..];
                     if inner.partial[slot].len() == MAX_LINE_BYTES {
-                        self.push_partial(&mut inner, stream);
+                        self.push_line(&mut inner, stream, &[]);
                         added = true;
                     }
                 }
@@ -165,24 +240,41 @@ impl LogBuffer {
         }
     }
 
-    fn push_partial(&self, inner: &mut Inner, stream: Stream) {
-        let raw = std::mem::take(&mut inner.partial[stream as usize]);
-        let text = match String::from_utf8(raw) {
-            Ok(text) => text,
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    /// Retains the line that is `stream`'s partial line followed by `tail`.
+    fn push_line(&self, inner: &mut Inner, stream: Stream, tail: &[u8]) {
+        let partial = std::mem::take(&mut inner.partial[stream as usize]);
+        let whole;
+        let line = if partial.is_empty() {
+            tail
+        } else {
+            whole = [partial.as_slice(), tail].concat();
+            whole.as_slice()
         };
-        inner.bytes += line_cost(&text);
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
-        inner.lines.push_back(LogLine {
-            seq,
-            at: SystemTime::now(),
+        let text = String::from_utf8_lossy(line);
+        let len = text.len();
+        // The ring grows by doubling, but never past the budget (its text
+        // alone never exceeds it) unless one line needs more.
+        let need = inner.text.len() + len;
+        if need > inner.text.capacity() {
+            let target = (inner.text.capacity() * 2).clamp(need, self.retained_bytes.max(need));
+            let more = target - inner.text.len();
+            inner.text.reserve_exact(more);
+        }
+        inner.text.extend(text.as_bytes());
+        inner.bytes += line_cost(len);
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        inner.meta.push_back(Meta {
+            at,
+            len: len as u32,
             stream,
-            text,
         });
-        while inner.bytes > self.retained_bytes && inner.lines.len() > 1 {
-            let old = inner.lines.pop_front().expect("more than one line");
-            inner.bytes -= line_cost(&old.text);
+        while inner.bytes > self.retained_bytes && inner.meta.len() > 1 {
+            let old = inner.meta.pop_front().expect("more than one line");
+            inner.text.drain(..old.len as usize);
+            inner.bytes -= line_cost(old.len as usize);
+            inner.first_seq += 1;
         }
     }
 
@@ -192,7 +284,7 @@ impl LogBuffer {
         let mut inner = self.lock();
         for stream in [Stream::Stdout, Stream::Stderr] {
             if !inner.partial[stream as usize].is_empty() {
-                self.push_partial(&mut inner, stream);
+                self.push_line(&mut inner, stream, &[]);
             }
         }
         inner.closed = true;
@@ -210,16 +302,21 @@ impl LogBuffer {
     /// Lines from sequence number `from` on, at most `max` of them.
     pub fn read_from(&self, from: u64, max: usize) -> LogPage {
         let inner = self.lock();
-        let first = inner.lines.front().map_or(inner.next_seq, |l| l.seq);
-        let start = from.max(first);
+        let first = inner.first_seq;
+        let next = inner.next_seq();
+        let start = from.clamp(first, next);
         let skip = (start - first) as usize;
-        let lines: Vec<LogLine> = inner.lines.iter().skip(skip).take(max).cloned().collect();
-        let next_seq = lines
-            .last()
-            .map_or(start.min(inner.next_seq), |l| l.seq + 1);
+        let count = inner.meta.len().saturating_sub(skip).min(max);
+        let mut lines = Vec::with_capacity(count);
+        let mut at = inner.offset(skip);
+        for index in skip..skip + count {
+            lines.push(inner.line(index, at));
+            at += inner.meta[index].len as usize;
+        }
+        let next_seq = lines.last().map_or(start.min(next), |l| l.seq + 1);
         LogPage {
             missed: start.saturating_sub(from.min(start)),
-            closed: inner.closed && next_seq >= inner.next_seq,
+            closed: inner.closed && next_seq >= next,
             lines,
             next_seq,
         }
@@ -249,7 +346,7 @@ impl LogBuffer {
             notified.as_mut().enable();
             {
                 let inner = self.lock();
-                if inner.closed || inner.next_seq > seq {
+                if inner.closed || inner.next_seq() > seq {
                     return;
                 }
             }
@@ -376,6 +473,77 @@ mod tests {
         let kept = buffer.lines().len();
         assert_eq!(kept, (64 << 10) / LINE_OVERHEAD_BYTES);
         assert_eq!(buffer.read_from(0, 1).missed, 1_000_000 - kept as u64);
+    }
+
+    #[test]
+    fn short_lines_are_held_within_the_retention_budget() {
+        let retained = 64 << 10;
+        let buffer = LogBuffer::new(retained);
+        for n in 0..100_000 {
+            buffer.write(Stream::Stdout, format!("heartbeat {n}\n").as_bytes());
+        }
+        let held = buffer.lock().held_bytes();
+        // A VecDeque<LogLine> and a String per line held ~84 KiB here.
+        assert!(
+            held <= retained,
+            "{held} bytes held for a budget of {retained}"
+        );
+        let lines = buffer.lines();
+        assert_eq!(lines.len(), retained / line_cost("heartbeat 99999".len()));
+        assert_eq!(lines.last().unwrap().text, "heartbeat 99999");
+        assert_eq!(lines.last().unwrap().seq, 99_999);
+    }
+
+    #[test]
+    fn lines_of_any_length_are_held_within_one_and_a_half_budgets() {
+        let retained = 64 << 10;
+        for len in [0, 1, 10, 100, 1_000, 5_000, MAX_LINE_BYTES - 1] {
+            let buffer = LogBuffer::new(retained);
+            let line = format!("{}\n", "x".repeat(len));
+            for _ in 0..(4 * retained / (len + 1)).max(2_000) {
+                buffer.write(Stream::Stderr, line.as_bytes());
+            }
+            let held = buffer.lock().held_bytes();
+            assert!(
+                held <= retained * 3 / 2,
+                "lines of {len}: {held} bytes held"
+            );
+            assert!(buffer.lines().iter().all(|l| l.text.len() == len));
+        }
+    }
+
+    #[test]
+    fn lines_read_back_whole_across_the_rings_wrap_with_their_time() {
+        let buffer = LogBuffer::new(4 * (20 + LINE_OVERHEAD_BYTES));
+        let before = SystemTime::now();
+        // Evictions move the ring's start, so later lines wrap around it.
+        for n in 0..37 {
+            buffer.write(
+                Stream::Stdout,
+                format!("line {n:02} padded out\n").as_bytes(),
+            );
+        }
+        // A character split across two writes, and a byte that is not UTF-8.
+        buffer.write(Stream::Stderr, b"caf\xc3");
+        buffer.write(Stream::Stderr, b"\xa9 ok\nbad \xff\n");
+        let after = SystemTime::now();
+        let page = buffer.read_from(0, 10);
+        let texts: Vec<&str> = page.lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "line 35 padded out",
+                "line 36 padded out",
+                "café ok",
+                "bad \u{fffd}"
+            ]
+        );
+        assert_eq!(page.lines[0].seq, 35);
+        assert_eq!(page.missed, 35);
+        assert!(page.lines.iter().all(|l| before <= l.at && l.at <= after));
+        // Reading from the middle finds the same text as reading from the start.
+        assert_eq!(buffer.read_from(37, 1).lines[0].text, "café ok");
+        assert_eq!(buffer.read_from(38, 5).lines[0].text, "bad \u{fffd}");
     }
 
     #[test]

@@ -314,10 +314,11 @@ pub(crate) async fn run(
         Some(m) => m,
         None => max_memory,
     };
-    let mut builder = match wasi_builder(spec) {
-        Ok(b) => b,
-        Err(message) => return Outcome::not_started(StopCode::FailedToStart, message),
-    };
+    // Each branch builds its WASI context in one statement: the builder
+    // (and the fresh one `build` leaves in its place, with an RNG seeded
+    // for nothing) is dropped before the first await instead of being kept
+    // in the task's future for as long as the guest runs.
+    let not_granted = |message| Outcome::not_started(StopCode::FailedToStart, message);
     let started = Instant::now();
     let deadline = spec.limits.timeout.and_then(|t| started.checked_add(t));
     // Nanoseconds from `started` to the end of instantiation; MAX: not
@@ -336,10 +337,11 @@ pub(crate) async fn run(
              per request (`wharf serve`), not run as a command",
         ),
         Prepared::P1(pre) => {
-            let state = P1State {
-                wasi: builder.build_p1(),
-                limiter,
+            let wasi = match wasi_builder(spec) {
+                Ok(mut b) => b.build_p1(),
+                Err(message) => return not_granted(message),
             };
+            let state = P1State { wasi, limiter };
             let mut store = new_store(engine, state, fuel, deadline, stop);
             let ended = supervise(
                 async {
@@ -368,8 +370,12 @@ pub(crate) async fn run(
             )
         }
         Prepared::P2(pre) => {
+            let wasi = match wasi_builder(spec) {
+                Ok(mut b) => b.build(),
+                Err(message) => return not_granted(message),
+            };
             let state = P2State {
-                wasi: builder.build(),
+                wasi,
                 table: ResourceTable::new(),
                 limiter,
             };

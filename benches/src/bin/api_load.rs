@@ -25,7 +25,8 @@
 //! `PARTS` (e.g. `latency,throughput,wrk,service`; `wrk` is the sustained
 //! runs again with `wrk` as the client), `CLIENTS` (default 8), `LATENCY_RUNS` (default 2,000),
 //! `SERVICE_TASKS` (default 1,000; above it the server gets `--slots` to
-//! match).
+//! match), `BEAT_MS` (the service's beat interval, default 1,000: 10 fills
+//! each task's 64 KiB of retained output within the hold).
 //! Prints a summary and writes `target/bench-results/api_load.json`.
 //! Results and method: `docs/PERFORMANCE.md`, "Control plane".
 
@@ -185,17 +186,25 @@ impl Server {
 // ----- /proc -----
 
 /// `VmRSS`, `RssAnon` and `RssFile` of a process, in KiB.
+/// The process's resident memory in KiB: `VmRSS` and its parts from
+/// /proc/PID/status, and `Pss` from /proc/PID/smaps_rollup — which counts
+/// a page mapped many times once (the pool maps each task's copy of a
+/// module's data segments from one shared image, and VmRSS counts those
+/// pages once per task).
 fn rss_kib(pid: u32) -> BTreeMap<&'static str, u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let mut out = BTreeMap::new();
-    for key in ["VmRSS", "RssAnon", "RssFile"] {
-        let value = status
-            .lines()
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |text: &str, key: &str| -> u64 {
+        text.lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        out.insert(key, value);
+            .unwrap_or(0)
+    };
+    let mut out = BTreeMap::new();
+    for key in ["VmRSS", "RssAnon", "RssFile"] {
+        out.insert(key, field(&status, key));
     }
+    out.insert("Pss", field(&rollup, "Pss"));
     out
 }
 
@@ -939,6 +948,7 @@ fn wrk_runs(server: &Server, summary: &mut Vec<String>) -> Value {
 
 fn service(summary: &mut Vec<String>) -> Value {
     let service_tasks: u64 = env_or("SERVICE_TASKS", SERVICE_TASKS as usize) as u64;
+    let beat_ms = env_or("BEAT_MS", 1_000);
     // The default pool holds 1,000 tasks; more need slots (and a pool)
     // of their size, and a memory budget for their 8 MiB limits (the
     // default, half of the machine, reserves ~1,500 of them).
@@ -951,7 +961,7 @@ fn service(summary: &mut Vec<String>) -> Value {
     };
     let pid = server.pid();
     let artifact = server.push("heartbeat");
-    // One beat a second, no beat count: runs until stopped.
+    // One beat a second (`BEAT_MS`), no beat count: runs until stopped.
     server.call(
         &server.agent,
         "POST",
@@ -959,7 +969,7 @@ fn service(summary: &mut Vec<String>) -> Value {
         Some(&json!({
             "family": "beat",
             "artifact": artifact,
-            "args": ["1000"],
+            "args": [beat_ms.to_string()],
             "limits": { "memory": "8MiB", "fuel": 1_000_000_000u64, "timeout": "30m" },
         })),
     );
@@ -1019,15 +1029,17 @@ fn service(summary: &mut Vec<String>) -> Value {
     let server_cpu = (cpu_seconds(&pid.to_string()) - cpu0) / HOLD_SECONDS as f64;
     let hold_stops = stops_delta(&hold_metrics_before, &server.metrics());
     let stable = running.iter().all(|&r| r == service_tasks) && hold_stops.is_empty();
-    let mut steady: Vec<u64> = rss.iter().map(|r| r["VmRSS"]).collect();
-    steady.sort_unstable();
-    let steady_rss = steady[steady.len() / 2];
-    let mut steady_anon: Vec<u64> = rss.iter().map(|r| r["RssAnon"]).collect();
-    steady_anon.sort_unstable();
-    let steady_anon = steady_anon[steady_anon.len() / 2];
-    let per_task_kib = (steady_rss as f64 - rss_before["VmRSS"] as f64) / service_tasks as f64;
-    let per_task_anon_kib =
-        (steady_anon as f64 - rss_before["RssAnon"] as f64) / service_tasks as f64;
+    let median = |key: &str| -> u64 {
+        let mut v: Vec<u64> = rss.iter().map(|r| r[key]).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let (steady_rss, steady_anon, steady_pss) = (median("VmRSS"), median("RssAnon"), median("Pss"));
+    let per_task =
+        |steady: u64, key: &str| (steady as f64 - rss_before[key] as f64) / service_tasks as f64;
+    let per_task_kib = per_task(steady_rss, "VmRSS");
+    let per_task_anon_kib = per_task(steady_anon, "RssAnon");
+    let per_task_pss_kib = per_task(steady_pss, "Pss");
 
     // Deleting drains: the service is removed, and every one of its tasks
     // stops. Both moments are timed; live tasks are the server's
@@ -1064,12 +1076,12 @@ fn service(summary: &mut Vec<String>) -> Value {
     let h_start = Hist::delta(&before, &after, "wharf_task_start_latency_seconds", &[]);
 
     summary.push(format!(
-        "## 3. service of {service_tasks} heartbeat tasks (1 beat/s, 8 MiB, fresh server)\n\
+        "## 3. service of {service_tasks} heartbeat tasks (a beat every {beat_ms} ms, 8 MiB, fresh server)\n\
          - converged (running_count = {service_tasks}) in {:.1} ms ({polls} polls of GET /v1/services/s); task accepted → slot {}\n\
          - held {HOLD_SECONDS} s, sampled each second: running {}–{}, pending {}–{}, stops during the hold {hold_stops:?}: {}\n\
          - server CPU while holding: {:.3} cores\n\
          - server RSS: before {} KiB (anon {}), steady median {} KiB (anon {}), after drain {} KiB\n\
-         - **memory per task: {per_task_kib:.1} KiB** (anon {per_task_anon_kib:.1} KiB)\n\
+         - **memory per task: {per_task_kib:.1} KiB** (anon {per_task_anon_kib:.1} KiB, PSS {per_task_pss_kib:.1} KiB)\n\
          - deleted: service removed (GET 404) after {:.1} ms with {live_at_removal} tasks still live; \
            every task stopped after {:.1} ms; stops {codes:?}",
         converge.as_secs_f64() * 1e3,
@@ -1102,10 +1114,13 @@ fn service(summary: &mut Vec<String>) -> Value {
             "before": rss_before,
             "steady_median_vmrss": steady_rss,
             "steady_median_anon": steady_anon,
+            "steady_median_pss": steady_pss,
             "after_drain": rss_after,
         },
         "memory_per_task_kib": round1(per_task_kib),
         "memory_per_task_anon_kib": round1(per_task_anon_kib),
+        "memory_per_task_pss_kib": round1(per_task_pss_kib),
+        "beat_ms": beat_ms,
         "removed_ms": round1(removed_at.as_secs_f64() * 1e3),
         "live_tasks_at_removal": live_at_removal,
         "drained_ms": round1(drained.as_secs_f64() * 1e3),
