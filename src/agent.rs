@@ -52,8 +52,8 @@ pub(crate) struct JoinArgs {
     /// Labels for placement: KEY=VALUE,... (the join token's win).
     #[arg(long, env = "WHARF_NODE_LABELS", default_value = "", value_parser = wharf_api::nodes::parse_labels)]
     labels: BTreeMap<String, String>,
-    /// Concurrent tasks on this node; sizes the instance pool (default
-    /// 1000).
+    /// Concurrent tasks on this node (default and 0: 1000); above 1000
+    /// the instance pool is sized for them.
     #[arg(long, env = "WHARF_SLOTS", value_parser = crate::server::parse_slots)]
     slots: Option<usize>,
     /// Memory this node's running tasks may reserve together (default:

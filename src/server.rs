@@ -33,8 +33,8 @@ pub(crate) struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "WHARF_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Concurrent tasks on this node; sizes the instance pool (default
-    /// 1000).
+    /// Concurrent tasks on this node (default and 0: 1000); above 1000
+    /// the instance pool is sized for them.
     #[arg(long, env = "WHARF_SLOTS", value_parser = parse_slots)]
     slots: Option<usize>,
     /// Memory the node's running tasks may reserve together (each reserves
@@ -192,27 +192,27 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
 /// falls back to mapping each task's memory on demand.
 pub(crate) const MAX_SLOTS: usize = 100_000;
 
-/// `--slots`: 1 to [`MAX_SLOTS`].
+/// `--slots`: 0 (the default, as before) to [`MAX_SLOTS`].
 pub(crate) fn parse_slots(s: &str) -> Result<usize, String> {
     let n: usize = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of slots"))?;
-    if !(1..=MAX_SLOTS).contains(&n) {
-        return Err(format!("must be 1 to {MAX_SLOTS}"));
+    if n > MAX_SLOTS {
+        return Err(format!("must be at most {MAX_SLOTS}"));
     }
     Ok(n)
 }
 
-/// The runtime of a node with `slots` concurrent tasks (default: the
-/// runtime's own, 1,000): the instance pool is sized for them, so
-/// `--slots 10000` holds ten thousand tasks with the pool's fast starts.
+/// The runtime of a node with `slots` concurrent tasks: the instance pool
+/// holds the runtime's default (1,000) or `slots` if that is more, so
+/// `--slots 10000` runs ten thousand tasks with the pool's fast starts
+/// and a small node keeps the headroom it always had.
 pub(crate) fn runtime_config(data_dir: &Path, slots: Option<usize>) -> RuntimeConfig {
     let default = RuntimeConfig::default();
+    let wanted = slots.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
     RuntimeConfig {
         cache_dir: Some(crate::paths::compile_cache(data_dir)),
-        max_instances: slots.map_or(default.max_instances, |n| {
-            u32::try_from(n).unwrap_or(u32::MAX)
-        }),
+        max_instances: wanted.max(default.max_instances),
         ..default
     }
 }

@@ -106,7 +106,8 @@ pub struct LogPage {
 /// `VecDeque<LogLine>` cost 56 bytes a line and a 32-byte allocation for
 /// its text). What it holds stays within its retention budget for lines
 /// of ~10 bytes and more (the budget counts [`LINE_OVERHEAD_BYTES`] a
-/// line), and within 1.5 times it for any lines.
+/// line), and within 1.5 times it for any lines (a single line longer
+/// than the budget aside).
 #[derive(Debug)]
 pub struct LogBuffer {
     inner: Mutex<Inner>,
@@ -230,6 +231,11 @@ impl LogBuffer {
                     if inner.partial[slot].len() == MAX_LINE_BYTES {
                         self.push_line(&mut inner, stream, &[]);
                         added = true;
+                        // A line of exactly the maximum ends here, not in
+                        // an empty line after it.
+                        if let Some(rest) = bytes.strip_prefix(b"\n") {
+                            bytes = rest;
+                        }
                     }
                 }
             }
@@ -252,8 +258,15 @@ impl LogBuffer {
         };
         let text = String::from_utf8_lossy(line);
         let len = text.len();
-        // The ring grows by doubling, but never past the budget (its text
-        // alone never exceeds it) unless one line needs more.
+        // Room first: the oldest lines go before the new one is added, so
+        // the ring holds at most the budget's text. It grows by doubling,
+        // but never past the budget unless one line alone needs more.
+        while inner.bytes + line_cost(len) > self.retained_bytes && !inner.meta.is_empty() {
+            let old = inner.meta.pop_front().expect("a line");
+            inner.text.drain(..old.len as usize);
+            inner.bytes -= line_cost(old.len as usize);
+            inner.first_seq += 1;
+        }
         let need = inner.text.len() + len;
         if need > inner.text.capacity() {
             let target = (inner.text.capacity() * 2).clamp(need, self.retained_bytes.max(need));
@@ -270,12 +283,6 @@ impl LogBuffer {
             len: len as u32,
             stream,
         });
-        while inner.bytes > self.retained_bytes && inner.meta.len() > 1 {
-            let old = inner.meta.pop_front().expect("more than one line");
-            inner.text.drain(..old.len as usize);
-            inner.bytes -= line_cost(old.len as usize);
-            inner.first_seq += 1;
-        }
     }
 
     /// Ends the log: unterminated lines are kept, followers are woken and
@@ -544,6 +551,33 @@ mod tests {
         // Reading from the middle finds the same text as reading from the start.
         assert_eq!(buffer.read_from(37, 1).lines[0].text, "café ok");
         assert_eq!(buffer.read_from(38, 5).lines[0].text, "bad \u{fffd}");
+    }
+
+    #[test]
+    fn a_growing_line_that_replaces_invalid_bytes_keeps_the_ring_within_the_budget() {
+        // 16 KiB of bytes that are not UTF-8 become 48 KiB of replacement
+        // characters: each line evicts the one before it before it is
+        // added, so the ring never holds two (96 KiB).
+        let retained = 64 << 10;
+        let buffer = LogBuffer::new(retained);
+        for n in 0..40 {
+            let mut line = vec![0xff; MAX_LINE_BYTES - 40 + n];
+            line.push(b'\n');
+            buffer.write(Stream::Stdout, &line);
+            let cap = buffer.lock().text.capacity();
+            assert!(cap <= retained, "line {n}: a ring of {cap} bytes");
+        }
+        assert_eq!(buffer.lines().len(), 1);
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_maximum_is_one_line() {
+        let buffer = LogBuffer::new(1 << 20);
+        let mut bytes = vec![b'x'; MAX_LINE_BYTES];
+        bytes.extend_from_slice(b"\nnext\n");
+        buffer.write(Stream::Stdout, &bytes);
+        let lens: Vec<usize> = buffer.lines().iter().map(|l| l.text.len()).collect();
+        assert_eq!(lens, [MAX_LINE_BYTES, 4]);
     }
 
     #[test]

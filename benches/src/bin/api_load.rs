@@ -185,7 +185,6 @@ impl Server {
 
 // ----- /proc -----
 
-/// `VmRSS`, `RssAnon` and `RssFile` of a process, in KiB.
 /// The process's resident memory in KiB: `VmRSS` and its parts from
 /// /proc/PID/status, and `Pss` from /proc/PID/smaps_rollup — which counts
 /// a page mapped many times once (the pool maps each task's copy of a
@@ -947,7 +946,7 @@ fn wrk_runs(server: &Server, summary: &mut Vec<String>) -> Value {
 // ----- part 3: a service of 1,000 long-running tasks -----
 
 fn service(summary: &mut Vec<String>) -> Value {
-    let service_tasks: u64 = env_or("SERVICE_TASKS", SERVICE_TASKS as usize) as u64;
+    let service_tasks = env_or("SERVICE_TASKS", SERVICE_TASKS as usize).max(1) as u64;
     let beat_ms = env_or("BEAT_MS", 1_000);
     // The default pool holds 1,000 tasks; more need slots (and a pool)
     // of their size, and a memory budget for their 8 MiB limits (the
