@@ -191,12 +191,28 @@ impl Drop for GuestRuntime {
 /// A per-node pool of task slots over a [`Runtime`].
 #[derive(Debug, Clone)]
 pub struct Executor {
+    shared: Arc<Shared>,
+    guests: Option<Arc<GuestRuntime>>,
+}
+
+/// What a task's future needs of its executor, behind one reference: a
+/// task takes one reference count, not one per part (the parts' counts
+/// are atomics every worker touches at every start and end).
+#[derive(Debug)]
+struct Shared {
     runtime: Arc<Runtime>,
     slots: Arc<Semaphore>,
     slot_count: usize,
-    memory: Option<Arc<MemoryBudget>>,
-    guests: Option<Arc<GuestRuntime>>,
-    counters: Arc<Counters>,
+    memory: Option<MemoryBudget>,
+    counters: Counters,
+}
+
+/// A task's phase and the wake-up of those waiting on it, in one
+/// allocation.
+#[derive(Debug)]
+struct Phase {
+    state: AtomicU8,
+    changed: Notify,
 }
 
 /// A running (or queued, or finished) task.
@@ -204,8 +220,7 @@ pub struct Executor {
 pub struct TaskHandle {
     logs: Option<Arc<LogBuffer>>,
     stop: Arc<StopSignal>,
-    phase: Arc<AtomicU8>,
-    phase_changed: Arc<Notify>,
+    phase: Arc<Phase>,
     join: JoinHandle<Outcome>,
 }
 
@@ -229,7 +244,7 @@ impl TaskHandle {
 
     /// Where the task is now.
     pub fn phase(&self) -> TaskPhase {
-        match self.phase.load(Ordering::Acquire) {
+        match self.phase.state.load(Ordering::Acquire) {
             0 => TaskPhase::Pending,
             1 => TaskPhase::Running,
             _ => TaskPhase::Stopped,
@@ -240,7 +255,7 @@ impl TaskHandle {
     /// ended without one).
     pub async fn started(&self) {
         loop {
-            let changed = self.phase_changed.notified();
+            let changed = self.phase.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if self.phase() != TaskPhase::Pending {
@@ -258,6 +273,62 @@ impl TaskHandle {
             // them did, report it as a trap instead of tearing down the caller.
             Err(error) => Outcome::not_started(StopCode::Trap, format!("internal error: {error}")),
         }
+    }
+}
+
+impl Shared {
+    async fn run_in_slot(
+        &self,
+        artifact: &Artifact,
+        spec: &TaskSpec,
+        stop: &Arc<StopSignal>,
+        phase: &Phase,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Outcome {
+        let stopped = || Outcome::not_started(StopCode::UserStopped, "stopped before it started");
+        // Memory first, then a slot: a task waiting for memory holds no
+        // slot that a smaller task could use.
+        let _memory = match &self.memory {
+            None => None,
+            Some(budget) => {
+                let limit = spec
+                    .limits
+                    .memory
+                    .unwrap_or(self.runtime.config().max_task_memory);
+                if pages(limit) > pages(budget.bytes) {
+                    return Outcome::not_started(
+                        StopCode::FailedToStart,
+                        format!(
+                            "the task's memory limit of {limit} bytes exceeds this node's memory budget of {} bytes",
+                            budget.bytes
+                        ),
+                    );
+                }
+                match budget.reserve(pages(limit), stop).await {
+                    Some(r) => Some(r),
+                    None => return stopped(),
+                }
+            }
+        };
+        // A slot taken by `try_spawn`, or one borrowed from the shared
+        // semaphore (no reference count to take).
+        let _taken = permit;
+        let _slot = match &_taken {
+            Some(_) => None,
+            None => Some(tokio::select! {
+                biased;
+                () = stop.wait() => return stopped(),
+                p = self.slots.acquire() => p.expect("the slot semaphore is never closed"),
+            }),
+        };
+        // A stop that raced the waits above wins before any guest code runs.
+        if stop.is_stopped() {
+            return stopped();
+        }
+        phase.state.store(1, Ordering::Release);
+        phase.changed.notify_waiters();
+        self.counters.started.fetch_add(1, Ordering::Relaxed);
+        self.runtime.run_with_stop(artifact, spec, stop).await
     }
 }
 
@@ -298,27 +369,27 @@ impl Executor {
             None => None,
         };
         Ok(Executor {
-            runtime,
-            slots: Arc::new(Semaphore::new(slot_count)),
-            slot_count,
-            memory: config.memory_budget.map(|bytes| {
-                Arc::new(MemoryBudget {
+            shared: Arc::new(Shared {
+                runtime,
+                slots: Arc::new(Semaphore::new(slot_count)),
+                slot_count,
+                memory: config.memory_budget.map(|bytes| MemoryBudget {
                     bytes,
                     pages: Arc::new(Semaphore::new(pages(bytes) as usize)),
                     freed: Arc::new(Notify::new()),
-                })
+                }),
+                counters: Counters {
+                    started: AtomicU64::new(0),
+                    stopped: Default::default(),
+                },
             }),
             guests,
-            counters: Arc::new(Counters {
-                started: AtomicU64::new(0),
-                stopped: Default::default(),
-            }),
         })
     }
 
     /// The runtime tasks run on.
     pub fn runtime(&self) -> &Arc<Runtime> {
-        &self.runtime
+        &self.shared.runtime
     }
 
     /// Starts `artifact` under `spec`; if no slot is free the task waits
@@ -330,9 +401,14 @@ impl Executor {
     /// Like [`spawn`](Self::spawn) but refuses at once when every slot is
     /// in use (a task that does not fit the memory budget still waits).
     pub fn try_spawn(&self, artifact: Arc<Artifact>, spec: TaskSpec) -> Result<TaskHandle, Busy> {
-        let permit = self.slots.clone().try_acquire_owned().map_err(|_| Busy {
-            slots: self.slot_count,
-        })?;
+        let permit = self
+            .shared
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Busy {
+                slots: self.shared.slot_count,
+            })?;
         Ok(self.start(artifact, spec, Some(permit)))
     }
 
@@ -343,36 +419,29 @@ impl Executor {
         permit: Option<OwnedSemaphorePermit>,
     ) -> TaskHandle {
         let stop = StopSignal::new();
-        let phase = Arc::new(AtomicU8::new(0));
-        let phase_changed = Arc::new(Notify::new());
+        let phase = Arc::new(Phase {
+            state: AtomicU8::new(0),
+            changed: Notify::new(),
+        });
         let logs = match &spec.stdio {
             Stdio::Capture(logs) => Some(logs.clone()),
             Stdio::Inherit => None,
         };
         let task = {
-            // The task does not keep the guest runtime alive: the last
-            // handle to it must not be dropped on one of its own threads.
-            let this = Executor {
-                guests: None,
-                ..self.clone()
-            };
-            let (this, stop, phase, changed, logs) = (
-                this,
-                stop.clone(),
-                phase.clone(),
-                phase_changed.clone(),
-                logs.clone(),
-            );
+            // The task holds the shared state, not the guest runtime: the
+            // last handle to that must not be dropped on one of its own
+            // threads.
+            let (shared, stop, phase) = (self.shared.clone(), stop.clone(), phase.clone());
             async move {
-                let outcome = this
-                    .run_in_slot(&artifact, &spec, &stop, &phase, &changed, permit)
+                let outcome = shared
+                    .run_in_slot(&artifact, &spec, &stop, &phase, permit)
                     .await;
-                if let Some(logs) = logs {
+                if let Stdio::Capture(logs) = &spec.stdio {
                     logs.close();
                 }
-                this.counters.stopped[outcome.stop_code as usize].fetch_add(1, Ordering::Relaxed);
-                phase.store(2, Ordering::Release);
-                changed.notify_waiters();
+                shared.counters.stopped[outcome.stop_code as usize].fetch_add(1, Ordering::Relaxed);
+                phase.state.store(2, Ordering::Release);
+                phase.changed.notify_waiters();
                 outcome
             }
         };
@@ -384,61 +453,8 @@ impl Executor {
             logs,
             stop,
             phase,
-            phase_changed,
             join,
         }
-    }
-
-    async fn run_in_slot(
-        &self,
-        artifact: &Artifact,
-        spec: &TaskSpec,
-        stop: &Arc<StopSignal>,
-        phase: &AtomicU8,
-        phase_changed: &Notify,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Outcome {
-        let stopped = || Outcome::not_started(StopCode::UserStopped, "stopped before it started");
-        // Memory first, then a slot: a task waiting for memory holds no
-        // slot that a smaller task could use.
-        let _memory = match &self.memory {
-            None => None,
-            Some(budget) => {
-                let limit = spec
-                    .limits
-                    .memory
-                    .unwrap_or(self.runtime.config().max_task_memory);
-                if pages(limit) > pages(budget.bytes) {
-                    return Outcome::not_started(
-                        StopCode::FailedToStart,
-                        format!(
-                            "the task's memory limit of {limit} bytes exceeds this node's memory budget of {} bytes",
-                            budget.bytes
-                        ),
-                    );
-                }
-                match budget.reserve(pages(limit), stop).await {
-                    Some(r) => Some(r),
-                    None => return stopped(),
-                }
-            }
-        };
-        let _permit = match permit {
-            Some(p) => p,
-            None => tokio::select! {
-                biased;
-                () = stop.wait() => return stopped(),
-                p = self.slots.clone().acquire_owned() => p.expect("the slot semaphore is never closed"),
-            },
-        };
-        // A stop that raced the waits above wins before any guest code runs.
-        if stop.is_stopped() {
-            return stopped();
-        }
-        phase.store(1, Ordering::Release);
-        phase_changed.notify_waiters();
-        self.counters.started.fetch_add(1, Ordering::Relaxed);
-        self.runtime.run_with_stop(artifact, spec, stop).await
     }
 
     /// Admits one short-lived instance (an HTTP request) at once, or
@@ -446,10 +462,10 @@ impl Executor {
     /// runtime's per-task maximum) from the budget. Nothing waits, so a
     /// burst is refused (503) instead of queueing without bound.
     pub fn try_admit(&self, memory: Option<u64>) -> Result<Admission, Refused> {
-        let reservation = match &self.memory {
+        let reservation = match &self.shared.memory {
             None => None,
             Some(budget) => {
-                let limit = memory.unwrap_or(self.runtime.config().max_task_memory);
+                let limit = memory.unwrap_or(self.shared.runtime.config().max_task_memory);
                 match budget.pages.clone().try_acquire_many_owned(pages(limit)) {
                     Ok(permit) => Some(Reservation {
                         permit: Some(permit),
@@ -460,10 +476,11 @@ impl Executor {
             }
         };
         let slot = self
+            .shared
             .slots
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Refused::Slots(self.slot_count))?;
+            .map_err(|_| Refused::Slots(self.shared.slot_count))?;
         Ok(Admission {
             _memory: reservation,
             _slot: slot,
@@ -487,25 +504,25 @@ impl Executor {
 
     /// The memory budget, if there is one.
     pub fn memory_budget(&self) -> Option<u64> {
-        self.memory.as_ref().map(|m| m.bytes)
+        self.shared.memory.as_ref().map(|m| m.bytes)
     }
 
     /// Total slots.
     pub fn slots(&self) -> usize {
-        self.slot_count
+        self.shared.slot_count
     }
 
     /// What the executor has done so far.
     pub fn stats(&self) -> ExecutorStats {
         let mut stopped = [0; StopCode::ALL.len()];
-        for (n, counter) in stopped.iter_mut().zip(&self.counters.stopped) {
+        for (n, counter) in stopped.iter_mut().zip(&self.shared.counters.stopped) {
             *n = counter.load(Ordering::Relaxed);
         }
         ExecutorStats {
-            started: self.counters.started.load(Ordering::Relaxed),
+            started: self.shared.counters.started.load(Ordering::Relaxed),
             stopped,
-            running: self.slot_count - self.slots.available_permits(),
-            memory_reserved: self.memory.as_ref().map_or(0, |m| {
+            running: self.shared.slot_count - self.shared.slots.available_permits(),
+            memory_reserved: self.shared.memory.as_ref().map_or(0, |m| {
                 (pages(m.bytes) as usize - m.pages.available_permits()) as u64 * PAGE
             }),
         }
