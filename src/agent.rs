@@ -276,7 +276,9 @@ pub(crate) fn main(
             m
         }
     };
-    let runtime = Runtime::new(crate::server::runtime_config(&data_dir, args.slots))
+    // 0 is the default, as if not given (also for the guest threads).
+    let slots = args.slots.filter(|&n| n > 0);
+    let runtime = Runtime::new(crate::server::runtime_config(&data_dir, slots))
         .context("failed to start the wasm runtime")?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let executor = tokio
@@ -284,11 +286,11 @@ pub(crate) fn main(
             Executor::with_config(
                 runtime.clone(),
                 &ExecutorConfig {
-                    slots: args.slots.unwrap_or(0),
+                    slots: slots.unwrap_or(0),
                     memory_budget: args
                         .memory_budget
                         .or(crate::server::physical_memory().map(|m| m / 2)),
-                    guest_threads: Some(cores.min(args.slots.unwrap_or(usize::MAX)).max(1)),
+                    guest_threads: Some(cores.min(slots.unwrap_or(usize::MAX)).max(1)),
                 },
             )
         })

@@ -290,7 +290,9 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     let _lock = crate::paths::lock_data_dir(&data_dir)?;
     let token = admin_token(&data_dir)?;
     let storage = crate::paths::Blobs::parse(&data_dir, args.blobs.as_deref())?.open(true)?;
-    let runtime = Runtime::new(runtime_config(&data_dir, args.slots))
+    // 0 is the default, as if not given (also for the guest threads).
+    let slots = args.slots.filter(|&n| n > 0);
+    let runtime = Runtime::new(runtime_config(&data_dir, slots))
         .context("failed to start the wasm runtime")?;
     let max_task_memory = runtime.config().max_task_memory;
     if args.default_memory > max_task_memory {
@@ -305,7 +307,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
         None => data_dir.join("state.db").display().to_string(),
     };
     config.state = args.state;
-    config.slots = args.slots;
+    config.slots = slots;
     config.restart_backoff = args.restart_backoff;
     // Half of the machine leaves room for the server itself, compiling,
     // and the page cache; an edge node that needs more says so.
@@ -353,7 +355,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
     config.guest_threads = Some(
         args.guest_threads
             .unwrap_or(cores)
-            .min(args.slots.unwrap_or(usize::MAX))
+            .min(slots.unwrap_or(usize::MAX))
             .max(1),
     );
 

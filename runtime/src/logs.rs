@@ -248,13 +248,12 @@ impl LogBuffer {
 
     /// Retains the line that is `stream`'s partial line followed by `tail`.
     fn push_line(&self, inner: &mut Inner, stream: Stream, tail: &[u8]) {
-        let partial = std::mem::take(&mut inner.partial[stream as usize]);
-        let whole;
+        let mut partial = std::mem::take(&mut inner.partial[stream as usize]);
         let line = if partial.is_empty() {
             tail
         } else {
-            whole = [partial.as_slice(), tail].concat();
-            whole.as_slice()
+            partial.extend_from_slice(tail);
+            partial.as_slice()
         };
         let text = String::from_utf8_lossy(line);
         let len = text.len();

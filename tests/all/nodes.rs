@@ -258,3 +258,21 @@ fn slots_beyond_the_default_pool_run_that_many_tasks_at_once() {
     let node = s.api("GET", "/v1/nodes/local", None).json();
     assert_eq!(node["free"]["slots"], 0, "{node}");
 }
+
+/// `--slots 0` (as `WHARF_SLOTS=0` in an installed unit may say) is the
+/// default in full: 1,000 slots and a guest thread per core, not the one
+/// guest thread "at most the slots" would leave.
+#[test]
+fn slots_zero_is_the_default_slots_and_guest_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&dir.path().join("data"), &["--slots", "0"]);
+    let node = s.api("GET", "/v1/nodes/local", None).json();
+    assert_eq!(node["capacity"]["slots"], 1_000, "{node}");
+    let guests = std::fs::read_dir(format!("/proc/{}/task", s.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "wharf-guest")
+        .count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(guests, cores);
+}
