@@ -24,6 +24,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc rather than glibc's malloc: a task start is a few dozen small
+/// allocations made and freed across the API's and the guests' threads,
+/// and glibc's per-thread arenas made that 10–20 % of the task path's
+/// throughput (`docs/PERFORMANCE.md`, issue 13, seventh slice).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Amazon ECR + ECS for WebAssembly, in one binary.
 #[derive(Debug, Parser)]
 #[command(name = "wharf", version, about, propagate_version = true)]

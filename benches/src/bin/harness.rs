@@ -24,6 +24,11 @@ const LATENCY_TASKS: usize = 20_000;
 const THROUGHPUT_TASKS: usize = 50_000;
 const ROUNDS: usize = 5;
 
+/// The allocator `wharf` ships with, so both arms run on what a server runs.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let json = std::env::args().any(|a| a == "--json");
     let current = tokio::runtime::Builder::new_current_thread()
