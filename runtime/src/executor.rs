@@ -149,6 +149,14 @@ impl MemoryBudget {
     /// that fit now (the tokio semaphore alone is first-come, first-served,
     /// so one large waiter would stall every start behind it).
     async fn reserve(&self, n: u32, stop: &StopSignal) -> Option<Reservation> {
+        // The common case takes its pages at once, without registering on
+        // `freed` (a lock on its waiter list to enter and one to leave).
+        if let Ok(permit) = self.pages.clone().try_acquire_many_owned(n) {
+            return Some(Reservation {
+                permit: Some(permit),
+                freed: self.freed.clone(),
+            });
+        }
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -313,12 +321,18 @@ impl Shared {
         // A slot taken by `try_spawn`, or one borrowed from the shared
         // semaphore (no reference count to take).
         let _taken = permit;
+        // A free slot is taken at once; only a task that has to wait for
+        // one listens for its stop signal meanwhile (registering that
+        // listener locks the signal's waiter list, twice per task).
         let _slot = match &_taken {
             Some(_) => None,
-            None => Some(tokio::select! {
-                biased;
-                () = stop.wait() => return stopped(),
-                p = self.slots.acquire() => p.expect("the slot semaphore is never closed"),
+            None => Some(match self.slots.try_acquire() {
+                Ok(p) => p,
+                Err(_) => tokio::select! {
+                    biased;
+                    () = stop.wait() => return stopped(),
+                    p = self.slots.acquire() => p.expect("the slot semaphore is never closed"),
+                },
             }),
         };
         // A stop that raced the waits above wins before any guest code runs.

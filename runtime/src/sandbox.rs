@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rand::rand_core::UnwrapErr;
+use rand::rngs::SysRng;
 use tokio::sync::Notify;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -175,6 +177,10 @@ impl HasLimiter for P2State {
 pub(crate) fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.arg(&spec.program).args(&spec.args).envs(&spec.env);
+    // The guest's secure randomness straight from the OS (a stateless
+    // handle) rather than the default: a ChaCha12 generator seeded per
+    // context, 320 bytes each task would hold for as long as it runs.
+    b.secure_random(UnwrapErr(SysRng));
     // Closed by default: no network, even if a later WASI default changes.
     b.allow_tcp(false)
         .allow_udp(false)

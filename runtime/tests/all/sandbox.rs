@@ -28,6 +28,47 @@ async fn captures_output_and_reports_figures() {
     }
 }
 
+/// Writes 32 bytes from `random_get` as hex and a newline.
+const RANDOM_HEX: &str = r#"(module
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "0123456789abcdef")
+  (func (export "_start") (local $i i32) (local $b i32)
+    (if (i32.ne (call $random_get (i32.const 0) (i32.const 32)) (i32.const 0)) (then unreachable))
+    (loop $l
+      (local.set $b (i32.load8_u (local.get $i)))
+      (i32.store8 (i32.add (i32.const 128) (i32.shl (local.get $i) (i32.const 1)))
+        (i32.load8_u (i32.add (i32.const 64) (i32.shr_u (local.get $b) (i32.const 4)))))
+      (i32.store8 (i32.add (i32.const 129) (i32.shl (local.get $i) (i32.const 1)))
+        (i32.load8_u (i32.add (i32.const 64) (i32.and (local.get $b) (i32.const 15)))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const 32))))
+    (i32.store8 (i32.const 192) (i32.const 10))
+    (i32.store (i32.const 256) (i32.const 128))
+    (i32.store (i32.const 260) (i32.const 65))
+    (drop (call $fd_write (i32.const 1) (i32.const 256) (i32.const 1) (i32.const 300)))))"#;
+
+#[tokio::test]
+async fn each_task_gets_its_own_secure_random_bytes() {
+    let rt = runtime();
+    let artifact = rt.load(RANDOM_HEX.as_bytes()).unwrap().artifact;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let (spec, logs) = spec(&[]);
+        let outcome = rt.run(&artifact, &spec).await;
+        assert_eq!(outcome.stop_code, StopCode::Completed, "{outcome:?}");
+        let text = logs.stdout_text();
+        let hex = text.trim_end();
+        assert_eq!(hex.len(), 64, "{text:?}");
+        assert_ne!(hex, "0".repeat(64));
+        assert!(
+            seen.insert(hex.to_string()),
+            "a task saw another's bytes: {hex}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn memory_limit_above_the_node_maximum_fails_to_start() {
     let rt = runtime();
