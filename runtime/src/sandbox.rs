@@ -3,14 +3,14 @@
 //! budget and a wall-clock deadline; then the run, and the mapping of how
 //! it ended to an [`Outcome`].
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::rand_core::UnwrapErr;
-use rand::rngs::SysRng;
+use rand::{TryCryptoRng, TryRng};
 use tokio::sync::Notify;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -174,13 +174,35 @@ impl HasLimiter for P2State {
     }
 }
 
+/// WASI's secure randomness: the calling thread's generator (`rand`'s
+/// ChaCha12, reseeded from the OS) through a stateless handle. The
+/// default is a ChaCha12 of the context's own, 320 bytes a task holds for
+/// as long as it runs. Not the OS generator itself (`SysRng`): WASI draws
+/// a guest's bytes one at a time, which would be a system call per byte.
+struct ThreadRandom;
+
+impl TryRng for ThreadRandom {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        rand::rng().try_next_u32()
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        rand::rng().try_next_u64()
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        rand::rng().try_fill_bytes(dst)
+    }
+}
+
+impl TryCryptoRng for ThreadRandom {}
+
 pub(crate) fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.arg(&spec.program).args(&spec.args).envs(&spec.env);
-    // The guest's secure randomness straight from the OS (a stateless
-    // handle) rather than the default: a ChaCha12 generator seeded per
-    // context, 320 bytes each task would hold for as long as it runs.
-    b.secure_random(UnwrapErr(SysRng));
+    b.secure_random(ThreadRandom);
     // Closed by default: no network, even if a later WASI default changes.
     b.allow_tcp(false)
         .allow_udp(false)
