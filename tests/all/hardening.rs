@@ -673,9 +673,13 @@ fn concurrent_manifest_pushes_scan_within_a_memory_bound() {
         "{statuses:?}"
     );
     let grew_mib = s.peak_rss_kib().saturating_sub(before) / 1024;
-    // Two scans at a time hold about 2 x 96 MiB; six at once held 6 x 96.
+    // Two scans at a time hold about 2 x 96 MiB; six at once held 6 x 96
+    // (576). The allocator (mimalloc) keeps a freed buffer for up to a
+    // second before returning it, so the peak can include one scan's
+    // buffer more than the two in flight: measured 225-321 MiB, against
+    // 173-184 with glibc's malloc, which unmaps a large buffer at once.
     assert!(
-        grew_mib < 320,
+        grew_mib < 420,
         "six concurrent scans raised the server's peak memory by {grew_mib} MiB"
     );
 }
