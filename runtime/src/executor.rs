@@ -151,21 +151,15 @@ impl MemoryBudget {
     async fn reserve(&self, n: u32, stop: &StopSignal) -> Option<Reservation> {
         // The common case takes its pages at once, without registering on
         // `freed` (a lock on its waiter list to enter and one to leave).
-        if let Ok(permit) = self.pages.clone().try_acquire_many_owned(n) {
-            return Some(Reservation {
-                permit: Some(permit),
-                freed: self.freed.clone(),
-            });
+        if let Some(r) = self.try_reserve(n) {
+            return Some(r);
         }
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Ok(permit) = self.pages.clone().try_acquire_many_owned(n) {
-                return Some(Reservation {
-                    permit: Some(permit),
-                    freed: self.freed.clone(),
-                });
+            if let Some(r) = self.try_reserve(n) {
+                return Some(r);
             }
             tokio::select! {
                 biased;
@@ -173,6 +167,15 @@ impl MemoryBudget {
                 () = freed => {}
             }
         }
+    }
+
+    /// Takes `n` pages if they are free now.
+    fn try_reserve(&self, n: u32) -> Option<Reservation> {
+        let permit = self.pages.clone().try_acquire_many_owned(n).ok()?;
+        Some(Reservation {
+            permit: Some(permit),
+            freed: self.freed.clone(),
+        })
     }
 }
 
@@ -480,12 +483,9 @@ impl Executor {
             None => None,
             Some(budget) => {
                 let limit = memory.unwrap_or(self.shared.runtime.config().max_task_memory);
-                match budget.pages.clone().try_acquire_many_owned(pages(limit)) {
-                    Ok(permit) => Some(Reservation {
-                        permit: Some(permit),
-                        freed: budget.freed.clone(),
-                    }),
-                    Err(_) => return Err(Refused::Memory(limit)),
+                match budget.try_reserve(pages(limit)) {
+                    Some(r) => Some(r),
+                    None => return Err(Refused::Memory(limit)),
                 }
             }
         };
