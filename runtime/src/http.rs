@@ -447,7 +447,7 @@ impl crate::Runtime {
             .min(self.config().max_task_memory);
         // Built in one statement: the builder is not kept in the request's
         // future (see `sandbox::run`).
-        let wasi = match wasi_builder(spec) {
+        let wasi = match wasi_builder(spec, memory) {
             Ok(mut b) => b.build(),
             Err(message) => return failed(500, StopCode::FailedToStart, message, started),
         };

@@ -199,10 +199,19 @@ impl TryRng for ThreadRandom {
 
 impl TryCryptoRng for ThreadRandom {}
 
-pub(crate) fn wasi_builder(spec: &TaskSpec) -> Result<WasiCtxBuilder, String> {
+/// WASI's own cap on one call for random bytes (wasmtime-wasi's default).
+const MAX_RANDOM_CALL: u64 = 64 << 20;
+
+/// The WASI context of a task whose linear memory may grow to
+/// `memory_limit` bytes.
+pub(crate) fn wasi_builder(spec: &TaskSpec, memory_limit: u64) -> Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.arg(&spec.program).args(&spec.args).envs(&spec.env);
     b.secure_random(ThreadRandom);
+    // The host fills a call's random bytes in a buffer of its own before
+    // copying them into the guest, outside the guest's memory limit: no
+    // call may ask for more than the guest could ever hold (larger traps).
+    b.max_random_size(memory_limit.min(MAX_RANDOM_CALL));
     // Closed by default: no network, even if a later WASI default changes.
     b.allow_tcp(false)
         .allow_udp(false)
@@ -365,7 +374,7 @@ pub(crate) async fn run(
              per request (`wharf serve`), not run as a command",
         ),
         Prepared::P1(pre) => {
-            let wasi = match wasi_builder(spec) {
+            let wasi = match wasi_builder(spec, memory_limit) {
                 Ok(mut b) => b.build_p1(),
                 Err(message) => return not_granted(message),
             };
@@ -398,7 +407,7 @@ pub(crate) async fn run(
             )
         }
         Prepared::P2(pre) => {
-            let wasi = match wasi_builder(spec) {
+            let wasi = match wasi_builder(spec, memory_limit) {
                 Ok(mut b) => b.build(),
                 Err(message) => return not_granted(message),
             };

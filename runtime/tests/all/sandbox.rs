@@ -69,6 +69,39 @@ async fn each_task_gets_its_own_secure_random_bytes() {
     }
 }
 
+/// Asks `random_get` for 2 MiB into a one-page memory; exits 3 if WASI
+/// answers with an error instead of trapping.
+const RANDOM_TOO_MUCH: &str = r#"(module
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (if (i32.ne (call $random_get (i32.const 0) (i32.const 0x200000)) (i32.const 0))
+      (then (call $proc_exit (i32.const 3))))))"#;
+
+#[tokio::test]
+async fn random_bytes_beyond_the_memory_limit_trap_before_the_host_makes_them() {
+    // The host would fill the whole buffer in memory of its own, outside
+    // the guest's limit, before finding it does not fit the guest.
+    let rt = runtime();
+    let artifact = rt.load(RANDOM_TOO_MUCH.as_bytes()).unwrap().artifact;
+    let (mut too_much, _) = spec(&[]);
+    too_much.limits.memory = Some(1 << 20);
+    let outcome = rt.run(&artifact, &too_much).await;
+    assert_eq!(outcome.stop_code, StopCode::Trap, "{outcome:?}");
+    assert!(
+        outcome.message.contains("exceeds limit 1048576"),
+        "{outcome:?}"
+    );
+    // Within the limit, the same call is served.
+    let artifact = rt.load(RANDOM_HEX.as_bytes()).unwrap().artifact;
+    let (mut spec, logs) = spec(&[]);
+    spec.limits.memory = Some(1 << 20);
+    let outcome = rt.run(&artifact, &spec).await;
+    assert_eq!(outcome.stop_code, StopCode::Completed, "{outcome:?}");
+    assert_eq!(logs.stdout_text().trim_end().len(), 64);
+}
+
 #[tokio::test]
 async fn memory_limit_above_the_node_maximum_fails_to_start() {
     let rt = runtime();
