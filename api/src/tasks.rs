@@ -133,6 +133,11 @@ pub(crate) struct Tasks {
 const RECENT_TASKS: usize = 1024;
 const RECENT_FOR: Duration = Duration::from_secs(5);
 
+/// The first wait before a failed final record is queued again; each
+/// failure doubles it, up to [`FINAL_RETRY_MAX`].
+const FINAL_RETRY_FIRST: Duration = Duration::from_millis(100);
+const FINAL_RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// The final records of the tasks that stopped here lately, newest last,
 /// so that a describe right after a stop (a client waiting for its task)
 /// is answered without a database read. Entries are committed records,
@@ -1145,20 +1150,36 @@ impl Tasks {
                 t.http = Some(slot.stats().0);
             }
             st.finishing = true;
-            let page = convert_page(entry.logs.read_from(0, usize::MAX));
             // Queued under the lock, after every earlier record of the task.
-            let committed = self.writer.queue_acked(vec![
-                Write::Task(Box::new(t.clone())),
-                Write::TaskLogs(t.id.clone(), Box::new(page)),
-            ]);
+            let committed = self.queue_final(entry, &t);
             (t, from, committed)
         };
-        // The stopped record becomes visible only once it is durable.
-        let durable = match committed.wait().await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(task = %task.id, error = %e, "cannot record a stopped task");
-                false
+        // The stopped record becomes visible only once it is durable. A
+        // failed commit (a full disk, a database away) is retried: until
+        // then the task shows its last durable status and stays live.
+        let mut committed = committed;
+        let mut backoff = FINAL_RETRY_FIRST;
+        let durable = loop {
+            match committed.wait().await {
+                Ok(()) => break true,
+                // Shutting down: the next start marks the task lost.
+                Err(e) if self.draining() => {
+                    tracing::error!(task = %task.id, error = %e, "cannot record a stopped task");
+                    break false;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        task = %task.id,
+                        error = %e,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "cannot record a stopped task; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(FINAL_RETRY_MAX);
+                    // No lock needed: while `finishing`, nothing else
+                    // queues a record of this task.
+                    committed = self.queue_final(entry, &task);
+                }
             }
         };
         entry.state.lock().expect("task lock").task = task.clone();
@@ -1197,6 +1218,15 @@ impl Tasks {
         entry.status.send_replace(TaskStatus::Stopped);
         let _ = self.stopped.send(task);
         durable
+    }
+
+    /// Queues a task's final record and its retained output, to wait for.
+    fn queue_final(&self, entry: &TaskEntry, task: &Task) -> crate::writer::Committed {
+        let page = convert_page(entry.logs.read_from(0, usize::MAX));
+        self.writer.queue_acked(vec![
+            Write::Task(Box::new(task.clone())),
+            Write::TaskLogs(task.id.clone(), Box::new(page)),
+        ])
     }
 
     /// Asks a task to stop with `reason`. `Ok(None)`: no such task.

@@ -169,6 +169,28 @@ impl Server {
         }
     }
 
+    /// Runs SQL on the stored state while the server runs: `sqlite` on
+    /// `state.db` (Python's sqlite3, waiting out the server's write lock),
+    /// or `postgres` in its database.
+    pub(crate) fn state_sql(&self, sqlite: &str, postgres: &str) {
+        if let Some(url) = &self.state {
+            wharf_testkit::postgres::shared().sql(url, postgres);
+            return;
+        }
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=30); c.executescript(sys.argv[2]); c.commit(); c.close()")
+            .arg(self.data.join("state.db"))
+            .arg(sqlite)
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "sqlite3 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Every byte of the stored state: SQLite's files (the database and
     /// its WAL), or what `pg_dump` writes of the database.
     pub(crate) fn state_dump(&self) -> Vec<u8> {

@@ -422,3 +422,73 @@ fn migrate_moves_a_single_node_install_onto_postgresql_and_a_bucket() {
         String::from_utf8_lossy(&logs.body)
     );
 }
+
+#[test]
+fn a_stopped_record_the_store_refuses_is_retried_and_never_shown_before() {
+    // A full disk or a database away, for STOPPED records only: a trigger
+    // refuses them. The task must not show STOPPED (nor vanish) while its
+    // final record is not durable, and must once the store takes it again.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path());
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "beat", "artifact": "team/beat:v1", "args": ["100"]})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = s.api(
+        "POST",
+        "/v1/tasks",
+        Some(json!({"task_definition": "beat"})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.json()[0]["id"].as_str().unwrap().to_owned();
+    crate::server::eventually(Duration::from_secs(30), "the task running", || {
+        let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
+        (t["status"] == "RUNNING").then_some(())
+    });
+    s.state_sql(
+        "CREATE TRIGGER refuse_stop_i BEFORE INSERT ON tasks WHEN NEW.status = 'STOPPED' \
+           BEGIN SELECT RAISE(ABORT, 'refused for the test'); END; \
+         CREATE TRIGGER refuse_stop_u BEFORE UPDATE ON tasks WHEN NEW.status = 'STOPPED' \
+           BEGIN SELECT RAISE(ABORT, 'refused for the test'); END;",
+        "CREATE FUNCTION refuse_stop() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN IF NEW.status = 'STOPPED' THEN RAISE EXCEPTION 'refused for the test'; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_stop BEFORE INSERT OR UPDATE ON tasks \
+           FOR EACH ROW EXECUTE FUNCTION refuse_stop();",
+    );
+    let r = s.api("POST", &format!("/v1/tasks/{id}/stop"), None);
+    assert_eq!(r.status, 200, "{r:?}");
+    // Several failed commits (retried after 0.1, 0.2, 0.4, 0.8 s...).
+    let refusing = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < refusing {
+        let r = s.api("GET", &format!("/v1/tasks/{id}"), None);
+        assert_eq!(r.status, 200, "{r:?}");
+        let t = r.json();
+        assert_eq!(t["status"], "RUNNING", "shown before it is durable: {t}");
+        assert_eq!(t["desired_status"], "STOPPED", "{t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.state_sql(
+        "DROP TRIGGER refuse_stop_i; DROP TRIGGER refuse_stop_u;",
+        "DROP TRIGGER refuse_stop ON tasks; DROP FUNCTION refuse_stop();",
+    );
+    let t = crate::server::eventually(Duration::from_secs(10), "the task stopped", || {
+        let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
+        (t["status"] == "STOPPED").then_some(t)
+    });
+    assert_eq!(t["stop_code"], "UserStopped", "{t}");
+    // Durable, with its output: a restart reads both from the store.
+    assert!(s.terminate().success());
+    let s = Server::start_in(dir.path());
+    let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
+    assert_eq!(t["status"], "STOPPED", "{t}");
+    assert_eq!(t["stop_code"], "UserStopped", "{t}");
+    let page = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
+    assert!(
+        page["lines"].as_array().is_some_and(|l| !l.is_empty()),
+        "{page}"
+    );
+}
