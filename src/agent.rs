@@ -30,6 +30,11 @@ use wharf_runtime::{
     TaskSpec,
 };
 
+/// How long the agent keeps an idle connection to the server: less than
+/// the server keeps one (30 s), so a request never goes out on a
+/// connection the server is closing.
+const POOL_IDLE: Duration = Duration::from_secs(20);
+
 /// The largest Wasm layer a node pulls.
 const MAX_WASM_BYTES: u64 = 256 << 20;
 
@@ -253,6 +258,7 @@ pub(crate) fn main(
         }
         (false, None) => reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(POOL_IDLE)
             .build()
             .context("failed to build the HTTP client")?,
     };
@@ -420,6 +426,7 @@ async fn pinned_client(
         // Exactly the certificate whose fingerprint was checked.
         .add_root_certificate(reqwest::Certificate::from_der(&der).context("the server's CA")?)
         .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(POOL_IDLE)
         .build()?)
 }
 

@@ -459,12 +459,15 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` — over TLS (HTTP/1.1 and h2 by ALPN) when
 /// `tls` is set, else HTTP/1.1 and h2c — until `shutdown` resolves, then
-/// lets open requests finish (up to 30 s). What a caller can make it
-/// hold is bounded: at most `connections` at once (the server's:
-/// [`MAX_API_CONNECTIONS`]), each with `header_timeout` to send its
-/// headers (a client that trickles them, or idles, is dropped) and 256
-/// h2 streams. Handlers see the peer's address (a node's ingress must be
-/// the address it connects from). Replies go out without Nagle's delay.
+/// closes every connection gracefully and lets open requests finish (up
+/// to 30 s). What a caller can make it hold is bounded: at most
+/// `connections` at once (the server's: [`MAX_API_CONNECTIONS`]), each
+/// with `header_timeout` to send its headers (a client that trickles
+/// them, or sends nothing, is dropped), closed once no request has been
+/// in flight for as long (h2's included: hyper has no idle timeout for
+/// it), and 256 h2 streams. Handlers see the peer's address (a node's
+/// ingress must be the address it connects from). Replies go out without
+/// Nagle's delay.
 async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
@@ -475,7 +478,7 @@ async fn serve(
 ) {
     use hyper_util::rt::{TokioExecutor, TokioTimer};
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -485,6 +488,7 @@ async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
+    let places = u32::try_from(connections).expect("connections fit in u32");
     let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(connections));
     tokio::pin!(shutdown);
     loop {
@@ -512,9 +516,8 @@ async fn serve(
                 r
             },
         );
-        let service = hyper_util::service::TowerToHyperService::new(app);
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let stopping = stopping.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match acceptor {
@@ -525,26 +528,34 @@ async fn serve(
                     else {
                         return;
                     };
-                    serve_connection(stream, &builder, service, watcher, header_timeout).await;
+                    serve_connection(stream, &builder, app, stopping, header_timeout).await;
                 }
-                None => serve_connection(tcp, &builder, service, watcher, header_timeout).await,
+                None => serve_connection(tcp, &builder, app, stopping, header_timeout).await,
             }
         });
     }
     // New clients are refused while the open requests finish, not left
     // in the backlog of a listener nobody accepts on.
     drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    stop.send_replace(true);
+    // Each connection gives its place back as it ends.
+    let _ = tokio::time::timeout(Duration::from_secs(30), connections.acquire_many(places)).await;
 }
 
-/// One connection of [`serve`], dropped if it has sent no byte within
-/// `header_timeout` ([`wharf_api::conn`]: hyper's own header timeout
-/// starts only once it has sniffed the protocol).
-async fn serve_connection<S>(
+/// One connection of [`serve`] under [`wharf_api::conn::supervise`]:
+/// dropped if it has sent no byte within `header_timeout` (hyper's own
+/// header timeout starts only once it has sniffed the protocol), closed
+/// gracefully once no request has been in flight for as long or when
+/// `stopping` turns true.
+async fn serve_connection<S, A>(
     io: S,
     builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    service: hyper_util::service::TowerToHyperService<
-        impl tower::Service<
+    app: A,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    header_timeout: Duration,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    A: tower::Service<
             axum::http::Request<hyper::body::Incoming>,
             Response = axum::response::Response,
             Error = std::convert::Infallible,
@@ -552,19 +563,31 @@ async fn serve_connection<S>(
         > + Clone
         + Send
         + 'static,
-    >,
-    watcher: hyper_util::server::graceful::Watcher,
-    header_timeout: Duration,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (io, heard) = wharf_api::conn::heard(io);
-    let conn = watcher.watch(
-        builder
-            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service)
-            .into_owned(),
-    );
-    let _ = wharf_api::conn::drop_if_silent(conn, &heard, header_timeout).await;
+    let activity = wharf_api::conn::Activity::new();
+    let counted = activity.clone();
+    // A request is in flight from its call until its response body ends.
+    let app = tower::ServiceExt::map_future(app, move |response| {
+        let in_flight = counted.begin();
+        async move {
+            response.await.map(|r: axum::response::Response| {
+                r.map(|body| wharf_api::conn::CountedBody::new(body, in_flight))
+            })
+        }
+    });
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = builder
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(activity.io(io)), service)
+        .into_owned();
+    let _ = wharf_api::conn::supervise(
+        conn,
+        |c| c.graceful_shutdown(),
+        &activity,
+        header_timeout,
+        header_timeout,
+        stopping,
+    )
+    .await;
 }
 
 /// Resolves on Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.
@@ -714,6 +737,131 @@ mod serve_tests {
         tokio::time::timeout(Duration::from_secs(5), server)
             .await
             .expect("the listener ends once its requests are done")
+            .unwrap();
+    }
+
+    /// Reads HTTP/2 frames until the server closes: their types, and
+    /// the bytes of DATA frames.
+    async fn h2_frames_until_closed(io: &mut TcpStream, limit: Duration) -> (Vec<u8>, Vec<u8>) {
+        let (mut types, mut data, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(limit, async {
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+                while all.len() >= 9 {
+                    let len =
+                        usize::from(all[0]) << 16 | usize::from(all[1]) << 8 | usize::from(all[2]);
+                    if all.len() < 9 + len {
+                        break;
+                    }
+                    types.push(all[3]);
+                    if all[3] == 0 {
+                        data.extend_from_slice(&all[9..9 + len]);
+                    }
+                    all.drain(..9 + len);
+                }
+            }
+        })
+        .await
+        .expect("the server closed the connection");
+        (types, data)
+    }
+
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    /// An empty SETTINGS frame.
+    const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const GOAWAY: u8 = 7;
+
+    /// hyper keeps an HTTP/2 connection with no stream open for ever (a
+    /// client can hold every place of the cap with them): closed with a
+    /// GOAWAY once nothing has been in flight for the idle time, counted
+    /// from the end of its last response — a body streamed for longer is
+    /// not cut.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_http2_connection_is_closed_but_a_long_response_is_not() {
+        let app = axum::Router::new().route(
+            "/stream",
+            axum::routing::get(|| async {
+                let chunks = futures_util::stream::unfold(0u32, |i| async move {
+                    if i == 4 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Some((
+                        Ok::<_, std::convert::Infallible>(format!("chunk{i};")),
+                        i + 1,
+                    ))
+                });
+                axum::body::Body::from_stream(chunks)
+            }),
+        );
+        let idle = Duration::from_millis(500);
+        let (addr, stop, server) = start(app, 8, idle).await;
+
+        // Says hello in HTTP/2 and nothing more.
+        let started = std::time::Instant::now();
+        let mut quiet = TcpStream::connect(addr).await.unwrap();
+        quiet.write_all(H2_PREFACE).await.unwrap();
+        quiet.write_all(H2_SETTINGS).await.unwrap();
+        let (types, _) = h2_frames_until_closed(&mut quiet, Duration::from_secs(5)).await;
+        assert!(
+            types.contains(&GOAWAY),
+            "closed without a GOAWAY: {types:?}"
+        );
+        assert!(
+            started.elapsed() >= idle,
+            "closed after {:?}",
+            started.elapsed()
+        );
+
+        // One request whose body streams for 1.2 s, more than twice the
+        // idle time: served whole, then the connection goes idle.
+        let started = std::time::Instant::now();
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        busy.write_all(H2_PREFACE).await.unwrap();
+        busy.write_all(H2_SETTINGS).await.unwrap();
+        // HEADERS on stream 1, END_STREAM | END_HEADERS, HPACK literals
+        // without indexing: :method GET, :scheme http, :path /stream,
+        // :authority x.
+        let mut block = vec![0x82, 0x86];
+        block.extend_from_slice(&[0x04, 7]);
+        block.extend_from_slice(b"/stream");
+        block.extend_from_slice(&[0x01, 1, b'x']);
+        let mut frame = vec![
+            0,
+            0,
+            u8::try_from(block.len()).unwrap(),
+            1,
+            0x05,
+            0,
+            0,
+            0,
+            1,
+        ];
+        frame.extend_from_slice(&block);
+        busy.write_all(&frame).await.unwrap();
+        let (types, data) = h2_frames_until_closed(&mut busy, Duration::from_secs(10)).await;
+        assert_eq!(
+            String::from_utf8_lossy(&data),
+            "chunk0;chunk1;chunk2;chunk3;",
+            "{types:?}"
+        );
+        assert!(
+            types.contains(&GOAWAY),
+            "closed without a GOAWAY: {types:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(1200) + idle,
+            "closed after {:?}",
+            started.elapsed()
+        );
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the listener ends at shutdown")
             .unwrap();
     }
 }

@@ -164,7 +164,8 @@ impl Cluster {
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Less than the API keeps an idle connection (30 s).
+            .pool_idle_timeout(Duration::from_secs(20))
             .build(connector(tls)),
         }))
     }

@@ -1,55 +1,209 @@
 //! What the API's and the ingress's listeners do with a connection
-//! before and around hyper: hyper's header timeout starts only once
-//! hyper-util's auto builder has sniffed the protocol from the first
-//! bytes, so a client that connects and sends nothing would hold its
-//! connection for ever. [`heard`] notes the first byte read, and
-//! [`drop_if_silent`] ends a connection that has sent none in time.
+//! around hyper, for the two bounds hyper does not keep on its own:
+//!
+//! - hyper's header timeout starts only once hyper-util's auto builder
+//!   has sniffed the protocol from the first bytes, so a client that
+//!   connects and sends nothing would hold its connection for ever: one
+//!   that has sent no byte within `silent` is dropped.
+//! - HTTP/1.1 waits for the next request of a kept-alive connection at
+//!   most its header timeout, but hyper gives an HTTP/2 connection with
+//!   no stream open no timeout at all (pings a client answers keep it
+//!   alive): a connection with no request in flight for `idle` is closed
+//!   gracefully (GOAWAY on HTTP/2).
+//!
+//! [`Activity`] notes a connection's first byte ([`Activity::io`]) and
+//! its requests in flight — from the call until the response body ends
+//! or is dropped ([`Activity::begin`], [`CountedBody`]) — and
+//! [`supervise`] runs the connection under both rules and the server's
+//! shutdown.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 
-/// `io`, and a flag that turns true once a byte has been read from it.
-pub fn heard<S>(io: S) -> (FirstBytes<S>, Arc<AtomicBool>) {
-    let flag = Arc::new(AtomicBool::new(false));
-    (
+/// What a connection has done: whether a byte has arrived, how many of
+/// its requests are in flight, and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    heard: AtomicBool,
+    in_flight: AtomicUsize,
+    /// When the connection last had no request in flight: nanoseconds
+    /// from `born`.
+    quiet_since: AtomicU64,
+    born: Instant,
+}
+
+impl Activity {
+    /// A new connection's.
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            heard: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            quiet_since: AtomicU64::new(0),
+            born: Instant::now(),
+        })
+    }
+
+    /// `io`, noting the first byte read from it.
+    pub fn io<S>(self: &Arc<Self>, io: S) -> FirstBytes<S> {
         FirstBytes {
             io,
-            heard: flag.clone(),
-        },
-        flag,
-    )
+            activity: self.clone(),
+        }
+    }
+
+    /// A request begins; it is in flight until the guard is dropped (move
+    /// it into the response's [`CountedBody`]).
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Since when no request has been in flight; `None` while one is.
+    fn quiet_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let ns = self.quiet_since.load(Ordering::Acquire);
+        Some(self.born + Duration::from_nanos(ns))
+    }
 }
 
-/// Runs `conn` (a connection over [`heard`]'s io) to its end, unless no
-/// byte has arrived within `timeout`: then it is dropped (`None`).
-pub async fn drop_if_silent<F: Future>(
-    conn: F,
-    heard: &AtomicBool,
-    timeout: Duration,
-) -> Option<F::Output> {
+/// A request in flight on its connection's [`Activity`].
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        // Stamped before the count drops, so a reader that sees none in
+        // flight sees this request's end.
+        let ns = u64::try_from(a.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        a.quiet_since.fetch_max(ns, Ordering::AcqRel);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request in flight until it ends or is
+/// dropped (a streamed body is a request in progress).
+#[derive(Debug)]
+pub struct CountedBody<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B> CountedBody<B> {
+    /// `inner`, holding `in_flight` for as long as it lives.
+    pub fn new(inner: B, in_flight: InFlight) -> Self {
+        CountedBody {
+            inner,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs `conn` (served over [`Activity::io`] with its requests counted)
+/// to its end, under these rules: no byte within `silent` — dropped
+/// (`None`); no request in flight for `idle` — closed with `graceful`,
+/// as when `stopping` turns true. A connection still open with nothing in
+/// flight for `idle` after that (an HTTP/2 client that never answers the
+/// ping of a graceful GOAWAY) is dropped too.
+pub async fn supervise<C: Future>(
+    conn: C,
+    mut graceful: impl FnMut(Pin<&mut C>),
+    activity: &Activity,
+    silent: Duration,
+    idle: Duration,
+    mut stopping: watch::Receiver<bool>,
+) -> Option<C::Output> {
     tokio::pin!(conn);
-    tokio::select! {
-        done = &mut conn => return Some(done),
-        () = tokio::time::sleep(timeout) => {}
+    let check = tokio::time::sleep(silent);
+    tokio::pin!(check);
+    let mut stopped = false;
+    if !activity.heard.load(Ordering::Relaxed) {
+        tokio::select! {
+            done = conn.as_mut() => return Some(done),
+            () = check.as_mut() => {}
+            Ok(_) = stopping.wait_for(|stop| *stop) => stopped = true,
+        }
+        // Silent all along, or at shutdown: not waited for.
+        if !activity.heard.load(Ordering::Relaxed) {
+            return None;
+        }
     }
-    if heard.load(Ordering::Relaxed) {
-        Some(conn.await)
-    } else {
-        None
+    // Idle from `from` (or from the end of its last request, if later)
+    // for `idle`: `None`, else when to look again.
+    let next_check = |from: Instant| {
+        let now = Instant::now();
+        match activity.quiet_since() {
+            Some(since) if now.saturating_duration_since(since.max(from)) >= idle => None,
+            Some(since) => Some(since.max(from) + idle),
+            None => Some(now + idle),
+        }
+    };
+    let born = activity.born;
+    // A server whose stop signal is gone has no shutdown to wait for.
+    let mut may_stop = true;
+    while !stopped {
+        match next_check(born) {
+            None => break,
+            Some(at) => check.as_mut().reset(at.into()),
+        }
+        tokio::select! {
+            done = conn.as_mut() => return Some(done),
+            () = check.as_mut() => {}
+            stop = stopping.wait_for(|stop| *stop), if may_stop => {
+                stopped = stop.is_ok();
+                may_stop = stopped;
+            }
+        }
+    }
+    graceful(conn.as_mut());
+    let closing = Instant::now();
+    loop {
+        match next_check(closing) {
+            None => return None,
+            Some(at) => check.as_mut().reset(at.into()),
+        }
+        tokio::select! {
+            done = conn.as_mut() => return Some(done),
+            () = check.as_mut() => {}
+        }
     }
 }
 
-/// A connection's io, noting that a byte has arrived.
+/// A connection's io, noting on its [`Activity`] that a byte has arrived.
 #[derive(Debug)]
 pub struct FirstBytes<S> {
     io: S,
-    heard: Arc<AtomicBool>,
+    activity: Arc<Activity>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
@@ -61,7 +215,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.heard.store(true, Ordering::Relaxed);
+            self.activity.heard.store(true, Ordering::Relaxed);
         }
         polled
     }
@@ -99,37 +253,157 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
+    const SILENT: Duration = Duration::from_millis(100);
+    const IDLE: Duration = Duration::from_millis(300);
+
     /// A silent peer is dropped at the timeout; one that has said
-    /// something is served to the end, however long that takes.
+    /// something is served to the end, however long that takes, while it
+    /// has a request in flight.
     #[tokio::test]
-    async fn a_silent_connection_is_dropped_and_a_talking_one_is_not() {
-        let timeout = Duration::from_millis(100);
-        let echo_one = |io: FirstBytes<tokio::io::DuplexStream>| async move {
+    async fn a_silent_connection_is_dropped_and_a_busy_one_is_not() {
+        let (_stop, stopping) = watch::channel(false);
+        let echo_one = |io: FirstBytes<tokio::io::DuplexStream>, activity: Arc<Activity>| async move {
             let mut io = io;
             let mut byte = [0u8; 1];
             io.read_exact(&mut byte).await.unwrap();
-            // Longer than the timeout, after the first byte.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _request = activity.begin();
+            // Longer than both timeouts, with a request in flight.
+            tokio::time::sleep(IDLE * 2).await;
             io.write_all(&byte).await.unwrap();
             byte[0]
         };
+        let never = |_: Pin<&mut _>| panic!("closed a connection that was not idle");
         let (server, _client) = tokio::io::duplex(64);
-        let (io, flag) = heard(server);
-        assert_eq!(drop_if_silent(echo_one(io), &flag, timeout).await, None);
+        let activity = Activity::new();
+        let conn = echo_one(activity.io(server), activity.clone());
+        let done = supervise(conn, never, &activity, SILENT, IDLE, stopping.clone()).await;
+        assert_eq!(done, None);
 
         let (server, mut client) = tokio::io::duplex(64);
-        let (io, flag) = heard(server);
+        let activity = Activity::new();
         client.write_all(b"x").await.unwrap();
-        assert_eq!(
-            drop_if_silent(echo_one(io), &flag, timeout).await,
-            Some(b'x')
-        );
+        let conn = echo_one(activity.io(server), activity.clone());
+        let done = supervise(conn, never, &activity, SILENT, IDLE, stopping).await;
+        assert_eq!(done, Some(b'x'));
         let mut back = [0u8; 1];
         client.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"x");
+    }
+
+    /// A connection that stays open (as an HTTP/2 one with no stream
+    /// does): closed once nothing has been in flight for `idle`, counted
+    /// from its last request's end — or at once when the server stops.
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_its_last_request_and_on_shutdown() {
+        let (stop, stopping) = watch::channel(false);
+        let closes = Arc::new(AtomicUsize::new(0));
+        let close = |c: Pin<&mut Closable>| c.close();
+        let activity = Activity::new();
+        activity.heard.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let request = activity.begin();
+        let body = CountedBody::new(http_body_util::Empty::<bytes::Bytes>::new(), request);
+        tokio::spawn(async move {
+            // A response body streamed for longer than IDLE.
+            tokio::time::sleep(IDLE * 2).await;
+            drop(body);
+        });
+        let conn = Closable::new(closes.clone());
+        let done = supervise(conn, close, &activity, SILENT, IDLE, stopping.clone()).await;
+        assert_eq!(done, Some(()));
+        assert_eq!(closes.load(Ordering::Relaxed), 1);
+        let took = started.elapsed();
+        assert!(
+            took >= IDLE * 3,
+            "closed {took:?} in, before its body ended + IDLE"
+        );
+        assert!(took < IDLE * 5, "closed {took:?} in");
+
+        let activity = Activity::new();
+        activity.heard.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(IDLE / 3).await;
+            stop.send_replace(true);
+        });
+        let conn = Closable::new(closes.clone());
+        let done = supervise(conn, close, &activity, SILENT, IDLE * 10, stopping.clone()).await;
+        assert_eq!(done, Some(()));
+        assert_eq!(closes.load(Ordering::Relaxed), 2);
+        assert!(started.elapsed() < IDLE * 2, "{:?}", started.elapsed());
+    }
+
+    /// Closed for being idle but still open an idle time later (an HTTP/2
+    /// client that never answers the GOAWAY's ping): dropped.
+    #[tokio::test]
+    async fn a_connection_that_does_not_close_when_asked_is_dropped() {
+        let (_stop, stopping) = watch::channel(false);
+        let closes = Arc::new(AtomicUsize::new(0));
+        let activity = Activity::new();
+        activity.heard.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut conn = Closable::new(closes.clone());
+        conn.sticky = true;
+        let close = |c: Pin<&mut Closable>| c.close();
+        let done = supervise(conn, close, &activity, SILENT, IDLE, stopping).await;
+        assert_eq!(done, None);
+        assert_eq!(closes.load(Ordering::Relaxed), 1);
+        let took = started.elapsed();
+        assert!(took >= IDLE * 2 && took < IDLE * 4, "{took:?}");
+    }
+
+    /// At shutdown a connection that has sent nothing is not waited for.
+    #[tokio::test]
+    async fn a_silent_connection_is_dropped_at_shutdown() {
+        let (stop, stopping) = watch::channel(false);
+        let activity = Activity::new();
+        let conn = Closable::new(Arc::new(AtomicUsize::new(0)));
+        let close = |_: Pin<&mut Closable>| panic!("a silent connection is dropped, not closed");
+        stop.send_replace(true);
+        let started = Instant::now();
+        let done = supervise(conn, close, &activity, IDLE * 10, IDLE * 10, stopping).await;
+        assert_eq!(done, None);
+        assert!(started.elapsed() < IDLE, "{:?}", started.elapsed());
+    }
+
+    /// A connection that ends only once closed (or never, if `sticky`:
+    /// a peer that does not answer the close).
+    struct Closable {
+        closed: bool,
+        sticky: bool,
+        closes: Arc<AtomicUsize>,
+    }
+
+    impl Closable {
+        fn new(closes: Arc<AtomicUsize>) -> Self {
+            Closable {
+                closed: false,
+                sticky: false,
+                closes,
+            }
+        }
+
+        fn close(mut self: Pin<&mut Self>) {
+            self.closed = !self.sticky;
+            self.closes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    impl Future for Closable {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            if self.closed {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
     }
 }

@@ -9,8 +9,9 @@
 //! over [`MAX_HEADER_BYTES`] → 431 (hyper's own answer); a body over the
 //! task definition's `max_request_body` → 413; a client that does not
 //! finish its headers — or send anything — within [`HEADER_TIMEOUT`] is
-//! dropped (slowloris);
-//! at most [`MAX_CONNECTIONS`] connections at once.
+//! dropped (slowloris), and a connection with no request in flight for as
+//! long — HTTP/2's included, which hyper would keep open — is closed
+//! (GOAWAY on HTTP/2); at most [`MAX_CONNECTIONS`] connections at once.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,7 +36,8 @@ use crate::serving::{Backends, Body, HttpTask, NotTaken, pick};
 
 /// Headers larger than this get 431.
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
-/// A client must send a request's headers within this time.
+/// A client must send a request's headers within this time, and a
+/// connection with no request in flight is closed after it.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 10_000;
@@ -564,10 +566,19 @@ pub(crate) async fn serve<G: Gateway>(
         };
         let _ = socket.set_nodelay(true);
         let control = control.clone();
+        let stopping = shutdown.clone();
         tokio::spawn(async move {
+            let activity = crate::conn::Activity::new();
+            let counted = activity.clone();
             let service = hyper::service::service_fn(move |request| {
                 let control = control.clone();
-                async move { Ok::<_, Infallible>(route_request(&control, request, peer).await) }
+                let in_flight = counted.begin();
+                async move {
+                    let response = route_request(&control, request, peer).await;
+                    Ok::<_, Infallible>(
+                        response.map(|body| crate::conn::CountedBody::new(body, in_flight)),
+                    )
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -581,13 +592,16 @@ pub(crate) async fn serve<G: Gateway>(
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .max_concurrent_streams(256);
-            // hyper's header timeout starts once the protocol is known:
-            // a client that never sends a byte is dropped here.
-            let (socket, heard) = crate::conn::heard(socket);
-            let _ = crate::conn::drop_if_silent(
-                builder.serve_connection(TokioIo::new(socket), service),
-                &heard,
+            // hyper's header timeout starts once the protocol is known,
+            // and HTTP/2 has no idle timeout: both bounds are kept here.
+            let conn = builder.serve_connection(TokioIo::new(activity.io(socket)), service);
+            let _ = crate::conn::supervise(
+                conn,
+                |c| c.graceful_shutdown(),
+                &activity,
                 HEADER_TIMEOUT,
+                HEADER_TIMEOUT,
+                stopping,
             )
             .await;
             drop(permit);

@@ -88,7 +88,9 @@ impl Forwarder {
         connector.set_nodelay(true);
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
+                // Less than an ingress keeps an idle connection (10 s),
+                // so none is reused as the node closes it.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .pool_max_idle_per_host(64)
                 .build(connector);
         Forwarder {

@@ -414,12 +414,21 @@ fn oversized_slow_and_excess_requests_are_refused_as_a_client_understands() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("waited 3000 ms\n"), "{answer}");
 
-    // A client that never finishes its headers is dropped (slowloris).
+    // A client that never finishes its headers is dropped (slowloris),
+    // and an HTTP/2 one that opens no stream is closed with a GOAWAY
+    // (hyper alone would keep it for ever).
     let addr = s.ingress.as_deref().unwrap().trim_start_matches("http://");
     let mut lazy = TcpStream::connect(addr).unwrap();
     lazy.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
     lazy.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut quiet = TcpStream::connect(addr).unwrap();
+    quiet
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
@@ -429,6 +438,36 @@ fn oversized_slow_and_excess_requests_are_refused_as_a_client_understands() {
         waited < Duration::from_secs(20),
         "a slow client held its connection for {waited:?}"
     );
+    // Read as a client would: a graceful GOAWAY comes with a PING, and
+    // the final GOAWAY after its answer.
+    let (mut types, mut frames, mut buf) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    loop {
+        match quiet.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => frames.extend_from_slice(&buf[..n]),
+        }
+        while frames.len() >= 9 {
+            let len =
+                usize::from(frames[0]) << 16 | usize::from(frames[1]) << 8 | usize::from(frames[2]);
+            if frames.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (frames[3], frames[4]);
+            types.push(kind);
+            if kind == 6 && flags & 1 == 0 {
+                let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                ack.extend_from_slice(&frames[9..17]);
+                let _ = quiet.write_all(&ack);
+            }
+            frames.drain(..9 + len);
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "an idle HTTP/2 client held its connection for {waited:?}"
+    );
+    assert!(types.contains(&7), "closed without a GOAWAY: {types:?}");
     // The ingress serves on.
     assert_eq!(get(&s, "/echo").status, 200);
 }
