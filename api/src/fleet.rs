@@ -245,6 +245,9 @@ struct Held {
     service: Option<String>,
     repository: String,
     updates: mpsc::UnboundedSender<Update>,
+    /// Its outcome was handed to its follower, whose commit may still be
+    /// running (or retrying): not handed again.
+    finishing: bool,
 }
 
 struct NodeBook {
@@ -368,6 +371,7 @@ impl RemoteNode {
                 service,
                 repository,
                 updates,
+                finishing: false,
             },
         );
         drop(book);
@@ -588,12 +592,15 @@ impl RemoteNode {
                 }
             }
             match &t.outcome {
+                // Being recorded: acknowledged in a later report, once done.
+                Some(_) if h.finishing => {}
                 Some(outcome) => {
                     let (tx, rx) = oneshot::channel();
                     if h.updates
                         .send(Update::Finished(outcome.clone(), tx))
                         .is_ok()
                     {
+                        h.finishing = true;
                         out.finished.push((t.id.clone(), rx));
                     } else {
                         out.ack.push(t.id.clone());

@@ -12,6 +12,11 @@ use crate::control::Control;
 use crate::error::{ApiError, ErrorCode, Result};
 use crate::fleet::{JoinRequest, JoinResponse, Report, SyncResponse};
 use crate::model::{self, JoinToken, Node, NodeResources, NodeState, NodeStatus};
+
+/// How long a node's sync waits for the records of the outcomes it
+/// reports (all of them together) before answering without their
+/// acknowledgements.
+const FINISHED_WAIT: Duration = Duration::from_secs(2);
 pub use crate::tasks::LOCAL_NODE;
 
 /// The local node's settings from the server's flags.
@@ -423,10 +428,14 @@ impl Control {
         let mut ack = received.ack;
         let mut stop = received.stop;
         let answered = !ack.is_empty() || !stop.is_empty() || !received.finished.is_empty();
+        // Acknowledged only once the record is durable: a node that misses
+        // the answer reports the outcome again. One deadline for them all,
+        // well within the agent's patience for a sync (5 s): a store that
+        // fails (its commits are retried) must not make the node think
+        // the server is gone.
+        let deadline = tokio::time::Instant::now() + FINISHED_WAIT;
         for (id, done) in received.finished {
-            // Acknowledged only once the record is durable: a node that
-            // misses the answer reports the outcome again.
-            if tokio::time::timeout(Duration::from_secs(10), done)
+            if tokio::time::timeout_at(deadline, done)
                 .await
                 .is_ok_and(|r| r.is_ok())
             {

@@ -423,6 +423,25 @@ fn migrate_moves_a_single_node_install_onto_postgresql_and_a_bucket() {
     );
 }
 
+/// Triggers that make the store refuse every STOPPED task record (as a
+/// full disk would refuse them): SQLite's, then PostgreSQL's.
+const REFUSE_STOPPED: (&str, &str) = (
+    "CREATE TRIGGER refuse_stop_i BEFORE INSERT ON tasks WHEN NEW.status = 'STOPPED' \
+       BEGIN SELECT RAISE(ABORT, 'refused for the test'); END; \
+     CREATE TRIGGER refuse_stop_u BEFORE UPDATE ON tasks WHEN NEW.status = 'STOPPED' \
+       BEGIN SELECT RAISE(ABORT, 'refused for the test'); END;",
+    "CREATE FUNCTION refuse_stop() RETURNS trigger LANGUAGE plpgsql AS $$ \
+       BEGIN IF NEW.status = 'STOPPED' THEN RAISE EXCEPTION 'refused for the test'; END IF; \
+       RETURN NEW; END $$; \
+     CREATE TRIGGER refuse_stop BEFORE INSERT OR UPDATE ON tasks \
+       FOR EACH ROW EXECUTE FUNCTION refuse_stop();",
+);
+/// Drops [`REFUSE_STOPPED`]'s triggers.
+const ACCEPT_STOPPED: (&str, &str) = (
+    "DROP TRIGGER refuse_stop_i; DROP TRIGGER refuse_stop_u;",
+    "DROP TRIGGER refuse_stop ON tasks; DROP FUNCTION refuse_stop();",
+);
+
 #[test]
 fn a_stopped_record_the_store_refuses_is_retried_and_never_shown_before() {
     // A full disk or a database away, for STOPPED records only: a trigger
@@ -448,17 +467,7 @@ fn a_stopped_record_the_store_refuses_is_retried_and_never_shown_before() {
         let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
         (t["status"] == "RUNNING").then_some(())
     });
-    s.state_sql(
-        "CREATE TRIGGER refuse_stop_i BEFORE INSERT ON tasks WHEN NEW.status = 'STOPPED' \
-           BEGIN SELECT RAISE(ABORT, 'refused for the test'); END; \
-         CREATE TRIGGER refuse_stop_u BEFORE UPDATE ON tasks WHEN NEW.status = 'STOPPED' \
-           BEGIN SELECT RAISE(ABORT, 'refused for the test'); END;",
-        "CREATE FUNCTION refuse_stop() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN IF NEW.status = 'STOPPED' THEN RAISE EXCEPTION 'refused for the test'; END IF; \
-           RETURN NEW; END $$; \
-         CREATE TRIGGER refuse_stop BEFORE INSERT OR UPDATE ON tasks \
-           FOR EACH ROW EXECUTE FUNCTION refuse_stop();",
-    );
+    s.state_sql(REFUSE_STOPPED.0, REFUSE_STOPPED.1);
     let r = s.api("POST", &format!("/v1/tasks/{id}/stop"), None);
     assert_eq!(r.status, 200, "{r:?}");
     // Several failed commits (retried after 0.1, 0.2, 0.4, 0.8 s...).
@@ -471,10 +480,7 @@ fn a_stopped_record_the_store_refuses_is_retried_and_never_shown_before() {
         assert_eq!(t["desired_status"], "STOPPED", "{t}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    s.state_sql(
-        "DROP TRIGGER refuse_stop_i; DROP TRIGGER refuse_stop_u;",
-        "DROP TRIGGER refuse_stop ON tasks; DROP FUNCTION refuse_stop();",
-    );
+    s.state_sql(ACCEPT_STOPPED.0, ACCEPT_STOPPED.1);
     let t = crate::server::eventually(Duration::from_secs(10), "the task stopped", || {
         let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
         (t["status"] == "STOPPED").then_some(t)
@@ -491,4 +497,50 @@ fn a_stopped_record_the_store_refuses_is_retried_and_never_shown_before() {
         page["lines"].as_array().is_some_and(|l| !l.is_empty()),
         "{page}"
     );
+}
+
+#[test]
+fn a_service_replaces_a_task_whose_stopped_record_the_store_refuses() {
+    // The task ended (its guest exited); only its record waits for the
+    // store. Its service must not wait with it.
+    let s = Server::start();
+    s.push_sample("heartbeat", Target::P1, "team/beat:v1");
+    let r = s.api(
+        "POST",
+        "/v1/taskdefs",
+        Some(json!({"family": "short", "artifact": "team/beat:v1", "args": ["100", "3"]})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    s.state_sql(REFUSE_STOPPED.0, REFUSE_STOPPED.1);
+    let r = s.api(
+        "POST",
+        "/v1/services",
+        Some(json!({"name": "short", "task_definition": "short", "desired_count": 1})),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    // Each task beats three times and exits; each is replaced although
+    // none of them can be recorded STOPPED.
+    let ids = crate::server::eventually(Duration::from_secs(30), "three tasks started", || {
+        let r = s.api("GET", "/v1/tasks?service=short", None);
+        let ids: std::collections::BTreeSet<String> = r
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        (ids.len() >= 3).then_some(ids)
+    });
+    s.state_sql(ACCEPT_STOPPED.0, ACCEPT_STOPPED.1);
+    // Those that ended are recorded once the store takes them again.
+    crate::server::eventually(Duration::from_secs(30), "the ended tasks recorded", || {
+        let completed = ids
+            .iter()
+            .filter(|id| {
+                let t = s.api("GET", &format!("/v1/tasks/{id}"), None).json();
+                t["status"] == "STOPPED" && t["stop_code"] == "Completed"
+            })
+            .count();
+        (completed >= 2).then_some(())
+    });
 }
