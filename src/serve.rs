@@ -10,7 +10,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use wharf_api::ingress::{HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES};
 use wharf_runtime::{
     ArtifactKind, DirGrant, Executor, ExecutorConfig, HttpOptions, Limits, OutboundRule, Runtime,
     Stdio, TaskSpec, text_response,
@@ -143,21 +144,58 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         // Scripts and tests wait for this line.
         eprintln!("wharf: serving http://{}", listener.local_addr()?);
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        // Never sent: the process ends at Ctrl-C.
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
         loop {
-            let (socket, _) = tokio::select! {
-                accepted = listener.accept() => accepted.context("accept failed")?,
+            let permit = tokio::select! {
+                p = connections.clone().acquire_owned() => p.expect("never closed"),
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             };
+            let (socket, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    // Out of file descriptors, say: wait, do not exit.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            let _ = socket.set_nodelay(true);
             let served = served.clone();
+            let stopping = stopping.clone();
             tokio::spawn(async move {
+                let _permit = permit;
+                let activity = wharf_api::conn::Activity::new();
+                let counted = activity.clone();
                 let service = hyper::service::service_fn(move |request| {
                     let served = served.clone();
-                    async move { Ok::<_, std::convert::Infallible>(served.handle(request).await) }
+                    let in_flight = counted.begin();
+                    async move {
+                        let response = served.handle(request).await;
+                        Ok::<_, std::convert::Infallible>(
+                            response.map(|body| wharf_api::conn::CountedBody::new(body, in_flight)),
+                        )
+                    }
                 });
-                let _ = http1::Builder::new()
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(socket), service)
-                    .await;
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .serve_connection(TokioIo::new(activity.io(socket)), service);
+                let _ = wharf_api::conn::supervise(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    HEADER_TIMEOUT,
+                    HEADER_TIMEOUT,
+                    stopping,
+                )
+                .await;
             });
         }
     })
