@@ -253,18 +253,25 @@ impl Artifacts {
     ) -> std::result::Result<Arc<Artifact>, String> {
         let fetched = self.fetch(artifact, manifest_digest, wasm_digest).await?;
         let runtime = self.runtime.clone();
-        // Reading a downloaded file and compiling are blocking work.
+        // Hashing a stored layer, reading a downloaded file and compiling
+        // are blocking work.
         let loaded = tokio::task::spawn_blocking(move || match fetched {
-            Fetched::Bytes(bytes) => runtime.load(&bytes),
+            Fetched::Stored(bytes, digest) => {
+                if digest.same_algorithm_of(&bytes) != digest {
+                    return Err(format!("the stored layer {digest} is corrupt"));
+                }
+                runtime
+                    .load(&bytes)
+                    .map_err(|e| format!("cannot load the artifact: {e}"))
+            }
             Fetched::File(path) => {
                 let loaded = runtime.load_file(&path);
                 let _ = std::fs::remove_file(&path);
-                loaded
+                loaded.map_err(|e| format!("cannot load the artifact: {e}"))
             }
         })
         .await
-        .map_err(|e| format!("compiling failed: {e}"))?
-        .map_err(|e| format!("cannot load the artifact: {e}"))?;
+        .map_err(|e| format!("compiling failed: {e}"))??;
         Ok(loaded.artifact)
     }
 
@@ -290,10 +297,7 @@ impl Artifacts {
                             "the Wasm layer {wasm_digest} is no longer in {name} (deleted or larger than {MAX_WASM_BYTES} bytes)"
                         )
                     })?;
-                if digest.same_algorithm_of(&bytes) != digest {
-                    return Err(format!("the stored layer {wasm_digest} is corrupt"));
-                }
-                Ok(Fetched::Bytes(bytes))
+                Ok(Fetched::Stored(bytes, digest))
             }
             ArtifactRef::Remote(reference) => {
                 let repo = reference
@@ -353,7 +357,9 @@ impl Artifacts {
 /// A fetched Wasm layer: in memory (from the built-in store) or in a
 /// verified scratch file (from another registry).
 enum Fetched {
-    Bytes(Vec<u8>),
+    /// A layer of this registry (mapped from its file where it has one),
+    /// to check against its digest before it is compiled.
+    Stored(wharf_registry::storage::Whole, Digest),
     File(PathBuf),
 }
 

@@ -66,8 +66,10 @@ pub struct Registry {
     /// one tag, exactly one wins.
     tag_stripes: Vec<tokio::sync::Mutex<()>>,
     /// Push-time scans in flight: each reads a Wasm layer of up to
-    /// [`MAX_SCANNED_WASM_BYTES`] into memory, so at most
-    /// [`SCAN_CONCURRENCY`] run at once and the memory they hold is bounded.
+    /// [`MAX_SCANNED_WASM_BYTES`] (mapped from its file, or into memory
+    /// from S3) and validates it on a blocking thread, so at most
+    /// [`SCAN_CONCURRENCY`] run at once: the CPU and memory they take are
+    /// bounded.
     scans: tokio::sync::Semaphore,
 }
 

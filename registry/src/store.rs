@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{ErrorCode, RegistryError, Result};
 use crate::path::{Name, Reference, valid_tag};
-use crate::storage::Storage;
+use crate::storage::{Storage, Whole};
 
 /// Manifests larger than this are refused: the spec suggests registries
 /// accept at least 4 MiB, and a manifest is buffered to validate it.
@@ -410,15 +410,12 @@ impl Store {
         Ok(digest)
     }
 
-    /// Reads a whole blob of `name`, if it is at most `max` bytes.
-    pub async fn read_blob(
-        &self,
-        name: &Name,
-        digest: &Digest,
-        max: u64,
-    ) -> Result<Option<Vec<u8>>> {
+    /// A whole blob of `name`, if it is at most `max` bytes: mapped from
+    /// its file where the storage has one, so reading a large layer (a
+    /// scan, a compile) holds none of it in the heap.
+    pub async fn read_blob(&self, name: &Name, digest: &Digest, max: u64) -> Result<Option<Whole>> {
         match self.blob_size(name, digest).await? {
-            Some(size) if size <= max => Ok(self.storage.read(&blob_path(digest)).await?),
+            Some(size) if size <= max => Ok(self.storage.whole(&blob_path(digest)).await?),
             _ => Ok(None),
         }
     }

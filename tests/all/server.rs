@@ -228,17 +228,6 @@ impl Server {
         .json()
     }
 
-    /// The server's peak resident memory so far (Linux `VmHWM`), KiB.
-    pub(crate) fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmHWM in /proc/PID/status")
-    }
-
     pub(crate) fn data(&self) -> &Path {
         &self.data
     }

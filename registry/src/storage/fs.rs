@@ -9,7 +9,7 @@ use std::time::UNIX_EPOCH;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::{CHUNK, Chunks, Reader, Storage, Writer};
+use super::{CHUNK, Chunks, Reader, Storage, Whole, Writer};
 
 /// Where temporary files live, inside the root.
 pub const TMP_DIR: &str = "_tmp";
@@ -178,6 +178,32 @@ impl Storage for FsStorage {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) => absent(e),
         }
+    }
+
+    async fn whole(&self, name: &str) -> io::Result<Option<Whole>> {
+        let path = self.path(name);
+        blocking(move || {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => return absent(e),
+            };
+            if file.metadata()?.len() == 0 {
+                // Nothing to map (and mapping nothing is an error).
+                return Ok(Some(Whole::Heap(Vec::new())));
+            }
+            // SAFETY: the objects read whole are blobs, which are never
+            // written in place: a blob is a temporary file written,
+            // fsynced and renamed into place, and a later write of the
+            // same name renames a new file over it; deleting one unlinks
+            // it. Neither touches the inode mapped here. Only a process
+            // writing into the data directory behind Wharf's back could
+            // change the bytes under the mapping — the same trust wasmtime
+            // places in the compiled files it maps from the cache.
+            #[allow(unsafe_code)]
+            let map = unsafe { memmap2::Mmap::map(&file)? };
+            Ok(Some(Whole::Mapped(map)))
+        })
+        .await
     }
 
     async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {

@@ -22,6 +22,28 @@ pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 /// An object's bytes as the chunks a response body sends.
 pub type Chunks = Pin<Box<dyn futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send>>;
 
+/// An object's bytes, whole: mapped from its file where the backend keeps
+/// one — the kernel's page cache holds them, reclaimable, not the
+/// server's heap — else read into memory.
+#[derive(Debug)]
+pub enum Whole {
+    /// Read into the heap.
+    Heap(Vec<u8>),
+    /// Mapped read-only from the object's file.
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Whole {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Whole::Heap(bytes) => bytes,
+            Whole::Mapped(map) => map,
+        }
+    }
+}
+
 /// Bytes per chunk of [`Storage::chunks`]: each read is a trip to the
 /// blocking pool, so large reads keep large pulls cheap.
 pub const CHUNK: usize = 1 << 20;
@@ -49,6 +71,11 @@ pub trait Storage: Send + Sync + 'static {
     }
     /// Reads a small object whole.
     async fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
+    /// An immutable object (a blob) whole, however large, without holding
+    /// it in the heap where the backend can map it (see [`Whole`]).
+    async fn whole(&self, name: &str) -> io::Result<Option<Whole>> {
+        Ok(self.read(name).await?.map(Whole::Heap))
+    }
     /// Writes a small object atomically, replacing any previous one.
     async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
     /// Writes a small object without the atomicity and durability of
@@ -135,9 +162,14 @@ pub(crate) mod suite {
         assert!(s.reader("a/b", 0, None).await.unwrap().is_none());
         assert!(s.list("a").await.unwrap().is_empty());
 
+        assert!(s.whole("a/b").await.unwrap().is_none());
         s.write("a/b", b"hello").await.unwrap();
         assert_eq!(s.stat("a/b").await.unwrap(), Some(5));
         assert_eq!(s.read("a/b").await.unwrap().unwrap(), b"hello");
+        assert_eq!(&*s.whole("a/b").await.unwrap().unwrap(), b"hello");
+        s.write("a/empty", b"").await.unwrap();
+        assert_eq!(&*s.whole("a/empty").await.unwrap().unwrap(), b"");
+        s.delete("a/empty").await.unwrap();
         s.write("a/b", b"replaced").await.unwrap();
         assert_eq!(s.read("a/b").await.unwrap().unwrap(), b"replaced");
         assert_eq!(read_to_end(s, "a/b", 2, Some(3)).await.unwrap(), b"pla");
