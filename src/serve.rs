@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use wharf_api::ingress::{HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES};
+use wharf_api::ingress::{BOUNDS, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES};
 use wharf_runtime::{
     ArtifactKind, DirGrant, Executor, ExecutorConfig, HttpOptions, Limits, OutboundRule, Runtime,
     Stdio, TaskSpec, text_response,
@@ -191,8 +191,7 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                     conn,
                     |c| c.graceful_shutdown(),
                     &activity,
-                    HEADER_TIMEOUT,
-                    HEADER_TIMEOUT,
+                    BOUNDS,
                     stopping,
                 )
                 .await;

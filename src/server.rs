@@ -439,7 +439,7 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
             app,
             shutdown,
             MAX_API_CONNECTIONS,
-            API_HEADER_TIMEOUT,
+            API_BOUNDS,
         )
         .await;
         api.shutdown().await;
@@ -451,9 +451,15 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
 /// Connections the API listener holds at once; the next one waits in the
 /// kernel's backlog until one closes (as the ingress does).
 const MAX_API_CONNECTIONS: usize = 10_000;
-/// How long a client may take to send a request's headers, and how long
-/// a keep-alive connection may sit idle between requests.
-const API_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers, how long a
+/// connection may sit with no request in flight, and how long a response
+/// may wait for a client that does not read it, or a request body for
+/// its next byte (nginx's `send_timeout` and `client_body_timeout`).
+const API_BOUNDS: wharf_api::conn::Bounds = wharf_api::conn::Bounds {
+    silent: Duration::from_secs(30),
+    idle: Duration::from_secs(30),
+    stall: Duration::from_secs(60),
+};
 /// How long a TLS client may take over its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -462,10 +468,12 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// closes every connection gracefully and lets open requests finish (up
 /// to 30 s). What a caller can make it hold is bounded: at most
 /// `connections` at once (the server's: [`MAX_API_CONNECTIONS`]), each
-/// with `header_timeout` to send its headers (a client that trickles
+/// with `bounds.silent` to send its headers (a client that trickles
 /// them, or sends nothing, is dropped), closed once no request has been
-/// in flight for as long (h2's included: hyper has no idle timeout for
-/// it), and 256 h2 streams. Handlers see the peer's address (a node's
+/// in flight for `bounds.idle` (h2's included: hyper has no idle timeout
+/// for it), dropped once a response has waited `bounds.stall` for a
+/// client that does not read it, and 256 h2 streams; a request body that
+/// sends nothing for `bounds.stall` fails. Handlers see the peer's address (a node's
 /// ingress must be the address it connects from). Replies go out without
 /// Nagle's delay.
 async fn serve(
@@ -474,7 +482,7 @@ async fn serve(
     app: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,
     connections: usize,
-    header_timeout: Duration,
+    bounds: wharf_api::conn::Bounds,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioTimer};
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -483,7 +491,7 @@ async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(bounds.silent);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -511,7 +519,10 @@ async fn serve(
         let acceptor = acceptor.clone();
         let app = tower::ServiceExt::map_request(
             app.clone(),
-            move |mut r: axum::http::Request<hyper::body::Incoming>| {
+            move |r: axum::http::Request<hyper::body::Incoming>| {
+                let mut r = r.map(|body| {
+                    axum::body::Body::new(wharf_api::conn::StallBody::new(body, bounds.stall))
+                });
                 r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
                 r
             },
@@ -528,9 +539,9 @@ async fn serve(
                     else {
                         return;
                     };
-                    serve_connection(stream, &builder, app, stopping, header_timeout).await;
+                    serve_connection(stream, &builder, app, stopping, bounds).await;
                 }
-                None => serve_connection(tcp, &builder, app, stopping, header_timeout).await,
+                None => serve_connection(tcp, &builder, app, stopping, bounds).await,
             }
         });
     }
@@ -543,7 +554,7 @@ async fn serve(
 }
 
 /// One connection of [`serve`] under [`wharf_api::conn::supervise`]:
-/// dropped if it has sent no byte within `header_timeout` (hyper's own
+/// dropped if it has sent no byte within `bounds.silent` (hyper's own
 /// header timeout starts only once it has sniffed the protocol), closed
 /// gracefully once no request has been in flight for as long or when
 /// `stopping` turns true.
@@ -552,7 +563,7 @@ async fn serve_connection<S, A>(
     builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     app: A,
     stopping: tokio::sync::watch::Receiver<bool>,
-    header_timeout: Duration,
+    bounds: wharf_api::conn::Bounds,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     A: tower::Service<
@@ -579,15 +590,9 @@ async fn serve_connection<S, A>(
     let conn = builder
         .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(activity.io(io)), service)
         .into_owned();
-    let _ = wharf_api::conn::supervise(
-        conn,
-        |c| c.graceful_shutdown(),
-        &activity,
-        header_timeout,
-        header_timeout,
-        stopping,
-    )
-    .await;
+    let _ =
+        wharf_api::conn::supervise(conn, |c| c.graceful_shutdown(), &activity, bounds, stopping)
+            .await;
 }
 
 /// Resolves on Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.
@@ -630,20 +635,30 @@ mod serve_tests {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     ) {
+        let bounds = wharf_api::conn::Bounds {
+            silent: header_timeout,
+            idle: header_timeout,
+            stall: Duration::from_secs(60),
+        };
+        start_with(app, connections, bounds).await
+    }
+
+    async fn start_with(
+        app: axum::Router,
+        connections: usize,
+        bounds: wharf_api::conn::Bounds,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async {
             let _ = stopped.await;
         };
-        let server = tokio::spawn(serve(
-            listener,
-            None,
-            app,
-            shutdown,
-            connections,
-            header_timeout,
-        ));
+        let server = tokio::spawn(serve(listener, None, app, shutdown, connections, bounds));
         (addr, stop, server)
     }
 
@@ -858,6 +873,78 @@ mod serve_tests {
             "closed after {:?}",
             started.elapsed()
         );
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the listener ends at shutdown")
+            .unwrap();
+    }
+
+    /// hyper has no body or write timeouts: a client that stops sending
+    /// its request body, or stops reading its response, would hold its
+    /// connection (and its place under the cap) for ever. The body fails
+    /// after the stall time (400), and the connection whose response
+    /// waits is dropped, which frees its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_body_fails_and_a_client_that_does_not_read_loses_its_place() {
+        let app = axum::Router::new()
+            .route(
+                "/echo",
+                axum::routing::post(|body: axum::body::Body| async move {
+                    match axum::body::to_bytes(body, 1 << 20).await {
+                        Ok(bytes) => (axum::http::StatusCode::OK, bytes.len().to_string()),
+                        Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.to_string()),
+                    }
+                }),
+            )
+            .route(
+                "/big",
+                axum::routing::get(|| async { vec![b'x'; 64 << 20] }),
+            )
+            .route("/", axum::routing::get(|| async { "ok" }));
+        let stall = Duration::from_millis(500);
+        let bounds = wharf_api::conn::Bounds {
+            silent: Duration::from_secs(5),
+            idle: Duration::from_secs(5),
+            stall,
+        };
+        let (addr, stop, server) = start_with(app, 1, bounds).await;
+        // Ten bytes of a hundred, then nothing.
+        let mut trickle = TcpStream::connect(addr).await.unwrap();
+        trickle
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), trickle.read(&mut buf))
+            .await
+            .expect("answered once the body stalled")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(started.elapsed() >= stall, "{:?}", started.elapsed());
+        drop(trickle);
+        // 64 MiB asked for and never read; the next client waits for the
+        // only place.
+        let mut deaf = TcpStream::connect(addr).await.unwrap();
+        deaf.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), next.read(&mut buf))
+            .await
+            .expect("served once the deaf client lost its place")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(started.elapsed() >= stall / 2, "{:?}", started.elapsed());
+        drop(deaf);
         stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), server)
             .await

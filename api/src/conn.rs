@@ -1,5 +1,6 @@
-//! What the API's and the ingress's listeners do with a connection
-//! around hyper, for the two bounds hyper does not keep on its own:
+//! What the API's and the ingress's listeners (and `wharf serve`'s) do
+//! with a connection around hyper, for the bounds hyper does not keep on
+//! its own ([`Bounds`]):
 //!
 //! - hyper's header timeout starts only once hyper-util's auto builder
 //!   has sniffed the protocol from the first bytes, so a client that
@@ -10,12 +11,17 @@
 //!   no stream open no timeout at all (pings a client answers keep it
 //!   alive): a connection with no request in flight for `idle` is closed
 //!   gracefully (GOAWAY on HTTP/2).
+//! - hyper has no write timeout: a client that stops reading (its TCP
+//!   window full) holds the connection while a response waits to be
+//!   written. One whose writes have not moved for `stall` is dropped; and
+//!   a request body that sends no byte for as long fails
+//!   ([`StallBody`], for the listeners whose handlers read bodies).
 //!
-//! [`Activity`] notes a connection's first byte ([`Activity::io`]) and
-//! its requests in flight — from the call until the response body ends
-//! or is dropped ([`Activity::begin`], [`CountedBody`]) — and
-//! [`supervise`] runs the connection under both rules and the server's
-//! shutdown.
+//! [`Activity`] notes a connection's first byte and blocked writes
+//! ([`Activity::io`]) and its requests in flight — from the call until
+//! the response body ends or is dropped ([`Activity::begin`],
+//! [`CountedBody`]) — and [`supervise`] runs the connection under these
+//! rules and the server's shutdown.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,12 +30,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+/// How long a connection may be silent, idle, or stalled; see the module.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// No byte at all within it: dropped.
+    pub silent: Duration,
+    /// No request in flight for it: closed gracefully.
+    pub idle: Duration,
+    /// A write the client does not take, or a request body that sends
+    /// nothing, for it: dropped, or the body fails.
+    pub stall: Duration,
+}
+
 /// What a connection has done: whether a byte has arrived, how many of
-/// its requests are in flight, and when the last one ended.
+/// its requests are in flight, when the last one ended, and since when a
+/// write waits for the client.
 #[derive(Debug)]
 pub struct Activity {
     heard: AtomicBool,
@@ -37,6 +57,9 @@ pub struct Activity {
     /// When the connection last had no request in flight: nanoseconds
     /// from `born`.
     quiet_since: AtomicU64,
+    /// Since when a write has been waiting: nanoseconds from `born`, plus
+    /// one; 0 while none waits.
+    blocked_since: AtomicU64,
     born: Instant,
 }
 
@@ -47,15 +70,40 @@ impl Activity {
             heard: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             quiet_since: AtomicU64::new(0),
+            blocked_since: AtomicU64::new(0),
             born: Instant::now(),
         })
     }
 
-    /// `io`, noting the first byte read from it.
-    pub fn io<S>(self: &Arc<Self>, io: S) -> FirstBytes<S> {
-        FirstBytes {
+    /// `io`, noting the first byte read from it and writes that wait.
+    pub fn io<S>(self: &Arc<Self>, io: S) -> Watched<S> {
+        Watched {
             io,
             activity: self.clone(),
+        }
+    }
+
+    fn nanos(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Notes whether a write (or flush) had to wait.
+    fn wrote<T>(&self, polled: &Poll<T>) {
+        if polled.is_pending() {
+            if self.blocked_since.load(Ordering::Relaxed) == 0 {
+                self.blocked_since
+                    .store(self.nanos() + 1, Ordering::Relaxed);
+            }
+        } else if self.blocked_since.load(Ordering::Relaxed) != 0 {
+            self.blocked_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when a write has been waiting for the client, if one is.
+    fn blocked_since(&self) -> Option<Instant> {
+        match self.blocked_since.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.born + Duration::from_nanos(ns - 1)),
         }
     }
 
@@ -85,8 +133,7 @@ impl Drop for InFlight {
         let a = &self.0;
         // Stamped before the count drops, so a reader that sees none in
         // flight sees this request's end.
-        let ns = u64::try_from(a.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        a.quiet_since.fetch_max(ns, Ordering::AcqRel);
+        a.quiet_since.fetch_max(a.nanos(), Ordering::AcqRel);
         a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -130,21 +177,21 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
 }
 
 /// Runs `conn` (served over [`Activity::io`] with its requests counted)
-/// to its end, under these rules: no byte within `silent` — dropped
+/// to its end, under the [`Bounds`]: no byte within `silent` — dropped
 /// (`None`); no request in flight for `idle` — closed with `graceful`,
-/// as when `stopping` turns true. A connection still open with nothing in
-/// flight for `idle` after that (an HTTP/2 client that never answers the
+/// as when `stopping` turns true; a write waiting for the client for
+/// `stall` — dropped. A connection still open with nothing in flight for
+/// `idle` after a graceful close (an HTTP/2 client that never answers the
 /// ping of a graceful GOAWAY) is dropped too.
 pub async fn supervise<C: Future>(
     conn: C,
     mut graceful: impl FnMut(Pin<&mut C>),
     activity: &Activity,
-    silent: Duration,
-    idle: Duration,
+    bounds: Bounds,
     mut stopping: watch::Receiver<bool>,
 ) -> Option<C::Output> {
     tokio::pin!(conn);
-    let check = tokio::time::sleep(silent);
+    let check = tokio::time::sleep(bounds.silent);
     tokio::pin!(check);
     let mut stopped = false;
     if !activity.heard.load(Ordering::Relaxed) {
@@ -158,23 +205,33 @@ pub async fn supervise<C: Future>(
             return None;
         }
     }
-    // Idle from `from` (or from the end of its last request, if later)
-    // for `idle`: `None`, else when to look again.
-    let next_check = |from: Instant| {
+    let idle = bounds.idle;
+    // What is due from `from` (or from the end of the last request, if
+    // later): `Err(())` to drop the connection (a stalled write), `Ok(None)`
+    // when idle for `idle`, else `Ok(Some(when to look again))`.
+    let next_check = |from: Instant| -> Result<Option<Instant>, ()> {
         let now = Instant::now();
-        match activity.quiet_since() {
-            Some(since) if now.saturating_duration_since(since.max(from)) >= idle => None,
-            Some(since) => Some(since.max(from) + idle),
-            None => Some(now + idle),
+        let stall_at = activity.blocked_since().map(|since| since + bounds.stall);
+        if stall_at.is_some_and(|at| at <= now) {
+            return Err(());
         }
+        let at = match activity.quiet_since() {
+            Some(since) if now.saturating_duration_since(since.max(from)) >= idle => {
+                return Ok(None);
+            }
+            Some(since) => since.max(from) + idle,
+            None => now + idle,
+        };
+        Ok(Some(stall_at.map_or(at, |stall| stall.min(at))))
     };
     let born = activity.born;
     // A server whose stop signal is gone has no shutdown to wait for.
     let mut may_stop = true;
     while !stopped {
         match next_check(born) {
-            None => break,
-            Some(at) => check.as_mut().reset(at.into()),
+            Err(()) => return None,
+            Ok(None) => break,
+            Ok(Some(at)) => check.as_mut().reset(at.into()),
         }
         tokio::select! {
             done = conn.as_mut() => return Some(done),
@@ -189,8 +246,8 @@ pub async fn supervise<C: Future>(
     let closing = Instant::now();
     loop {
         match next_check(closing) {
-            None => return None,
-            Some(at) => check.as_mut().reset(at.into()),
+            Err(()) | Ok(None) => return None,
+            Ok(Some(at)) => check.as_mut().reset(at.into()),
         }
         tokio::select! {
             done = conn.as_mut() => return Some(done),
@@ -199,14 +256,82 @@ pub async fn supervise<C: Future>(
     }
 }
 
-/// A connection's io, noting on its [`Activity`] that a byte has arrived.
+/// A request body that fails once it has sent nothing for its `stall`
+/// time while read (hyper has no body read timeout: a client trickling
+/// an upload would hold its connection and handler for ever).
+pub struct StallBody<B> {
+    inner: B,
+    stall: Duration,
+    /// Armed while a read waits.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl<B> StallBody<B> {
+    /// `inner`, failing after `stall` without a byte.
+    pub fn new(inner: B, stall: Duration) -> Self {
+        StallBody {
+            inner,
+            stall,
+            timer: None,
+            waiting: false,
+        }
+    }
+}
+
+impl<B> Body for StallBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = tokio::time::Instant::now() + this.stall;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !this.waiting {
+            timer.as_mut().reset(deadline);
+            this.waiting = true;
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(format!(
+                "the client sent no byte of the request body for {} s",
+                this.stall.as_secs()
+            )
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection's io, noting on its [`Activity`] that a byte has arrived
+/// and whether writes wait.
 #[derive(Debug)]
-pub struct FirstBytes<S> {
+pub struct Watched<S> {
     io: S,
     activity: Arc<Activity>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -221,13 +346,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
+        let polled = Pin::new(&mut self.io).poll_write(cx, data);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -235,7 +362,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -243,7 +372,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytes<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.activity.wrote(&polled);
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -262,13 +393,96 @@ mod tests {
     const SILENT: Duration = Duration::from_millis(100);
     const IDLE: Duration = Duration::from_millis(300);
 
+    fn bounds(silent: Duration, idle: Duration) -> Bounds {
+        Bounds {
+            silent,
+            idle,
+            stall: Duration::from_secs(60),
+        }
+    }
+
+    /// A client that stops reading while a response is written: dropped
+    /// once the write has waited `stall`, although a request is in flight.
+    #[tokio::test]
+    async fn a_connection_whose_writes_stall_is_dropped() {
+        let (_stop, stopping) = watch::channel(false);
+        let (server, mut client) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        client.write_all(b"x").await.unwrap();
+        let io = activity.io(server);
+        let writer = activity.clone();
+        let conn = async move {
+            let mut io = io;
+            let mut byte = [0u8; 1];
+            io.read_exact(&mut byte).await.unwrap();
+            let _request = writer.begin();
+            // Far more than the pipe holds; the client reads none of it.
+            io.write_all(&[0u8; 4096]).await.unwrap();
+        };
+        let never = |_: Pin<&mut _>| panic!("a stalled connection is dropped, not closed");
+        let stall = Duration::from_millis(200);
+        let started = Instant::now();
+        let b = Bounds {
+            silent: SILENT,
+            idle: IDLE,
+            stall,
+        };
+        assert_eq!(supervise(conn, never, &activity, b, stopping).await, None);
+        let took = started.elapsed();
+        assert!(took >= stall && took < stall + IDLE * 2, "{took:?}");
+        drop(client);
+    }
+
+    /// A request body with nothing more for `stall` fails; one whose
+    /// bytes keep coming does not.
+    #[tokio::test]
+    async fn a_request_body_that_stalls_fails() {
+        use http_body_util::BodyExt;
+        let stall = Duration::from_millis(200);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let body = StallBody::new(http_body_util::StreamBody::new(tokio_stream_of(rx)), stall);
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                // Each within the stall time, all of them past it.
+                tokio::time::sleep(stall / 2).await;
+                tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+                    .await
+                    .unwrap();
+            }
+            // Then nothing, and the sender kept open.
+            tokio::time::sleep(stall * 10).await;
+            drop(tx);
+        });
+        let mut body = body;
+        let mut got = Vec::new();
+        let started = Instant::now();
+        let failed = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => got.extend_from_slice(&frame.into_data().unwrap()),
+                Some(Err(e)) => break e.to_string(),
+                None => panic!("the body ended instead of failing"),
+            }
+        };
+        assert_eq!(got, b"abababab");
+        assert!(failed.contains("sent no byte"), "{failed}");
+        let took = started.elapsed();
+        assert!(took >= stall * 2 + stall && took < stall * 6, "{took:?}");
+    }
+
+    /// A receiver as a stream (without tokio-stream).
+    fn tokio_stream_of<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Unpin {
+        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+
     /// A silent peer is dropped at the timeout; one that has said
     /// something is served to the end, however long that takes, while it
     /// has a request in flight.
     #[tokio::test]
     async fn a_silent_connection_is_dropped_and_a_busy_one_is_not() {
         let (_stop, stopping) = watch::channel(false);
-        let echo_one = |io: FirstBytes<tokio::io::DuplexStream>, activity: Arc<Activity>| async move {
+        let echo_one = |io: Watched<tokio::io::DuplexStream>, activity: Arc<Activity>| async move {
             let mut io = io;
             let mut byte = [0u8; 1];
             io.read_exact(&mut byte).await.unwrap();
@@ -282,14 +496,21 @@ mod tests {
         let (server, _client) = tokio::io::duplex(64);
         let activity = Activity::new();
         let conn = echo_one(activity.io(server), activity.clone());
-        let done = supervise(conn, never, &activity, SILENT, IDLE, stopping.clone()).await;
+        let done = supervise(
+            conn,
+            never,
+            &activity,
+            bounds(SILENT, IDLE),
+            stopping.clone(),
+        )
+        .await;
         assert_eq!(done, None);
 
         let (server, mut client) = tokio::io::duplex(64);
         let activity = Activity::new();
         client.write_all(b"x").await.unwrap();
         let conn = echo_one(activity.io(server), activity.clone());
-        let done = supervise(conn, never, &activity, SILENT, IDLE, stopping).await;
+        let done = supervise(conn, never, &activity, bounds(SILENT, IDLE), stopping).await;
         assert_eq!(done, Some(b'x'));
         let mut back = [0u8; 1];
         client.read_exact(&mut back).await.unwrap();
@@ -315,7 +536,14 @@ mod tests {
             drop(body);
         });
         let conn = Closable::new(closes.clone());
-        let done = supervise(conn, close, &activity, SILENT, IDLE, stopping.clone()).await;
+        let done = supervise(
+            conn,
+            close,
+            &activity,
+            bounds(SILENT, IDLE),
+            stopping.clone(),
+        )
+        .await;
         assert_eq!(done, Some(()));
         assert_eq!(closes.load(Ordering::Relaxed), 1);
         let took = started.elapsed();
@@ -333,7 +561,14 @@ mod tests {
             stop.send_replace(true);
         });
         let conn = Closable::new(closes.clone());
-        let done = supervise(conn, close, &activity, SILENT, IDLE * 10, stopping.clone()).await;
+        let done = supervise(
+            conn,
+            close,
+            &activity,
+            bounds(SILENT, IDLE * 10),
+            stopping.clone(),
+        )
+        .await;
         assert_eq!(done, Some(()));
         assert_eq!(closes.load(Ordering::Relaxed), 2);
         assert!(started.elapsed() < IDLE * 2, "{:?}", started.elapsed());
@@ -351,7 +586,7 @@ mod tests {
         let mut conn = Closable::new(closes.clone());
         conn.sticky = true;
         let close = |c: Pin<&mut Closable>| c.close();
-        let done = supervise(conn, close, &activity, SILENT, IDLE, stopping).await;
+        let done = supervise(conn, close, &activity, bounds(SILENT, IDLE), stopping).await;
         assert_eq!(done, None);
         assert_eq!(closes.load(Ordering::Relaxed), 1);
         let took = started.elapsed();
@@ -367,7 +602,14 @@ mod tests {
         let close = |_: Pin<&mut Closable>| panic!("a silent connection is dropped, not closed");
         stop.send_replace(true);
         let started = Instant::now();
-        let done = supervise(conn, close, &activity, IDLE * 10, IDLE * 10, stopping).await;
+        let done = supervise(
+            conn,
+            close,
+            &activity,
+            bounds(IDLE * 10, IDLE * 10),
+            stopping,
+        )
+        .await;
         assert_eq!(done, None);
         assert!(started.elapsed() < IDLE, "{:?}", started.elapsed());
     }

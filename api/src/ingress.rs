@@ -11,7 +11,9 @@
 //! finish its headers — or send anything — within [`HEADER_TIMEOUT`] is
 //! dropped (slowloris), and a connection with no request in flight for as
 //! long — HTTP/2's included, which hyper would keep open — is closed
-//! (GOAWAY on HTTP/2); at most [`MAX_CONNECTIONS`] connections at once.
+//! (GOAWAY on HTTP/2), one whose response the client has not read for a
+//! minute is dropped ([`BOUNDS`]); at most [`MAX_CONNECTIONS`]
+//! connections at once.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -39,6 +41,13 @@ pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// A client must send a request's headers within this time, and a
 /// connection with no request in flight is closed after it.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection's bounds: [`HEADER_TIMEOUT`] to say something and as long
+/// idle; a response the client does not read for 60 s drops it.
+pub const BOUNDS: crate::conn::Bounds = crate::conn::Bounds {
+    silent: HEADER_TIMEOUT,
+    idle: HEADER_TIMEOUT,
+    stall: Duration::from_secs(60),
+};
 /// Connections served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// The longest route text.
@@ -599,8 +608,7 @@ pub(crate) async fn serve<G: Gateway>(
                 conn,
                 |c| c.graceful_shutdown(),
                 &activity,
-                HEADER_TIMEOUT,
-                HEADER_TIMEOUT,
+                BOUNDS,
                 stopping,
             )
             .await;
