@@ -144,42 +144,21 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         // Scripts and tests wait for this line.
         eprintln!("wharf: serving http://{}", listener.local_addr()?);
-        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         // Never sent: the process ends at Ctrl-C.
         let (_stop, stopping) = tokio::sync::watch::channel(false);
-        loop {
-            let permit = tokio::select! {
-                p = connections.clone().acquire_owned() => p.expect("never closed"),
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            };
-            let (socket, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    // Out of file descriptors, say: wait, do not exit.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            };
-            let _ = socket.set_nodelay(true);
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        wharf_api::conn::accept(&listener, &places, ctrl_c, |socket, _, place| {
             let served = served.clone();
             let stopping = stopping.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _place = place;
                 let activity = wharf_api::conn::Activity::new();
-                let counted = activity.clone();
-                let service = hyper::service::service_fn(move |request| {
+                let service = wharf_api::conn::counted(&activity, move |request| {
                     let served = served.clone();
-                    let in_flight = counted.begin();
-                    async move {
-                        let response = served.handle(request).await;
-                        Ok::<_, std::convert::Infallible>(
-                            response.map(|body| wharf_api::conn::CountedBody::new(body, in_flight)),
-                        )
-                    }
+                    async move { served.handle(request).await }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -196,7 +175,9 @@ pub(crate) fn main(args: ServeArgs) -> Result<()> {
                 )
                 .await;
             });
-        }
+        })
+        .await;
+        Ok(())
     })
 }
 

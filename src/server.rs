@@ -498,24 +498,7 @@ async fn serve(
         .max_concurrent_streams(256);
     let places = u32::try_from(connections).expect("connections fit in u32");
     let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(connections));
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => p.expect("never closed"),
-            () = &mut shutdown => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    wharf_api::conn::accept(&listener, &connections, shutdown, |tcp, peer, place| {
         let acceptor = acceptor.clone();
         let app = tower::ServiceExt::map_request(
             app.clone(),
@@ -530,7 +513,7 @@ async fn serve(
         let builder = builder.clone();
         let stopping = stopping.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _place = place;
             match acceptor {
                 Some(acceptor) => {
                     // A client that never finishes its handshake is dropped.
@@ -544,7 +527,8 @@ async fn serve(
                 None => serve_connection(tcp, &builder, app, stopping, bounds).await,
             }
         });
-    }
+    })
+    .await;
     // New clients are refused while the open requests finish, not left
     // in the backlog of a listener nobody accepts on.
     drop(listener);

@@ -17,11 +17,12 @@
 //!   a request body that sends no byte for as long fails
 //!   ([`StallBody`], for the listeners whose handlers read bodies).
 //!
-//! [`Activity`] notes a connection's first byte and blocked writes
-//! ([`Activity::io`]) and its requests in flight — from the call until
-//! the response body ends or is dropped ([`Activity::begin`],
-//! [`CountedBody`]) — and [`supervise`] runs the connection under these
-//! rules and the server's shutdown.
+//! [`accept`] is the three listeners' accept loop (a place per
+//! connection under a cap); [`Activity`] notes a connection's first byte
+//! and blocked writes ([`Activity::io`]) and its requests in flight —
+//! from the call until the response body ends or is dropped
+//! ([`Activity::begin`], [`CountedBody`], [`counted`]) — and [`supervise`]
+//! runs the connection under these rules and the server's shutdown.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -136,6 +137,74 @@ impl Drop for InFlight {
         a.quiet_since.fetch_max(a.nanos(), Ordering::AcqRel);
         a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Accepts connections on `listener` until `stop` resolves, holding at
+/// most as many at once as `places` has permits (the next wait in the
+/// kernel's backlog until one closes): each is handed, without Nagle's
+/// delay and with its place (held until dropped), to `serve`, which
+/// spawns what serves it. A failed accept (out of file descriptors, say)
+/// is logged and retried after 50 ms.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    places: &Arc<tokio::sync::Semaphore>,
+    stop: impl Future<Output = ()>,
+    mut serve: impl FnMut(
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+) {
+    tokio::pin!(stop);
+    loop {
+        let place = tokio::select! {
+            p = places.clone().acquire_owned() => p.expect("never closed"),
+            () = &mut stop => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        serve(tcp, peer, place);
+    }
+}
+
+/// `handle` as a hyper service whose requests count on `activity` from
+/// their call until their response bodies end.
+pub fn counted<F, Fut, B>(
+    activity: &Arc<Activity>,
+    handle: F,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<CountedBody<B>>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = http::Response<B>> + Send + 'static,
+    B: Body + Unpin + Send + 'static,
+{
+    let activity = activity.clone();
+    hyper::service::service_fn(move |request| {
+        let in_flight = activity.begin();
+        let response = handle(request);
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                response.await.map(|body| CountedBody::new(body, in_flight)),
+            )
+        }
+    })
 }
 
 /// A response body that keeps its request in flight until it ends or is

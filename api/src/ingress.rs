@@ -554,40 +554,22 @@ async fn forward<G: Gateway>(
 pub(crate) async fn serve<G: Gateway>(
     control: Arc<G>,
     listener: tokio::net::TcpListener,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.changed() => return,
-            p = connections.clone().acquire_owned() => p.expect("never closed"),
-        };
-        let (socket, peer) = tokio::select! {
-            _ = shutdown.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ingress accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = socket.set_nodelay(true);
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut stop = shutdown.clone();
+    let stop = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    crate::conn::accept(&listener, &places, stop, |socket, peer, place| {
         let control = control.clone();
         let stopping = shutdown.clone();
         tokio::spawn(async move {
+            let _place = place;
             let activity = crate::conn::Activity::new();
-            let counted = activity.clone();
-            let service = hyper::service::service_fn(move |request| {
+            let service = crate::conn::counted(&activity, move |request| {
                 let control = control.clone();
-                let in_flight = counted.begin();
-                async move {
-                    let response = route_request(&control, request, peer).await;
-                    Ok::<_, Infallible>(
-                        response.map(|body| crate::conn::CountedBody::new(body, in_flight)),
-                    )
-                }
+                async move { route_request(&control, request, peer).await }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -612,9 +594,9 @@ pub(crate) async fn serve<G: Gateway>(
                 stopping,
             )
             .await;
-            drop(permit);
         });
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]
