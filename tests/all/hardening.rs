@@ -645,7 +645,7 @@ fn rss_anon_kib(pid: u32) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+        .expect("RssAnon in /proc/PID/status")
 }
 
 #[test]

@@ -21,6 +21,11 @@ pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
 #[derive(Debug, Clone)]
 pub struct FsStorage {
     root: PathBuf,
+    /// Whether [`Storage::whole`] maps files: not on a filesystem other
+    /// servers share (NFS, say), where a blob another server renames over
+    /// or deletes can vanish under a mapping and fault the reader
+    /// (SIGBUS) instead of failing a read.
+    map: bool,
 }
 
 impl FsStorage {
@@ -34,7 +39,7 @@ impl FsStorage {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        Ok(FsStorage { root })
+        Ok(FsStorage { root, map: true })
     }
 
     /// Uses `root` on a filesystem other servers (replicas) share.
@@ -56,7 +61,7 @@ impl FsStorage {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(FsStorage { root })
+        Ok(FsStorage { root, map: false })
     }
 
     /// Uses `root` beside a process that [`open`](Self::open)ed it and still
@@ -65,7 +70,7 @@ impl FsStorage {
     pub fn attach(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(root.join(TMP_DIR))?;
-        Ok(FsStorage { root })
+        Ok(FsStorage { root, map: true })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -182,26 +187,33 @@ impl Storage for FsStorage {
 
     async fn whole(&self, name: &str) -> io::Result<Option<Whole>> {
         let path = self.path(name);
+        let map = self.map;
         blocking(move || {
-            let file = match std::fs::File::open(&path) {
+            let mut file = match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) => return absent(e),
             };
-            if file.metadata()?.len() == 0 {
-                // Nothing to map (and mapping nothing is an error).
-                return Ok(Some(Whole::Heap(Vec::new())));
+            if map && file.metadata()?.len() > 0 {
+                // SAFETY: the objects read whole are blobs, which are never
+                // written in place: a blob is a temporary file written,
+                // fsynced and renamed into place, and a later write of the
+                // same name renames a new file over it; deleting one
+                // unlinks it. On a local filesystem neither touches the
+                // inode mapped here (a shared one is not mapped: `map`).
+                // Only a process writing into the data directory behind
+                // Wharf's back could change the bytes under the mapping —
+                // the same trust wasmtime places in the compiled files it
+                // maps from the cache.
+                #[allow(unsafe_code)]
+                let mapped = unsafe { memmap2::Mmap::map(&file) };
+                // A filesystem that cannot map (some FUSE ones): read.
+                if let Ok(mapped) = mapped {
+                    return Ok(Some(Whole::Mapped(mapped)));
+                }
             }
-            // SAFETY: the objects read whole are blobs, which are never
-            // written in place: a blob is a temporary file written,
-            // fsynced and renamed into place, and a later write of the
-            // same name renames a new file over it; deleting one unlinks
-            // it. Neither touches the inode mapped here. Only a process
-            // writing into the data directory behind Wharf's back could
-            // change the bytes under the mapping — the same trust wasmtime
-            // places in the compiled files it maps from the cache.
-            #[allow(unsafe_code)]
-            let map = unsafe { memmap2::Mmap::map(&file)? };
-            Ok(Some(Whole::Mapped(map)))
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes)?;
+            Ok(Some(Whole::Heap(bytes)))
         })
         .await
     }
@@ -641,6 +653,27 @@ mod tests {
                 .collect()
         })
         .await;
+    }
+
+    /// A blob read whole is mapped on a filesystem of its own, read on a
+    /// shared one (where another server may rename over or delete it
+    /// under the mapping); the bytes are the same, and a blob renamed
+    /// over or deleted leaves a mapping made before it intact.
+    #[tokio::test]
+    async fn a_blob_is_mapped_unless_the_filesystem_is_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = FsStorage::open(dir.path()).unwrap();
+        local.write("blob", b"first").await.unwrap();
+        let mapped = local.whole("blob").await.unwrap().unwrap();
+        assert!(matches!(mapped, Whole::Mapped(_)), "{mapped:?}");
+        local.write("blob", b"second!").await.unwrap();
+        local.delete("blob").await.unwrap();
+        assert_eq!(&*mapped, b"first");
+        local.write("blob", b"third").await.unwrap();
+        let shared = FsStorage::open_shared(dir.path()).unwrap();
+        let read = shared.whole("blob").await.unwrap().unwrap();
+        assert!(matches!(read, Whole::Heap(_)), "{read:?}");
+        assert_eq!(&*read, b"third");
     }
 
     /// An upload long enough to cross the write-back window, in writes of
