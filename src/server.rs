@@ -560,17 +560,15 @@ async fn serve_connection<S, A>(
         + 'static,
 {
     let activity = wharf_api::conn::Activity::new();
-    let counted = activity.clone();
-    // A request is in flight from its call until its response body ends.
-    let app = tower::ServiceExt::map_future(app, move |response| {
-        let in_flight = counted.begin();
+    let service = wharf_api::conn::counted(&activity, move |request| {
+        let answer = tower::ServiceExt::oneshot(app.clone(), request);
         async move {
-            response.await.map(|r: axum::response::Response| {
-                r.map(|body| wharf_api::conn::CountedBody::new(body, in_flight))
-            })
+            match answer.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
         }
     });
-    let service = hyper_util::service::TowerToHyperService::new(app);
     let conn = builder
         .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(activity.io(io)), service)
         .into_owned();
@@ -887,9 +885,10 @@ mod serve_tests {
             )
             .route("/", axum::routing::get(|| async { "ok" }));
         let stall = Duration::from_millis(500);
+        // A stall is looked for once the first (silent) second is over.
         let bounds = wharf_api::conn::Bounds {
-            silent: Duration::from_secs(5),
-            idle: Duration::from_secs(5),
+            silent: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
             stall,
         };
         let (addr, stop, server) = start_with(app, 1, bounds).await;
