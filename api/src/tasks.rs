@@ -1150,10 +1150,6 @@ impl Tasks {
                 t.http = Some(slot.stats().0);
             }
             st.finishing = true;
-            // Shown from now on: the task has ended, whatever its final
-            // record's commit takes (the reconciler counts it as stopping,
-            // not running, and replaces it if its service wants it).
-            st.task.desired_status = TaskStatus::Stopped;
             // Queued under the lock, after every earlier record of the task.
             let committed = self.queue_final(entry, &t);
             (t, from, committed)
@@ -1178,10 +1174,6 @@ impl Tasks {
                         retry_in_ms = backoff.as_millis() as u64,
                         "cannot record a stopped task; retrying"
                     );
-                    if backoff == FINAL_RETRY_FIRST && task.service.is_some() {
-                        // Its service need not wait for the store.
-                        self.service_changed.notify_one();
-                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(FINAL_RETRY_MAX);
                     // No lock needed: while `finishing`, nothing else
