@@ -473,9 +473,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// in flight for `bounds.idle` (h2's included: hyper has no idle timeout
 /// for it), dropped once a response has waited `bounds.stall` for a
 /// client that does not read it, and 256 h2 streams; a request body that
-/// sends nothing for `bounds.stall` fails. Handlers see the peer's address (a node's
-/// ingress must be the address it connects from). Replies go out without
-/// Nagle's delay.
+/// sends nothing for `bounds.stall` fails. Handlers see the peer's
+/// address (a node's ingress must be the address it connects from).
+/// Replies go out without Nagle's delay.
 async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
@@ -500,16 +500,7 @@ async fn serve(
     let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(connections));
     wharf_api::conn::accept(&listener, &connections, shutdown, |tcp, peer, place| {
         let acceptor = acceptor.clone();
-        let app = tower::ServiceExt::map_request(
-            app.clone(),
-            move |r: axum::http::Request<hyper::body::Incoming>| {
-                let mut r = r.map(|body| {
-                    axum::body::Body::new(wharf_api::conn::StallBody::new(body, bounds.stall))
-                });
-                r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                r
-            },
-        );
+        let app = app.clone();
         let builder = builder.clone();
         let stopping = stopping.clone();
         tokio::spawn(async move {
@@ -522,9 +513,9 @@ async fn serve(
                     else {
                         return;
                     };
-                    serve_connection(stream, &builder, app, stopping, bounds).await;
+                    serve_connection(stream, peer, &builder, app, stopping, bounds).await;
                 }
-                None => serve_connection(tcp, &builder, app, stopping, bounds).await,
+                None => serve_connection(tcp, peer, &builder, app, stopping, bounds).await,
             }
         });
     })
@@ -541,26 +532,25 @@ async fn serve(
 /// dropped if it has sent no byte within `bounds.silent` (hyper's own
 /// header timeout starts only once it has sniffed the protocol), closed
 /// gracefully once no request has been in flight for as long or when
-/// `stopping` turns true.
-async fn serve_connection<S, A>(
+/// `stopping` turns true. Each request's body fails after `bounds.stall`
+/// without a byte, and its handler sees `peer`.
+async fn serve_connection<S>(
     io: S,
+    peer: SocketAddr,
     builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    app: A,
+    app: axum::Router,
     stopping: tokio::sync::watch::Receiver<bool>,
     bounds: wharf_api::conn::Bounds,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    A: tower::Service<
-            axum::http::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + 'static,
 {
     let activity = wharf_api::conn::Activity::new();
     let service = wharf_api::conn::counted(&activity, move |request| {
+        let mut request = request
+            .map(|body| axum::body::Body::new(wharf_api::conn::StallBody::new(body, bounds.stall)));
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
         let answer = tower::ServiceExt::oneshot(app.clone(), request);
         async move {
             match answer.await {
