@@ -452,9 +452,9 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
 /// kernel's backlog until one closes (as the ingress does).
 const MAX_API_CONNECTIONS: usize = 10_000;
 /// How long a client may take to send a request's headers, how long a
-/// connection may sit with no request in flight, and how long a response
-/// may wait for a client that does not read it, or a request body for
-/// its next byte (nginx's `send_timeout` and `client_body_timeout`).
+/// connection may sit with no request in flight, and how long a client
+/// may take to take 16 KiB of a response, or to send 64 KiB of a request
+/// body (nginx's `send_timeout`, Apache's `MinRate`).
 const API_BOUNDS: wharf_api::conn::Bounds = wharf_api::conn::Bounds {
     silent: Duration::from_secs(30),
     idle: Duration::from_secs(30),
@@ -472,8 +472,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// them, or sends nothing, is dropped), closed once no request has been
 /// in flight for `bounds.idle` (h2's included: hyper has no idle timeout
 /// for it), dropped once a response has waited `bounds.stall` for a
-/// client that does not read it, and 256 h2 streams; a request body that
-/// sends nothing for `bounds.stall` fails. Handlers see the peer's
+/// client that does not take it (HTTP/2's withheld window included), and
+/// 256 h2 streams; a request body that brings less than 64 KiB in
+/// `bounds.stall` fails. Handlers see the peer's
 /// address (a node's ingress must be the address it connects from).
 /// Replies go out without Nagle's delay.
 async fn serve(
@@ -532,8 +533,8 @@ async fn serve(
 /// dropped if it has sent no byte within `bounds.silent` (hyper's own
 /// header timeout starts only once it has sniffed the protocol), closed
 /// gracefully once no request has been in flight for as long or when
-/// `stopping` turns true. Each request's body fails after `bounds.stall`
-/// without a byte, and its handler sees `peer`.
+/// `stopping` turns true. Each request's body fails if it brings less
+/// than 64 KiB in `bounds.stall`, and its handler sees `peer`.
 async fn serve_connection<S>(
     io: S,
     peer: SocketAddr,
@@ -728,15 +729,30 @@ mod serve_tests {
     }
 
     /// Reads HTTP/2 frames until the server closes: their types, and
-    /// the bytes of DATA frames.
-    async fn h2_frames_until_closed(io: &mut TcpStream, limit: Duration) -> (Vec<u8>, Vec<u8>) {
+    /// the bytes of DATA frames; sends `every.1` every `every.0` meanwhile.
+    async fn h2_frames_until_closed(
+        io: &mut TcpStream,
+        limit: Duration,
+        every: Option<(Duration, &[u8])>,
+    ) -> (Vec<u8>, Vec<u8>) {
         let (mut types, mut data, mut all) = (Vec::new(), Vec::new(), Vec::new());
         let mut buf = [0u8; 4096];
+        let (period, tick_bytes) = every.unwrap_or((Duration::from_secs(3600), &[]));
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
         tokio::time::timeout(limit, async {
             loop {
-                match io.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                tokio::select! {
+                    read = io.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => all.extend_from_slice(&buf[..n]),
+                    },
+                    _ = tick.tick() => {
+                        if io.write_all(tick_bytes).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                 }
                 while all.len() >= 9 {
                     let len =
@@ -755,6 +771,30 @@ mod serve_tests {
         .await
         .expect("the server closed the connection");
         (types, data)
+    }
+
+    /// An HTTP/2 frame.
+    fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// HEADERS for `GET path` on `stream`, END_STREAM | END_HEADERS; HPACK
+    /// literals without indexing: :method GET, :scheme http, :path,
+    /// :authority x.
+    fn h2_get(stream: u32, path: &str) -> Vec<u8> {
+        let mut block = vec![0x82, 0x86, 0x04, u8::try_from(path.len()).unwrap()];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x01, 1, b'x']);
+        h2_frame(1, 0x05, stream, &block)
+    }
+
+    /// A WINDOW_UPDATE of `by` bytes for `stream` (0: the connection).
+    fn h2_window_update(stream: u32, by: u32) -> Vec<u8> {
+        h2_frame(8, 0, stream, &by.to_be_bytes())
     }
 
     const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -793,7 +833,7 @@ mod serve_tests {
         let mut quiet = TcpStream::connect(addr).await.unwrap();
         quiet.write_all(H2_PREFACE).await.unwrap();
         quiet.write_all(H2_SETTINGS).await.unwrap();
-        let (types, _) = h2_frames_until_closed(&mut quiet, Duration::from_secs(5)).await;
+        let (types, _) = h2_frames_until_closed(&mut quiet, Duration::from_secs(5), None).await;
         assert!(
             types.contains(&GOAWAY),
             "closed without a GOAWAY: {types:?}"
@@ -810,27 +850,8 @@ mod serve_tests {
         let mut busy = TcpStream::connect(addr).await.unwrap();
         busy.write_all(H2_PREFACE).await.unwrap();
         busy.write_all(H2_SETTINGS).await.unwrap();
-        // HEADERS on stream 1, END_STREAM | END_HEADERS, HPACK literals
-        // without indexing: :method GET, :scheme http, :path /stream,
-        // :authority x.
-        let mut block = vec![0x82, 0x86];
-        block.extend_from_slice(&[0x04, 7]);
-        block.extend_from_slice(b"/stream");
-        block.extend_from_slice(&[0x01, 1, b'x']);
-        let mut frame = vec![
-            0,
-            0,
-            u8::try_from(block.len()).unwrap(),
-            1,
-            0x05,
-            0,
-            0,
-            0,
-            1,
-        ];
-        frame.extend_from_slice(&block);
-        busy.write_all(&frame).await.unwrap();
-        let (types, data) = h2_frames_until_closed(&mut busy, Duration::from_secs(10)).await;
+        busy.write_all(&h2_get(1, "/stream")).await.unwrap();
+        let (types, data) = h2_frames_until_closed(&mut busy, Duration::from_secs(10), None).await;
         assert_eq!(
             String::from_utf8_lossy(&data),
             "chunk0;chunk1;chunk2;chunk3;",
@@ -918,6 +939,92 @@ mod serve_tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(started.elapsed() >= stall / 2, "{:?}", started.elapsed());
         drop(deaf);
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the listener ends at shutdown")
+            .unwrap();
+    }
+
+    /// HTTP/2's flow control lets a client that reads the socket (and
+    /// pings) hold responses without a blocked write: granting no window,
+    /// hyper never asks a body for its next frame, and each body holds
+    /// its next chunk. Such a connection is dropped after the stall time;
+    /// one that grants window slowly but steadily is served whole, however
+    /// long that takes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http2_client_that_grants_no_window_loses_its_connection_and_a_slow_one_does_not() {
+        let app = axum::Router::new()
+            .route("/big", axum::routing::get(|| async { vec![b'x'; 4 << 20] }))
+            .route(
+                "/mib",
+                // One frame of 1 MiB, then the end as a frame of its own:
+                // sent whole, its end would be asked for only once the
+                // client has taken the lot.
+                axum::routing::get(|| async {
+                    axum::body::Body::from_stream(futures_util::stream::iter([Ok::<
+                        _,
+                        std::convert::Infallible,
+                    >(
+                        vec![b'y'; 1 << 20],
+                    )]))
+                }),
+            );
+        let stall = Duration::from_millis(800);
+        let bounds = wharf_api::conn::Bounds {
+            silent: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+            stall,
+        };
+        let (addr, stop, server) = start_with(app, 4, bounds).await;
+        let ping = h2_frame(6, 0, 0, &[1; 8]);
+
+        // Two streams of 4 MiB, no WINDOW_UPDATE ever, a ping every
+        // 100 ms: the first takes the connection's 64 KiB window, the
+        // second none.
+        let started = std::time::Instant::now();
+        let mut stingy = TcpStream::connect(addr).await.unwrap();
+        stingy.write_all(H2_PREFACE).await.unwrap();
+        stingy.write_all(H2_SETTINGS).await.unwrap();
+        stingy.write_all(&h2_get(1, "/big")).await.unwrap();
+        stingy.write_all(&h2_get(3, "/big")).await.unwrap();
+        let (types, data) = h2_frames_until_closed(
+            &mut stingy,
+            Duration::from_secs(10),
+            Some((Duration::from_millis(100), &ping)),
+        )
+        .await;
+        let took = started.elapsed();
+        assert!(data.len() <= 65_535, "{} bytes past the window", data.len());
+        assert!(
+            took >= stall && took < stall + Duration::from_secs(3),
+            "dropped after {took:?}; frames {types:?}"
+        );
+
+        // 1 MiB, granted 32 KiB every 100 ms (3 s in all, several stall
+        // times; each 16 KiB piece well within one).
+        let started = std::time::Instant::now();
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(H2_PREFACE).await.unwrap();
+        slow.write_all(H2_SETTINGS).await.unwrap();
+        slow.write_all(&h2_get(1, "/mib")).await.unwrap();
+        let mut grant = h2_window_update(0, 32 << 10);
+        grant.extend_from_slice(&h2_window_update(1, 32 << 10));
+        let (types, data) = h2_frames_until_closed(
+            &mut slow,
+            Duration::from_secs(20),
+            Some((Duration::from_millis(100), &grant)),
+        )
+        .await;
+        assert_eq!(data.len(), 1 << 20, "frames {types:?}");
+        assert!(data.iter().all(|b| *b == b'y'));
+        // Closed for being idle once served, not dropped.
+        assert!(types.contains(&GOAWAY), "{types:?}");
+        assert!(
+            started.elapsed() >= stall * 3,
+            "served in {:?}",
+            started.elapsed()
+        );
         stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), server)
             .await

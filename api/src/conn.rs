@@ -13,15 +13,35 @@
 //!   gracefully (GOAWAY on HTTP/2).
 //! - hyper has no write timeout: a client that stops reading (its TCP
 //!   window full) holds the connection while a response waits to be
-//!   written. One whose writes have not moved for `stall` is dropped; and
-//!   a request body that sends no byte for as long fails
-//!   ([`StallBody`], for the listeners whose handlers read bodies).
+//!   written. One whose writes have not moved for `stall` is dropped.
+//! - HTTP/2 lets a client hold a response without a blocked write: one
+//!   that reads the socket (and answers pings) but grants no flow-control
+//!   window leaves every response body it asked for waiting in hyper,
+//!   never asked for its next frame — each holding its next chunk (a
+//!   blob pull's is 1 MiB), up to 256 streams a connection. So a
+//!   response body that hyper has not taken [`PIECE`] bytes of (or its
+//!   end) within `stall` — counted from when the response was ready, and
+//!   again from each [`PIECE`] taken or each wait for its own data —
+//!   drops the connection too ([`CountedBody`]). Frames are handed out in
+//!   pieces of at most [`PIECE`] bytes (HTTP/2's own frame size), so a
+//!   client that is slow but keeps taking that much of each response
+//!   within `stall` (about 270 bytes/s at 60 s) keeps it going, on
+//!   HTTP/1.1 as on HTTP/2, where the streams of a connection share its
+//!   window. Left: the last piece of a response whose body hyper has
+//!   dropped sits in h2's send buffer until the client takes it, held
+//!   while another request of the connection keeps it from idling (at
+//!   most 256 × [`PIECE`], 4 MiB, a connection).
+//! - A request body must bring [`MIN_REQUEST_BYTES`] (or its end) within
+//!   each `stall`, or it fails ([`StallBody`], for the listeners whose
+//!   handlers read bodies): one byte a minute would otherwise hold a
+//!   connection and its handler for ever (Apache's `MinRate` idea).
 //!
 //! [`accept`] is the three listeners' accept loop (a place per
 //! connection under a cap); [`Activity`] notes a connection's first byte
-//! and blocked writes ([`Activity::io`]) and its requests in flight —
-//! from the call until the response body ends or is dropped
-//! ([`Activity::begin`], [`CountedBody`], [`counted`]) — and [`supervise`]
+//! and blocked writes ([`Activity::io`]), its requests in flight — from
+//! the call until the response body ends or is dropped
+//! ([`Activity::begin`], [`CountedBody`], [`counted`]) — and the response
+//! bodies that wait for hyper to ask for their next frame; [`supervise`]
 //! runs the connection under these rules and the server's shutdown.
 
 use std::future::Future;
@@ -43,14 +63,25 @@ pub struct Bounds {
     pub silent: Duration,
     /// No request in flight for it: closed gracefully.
     pub idle: Duration,
-    /// A write the client does not take, or a request body that sends
-    /// nothing, for it: dropped, or the body fails.
+    /// A write the client does not take, or a response body hyper takes
+    /// less than [`PIECE`] bytes of, for it: dropped; a request body that
+    /// brings less than [`MIN_REQUEST_BYTES`] in it fails.
     pub stall: Duration,
 }
 
+/// The largest frame a response body hands hyper at once (a larger one
+/// goes in pieces), and the least of it a client must take within each
+/// stall time.
+pub const PIECE: usize = 16 << 10;
+
+/// The least a request body must bring within each stall time (about
+/// 1 KiB/s at 60 s).
+pub const MIN_REQUEST_BYTES: usize = 64 << 10;
+
 /// What a connection has done: whether a byte has arrived, how many of
-/// its requests are in flight, when the last one ended, and since when a
-/// write waits for the client.
+/// its requests are in flight, when the last one ended, since when a
+/// write waits for the client, and which response bodies wait for hyper
+/// to ask for their next frame.
 #[derive(Debug)]
 pub struct Activity {
     heard: AtomicBool,
@@ -61,6 +92,12 @@ pub struct Activity {
     /// Since when a write has been waiting: nanoseconds from `born`, plus
     /// one; 0 while none waits.
     blocked_since: AtomicU64,
+    /// Response bodies waiting for hyper to take [`PIECE`] bytes or their
+    /// end: (body, since when in nanoseconds from `born`). At most one
+    /// per stream.
+    owed: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Numbers the connection's response bodies.
+    bodies: AtomicU64,
     born: Instant,
 }
 
@@ -72,6 +109,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             quiet_since: AtomicU64::new(0),
             blocked_since: AtomicU64::new(0),
+            owed: std::sync::Mutex::new(Vec::new()),
+            bodies: AtomicU64::new(0),
             born: Instant::now(),
         })
     }
@@ -106,6 +145,33 @@ impl Activity {
             0 => None,
             ns => Some(self.born + Duration::from_nanos(ns - 1)),
         }
+    }
+
+    /// Body `body` waits for hyper to take a [`PIECE`] or its end, from
+    /// now.
+    fn owe(&self, body: u64) {
+        let now = self.nanos();
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        match owed.iter_mut().find(|(b, _)| *b == body) {
+            Some(entry) => entry.1 = now,
+            None => owed.push((body, now)),
+        }
+    }
+
+    /// Body `body` waits no more (for its own data, or it is done).
+    fn paid(&self, body: u64) {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = owed.iter().position(|(b, _)| *b == body) {
+            owed.swap_remove(at);
+        }
+    }
+
+    /// Since when the body that has waited longest for hyper has waited,
+    /// if one does.
+    fn owed_since(&self) -> Option<Instant> {
+        let owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        let ns = owed.iter().map(|(_, since)| *since).min()?;
+        Some(self.born + Duration::from_nanos(ns))
     }
 
     /// A request begins; it is in flight until the guard is dropped (move
@@ -193,7 +259,7 @@ pub fn counted<F, Fut, B>(
 where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = http::Response<B>> + Send + 'static,
-    B: Body + Unpin + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
 {
     let activity = activity.clone();
     hyper::service::service_fn(move |request| {
@@ -208,47 +274,137 @@ where
 }
 
 /// A response body that keeps its request in flight until it ends or is
-/// dropped (a streamed body is a request in progress).
+/// dropped (a streamed body is a request in progress), hands hyper its
+/// frames in pieces of at most [`PIECE`] bytes, and notes on the
+/// connection's [`Activity`] while it waits for hyper to take a [`PIECE`]
+/// or its end — from its making, and from each [`PIECE`] handed — which
+/// is a client not taking it. A wait for its own data (a stream, a
+/// guest) is not the client's and ends the period.
 #[derive(Debug)]
 pub struct CountedBody<B> {
     inner: B,
-    _in_flight: InFlight,
+    /// What is left of a frame larger than [`PIECE`].
+    rest: Bytes,
+    /// Its number on the connection.
+    id: u64,
+    /// Whether it waits for hyper (a period is running).
+    owed: bool,
+    /// Bytes handed to hyper in the current period.
+    handed: usize,
+    in_flight: InFlight,
 }
 
 impl<B> CountedBody<B> {
-    /// `inner`, holding `in_flight` for as long as it lives.
+    /// `inner`, holding `in_flight` for as long as it lives; waiting for
+    /// hyper from now.
     pub fn new(inner: B, in_flight: InFlight) -> Self {
+        let activity = &in_flight.0;
+        let id = activity.bodies.fetch_add(1, Ordering::Relaxed);
+        activity.owe(id);
         CountedBody {
             inner,
-            _in_flight: in_flight,
+            rest: Bytes::new(),
+            id,
+            owed: true,
+            handed: 0,
+            in_flight,
+        }
+    }
+
+    /// Notes `n` bytes handed to hyper: a new period once a [`PIECE`] is
+    /// (or once one starts after a wait for its own data).
+    fn handed(&mut self, n: usize) {
+        if !self.owed {
+            self.owed = true;
+            self.handed = n;
+            self.in_flight.0.owe(self.id);
+        } else if self.handed + n >= PIECE {
+            self.handed = 0;
+            self.in_flight.0.owe(self.id);
+        } else {
+            self.handed += n;
+        }
+    }
+
+    fn pay(&mut self) {
+        if self.owed {
+            self.owed = false;
+            self.in_flight.0.paid(self.id);
         }
     }
 }
 
-impl<B: Body + Unpin> Body for CountedBody<B> {
-    type Data = B::Data;
+impl<B> Drop for CountedBody<B> {
+    fn drop(&mut self) {
+        self.pay();
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for CountedBody<B> {
+    type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if !this.rest.is_empty() {
+            let piece = if this.rest.len() > PIECE {
+                this.rest.split_to(PIECE)
+            } else {
+                std::mem::take(&mut this.rest)
+            };
+            this.handed(piece.len());
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(mut data) => {
+                        if data.len() > PIECE {
+                            this.rest = data.split_off(PIECE);
+                        }
+                        this.handed(data.len());
+                        Frame::data(data)
+                    }
+                    Err(frame) => {
+                        this.handed(0);
+                        frame
+                    }
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+            // Waiting for its own data is not the client's doing; an end
+            // or an error ends the wait.
+            polled => {
+                this.pay();
+                polled
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint.set_lower(inner.lower().saturating_add(rest));
+        hint
     }
 }
 
 /// Runs `conn` (served over [`Activity::io`] with its requests counted)
 /// to its end, under the [`Bounds`]: no byte within `silent` — dropped
 /// (`None`); no request in flight for `idle` — closed with `graceful`,
-/// as when `stopping` turns true; a write waiting for the client for
+/// as when `stopping` turns true; a write waiting for the client, or a
+/// response body waiting for hyper to ask for its next frame, for
 /// `stall` — dropped. A connection still open with nothing in flight for
 /// `idle` after a graceful close (an HTTP/2 client that never answers the
 /// ping of a graceful GOAWAY) is dropped too.
@@ -280,7 +436,11 @@ pub async fn supervise<C: Future>(
     // when idle for `idle`, else `Ok(Some(when to look again))`.
     let next_check = |from: Instant| -> Result<Option<Instant>, ()> {
         let now = Instant::now();
-        let stall_at = activity.blocked_since().map(|since| since + bounds.stall);
+        let stall_at = match (activity.blocked_since(), activity.owed_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|since| since + bounds.stall);
         if stall_at.is_some_and(|at| at <= now) {
             return Err(());
         }
@@ -325,25 +485,32 @@ pub async fn supervise<C: Future>(
     }
 }
 
-/// A request body that fails once it has sent nothing for its `stall`
-/// time while read (hyper has no body read timeout: a client trickling
-/// an upload would hold its connection and handler for ever).
+/// A request body that fails once it has brought less than
+/// [`MIN_REQUEST_BYTES`] (and not its end) in its `stall` time, counted
+/// from its first read and again each time it completes that much. hyper has no body
+/// read timeout: a client trickling an upload would hold its connection
+/// and handler for ever, with nothing at all as with a byte a minute.
 pub struct StallBody<B> {
     inner: B,
     stall: Duration,
-    /// Armed while a read waits.
+    /// When the current period began (the first read, then each
+    /// [`MIN_REQUEST_BYTES`] completed), and the bytes brought in it.
+    since: Option<tokio::time::Instant>,
+    brought: usize,
+    /// Armed while a read waits, for the period's end.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    waiting: bool,
 }
 
 impl<B> StallBody<B> {
-    /// `inner`, failing after `stall` without a byte.
+    /// `inner`, failing when it brings less than [`MIN_REQUEST_BYTES`]
+    /// in `stall`.
     pub fn new(inner: B, stall: Duration) -> Self {
         StallBody {
             inner,
             stall,
+            since: None,
+            brought: 0,
             timer: None,
-            waiting: false,
         }
     }
 }
@@ -361,22 +528,31 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        let since = *this.since.get_or_insert_with(tokio::time::Instant::now);
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
-            this.waiting = false;
+            if let Some(Ok(frame)) = &frame {
+                this.brought += frame.data_ref().map_or(0, Bytes::len);
+                if this.brought >= MIN_REQUEST_BYTES {
+                    this.since = Some(tokio::time::Instant::now());
+                    this.brought = 0;
+                }
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let deadline = tokio::time::Instant::now() + this.stall;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !this.waiting {
-            timer.as_mut().reset(deadline);
-            this.waiting = true;
+        let deadline = since + this.stall;
+        match &mut this.timer {
+            Some(timer) if timer.deadline() == deadline => {}
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
+        let timer = this.timer.as_mut().expect("armed above");
         if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Err(format!(
-                "the client sent no byte of the request body for {} s",
-                this.stall.as_secs()
+                "the request body is too slow: {} bytes in the last {:?}; at least {} KiB (or the rest of the body) must come within each {:?}",
+                this.brought,
+                this.stall,
+                MIN_REQUEST_BYTES >> 10,
+                this.stall
             )
             .into())));
         }
@@ -502,10 +678,11 @@ mod tests {
         drop(client);
     }
 
-    /// A request body with nothing more for `stall` fails; one whose
-    /// bytes keep coming does not.
+    /// A request body that brings a [`MIN_REQUEST_BYTES`] within each `stall` goes on
+    /// for as long as it likes; one that then trickles (a little, often)
+    /// fails once a `stall` passes without a whole [`MIN_REQUEST_BYTES`].
     #[tokio::test]
-    async fn a_request_body_that_stalls_fails() {
+    async fn a_request_body_that_trickles_fails() {
         use http_body_util::BodyExt;
         let stall = Duration::from_millis(200);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
@@ -514,28 +691,156 @@ mod tests {
             for _ in 0..4 {
                 // Each within the stall time, all of them past it.
                 tokio::time::sleep(stall / 2).await;
-                tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+                tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; MIN_REQUEST_BYTES]))))
                     .await
                     .unwrap();
             }
-            // Then nothing, and the sender kept open.
-            tokio::time::sleep(stall * 10).await;
-            drop(tx);
+            // Then two bytes every quarter of it, with the sender open.
+            for _ in 0..40 {
+                tokio::time::sleep(stall / 4).await;
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
         });
         let mut body = body;
-        let mut got = Vec::new();
+        let mut got = 0;
         let started = Instant::now();
         let failed = loop {
             match body.frame().await {
-                Some(Ok(frame)) => got.extend_from_slice(&frame.into_data().unwrap()),
+                Some(Ok(frame)) => got += frame.into_data().unwrap().len(),
                 Some(Err(e)) => break e.to_string(),
                 None => panic!("the body ended instead of failing"),
             }
         };
-        assert_eq!(got, b"abababab");
-        assert!(failed.contains("sent no byte"), "{failed}");
+        assert!(
+            (4 * MIN_REQUEST_BYTES..4 * MIN_REQUEST_BYTES + 20).contains(&got),
+            "{got}"
+        );
+        assert!(failed.contains("too slow"), "{failed}");
         let took = started.elapsed();
-        assert!(took >= stall * 2 + stall && took < stall * 6, "{took:?}");
+        // The last whole piece came at 2 stall times.
+        assert!(took >= stall * 3 && took < stall * 6, "{took:?}");
+    }
+
+    /// A response body hyper never asks for (an HTTP/2 stream the client
+    /// grants no window), does not ask for again after a [`PIECE`], or
+    /// takes less than a [`PIECE`] of in small frames, drops its
+    /// connection after the stall time, although its request is in
+    /// flight.
+    #[tokio::test]
+    async fn a_response_body_not_taken_drops_its_connection() {
+        use http_body_util::BodyExt;
+        let (_stop, stopping) = watch::channel(false);
+        let stall = Duration::from_millis(300);
+        let b = Bounds {
+            silent: SILENT,
+            idle: stall * 10,
+            stall,
+        };
+        for frames_taken in [0, 1] {
+            let activity = Activity::new();
+            activity.heard.store(true, Ordering::Relaxed);
+            let mut started = Instant::now();
+            let mut body = CountedBody::new(
+                http_body_util::Full::new(Bytes::from(vec![0u8; 3 * PIECE])),
+                activity.begin(),
+            );
+            for _ in 0..frames_taken {
+                tokio::time::sleep(stall / 2).await;
+                started = Instant::now();
+                let frame = body.frame().await.unwrap().unwrap();
+                assert_eq!(frame.into_data().unwrap().len(), PIECE);
+            }
+            let conn = Closable::new(Arc::new(AtomicUsize::new(0)));
+            let never = |_: Pin<&mut Closable>| panic!("a stalled connection is dropped");
+            let done = tokio::time::timeout(
+                stall * 5,
+                supervise(conn, never, &activity, b, stopping.clone()),
+            )
+            .await
+            .expect("dropped");
+            assert_eq!(done, None, "after {frames_taken} frames");
+            let took = started.elapsed();
+            assert!(took >= stall && took < stall * 3, "{took:?}");
+            drop(body);
+            assert_eq!(activity.owed_since(), None);
+        }
+
+        // Frames of 100 bytes, each ready when asked for, asked for four
+        // times a stall time: 400 bytes a period, short of a PIECE.
+        let activity = Activity::new();
+        activity.heard.store(true, Ordering::Relaxed);
+        let small =
+            futures_util::stream::iter((0..1000).map(|_| {
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; 100])))
+            }));
+        let started = Instant::now();
+        let mut body = CountedBody::new(http_body_util::StreamBody::new(small), activity.begin());
+        let reader = async move {
+            while let Some(frame) = body.frame().await {
+                frame.unwrap();
+                tokio::time::sleep(stall / 4).await;
+            }
+        };
+        let never = |_: Pin<&mut _>| panic!("a stalled connection is dropped");
+        let done =
+            tokio::time::timeout(stall * 5, supervise(reader, never, &activity, b, stopping))
+                .await
+                .expect("dropped");
+        assert_eq!(done, None);
+        let took = started.elapsed();
+        assert!(took >= stall && took < stall * 3, "{took:?}");
+    }
+
+    /// A large frame goes to hyper in pieces, and a body that waits for
+    /// its own data, or whose pieces are taken slowly but steadily, keeps
+    /// its connection for longer than the stall time.
+    #[tokio::test]
+    async fn a_body_taken_in_pieces_or_waiting_for_its_data_keeps_its_connection() {
+        use http_body_util::BodyExt;
+        let (_stop, stopping) = watch::channel(false);
+        let stall = Duration::from_secs(1);
+        let b = Bounds {
+            silent: SILENT,
+            idle: stall * 10,
+            stall,
+        };
+        let activity = Activity::new();
+        activity.heard.store(true, Ordering::Relaxed);
+        // Its data comes after two stall times, then one large frame.
+        let data = futures_util::stream::unfold(0, move |i| async move {
+            if i == 1 {
+                return None;
+            }
+            tokio::time::sleep(stall * 2).await;
+            let frame = Frame::data(Bytes::from(vec![7u8; 3 * PIECE + 10]));
+            Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+        });
+        let started = Instant::now();
+        let mut body = CountedBody::new(
+            http_body_util::StreamBody::new(Box::pin(data)),
+            activity.begin(),
+        );
+        let reader = async move {
+            let mut sizes = Vec::new();
+            while let Some(frame) = body.frame().await {
+                sizes.push(frame.unwrap().into_data().unwrap().len());
+                // Taken slowly: the pieces together take longer than the
+                // stall time.
+                tokio::time::sleep(stall / 4).await;
+            }
+            sizes
+        };
+        let never = |_: Pin<&mut _>| panic!("closed a connection with a response going");
+        let sizes = supervise(reader, never, &activity, b, stopping).await;
+        assert_eq!(sizes, Some(vec![PIECE, PIECE, PIECE, 10]));
+        assert!(started.elapsed() >= stall * 3, "{:?}", started.elapsed());
+        assert_eq!(activity.owed_since(), None);
     }
 
     /// A receiver as a stream (without tokio-stream).
