@@ -453,8 +453,9 @@ pub(crate) fn main(args: ServerArgs) -> Result<()> {
 const MAX_API_CONNECTIONS: usize = 10_000;
 /// How long a client may take to send a request's headers, how long a
 /// connection may sit with no request in flight, and how long a client
-/// may take to take 16 KiB of a response, or to send 64 KiB of a request
-/// body (nginx's `send_timeout`, Apache's `MinRate`).
+/// may take to take a piece of a response (16 KiB a stream on HTTP/2,
+/// 256 KiB on HTTP/1.1), or to send 64 KiB of a request body (nginx's
+/// `send_timeout`, Apache's `MinRate`).
 const API_BOUNDS: wharf_api::conn::Bounds = wharf_api::conn::Bounds {
     silent: Duration::from_secs(30),
     idle: Duration::from_secs(30),

@@ -19,18 +19,21 @@
 //!   window leaves every response body it asked for waiting in hyper,
 //!   never asked for its next frame — each holding its next chunk (a
 //!   blob pull's is 1 MiB), up to 256 streams a connection. So a
-//!   response body that hyper has not taken [`PIECE`] bytes of (or its
-//!   end) within `stall` — counted from when the response was ready, and
-//!   again from each [`PIECE`] taken or each wait for its own data —
-//!   drops the connection too ([`CountedBody`]). Frames are handed out in
-//!   pieces of at most [`PIECE`] bytes (HTTP/2's own frame size), so a
-//!   client that is slow but keeps taking that much of each response
-//!   within `stall` (about 270 bytes/s at 60 s) keeps it going, on
-//!   HTTP/1.1 as on HTTP/2, where the streams of a connection share its
-//!   window. Left: the last piece of a response whose body hyper has
-//!   dropped sits in h2's send buffer until the client takes it, held
-//!   while another request of the connection keeps it from idling (at
-//!   most 256 × [`PIECE`], 4 MiB, a connection).
+//!   response body that hyper has not taken a piece of (or its end)
+//!   within `stall` — counted from when the response was ready, and again
+//!   from each piece taken or each wait for its own data — drops the
+//!   connection too ([`CountedBody`]). Frames are handed out in pieces of
+//!   at most [`H2_PIECE`] bytes on HTTP/2 (its own frame size; the
+//!   streams of a connection share its window) and [`H1_PIECE`] on
+//!   HTTP/1.1 (smaller pieces cost a large download a quarter of its
+//!   speed there, and a client that does not read at all is also caught
+//!   by its blocked writes), so a client that is slow but keeps taking a
+//!   piece of each response within `stall` — at 60 s about 270 bytes/s a
+//!   stream on HTTP/2, 4.3 KiB/s on HTTP/1.1 — keeps it going. Left: the
+//!   last piece of a response whose body hyper has dropped sits in h2's
+//!   send buffer until the client takes it, held while another request
+//!   of the connection keeps it from idling (at most 256 × [`H2_PIECE`],
+//!   4 MiB, a connection).
 //! - A request body must bring [`MIN_REQUEST_BYTES`] (or its end) within
 //!   each `stall`, or it fails ([`StallBody`], for the listeners whose
 //!   handlers read bodies): one byte a minute would otherwise hold a
@@ -64,15 +67,18 @@ pub struct Bounds {
     /// No request in flight for it: closed gracefully.
     pub idle: Duration,
     /// A write the client does not take, or a response body hyper takes
-    /// less than [`PIECE`] bytes of, for it: dropped; a request body that
+    /// no piece of, for it: dropped; a request body that
     /// brings less than [`MIN_REQUEST_BYTES`] in it fails.
     pub stall: Duration,
 }
 
-/// The largest frame a response body hands hyper at once (a larger one
-/// goes in pieces), and the least of it a client must take within each
-/// stall time.
-pub const PIECE: usize = 16 << 10;
+/// On HTTP/2, the largest frame a response body hands hyper at once (a
+/// larger one goes in pieces), and the least of it a client must take
+/// within each stall time.
+pub const H2_PIECE: usize = 16 << 10;
+
+/// The same on HTTP/1.1.
+pub const H1_PIECE: usize = 256 << 10;
 
 /// The least a request body must bring within each stall time (about
 /// 1 KiB/s at 60 s).
@@ -92,8 +98,7 @@ pub struct Activity {
     /// Since when a write has been waiting: nanoseconds from `born`, plus
     /// one; 0 while none waits.
     blocked_since: AtomicU64,
-    /// Response bodies waiting for hyper to take [`PIECE`] bytes or their
-    /// end: (body, since when in nanoseconds from `born`). At most one
+    /// Response bodies waiting for hyper to take a piece or their end: (body, since when in nanoseconds from `born`). At most one
     /// per stream.
     owed: std::sync::Mutex<Vec<(u64, u64)>>,
     /// Numbers the connection's response bodies.
@@ -147,8 +152,7 @@ impl Activity {
         }
     }
 
-    /// Body `body` waits for hyper to take a [`PIECE`] or its end, from
-    /// now.
+    /// Body `body` waits for hyper to take a piece or its end, from now.
     fn owe(&self, body: u64) {
         let now = self.nanos();
         let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
@@ -264,10 +268,16 @@ where
     let activity = activity.clone();
     hyper::service::service_fn(move |request| {
         let in_flight = activity.begin();
+        let piece = match request.version() {
+            http::Version::HTTP_2 => H2_PIECE,
+            _ => H1_PIECE,
+        };
         let response = handle(request);
         async move {
             Ok::<_, std::convert::Infallible>(
-                response.await.map(|body| CountedBody::new(body, in_flight)),
+                response
+                    .await
+                    .map(|body| CountedBody::new(body, in_flight, piece)),
             )
         }
     })
@@ -275,16 +285,18 @@ where
 
 /// A response body that keeps its request in flight until it ends or is
 /// dropped (a streamed body is a request in progress), hands hyper its
-/// frames in pieces of at most [`PIECE`] bytes, and notes on the
-/// connection's [`Activity`] while it waits for hyper to take a [`PIECE`]
-/// or its end — from its making, and from each [`PIECE`] handed — which
+/// frames in pieces of at most `piece` bytes, and notes on the
+/// connection's [`Activity`] while it waits for hyper to take a piece or
+/// its end — from its making, and from each piece handed — which
 /// is a client not taking it. A wait for its own data (a stream, a
 /// guest) is not the client's and ends the period.
 #[derive(Debug)]
 pub struct CountedBody<B> {
     inner: B,
-    /// What is left of a frame larger than [`PIECE`].
+    /// What is left of a frame larger than `piece`.
     rest: Bytes,
+    /// The most handed at once.
+    piece: usize,
     /// Its number on the connection.
     id: u64,
     /// Whether it waits for hyper (a period is running).
@@ -295,15 +307,16 @@ pub struct CountedBody<B> {
 }
 
 impl<B> CountedBody<B> {
-    /// `inner`, holding `in_flight` for as long as it lives; waiting for
-    /// hyper from now.
-    pub fn new(inner: B, in_flight: InFlight) -> Self {
+    /// `inner`, handed out at most `piece` bytes at once, holding
+    /// `in_flight` for as long as it lives; waiting for hyper from now.
+    pub fn new(inner: B, in_flight: InFlight, piece: usize) -> Self {
         let activity = &in_flight.0;
         let id = activity.bodies.fetch_add(1, Ordering::Relaxed);
         activity.owe(id);
         CountedBody {
             inner,
             rest: Bytes::new(),
+            piece,
             id,
             owed: true,
             handed: 0,
@@ -311,14 +324,14 @@ impl<B> CountedBody<B> {
         }
     }
 
-    /// Notes `n` bytes handed to hyper: a new period once a [`PIECE`] is
+    /// Notes `n` bytes handed to hyper: a new period once a piece is
     /// (or once one starts after a wait for its own data).
     fn handed(&mut self, n: usize) {
         if !self.owed {
             self.owed = true;
             self.handed = n;
             self.in_flight.0.owe(self.id);
-        } else if self.handed + n >= PIECE {
+        } else if self.handed + n >= self.piece {
             self.handed = 0;
             self.in_flight.0.owe(self.id);
         } else {
@@ -350,8 +363,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for CountedBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if !this.rest.is_empty() {
-            let piece = if this.rest.len() > PIECE {
-                this.rest.split_to(PIECE)
+            let piece = if this.rest.len() > this.piece {
+                this.rest.split_to(this.piece)
             } else {
                 std::mem::take(&mut this.rest)
             };
@@ -362,8 +375,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for CountedBody<B> {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match frame.into_data() {
                     Ok(mut data) => {
-                        if data.len() > PIECE {
-                            this.rest = data.split_off(PIECE);
+                        if data.len() > this.piece {
+                            this.rest = data.split_off(this.piece);
                         }
                         this.handed(data.len());
                         Frame::data(data)
@@ -728,8 +741,8 @@ mod tests {
     }
 
     /// A response body hyper never asks for (an HTTP/2 stream the client
-    /// grants no window), does not ask for again after a [`PIECE`], or
-    /// takes less than a [`PIECE`] of in small frames, drops its
+    /// grants no window), does not ask for again after a [`H2_PIECE`], or
+    /// takes less than a [`H2_PIECE`] of in small frames, drops its
     /// connection after the stall time, although its request is in
     /// flight.
     #[tokio::test]
@@ -747,14 +760,15 @@ mod tests {
             activity.heard.store(true, Ordering::Relaxed);
             let mut started = Instant::now();
             let mut body = CountedBody::new(
-                http_body_util::Full::new(Bytes::from(vec![0u8; 3 * PIECE])),
+                http_body_util::Full::new(Bytes::from(vec![0u8; 3 * H2_PIECE])),
                 activity.begin(),
+                H2_PIECE,
             );
             for _ in 0..frames_taken {
                 tokio::time::sleep(stall / 2).await;
                 started = Instant::now();
                 let frame = body.frame().await.unwrap().unwrap();
-                assert_eq!(frame.into_data().unwrap().len(), PIECE);
+                assert_eq!(frame.into_data().unwrap().len(), H2_PIECE);
             }
             let conn = Closable::new(Arc::new(AtomicUsize::new(0)));
             let never = |_: Pin<&mut Closable>| panic!("a stalled connection is dropped");
@@ -772,7 +786,7 @@ mod tests {
         }
 
         // Frames of 100 bytes, each ready when asked for, asked for four
-        // times a stall time: 400 bytes a period, short of a PIECE.
+        // times a stall time: 400 bytes a period, short of an H2_PIECE.
         let activity = Activity::new();
         activity.heard.store(true, Ordering::Relaxed);
         let small =
@@ -780,7 +794,11 @@ mod tests {
                 Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; 100])))
             }));
         let started = Instant::now();
-        let mut body = CountedBody::new(http_body_util::StreamBody::new(small), activity.begin());
+        let mut body = CountedBody::new(
+            http_body_util::StreamBody::new(small),
+            activity.begin(),
+            H2_PIECE,
+        );
         let reader = async move {
             while let Some(frame) = body.frame().await {
                 frame.unwrap();
@@ -818,13 +836,14 @@ mod tests {
                 return None;
             }
             tokio::time::sleep(stall * 2).await;
-            let frame = Frame::data(Bytes::from(vec![7u8; 3 * PIECE + 10]));
+            let frame = Frame::data(Bytes::from(vec![7u8; 3 * H2_PIECE + 10]));
             Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
         });
         let started = Instant::now();
         let mut body = CountedBody::new(
             http_body_util::StreamBody::new(Box::pin(data)),
             activity.begin(),
+            H2_PIECE,
         );
         let reader = async move {
             let mut sizes = Vec::new();
@@ -838,7 +857,7 @@ mod tests {
         };
         let never = |_: Pin<&mut _>| panic!("closed a connection with a response going");
         let sizes = supervise(reader, never, &activity, b, stopping).await;
-        assert_eq!(sizes, Some(vec![PIECE, PIECE, PIECE, 10]));
+        assert_eq!(sizes, Some(vec![H2_PIECE, H2_PIECE, H2_PIECE, 10]));
         assert!(started.elapsed() >= stall * 3, "{:?}", started.elapsed());
         assert_eq!(activity.owed_since(), None);
     }
@@ -903,7 +922,11 @@ mod tests {
         activity.heard.store(true, Ordering::Relaxed);
         let started = Instant::now();
         let request = activity.begin();
-        let body = CountedBody::new(http_body_util::Empty::<bytes::Bytes>::new(), request);
+        let body = CountedBody::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+            request,
+            H2_PIECE,
+        );
         tokio::spawn(async move {
             // A response body streamed for longer than IDLE.
             tokio::time::sleep(IDLE * 2).await;
