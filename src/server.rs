@@ -636,6 +636,20 @@ mod serve_tests {
         (addr, stop, server)
     }
 
+    /// Stops the listener and waits at most `within` for it to end.
+    async fn shut_down(
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<()>,
+        within: Duration,
+        what: &str,
+    ) {
+        stop.send(()).unwrap();
+        tokio::time::timeout(within, server)
+            .await
+            .expect(what)
+            .unwrap();
+    }
+
     /// What a hostile client can make the API listener hold: connections
     /// past the cap wait unserved, and a client that trickles its headers
     /// or idles loses its connection after the header timeout, which
@@ -686,11 +700,13 @@ mod serve_tests {
             .await;
             assert!(closed.is_ok(), "a slow or idle client kept its connection");
         }
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(35), server)
-            .await
-            .expect("the listener ends at shutdown")
-            .unwrap();
+        shut_down(
+            stop,
+            server,
+            Duration::from_secs(35),
+            "the listener ends at shutdown",
+        )
+        .await;
     }
     /// At shutdown a request in flight finishes, and a new client is
     /// refused at once instead of waiting in the backlog.
@@ -867,11 +883,13 @@ mod serve_tests {
             "closed after {:?}",
             started.elapsed()
         );
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("the listener ends at shutdown")
-            .unwrap();
+        shut_down(
+            stop,
+            server,
+            Duration::from_secs(5),
+            "the listener ends at shutdown",
+        )
+        .await;
     }
 
     /// hyper has no body or write timeouts: a client that stops sending
@@ -940,11 +958,13 @@ mod serve_tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(started.elapsed() >= stall / 2, "{:?}", started.elapsed());
         drop(deaf);
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("the listener ends at shutdown")
-            .unwrap();
+        shut_down(
+            stop,
+            server,
+            Duration::from_secs(5),
+            "the listener ends at shutdown",
+        )
+        .await;
     }
 
     /// HTTP/2's flow control lets a client that reads the socket (and
@@ -1026,10 +1046,12 @@ mod serve_tests {
             "served in {:?}",
             started.elapsed()
         );
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("the listener ends at shutdown")
-            .unwrap();
+        shut_down(
+            stop,
+            server,
+            Duration::from_secs(5),
+            "the listener ends at shutdown",
+        )
+        .await;
     }
 }

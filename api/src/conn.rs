@@ -449,11 +449,10 @@ pub async fn supervise<C: Future>(
     // when idle for `idle`, else `Ok(Some(when to look again))`.
     let next_check = |from: Instant| -> Result<Option<Instant>, ()> {
         let now = Instant::now();
-        let stall_at = match (activity.blocked_since(), activity.owed_since()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-        .map(|since| since + bounds.stall);
+        let stall_at = (activity.blocked_since().into_iter())
+            .chain(activity.owed_since())
+            .min()
+            .map(|since| since + bounds.stall);
         if stall_at.is_some_and(|at| at <= now) {
             return Err(());
         }
@@ -651,6 +650,22 @@ mod tests {
     const SILENT: Duration = Duration::from_millis(100);
     const IDLE: Duration = Duration::from_millis(300);
 
+    /// Bounds where only `stall` matters.
+    fn stall_bounds(stall: Duration) -> Bounds {
+        Bounds {
+            silent: SILENT,
+            idle: stall * 10,
+            stall,
+        }
+    }
+
+    /// A connection's activity once it has said something.
+    fn heard() -> Arc<Activity> {
+        let activity = Activity::new();
+        activity.heard.store(true, Ordering::Relaxed);
+        activity
+    }
+
     fn bounds(silent: Duration, idle: Duration) -> Bounds {
         Bounds {
             silent,
@@ -750,14 +765,9 @@ mod tests {
         use http_body_util::BodyExt;
         let (_stop, stopping) = watch::channel(false);
         let stall = Duration::from_millis(300);
-        let b = Bounds {
-            silent: SILENT,
-            idle: stall * 10,
-            stall,
-        };
+        let b = stall_bounds(stall);
         for frames_taken in [0, 1] {
-            let activity = Activity::new();
-            activity.heard.store(true, Ordering::Relaxed);
+            let activity = heard();
             let mut started = Instant::now();
             let mut body = CountedBody::new(
                 http_body_util::Full::new(Bytes::from(vec![0u8; 3 * H2_PIECE])),
@@ -787,8 +797,7 @@ mod tests {
 
         // Frames of 100 bytes, each ready when asked for, asked for four
         // times a stall time: 400 bytes a period, short of an H2_PIECE.
-        let activity = Activity::new();
-        activity.heard.store(true, Ordering::Relaxed);
+        let activity = heard();
         let small =
             futures_util::stream::iter((0..1000).map(|_| {
                 Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![1u8; 100])))
@@ -823,13 +832,8 @@ mod tests {
         use http_body_util::BodyExt;
         let (_stop, stopping) = watch::channel(false);
         let stall = Duration::from_secs(1);
-        let b = Bounds {
-            silent: SILENT,
-            idle: stall * 10,
-            stall,
-        };
-        let activity = Activity::new();
-        activity.heard.store(true, Ordering::Relaxed);
+        let b = stall_bounds(stall);
+        let activity = heard();
         // Its data comes after two stall times, then one large frame.
         let data = futures_util::stream::unfold(0, move |i| async move {
             if i == 1 {
@@ -918,8 +922,7 @@ mod tests {
         let (stop, stopping) = watch::channel(false);
         let closes = Arc::new(AtomicUsize::new(0));
         let close = |c: Pin<&mut Closable>| c.close();
-        let activity = Activity::new();
-        activity.heard.store(true, Ordering::Relaxed);
+        let activity = heard();
         let started = Instant::now();
         let request = activity.begin();
         let body = CountedBody::new(
@@ -950,8 +953,7 @@ mod tests {
         );
         assert!(took < IDLE * 5, "closed {took:?} in");
 
-        let activity = Activity::new();
-        activity.heard.store(true, Ordering::Relaxed);
+        let activity = heard();
         let started = Instant::now();
         tokio::spawn(async move {
             tokio::time::sleep(IDLE / 3).await;
@@ -977,8 +979,7 @@ mod tests {
     async fn a_connection_that_does_not_close_when_asked_is_dropped() {
         let (_stop, stopping) = watch::channel(false);
         let closes = Arc::new(AtomicUsize::new(0));
-        let activity = Activity::new();
-        activity.heard.store(true, Ordering::Relaxed);
+        let activity = heard();
         let started = Instant::now();
         let mut conn = Closable::new(closes.clone());
         conn.sticky = true;
