@@ -329,6 +329,7 @@ impl Api {
         // The key lives beside state.db, never in it.
         let key_path = config.data_dir.join("secrets.key");
         let secret_box = Arc::new(secrets::SecretBox::open_or_create(&key_path)?);
+        registry.set_session_key(&std::fs::read(&key_path)?);
         if let Some(replicas) = store.replicas() {
             // Every replica opens the others' secrets and takes their
             // admin token: they must have the same files.

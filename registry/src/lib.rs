@@ -106,6 +106,14 @@ impl Registry {
         self.store.set_shared();
     }
 
+    /// Signs upload session ids with a key derived from `secret` (the
+    /// server's `secrets.key`, which replicas share): a session is then
+    /// known by its id on every replica and after a restart, with nothing
+    /// stored for it until its first byte.
+    pub fn set_session_key(&self, secret: &[u8]) {
+        self.store.set_session_key(secret);
+    }
+
     /// Holds `name:tag`'s stripe of the tag lock (see `tag_stripes`).
     pub(crate) async fn lock_tag(
         &self,

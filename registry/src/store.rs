@@ -7,8 +7,8 @@
 //! ```text
 //! <root>/
 //! ├── blobs/<alg>/<hex>                          content, complete and verified, shared
-//! ├── uploads/<id>.repo                          repository the upload belongs to
-//! │   └── <id>.data                              bytes received so far
+//! ├── uploads/<id>.data                          bytes received so far (from the first byte)
+//! │   └── <id>.repo                              repository of a session of an older version
 //! ├── repositories/<name...>/
 //! │   ├── _links/<alg>/<hex>                     blob is part of this repository
 //! │   ├── _manifests/<alg>/<hex>                 manifest revision; content: its media type
@@ -21,8 +21,8 @@
 //! manifest revision before the tag. A crash leaves at worst an
 //! unreferenced blob, which garbage collection removes.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::StatusCode;
 use futures_util::{Stream, StreamExt};
@@ -86,9 +86,12 @@ fn referrers_dir(name: &Name, subject: &Digest) -> String {
         subject.hex()
     )
 }
-// An upload session is two objects beside each other, not a directory:
-// on a file system a session then costs no directory to create and
-// remove, which a small push would pay for within its few milliseconds.
+// An upload session is at most one object, its bytes, from the first
+// byte on: its id is signed with the repository it belongs to (see
+// `Store::session_tag`), so opening one writes nothing, and a push in one
+// request touches no session object at all. Older versions kept the
+// repository in a second object beside it (`upload_repo`), and before
+// that a directory per session; both are still read and cleared.
 pub(crate) fn upload_data(id: &str) -> String {
     format!("uploads/{id}.data")
 }
@@ -268,8 +271,9 @@ impl Hashing {
 
 /// Where a completed upload's bytes are.
 enum Content<'a> {
-    /// Received whole, in memory (a small push).
-    Memory(&'a [u8]),
+    /// Received whole, in memory (a small push); whether the session may
+    /// have a data file all the same (of no bytes).
+    Memory(&'a [u8], bool),
     /// In the upload's data file.
     Upload,
 }
@@ -279,6 +283,51 @@ enum Content<'a> {
 struct UploadState {
     offset: u64,
     hasher: Hasher,
+    /// The upload's data file may exist (bytes were appended, or it was
+    /// found): removing the session then removes it.
+    stored: bool,
+}
+
+/// Bytes of an upload id's tag: a forger must guess 64 bits per request.
+const SESSION_TAG_BYTES: usize = 8;
+/// Hex digits of a signed upload id: a 128-bit nonce and its tag.
+const SESSION_ID_LEN: usize = 32 + 2 * SESSION_TAG_BYTES;
+
+/// Live upload states kept in memory before those no request holds are
+/// let go (each is rebuilt from its stored bytes when next used): opening
+/// sessions and never using them cannot grow the server.
+const LIVE_KEPT: usize = 4096;
+
+/// Ended (completed or cancelled) sessions remembered, so a request
+/// waiting behind the one that ended a session, or a late retry, finds it
+/// gone. The oldest are forgotten first; a forgotten id is valid again,
+/// as a new empty session of its repository (it holds nothing, and only
+/// a pusher of that repository has it).
+const ENDED_KEPT: usize = 4096;
+
+/// The most recently ended sessions, in the order they ended.
+#[derive(Default)]
+struct Ended {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Ended {
+    fn add(&mut self, id: &str) {
+        if self.ids.insert(id.to_owned()) {
+            self.order.push_back(id.to_owned());
+            if self.order.len() > ENDED_KEPT
+                && let Some(old) = self.order.pop_front()
+            {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
+/// An id in the signed form (older versions' ids are hyphenated UUIDs).
+fn signed_form(id: &str) -> bool {
+    id.len() == SESSION_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A stored manifest, as served.
@@ -307,6 +356,9 @@ pub struct PutManifest {
 pub struct Store {
     storage: Arc<dyn Storage>,
     uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<UploadState>>>>>,
+    ended: Mutex<Ended>,
+    /// Signs upload ids with their repository (see [`Store::set_session_key`]).
+    session_key: RwLock<[u8; 32]>,
     /// Other servers write to the same storage (replicas): an upload's
     /// live state is checked against its stored length before it is used.
     shared: std::sync::atomic::AtomicBool,
@@ -331,11 +383,61 @@ impl<T: Stream<Item = std::result::Result<bytes::Bytes, axum::Error>> + Send + U
 impl Store {
     /// A store over `storage`.
     pub fn new(storage: Arc<dyn Storage>) -> Self {
+        // Random until the server sets its own (a v4 UUID is 122 bits
+        // from the operating system's generator).
+        let mut key = [0; 32];
+        key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         Store {
             storage,
             uploads: Mutex::default(),
+            ended: Mutex::default(),
+            session_key: RwLock::new(key),
             shared: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Derives the key that signs upload ids from `secret`. A session
+    /// opened before a restart, or on another server over the same
+    /// storage, is known by its id alone when the secret is the same.
+    pub fn set_session_key(&self, secret: &[u8]) {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(b"wharf upload sessions v1\0");
+        h.update(secret);
+        *self.session_key.write().expect("session key lock") = h.finalize().into();
+    }
+
+    /// The MAC of upload nonce `nonce` in `name`.
+    fn session_mac(&self, name: &Name, nonce: &str) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac as _;
+        let key = *self.session_key.read().expect("session key lock");
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256>>::new_from_slice(&key).expect("HMAC takes any key length");
+        mac.update(name.as_str().as_bytes());
+        mac.update(b"\0");
+        mac.update(nonce.as_bytes());
+        mac
+    }
+
+    /// A new upload id of `name`: a random nonce and its tag.
+    fn new_session_id(&self, name: &Name) -> String {
+        use hmac::Mac as _;
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let tag = self.session_mac(name, &nonce).finalize().into_bytes();
+        format!("{nonce}{}", hex::encode(&tag[..SESSION_TAG_BYTES]))
+    }
+
+    /// Whether signed id `id` was issued for `name` (compared in constant
+    /// time).
+    fn signed_for(&self, name: &Name, id: &str) -> bool {
+        use hmac::Mac as _;
+        let (nonce, tag) = id.split_at(32);
+        hex::decode(tag).is_ok_and(|tag| {
+            self.session_mac(name, nonce)
+                .verify_truncated_left(&tag)
+                .is_ok()
+        })
     }
 
     /// Says other servers share the storage (see `shared`).
@@ -434,19 +536,23 @@ impl Store {
 
     // ----- uploads -----
 
-    /// Opens an upload session for `name`.
+    /// Opens an upload session for `name`. Nothing is stored: the id
+    /// carries its repository, signed, and the data file comes with the
+    /// first byte.
     pub async fn start_upload(&self, name: &Name) -> Result<String> {
-        let id = uuid::Uuid::new_v4().to_string();
-        // Not synced: a session a power loss takes only costs the client a
-        // retry. The data file comes with the first byte.
-        self.storage
-            .write_scratch(&upload_repo(&id), name.as_str().as_bytes())
-            .await?;
-        self.uploads.lock().expect("uploads lock").insert(
+        let id = self.new_session_id(name);
+        let mut uploads = self.uploads.lock().expect("uploads lock");
+        if uploads.len() >= LIVE_KEPT {
+            // Only the map holds an entry no request is using (requests
+            // clone it under this lock): letting it go loses no bytes.
+            uploads.retain(|_, state| Arc::strong_count(state) > 1);
+        }
+        uploads.insert(
             id.clone(),
             Arc::new(tokio::sync::Mutex::new(Some(UploadState {
                 offset: 0,
                 hasher: Hasher::new(Algorithm::Sha256),
+                stored: false,
             }))),
         );
         Ok(id)
@@ -472,6 +578,17 @@ impl Store {
         {
             return Err(unknown());
         }
+        if self.ended.lock().expect("ended lock").ids.contains(id) {
+            return Err(unknown());
+        }
+        if signed_form(id) {
+            return if self.signed_for(name, id) {
+                Ok(())
+            } else {
+                Err(unknown())
+            };
+        }
+        // A session opened by an older version: its repository is stored.
         match self.storage.read(&upload_repo(id)).await? {
             Some(repo) if repo == name.as_str().as_bytes() => Ok(()),
             _ => Err(unknown()),
@@ -482,7 +599,9 @@ impl Store {
     async fn hash_upload(&self, id: &str, alg: Algorithm) -> Result<UploadState> {
         let mut hasher = Hasher::new(alg);
         let mut offset = 0;
-        if let Some(mut r) = self.storage.reader(&upload_data(id), 0, None).await? {
+        let reader = self.storage.reader(&upload_data(id), 0, None).await?;
+        let stored = reader.is_some();
+        if let Some(mut r) = reader {
             let mut buf = vec![0; 1 << 20];
             loop {
                 let n = r.read(&mut buf).await?;
@@ -493,7 +612,11 @@ impl Store {
                 offset += n as u64;
             }
         }
-        Ok(UploadState { offset, hasher })
+        Ok(UploadState {
+            offset,
+            hasher,
+            stored,
+        })
     }
 
     /// Rebuilds an upload's live sha256 state from its bytes (after a restart).
@@ -581,6 +704,7 @@ impl Store {
             Ok(hasher) => {
                 state.hasher = hasher;
                 state.offset += received;
+                state.stored = true;
                 let offset = state.offset;
                 *guard = Some(state);
                 Ok(offset)
@@ -611,7 +735,10 @@ impl Store {
         // file: hashed in memory and written once, durably. The session
         // stays locked until then, so no chunk slips in beside it.
         let guard = self.locked(name, id).await?;
-        if guard.as_ref().expect("state present").offset == 0 {
+        let live = guard.as_ref().expect("state present");
+        if live.offset == 0 {
+            // Another server may have opened the data file since.
+            let stored = live.stored || self.shared.load(std::sync::atomic::Ordering::Relaxed);
             let mut prefix = Vec::new();
             let mut ended = true;
             while let Some(chunk) = body.next().await {
@@ -625,7 +752,7 @@ impl Store {
             if ended {
                 let actual = digest.same_algorithm_of(&prefix);
                 return self
-                    .conclude(name, id, digest, &actual, Content::Memory(&prefix))
+                    .conclude(name, id, digest, &actual, Content::Memory(&prefix, stored))
                     .await;
             }
             drop(guard);
@@ -672,6 +799,12 @@ impl Store {
         actual: &Digest,
         content: Content<'_>,
     ) -> Result<()> {
+        // Whether the data file is still there once this is done (a
+        // commit moves it into place).
+        let mut data_left = match content {
+            Content::Memory(_, stored) => stored,
+            Content::Upload => true,
+        };
         let result = if actual != digest {
             Err(RegistryError::new(
                 ErrorCode::DigestInvalid,
@@ -684,27 +817,34 @@ impl Store {
                 self.storage.mark(&link).await?;
             } else {
                 match content {
-                    Content::Memory(bytes) => {
+                    Content::Memory(bytes, _) => {
                         self.storage.write_marked(&blob, bytes, &link).await?
                     }
                     Content::Upload => {
                         self.storage
                             .commit_marked(&upload_data(id), &blob, &link)
-                            .await?
+                            .await?;
+                        data_left = false;
                     }
                 }
             }
             Ok(())
         };
-        self.remove_session(id).await?;
+        self.remove_session(id, data_left).await?;
         result
     }
 
-    /// Removes upload `id`: its marker first, so a request checking the
-    /// session finds it gone before its bytes go.
-    async fn remove_session(&self, id: &str) -> Result<()> {
-        self.storage.delete(&upload_repo(id)).await?;
-        self.storage.delete(&upload_data(id)).await?;
+    /// Removes upload `id` (and its data file, if `data`): it is
+    /// remembered as ended first, so a request checking the session finds
+    /// it gone before its bytes go.
+    async fn remove_session(&self, id: &str, data: bool) -> Result<()> {
+        self.ended.lock().expect("ended lock").add(id);
+        if !signed_form(id) {
+            self.storage.delete(&upload_repo(id)).await?;
+        }
+        if data {
+            self.storage.delete(&upload_data(id)).await?;
+        }
         self.uploads.lock().expect("uploads lock").remove(id);
         Ok(())
     }
@@ -712,7 +852,7 @@ impl Store {
     /// Cancels an upload.
     pub async fn cancel_upload(&self, name: &Name, id: &str) -> Result<()> {
         self.check_upload(name, id).await?;
-        self.remove_session(id).await
+        self.remove_session(id, true).await
     }
 
     // ----- manifests -----
@@ -1129,6 +1269,76 @@ mod tests {
         assert_eq!(
             hash_in_chunks(&bytes[..100]).await,
             Digest::sha256_of(&bytes[..100])
+        );
+    }
+
+    /// Sessions opened and never used cost the server no file and at most
+    /// [`LIVE_KEPT`] states; one let go is rebuilt from its stored bytes
+    /// and completes; ended ones are remembered up to [`ENDED_KEPT`].
+    #[tokio::test]
+    async fn opened_sessions_hold_bounded_memory_and_no_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Arc::new(
+            crate::storage::fs::FsStorage::open(dir.path()).unwrap(),
+        ));
+        let name = Name::parse("app").unwrap();
+        let first = store.start_upload(&name).await.unwrap();
+        let bytes = bytes::Bytes::from_static(b"kept across the purge");
+        let chunk = futures_util::stream::iter([Ok::<_, axum::Error>(bytes.clone())]);
+        assert_eq!(
+            store
+                .append_upload(&name, &first, Some(0), chunk)
+                .await
+                .unwrap(),
+            bytes.len() as u64
+        );
+        let held = store.locked(&name, &first).await.unwrap();
+        for _ in 0..3 * LIVE_KEPT {
+            store.start_upload(&name).await.unwrap();
+        }
+        let live = store.uploads.lock().unwrap().len();
+        assert!(live <= LIVE_KEPT + 1, "{live} states kept");
+        assert!(
+            store.uploads.lock().unwrap().contains_key(&first),
+            "one in use stays"
+        );
+        assert_eq!(
+            store.storage.list("uploads").await.unwrap(),
+            [format!("{first}.data")]
+        );
+        drop(held);
+        for _ in 0..LIVE_KEPT {
+            store.start_upload(&name).await.unwrap();
+        }
+        assert!(
+            !store.uploads.lock().unwrap().contains_key(&first),
+            "let go once unused"
+        );
+        let digest = Digest::sha256_of(&bytes);
+        store
+            .finish_upload(
+                &name,
+                &first,
+                &digest,
+                futures_util::stream::iter(Vec::<std::result::Result<_, axum::Error>>::new()),
+            )
+            .await
+            .unwrap();
+        let stored = store.read_blob(&name, &digest, 1 << 20).await.unwrap();
+        assert_eq!(stored.as_deref(), Some(&bytes[..]));
+        assert_eq!(
+            store.storage.list("uploads").await.unwrap(),
+            Vec::<String>::new()
+        );
+
+        for _ in 0..ENDED_KEPT + 10 {
+            let id = store.start_upload(&name).await.unwrap();
+            store.cancel_upload(&name, &id).await.unwrap();
+        }
+        let ended = store.ended.lock().unwrap();
+        assert_eq!(
+            (ended.ids.len(), ended.order.len()),
+            (ENDED_KEPT, ENDED_KEPT)
         );
     }
 }

@@ -75,6 +75,22 @@ impl Harness {
         )
     }
 
+    /// Opens an upload session in `repo` and returns its id.
+    async fn open_upload(&self, repo: &str) -> String {
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("/v2/{repo}/blobs/uploads/"))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Body::empty())
+            .unwrap();
+        let response = self.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        response.headers()["docker-upload-uuid"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
     async fn blob(&self, repo: &str, bytes: &[u8]) -> String {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
         let (status, _) = self
@@ -282,25 +298,17 @@ async fn immutable_tags_cannot_be_moved() {
 #[tokio::test]
 async fn abandoned_uploads_are_collected() {
     let h = Harness::new();
-    let (status, _) = h
-        .send("POST", "/v2/app/blobs/uploads/", None, Vec::new())
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    // A session with bytes, and one in the layout of older versions (a
-    // directory per session), which collection still clears.
-    let (status, _) = h
-        .send("POST", "/v2/app/blobs/uploads/", None, Vec::new())
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
     let storage = h.registry.store.storage();
-    let with_bytes = storage
-        .list("uploads")
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|o| o.ends_with(".repo"))
-        .unwrap();
-    let id = with_bytes.trim_end_matches(".repo");
+    // A session opened and never used stores nothing.
+    let (status, _) = h
+        .send("POST", "/v2/app/blobs/uploads/", None, Vec::new())
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(storage.list("uploads").await.unwrap(), Vec::<String>::new());
+    // A session with bytes, one of the flat layout with a marker beside
+    // its bytes (before ids were signed), and one of the layout before
+    // that (a directory per session): collection clears all three.
+    let id = h.open_upload("app").await;
     let (status, _) = h
         .send(
             "PATCH",
@@ -311,10 +319,17 @@ async fn abandoned_uploads_are_collected() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     storage
+        .write_scratch("uploads/0123-flat.repo", b"app")
+        .await
+        .unwrap();
+    storage
         .write_scratch("uploads/0123-old/repo", b"app")
         .await
         .unwrap();
-    assert_eq!(storage.list("uploads").await.unwrap().len(), 4);
+    assert_eq!(
+        storage.list("uploads").await.unwrap(),
+        ["0123-flat.repo", "0123-old", &format!("{id}.data")]
+    );
     assert_eq!(
         h.registry
             .store
@@ -336,6 +351,108 @@ async fn abandoned_uploads_are_collected() {
     );
     let left = storage.list("uploads").await.unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// An upload id is signed with its repository: it is known without
+/// anything stored, to another server over the same storage with the
+/// same key (a replica, or this one restarted), and to nobody else —
+/// not in another repository, not altered, not under another key.
+#[tokio::test]
+async fn an_upload_id_is_known_by_its_signature_in_its_repository_only() {
+    let h = Harness::new();
+    h.registry.set_session_key(b"the cluster's secret");
+    let bytes = b"pushed through another server".to_vec();
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+
+    let id = h.open_upload("app").await;
+    assert_eq!(id.len(), 48, "{id}");
+    let storage = h.registry.store.storage();
+    assert_eq!(storage.list("uploads").await.unwrap(), Vec::<String>::new());
+    let unknown = |status: StatusCode, body: &[u8]| {
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            String::from_utf8_lossy(body).contains("BLOB_UPLOAD_UNKNOWN"),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    };
+    // Another repository, an altered tag, an id never issued, an id of
+    // the older form with no marker.
+    let (status, body) = h
+        .send(
+            "PATCH",
+            &format!("/v2/other/blobs/uploads/{id}"),
+            None,
+            b"x".to_vec(),
+        )
+        .await;
+    unknown(status, &body);
+    let flipped = format!("{}{}", &id[..47], if id.ends_with('0') { '1' } else { '0' });
+    let never = "0".repeat(48);
+    for forged in [
+        flipped.as_str(),
+        &never,
+        "6f1d0e1c-5a4b-4c3d-9e8f-7a6b5c4d3e2f",
+    ] {
+        let (status, body) = h
+            .send(
+                "GET",
+                &format!("/v2/app/blobs/uploads/{forged}"),
+                None,
+                Vec::new(),
+            )
+            .await;
+        unknown(status, &body);
+    }
+    // Another registry over the same files: with another key the id is
+    // unknown; with the same key it completes the upload.
+    let other = |secret: &[u8]| {
+        let registry = Registry::new(
+            storage.clone(),
+            Arc::new(StaticTokens::new([TOKEN.to_owned()])),
+        );
+        registry.set_session_key(secret);
+        Harness {
+            _dir: tempfile::tempdir().unwrap(),
+            router: wharf_registry::http::router(registry.clone()),
+            registry,
+        }
+    };
+    let stranger = other(b"another secret");
+    let (status, body) = stranger
+        .send(
+            "PUT",
+            &format!("/v2/app/blobs/uploads/{id}?digest={digest}"),
+            None,
+            bytes.clone(),
+        )
+        .await;
+    unknown(status, &body);
+    let replica = other(b"the cluster's secret");
+    let (status, _) = replica
+        .send(
+            "PUT",
+            &format!("/v2/app/blobs/uploads/{id}?digest={digest}"),
+            None,
+            bytes.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, pulled) = h
+        .send("GET", &format!("/v2/app/blobs/{digest}"), None, Vec::new())
+        .await;
+    assert_eq!((status, pulled), (StatusCode::OK, bytes.clone()));
+    // Ended: the server that ended it knows, for chunks and retries.
+    let (status, body) = replica
+        .send(
+            "PATCH",
+            &format!("/v2/app/blobs/uploads/{id}"),
+            None,
+            b"more".to_vec(),
+        )
+        .await;
+    unknown(status, &body);
+    assert_eq!(storage.list("uploads").await.unwrap(), Vec::<String>::new());
 }
 
 /// A blob pushed whole is hashed in memory and written once when small,
