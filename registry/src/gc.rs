@@ -179,8 +179,9 @@ impl Store {
             .map(|object| upload_id(object).to_owned())
             .collect();
         for id in sessions {
-            // A session's age is its last byte, or its start before any
-            // byte arrived (the data file is created by the first one).
+            // A session's age is its last byte (its data file comes with
+            // the first; a session with none has no object), or, for a
+            // session of an older version, its marker's.
             let mut touched = None;
             for object in [
                 upload_data(&id),

@@ -88,7 +88,7 @@ fn referrers_dir(name: &Name, subject: &Digest) -> String {
 }
 // An upload session is at most one object, its bytes, from the first
 // byte on: its id is signed with the repository it belongs to (see
-// `Store::session_tag`), so opening one writes nothing, and a push in one
+// `Store::new_session_id`), so opening one writes nothing, and a push in one
 // request touches no session object at all. Older versions kept the
 // repository in a second object beside it (`upload_repo`), and before
 // that a directory per session; both are still read and cleared.
@@ -305,6 +305,71 @@ const LIVE_KEPT: usize = 4096;
 /// a pusher of that repository has it).
 const ENDED_KEPT: usize = 4096;
 
+type Session = Arc<tokio::sync::Mutex<Option<UploadState>>>;
+
+/// The upload states in memory, by id.
+struct Live {
+    sessions: HashMap<String, Session>,
+    /// How many are kept before those no request holds are let go
+    /// ([`LIVE_KEPT`]; smaller in tests).
+    kept: usize,
+    /// Twice what requests held at the last purge: the next purge waits
+    /// for the larger of this and `kept` (so many held ones do not make
+    /// every insert a scan).
+    purge_at: usize,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            sessions: HashMap::new(),
+            kept: LIVE_KEPT,
+            purge_at: 0,
+        }
+    }
+}
+
+impl Live {
+    /// `id`'s entry, made (`fresh` or empty) if there is none. At the
+    /// bound, entries no request holds are let go: those with nothing to
+    /// rebuild, then, if half the bound is still taken, the others (each
+    /// is rebuilt from its stored bytes when next used). Requests clone an
+    /// entry only under the lock this is called under, so an entry only
+    /// the map holds is one no request is using.
+    fn entry(&mut self, id: &str, fresh: impl FnOnce() -> Option<UploadState>) -> Session {
+        if let Some(s) = self.sessions.get(id) {
+            return s.clone();
+        }
+        if self.sessions.len() >= self.purge_at.max(self.kept) {
+            let idle = |s: &Session| Arc::strong_count(s) == 1;
+            self.sessions.retain(|_, s| {
+                !idle(s)
+                    || s.try_lock().is_ok_and(|state| {
+                        state.as_ref().is_some_and(|st| st.offset > 0 || st.stored)
+                    })
+            });
+            // Half the bound still taken (so the next purge is at least
+            // that many inserts away): the others too.
+            if self.sessions.len() >= self.kept / 2 {
+                self.sessions.retain(|_, s| !idle(s));
+            }
+            // Every one left is held.
+            self.purge_at = if self.sessions.len() >= self.kept / 2 {
+                2 * self.sessions.len()
+            } else {
+                0
+            };
+        }
+        let s = Arc::new(tokio::sync::Mutex::new(fresh()));
+        self.sessions.insert(id.to_owned(), s.clone());
+        s
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.sessions.remove(id);
+    }
+}
+
 /// The most recently ended sessions, in the order they ended.
 #[derive(Default)]
 struct Ended {
@@ -355,7 +420,7 @@ pub struct PutManifest {
 /// The OCI registry's storage layer.
 pub struct Store {
     storage: Arc<dyn Storage>,
-    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<UploadState>>>>>,
+    uploads: Mutex<Live>,
     ended: Mutex<Ended>,
     /// Signs upload ids with their repository (see [`Store::set_session_key`]).
     session_key: RwLock<[u8; 32]>,
@@ -541,30 +606,21 @@ impl Store {
     /// first byte.
     pub async fn start_upload(&self, name: &Name) -> Result<String> {
         let id = self.new_session_id(name);
-        let mut uploads = self.uploads.lock().expect("uploads lock");
-        if uploads.len() >= LIVE_KEPT {
-            // Only the map holds an entry no request is using (requests
-            // clone it under this lock): letting it go loses no bytes.
-            uploads.retain(|_, state| Arc::strong_count(state) > 1);
-        }
-        uploads.insert(
-            id.clone(),
-            Arc::new(tokio::sync::Mutex::new(Some(UploadState {
+        self.uploads.lock().expect("uploads lock").entry(&id, || {
+            Some(UploadState {
                 offset: 0,
                 hasher: Hasher::new(Algorithm::Sha256),
                 stored: false,
-            }))),
-        );
+            })
+        });
         Ok(id)
     }
 
-    fn session(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<UploadState>>> {
+    fn session(&self, id: &str) -> Session {
         self.uploads
             .lock()
             .expect("uploads lock")
-            .entry(id.to_owned())
-            .or_default()
-            .clone()
+            .entry(id, || None)
     }
 
     async fn check_upload(&self, name: &Name, id: &str) -> Result<()> {
@@ -763,11 +819,15 @@ impl Store {
             drop(guard);
             self.append_upload(name, id, None, body).await?;
         }
-        let session = self.session(id);
-        let mut guard = session.lock().await;
+        let mut guard = self.locked(name, id).await?;
+        // What is committed is the stored bytes: a live state that
+        // disagrees with their length (its file removed by `wharf registry
+        // gc` while the session sat idle, then appended to afresh) is
+        // rebuilt from them, so the digest check is of those bytes.
+        let stored = self.storage.stat(&upload_data(id)).await?.unwrap_or(0);
         let state = match guard.take() {
-            Some(s) => s,
-            None => self.recover(id).await?,
+            Some(s) if s.offset == stored => s,
+            _ => self.recover(id).await?,
         };
         let actual = match digest.algorithm() {
             Algorithm::Sha256 => state.hasher.finish(),
@@ -849,10 +909,19 @@ impl Store {
         Ok(())
     }
 
-    /// Cancels an upload.
+    /// Cancels an upload, under its lock: a chunk being appended ends
+    /// first, so none lands after its file is removed.
     pub async fn cancel_upload(&self, name: &Name, id: &str) -> Result<()> {
         self.check_upload(name, id).await?;
-        self.remove_session(id, true).await
+        let guard = self.session(id).lock_owned().await;
+        if let Err(e) = self.check_upload(name, id).await {
+            drop(guard);
+            self.uploads.lock().expect("uploads lock").remove(id);
+            return Err(e);
+        }
+        let result = self.remove_session(id, true).await;
+        drop(guard);
+        result
     }
 
     // ----- manifests -----
@@ -1272,60 +1341,85 @@ mod tests {
         );
     }
 
-    /// Sessions opened and never used cost the server no file and at most
-    /// [`LIVE_KEPT`] states; one let go is rebuilt from its stored bytes
-    /// and completes; ended ones are remembered up to [`ENDED_KEPT`].
+    type Chunks = futures_util::stream::Iter<
+        std::vec::IntoIter<std::result::Result<bytes::Bytes, axum::Error>>,
+    >;
+
+    fn empty() -> Chunks {
+        futures_util::stream::iter(Vec::new())
+    }
+
+    fn chunk(bytes: &[u8]) -> Chunks {
+        futures_util::stream::iter(vec![Ok(bytes::Bytes::copy_from_slice(bytes))])
+    }
+
+    /// Sessions opened and never used cost the server no file, and the
+    /// states in memory stay bounded however they are reached (opened
+    /// here, or only used here: a replica's); a state with bytes is let go
+    /// last and, let go, is rebuilt from its stored bytes and completes;
+    /// ended ones are remembered up to [`ENDED_KEPT`].
     #[tokio::test]
     async fn opened_sessions_hold_bounded_memory_and_no_files() {
+        const KEPT: usize = 8;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(Arc::new(
-            crate::storage::fs::FsStorage::open(dir.path()).unwrap(),
-        ));
+        let storage: Arc<dyn Storage> =
+            Arc::new(crate::storage::fs::FsStorage::open(dir.path()).unwrap());
+        let store = Store::new(storage.clone());
+        let replica = Store::new(storage);
+        store.set_session_key(b"shared");
+        replica.set_session_key(b"shared");
+        store.uploads.lock().unwrap().kept = KEPT;
+        let live = || store.uploads.lock().unwrap().sessions.len();
         let name = Name::parse("app").unwrap();
+
         let first = store.start_upload(&name).await.unwrap();
-        let bytes = bytes::Bytes::from_static(b"kept across the purge");
-        let chunk = futures_util::stream::iter([Ok::<_, axum::Error>(bytes.clone())]);
-        assert_eq!(
-            store
-                .append_upload(&name, &first, Some(0), chunk)
-                .await
-                .unwrap(),
-            bytes.len() as u64
-        );
+        let bytes = b"kept across the purge";
+        store
+            .append_upload(&name, &first, Some(0), chunk(bytes))
+            .await
+            .unwrap();
         let held = store.locked(&name, &first).await.unwrap();
-        for _ in 0..3 * LIVE_KEPT {
+        for _ in 0..10 * KEPT {
             store.start_upload(&name).await.unwrap();
         }
-        let live = store.uploads.lock().unwrap().len();
-        assert!(live <= LIVE_KEPT + 1, "{live} states kept");
-        assert!(
-            store.uploads.lock().unwrap().contains_key(&first),
-            "one in use stays"
-        );
+        for _ in 0..10 * KEPT {
+            let id = replica.start_upload(&name).await.unwrap();
+            assert_eq!(store.upload_offset(&name, &id).await.unwrap(), 0);
+        }
+        assert!(live() <= KEPT, "{} states kept", live());
         assert_eq!(
             store.storage.list("uploads").await.unwrap(),
             [format!("{first}.data")]
         );
         drop(held);
-        for _ in 0..LIVE_KEPT {
+        // Idle with bytes: kept while states with nothing go…
+        for _ in 0..2 * KEPT {
             store.start_upload(&name).await.unwrap();
         }
-        assert!(
-            !store.uploads.lock().unwrap().contains_key(&first),
-            "let go once unused"
-        );
-        let digest = Digest::sha256_of(&bytes);
+        let has = |id: &str| store.uploads.lock().unwrap().sessions.contains_key(id);
+        assert!(has(&first), "a state with bytes goes last");
+        // …and let go once those alone fill the bound.
+        let mut others = Vec::new();
+        for _ in 0..KEPT {
+            let id = store.start_upload(&name).await.unwrap();
+            store
+                .append_upload(&name, &id, Some(0), chunk(b"x"))
+                .await
+                .unwrap();
+            others.push(id);
+        }
+        store.start_upload(&name).await.unwrap();
+        assert!(!has(&first), "let go once unused");
+        let digest = Digest::sha256_of(bytes);
         store
-            .finish_upload(
-                &name,
-                &first,
-                &digest,
-                futures_util::stream::iter(Vec::<std::result::Result<_, axum::Error>>::new()),
-            )
+            .finish_upload(&name, &first, &digest, empty())
             .await
             .unwrap();
-        let stored = store.read_blob(&name, &digest, 1 << 20).await.unwrap();
-        assert_eq!(stored.as_deref(), Some(&bytes[..]));
+        let blob = store.read_blob(&name, &digest, 1 << 20).await.unwrap();
+        assert_eq!(blob.as_deref(), Some(&bytes[..]));
+        for id in &others {
+            store.cancel_upload(&name, id).await.unwrap();
+        }
         assert_eq!(
             store.storage.list("uploads").await.unwrap(),
             Vec::<String>::new()
@@ -1340,5 +1434,43 @@ mod tests {
             (ended.ids.len(), ended.order.len()),
             (ENDED_KEPT, ENDED_KEPT)
         );
+    }
+
+    /// A live state whose file went (`wharf registry gc` clears a session
+    /// idle for a day; signed ids stay valid) is not trusted: what is
+    /// committed is checked against the bytes stored, never the state.
+    #[tokio::test]
+    async fn a_session_whose_bytes_were_collected_commits_only_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Arc::new(
+            crate::storage::fs::FsStorage::open(dir.path()).unwrap(),
+        ));
+        let name = Name::parse("app").unwrap();
+        let id = store.start_upload(&name).await.unwrap();
+        store
+            .append_upload(&name, &id, Some(0), chunk(b"collected "))
+            .await
+            .unwrap();
+        store.storage.delete(&upload_data(&id)).await.unwrap();
+        store
+            .append_upload(&name, &id, Some(10), chunk(b"then more"))
+            .await
+            .unwrap();
+        let claimed = Digest::sha256_of(b"collected then more");
+        let e = store
+            .finish_upload(&name, &id, &claimed, empty())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                RegistryError::Client {
+                    code: ErrorCode::DigestInvalid,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!store.blob_exists(&claimed).await.unwrap());
     }
 }

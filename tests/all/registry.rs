@@ -157,10 +157,9 @@ fn single_post_push_and_digest_mismatch_stores_nothing() {
         1,
         "only the good blob is stored"
     );
+    // No session object either (a push in one request never makes one).
     assert_eq!(
-        std::fs::read_dir(s.data().join("registry/uploads"))
-            .unwrap()
-            .count(),
+        std::fs::read_dir(s.data().join("registry/uploads")).map_or(0, |d| d.count()),
         0
     );
 

@@ -257,16 +257,6 @@ impl Storage for FsStorage {
         .await
     }
 
-    async fn write_scratch(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let path = self.path(name);
-        let bytes = bytes.to_vec();
-        blocking(move || {
-            std::fs::create_dir_all(path.parent().expect("object has a parent"))?;
-            std::fs::write(path, bytes)
-        })
-        .await
-    }
-
     /// An empty file needs no temporary file, rename or data sync: it is
     /// created in place (it exists whole or not at all), and one sync of
     /// its directory makes the entry durable (on ext4 and XFS the new

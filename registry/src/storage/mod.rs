@@ -78,11 +78,6 @@ pub trait Storage: Send + Sync + 'static {
     }
     /// Writes a small object atomically, replacing any previous one.
     async fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
-    /// Writes a small object without the atomicity and durability of
-    /// [`write`](Storage::write): for scratch state whose loss in a power
-    /// failure only costs a client a retry (upload-session markers). It
-    /// still survives a crash of the process.
-    async fn write_scratch(&self, name: &str, bytes: &[u8]) -> io::Result<()>;
     /// Creates an empty object (a link or a marker) durably; one that
     /// exists already is left as it is. Cheaper than [`write`] where the
     /// backend can: an empty object has no content to make durable.
@@ -199,10 +194,6 @@ pub(crate) mod suite {
         assert_eq!(s.stat("w/links/obj2").await.unwrap(), Some(0));
         assert_eq!(s.stat("w/up").await.unwrap(), None);
         s.delete("w").await.unwrap();
-
-        s.write_scratch("scratch/x", b"marker").await.unwrap();
-        assert_eq!(s.read("scratch/x").await.unwrap().unwrap(), b"marker");
-        s.delete("scratch").await.unwrap();
 
         let mut w = s.appender("up/1").await.unwrap();
         w.write_all(b"part one, ").await.unwrap();

@@ -246,10 +246,6 @@ impl Storage for S3Storage {
         Ok(())
     }
 
-    async fn write_scratch(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        self.write(name, bytes).await
-    }
-
     async fn appender(&self, name: &str) -> io::Result<Writer> {
         let next = self
             .parts(name)

@@ -319,17 +319,20 @@ async fn abandoned_uploads_are_collected() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     storage
-        .write_scratch("uploads/0123-flat.repo", b"app")
+        .write("uploads/0123-flat.repo", b"app")
         .await
         .unwrap();
     storage
-        .write_scratch("uploads/0123-old/repo", b"app")
+        .write("uploads/0123-old/repo", b"app")
         .await
         .unwrap();
-    assert_eq!(
-        storage.list("uploads").await.unwrap(),
-        ["0123-flat.repo", "0123-old", &format!("{id}.data")]
-    );
+    let mut want = [
+        "0123-flat.repo".to_owned(),
+        "0123-old".to_owned(),
+        format!("{id}.data"),
+    ];
+    want.sort();
+    assert_eq!(storage.list("uploads").await.unwrap(), want);
     assert_eq!(
         h.registry
             .store
