@@ -421,25 +421,12 @@ async fn an_upload_id_is_known_by_its_signature_in_its_repository_only() {
             registry,
         }
     };
+    let finish = format!("/v2/app/blobs/uploads/{id}?digest={digest}");
     let stranger = other(b"another secret");
-    let (status, body) = stranger
-        .send(
-            "PUT",
-            &format!("/v2/app/blobs/uploads/{id}?digest={digest}"),
-            None,
-            bytes.clone(),
-        )
-        .await;
+    let (status, body) = stranger.send("PUT", &finish, None, bytes.clone()).await;
     unknown(status, &body);
     let replica = other(b"the cluster's secret");
-    let (status, _) = replica
-        .send(
-            "PUT",
-            &format!("/v2/app/blobs/uploads/{id}?digest={digest}"),
-            None,
-            bytes.clone(),
-        )
-        .await;
+    let (status, _) = replica.send("PUT", &finish, None, bytes.clone()).await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, pulled) = h
         .send("GET", &format!("/v2/app/blobs/{digest}"), None, Vec::new())
