@@ -641,12 +641,11 @@ mod serve_tests {
         stop: tokio::sync::oneshot::Sender<()>,
         server: tokio::task::JoinHandle<()>,
         within: Duration,
-        what: &str,
     ) {
         stop.send(()).unwrap();
         tokio::time::timeout(within, server)
             .await
-            .expect(what)
+            .expect("the listener ends at shutdown")
             .unwrap();
     }
 
@@ -700,13 +699,7 @@ mod serve_tests {
             .await;
             assert!(closed.is_ok(), "a slow or idle client kept its connection");
         }
-        shut_down(
-            stop,
-            server,
-            Duration::from_secs(35),
-            "the listener ends at shutdown",
-        )
-        .await;
+        shut_down(stop, server, Duration::from_secs(35)).await;
     }
     /// At shutdown a request in flight finishes, and a new client is
     /// refused at once instead of waiting in the backlog.
@@ -883,13 +876,7 @@ mod serve_tests {
             "closed after {:?}",
             started.elapsed()
         );
-        shut_down(
-            stop,
-            server,
-            Duration::from_secs(5),
-            "the listener ends at shutdown",
-        )
-        .await;
+        shut_down(stop, server, Duration::from_secs(5)).await;
     }
 
     /// hyper has no body or write timeouts: a client that stops sending
@@ -958,13 +945,7 @@ mod serve_tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(started.elapsed() >= stall / 2, "{:?}", started.elapsed());
         drop(deaf);
-        shut_down(
-            stop,
-            server,
-            Duration::from_secs(5),
-            "the listener ends at shutdown",
-        )
-        .await;
+        shut_down(stop, server, Duration::from_secs(5)).await;
     }
 
     /// HTTP/2's flow control lets a client that reads the socket (and
@@ -1046,12 +1027,6 @@ mod serve_tests {
             "served in {:?}",
             started.elapsed()
         );
-        shut_down(
-            stop,
-            server,
-            Duration::from_secs(5),
-            "the listener ends at shutdown",
-        )
-        .await;
+        shut_down(stop, server, Duration::from_secs(5)).await;
     }
 }

@@ -329,11 +329,12 @@ impl Api {
         // The key lives beside state.db, never in it.
         let key_path = config.data_dir.join("secrets.key");
         let secret_box = Arc::new(secrets::SecretBox::open_or_create(&key_path)?);
-        registry.set_session_key(&std::fs::read(&key_path)?);
+        let key_bytes = std::fs::read(&key_path)?;
+        registry.set_session_key(&key_bytes);
         if let Some(replicas) = store.replicas() {
             // Every replica opens the others' secrets and takes their
             // admin token: they must have the same files.
-            let key = auth::hash(&hex::encode(std::fs::read(&key_path)?));
+            let key = auth::hash(&hex::encode(&key_bytes));
             for (what, file, mine) in [
                 ("secrets_key_sha256", "secrets.key", key),
                 (

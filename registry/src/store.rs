@@ -511,12 +511,19 @@ impl Store {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Drops `state` if another server appended to the upload since it
-    /// was built (its stored length differs), so it is rebuilt from the
-    /// stored bytes.
-    async fn check_fresh(&self, id: &str, state: &mut Option<UploadState>) -> Result<()> {
+    /// Drops `state` if its stored length differs from what it was built
+    /// on, so it is rebuilt from the stored bytes: checked when other
+    /// servers append to the storage, and, with `always`, before a commit
+    /// (`wharf registry gc` may have removed an idle session's file, and a
+    /// signed id outlives it).
+    async fn check_fresh(
+        &self,
+        id: &str,
+        state: &mut Option<UploadState>,
+        always: bool,
+    ) -> Result<()> {
         if let Some(live) = state.as_ref()
-            && self.shared.load(std::sync::atomic::Ordering::Relaxed)
+            && (always || self.shared.load(std::sync::atomic::Ordering::Relaxed))
         {
             let stored = self.storage.stat(&upload_data(id)).await?.unwrap_or(0);
             if stored != live.offset {
@@ -696,6 +703,17 @@ impl Store {
         name: &Name,
         id: &str,
     ) -> Result<tokio::sync::OwnedMutexGuard<Option<UploadState>>> {
+        self.locked_checking(name, id, false).await
+    }
+
+    /// [`locked`](Store::locked), the state checked against the stored
+    /// length whether or not the storage is shared (`always`: to commit).
+    async fn locked_checking(
+        &self,
+        name: &Name,
+        id: &str,
+        always: bool,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Option<UploadState>>> {
         self.check_upload(name, id).await?;
         let mut guard = self.session(id).lock_owned().await;
         if let Err(e) = self.check_upload(name, id).await {
@@ -704,7 +722,7 @@ impl Store {
             self.uploads.lock().expect("uploads lock").remove(id);
             return Err(e);
         }
-        self.check_fresh(id, &mut guard).await?;
+        self.check_fresh(id, &mut guard, always).await?;
         if guard.is_none() {
             *guard = Some(self.recover(id).await?);
         }
@@ -819,16 +837,11 @@ impl Store {
             drop(guard);
             self.append_upload(name, id, None, body).await?;
         }
-        let mut guard = self.locked(name, id).await?;
         // What is committed is the stored bytes: a live state that
-        // disagrees with their length (its file removed by `wharf registry
-        // gc` while the session sat idle, then appended to afresh) is
-        // rebuilt from them, so the digest check is of those bytes.
-        let stored = self.storage.stat(&upload_data(id)).await?.unwrap_or(0);
-        let state = match guard.take() {
-            Some(s) if s.offset == stored => s,
-            _ => self.recover(id).await?,
-        };
+        // disagrees with their length is rebuilt from them, so the digest
+        // check is of those bytes.
+        let mut guard = self.locked_checking(name, id, true).await?;
+        let state = guard.take().expect("state present");
         let actual = match digest.algorithm() {
             Algorithm::Sha256 => state.hasher.finish(),
             // Uploads are hashed with sha256 as they arrive; the rarer
