@@ -7,6 +7,7 @@
 pub mod raw;
 pub mod soak;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +87,28 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort_unstable();
     let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
     samples[rank]
+}
+
+/// The process's resident memory in KiB: `VmRSS` and its parts from
+/// /proc/PID/status, and `Pss` from /proc/PID/smaps_rollup — which counts
+/// a page mapped many times once (the pool maps each task's copy of a
+/// module's data segments from one shared image, and VmRSS counts those
+/// pages once per task).
+pub fn memory_kib(pid: u32) -> BTreeMap<&'static str, u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut out = BTreeMap::new();
+    for key in ["VmRSS", "RssAnon", "RssFile"] {
+        out.insert(key, field(&status, key));
+    }
+    out.insert("Pss", field(&rollup, "Pss"));
+    out
 }
 
 /// The `wharf` binary the end-to-end harnesses drive: `WHARF_BIN`, else

@@ -26,7 +26,12 @@
 //! runs again with `wrk` as the client), `CLIENTS` (default 8), `LATENCY_RUNS` (default 2,000),
 //! `SERVICE_TASKS` (default 1,000; above it the server gets `--slots` to
 //! match), `BEAT_MS` (the service's beat interval, default 1,000: 10 fills
-//! each task's 64 KiB of retained output within the hold).
+//! each task's 64 KiB of retained output within the hold), `SERVICE_GUEST`
+//! (`heartbeat`, the Rust sample, by default; `wat` runs
+//! `samples/wat/heartbeat.wat`, a beat a second whatever `BEAT_MS` says,
+//! the guest that holds least beside the host's own memory), `SECOND_WAVE=1`
+//! (after the hold, the service scales to twice its tasks and the memory
+//! they add is reported too: the marginal cost of a task).
 //! Prints a summary and writes `target/bench-results/api_load.json`.
 //! Results and method: `docs/PERFORMANCE.md`, "Control plane".
 
@@ -36,7 +41,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wharf_bench::{percentile, spawn_server, wharf_bin};
+use wharf_bench::{memory_kib, percentile, spawn_server, wharf_bin};
 use wharf_testkit::{Target, wasm};
 
 /// Sequential runs before the latency is timed (the first compiles and
@@ -165,10 +170,16 @@ impl Server {
 
     /// Pushes a sample with `wharf push`, as `team/NAME:v1`.
     fn push(&self, sample: &str) -> String {
+        self.push_file(sample, &wasm(sample, Target::P1))
+    }
+
+    /// Pushes the module at `path` as
+    /// `team/NAME:v1`.
+    fn push_file(&self, sample: &str, path: &Path) -> String {
         let reference = format!("team/{sample}:v1");
         let out = Command::new(wharf_bin())
             .arg("push")
-            .arg(wasm(sample, Target::P1))
+            .arg(path)
             .arg(format!("{}/{reference}", self.host()))
             .env("WHARF_TOKEN", self.auth.trim_start_matches("Bearer "))
             .env("WHARF_SERVER", &self.base)
@@ -184,28 +195,6 @@ impl Server {
 }
 
 // ----- /proc -----
-
-/// The process's resident memory in KiB: `VmRSS` and its parts from
-/// /proc/PID/status, and `Pss` from /proc/PID/smaps_rollup — which counts
-/// a page mapped many times once (the pool maps each task's copy of a
-/// module's data segments from one shared image, and VmRSS counts those
-/// pages once per task).
-fn rss_kib(pid: u32) -> BTreeMap<&'static str, u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |text: &str, key: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let mut out = BTreeMap::new();
-    for key in ["VmRSS", "RssAnon", "RssFile"] {
-        out.insert(key, field(&status, key));
-    }
-    out.insert("Pss", field(&rollup, "Pss"));
-    out
-}
 
 /// User + system CPU seconds of a process so far.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -951,15 +940,26 @@ fn service(summary: &mut Vec<String>) -> Value {
     // The default pool holds 1,000 tasks; more need slots (and a pool)
     // of their size, and a memory budget for their 8 MiB limits (the
     // default, half of the machine, reserves ~1,500 of them).
-    let slots = service_tasks.to_string();
-    let budget = format!("{}MiB", service_tasks * 8);
-    let server = if service_tasks > 1_000 {
+    let second_wave = std::env::var("SECOND_WAVE").is_ok_and(|v| v == "1");
+    let most = service_tasks * if second_wave { 2 } else { 1 };
+    let slots = most.to_string();
+    let budget = format!("{}MiB", most * 8);
+    let server = if most > 1_000 {
         Server::start_with(&["--slots", &slots, "--memory-budget", &budget])
     } else {
         Server::start()
     };
     let pid = server.pid();
-    let artifact = server.push("heartbeat");
+    let wat = std::env::var("SERVICE_GUEST").is_ok_and(|g| g == "wat");
+    let artifact = if wat {
+        // `wharf push` takes binary Wasm.
+        let wasm = server._dir.path().join("heartbeat-wat.wasm");
+        let bytes = wat::parse_file(wharf_testkit::wat("heartbeat")).expect("heartbeat.wat");
+        std::fs::write(&wasm, bytes).expect("write the module");
+        server.push_file("heartbeat-wat", &wasm)
+    } else {
+        server.push("heartbeat")
+    };
     // One beat a second (`BEAT_MS`), no beat count: runs until stopped.
     server.call(
         &server.agent,
@@ -973,12 +973,18 @@ fn service(summary: &mut Vec<String>) -> Value {
         })),
     );
     // Load the artifact (fetch, compile, pre-link) before the baseline:
-    // one short run of the same definition, two beats 1 ms apart.
+    // one short run of the same definition, two beats 1 ms apart (the WAT
+    // guest takes no arguments: it beats once and times out).
+    let (overrides, ends) = if wat {
+        (json!({ "limits": { "timeout": "300ms" } }), "Timeout")
+    } else {
+        (json!({ "args": ["1", "2"] }), "Completed")
+    };
     let tasks = server.call(
         &server.agent,
         "POST",
         "/v1/tasks",
-        Some(&json!({ "task_definition": "beat", "overrides": { "args": ["1", "2"] } })),
+        Some(&json!({ "task_definition": "beat", "overrides": overrides })),
     );
     let id = tasks[0]["id"].as_str().unwrap();
     let task = server.call(
@@ -987,9 +993,9 @@ fn service(summary: &mut Vec<String>) -> Value {
         &format!("/v1/tasks/{id}?wait_stopped_ms=30000"),
         None,
     );
-    assert_eq!(task["stop_code"], "Completed", "{task}");
+    assert_eq!(task["stop_code"], ends, "{task}");
     std::thread::sleep(Duration::from_secs(1));
-    let rss_before = rss_kib(pid);
+    let rss_before = memory_kib(pid);
     let before = server.metrics();
 
     let created = Instant::now();
@@ -1023,7 +1029,7 @@ fn service(summary: &mut Vec<String>) -> Value {
         let s = server.call(&server.agent, "GET", "/v1/services/s", None);
         running.push(s["running_count"].as_u64().unwrap());
         pending.push(s["pending_count"].as_u64().unwrap());
-        rss.push(rss_kib(pid));
+        rss.push(memory_kib(pid));
     }
     let server_cpu = (cpu_seconds(&pid.to_string()) - cpu0) / HOLD_SECONDS as f64;
     let hold_stops = stops_delta(&hold_metrics_before, &server.metrics());
@@ -1039,6 +1045,41 @@ fn service(summary: &mut Vec<String>) -> Value {
     let per_task_kib = per_task(steady_rss, "VmRSS");
     let per_task_anon_kib = per_task(steady_anon, "RssAnon");
     let per_task_pss_kib = per_task(steady_pss, "Pss");
+
+    // `SECOND_WAVE=1`: as many tasks again; the growth they bring is the
+    // marginal cost of a task, which heap the server freed before the
+    // baseline (compiling the module, the first run) does not flatter.
+    let marginal = second_wave.then(|| {
+        server.call(
+            &server.agent,
+            "PATCH",
+            "/v1/services/s",
+            Some(&json!({ "desired_count": most })),
+        );
+        let scaled = Instant::now();
+        loop {
+            let s = server.call(&server.agent, "GET", "/v1/services/s", None);
+            if s["running_count"].as_u64() == Some(most) {
+                break;
+            }
+            assert!(
+                scaled.elapsed() < SERVICE_LIMIT,
+                "second wave not converged after {SERVICE_LIMIT:?}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut wave: Vec<BTreeMap<&str, u64>> = (0..HOLD_SECONDS / 2)
+            .map(|_| {
+                std::thread::sleep(Duration::from_secs(1));
+                memory_kib(pid)
+            })
+            .collect();
+        let mut per = |key: &str, steady: u64| {
+            wave.sort_unstable_by_key(|m| m[key]);
+            (wave[wave.len() / 2][key] as f64 - steady as f64) / service_tasks as f64
+        };
+        (per("VmRSS", steady_rss), per("Pss", steady_pss))
+    });
 
     // Deleting drains: the service is removed, and every one of its tasks
     // stops. Both moments are timed; live tasks are the server's
@@ -1071,18 +1112,19 @@ fn service(summary: &mut Vec<String>) -> Value {
     let (removed_at, live_at_removal) = removed.expect("removed before drained");
     let codes = stops_delta(&before, &after);
     std::thread::sleep(Duration::from_secs(1));
-    let rss_after = rss_kib(pid);
+    let rss_after = memory_kib(pid);
     let h_start = Hist::delta(&before, &after, "wharf_task_start_latency_seconds", &[]);
 
     summary.push(format!(
-        "## 3. service of {service_tasks} heartbeat tasks (a beat every {beat_ms} ms, 8 MiB, fresh server)\n\
+        "## 3. service of {service_tasks} {} tasks (a beat every {beat_ms} ms, 8 MiB, fresh server)\n\
          - converged (running_count = {service_tasks}) in {:.1} ms ({polls} polls of GET /v1/services/s); task accepted → slot {}\n\
          - held {HOLD_SECONDS} s, sampled each second: running {}–{}, pending {}–{}, stops during the hold {hold_stops:?}: {}\n\
          - server CPU while holding: {:.3} cores\n\
          - server RSS: before {} KiB (anon {}), steady median {} KiB (anon {}), after drain {} KiB\n\
-         - **memory per task: {per_task_kib:.1} KiB** (anon {per_task_anon_kib:.1} KiB, PSS {per_task_pss_kib:.1} KiB)\n\
+         - **memory per task: {per_task_kib:.1} KiB** (anon {per_task_anon_kib:.1} KiB, PSS {per_task_pss_kib:.1} KiB){}\n\
          - deleted: service removed (GET 404) after {:.1} ms with {live_at_removal} tasks still live; \
            every task stopped after {:.1} ms; stops {codes:?}",
+        if wat { "WAT heartbeat" } else { "heartbeat" },
         converge.as_secs_f64() * 1e3,
         h_start.describe(),
         running.iter().min().unwrap(),
@@ -1096,6 +1138,9 @@ fn service(summary: &mut Vec<String>) -> Value {
         steady_rss,
         steady_anon,
         rss_after["VmRSS"],
+        marginal.map_or(String::new(), |(rss, pss)| format!(
+            "; a second wave of {service_tasks}: **{rss:.1} KiB** a task (PSS **{pss:.1} KiB**)"
+        )),
         removed_at.as_secs_f64() * 1e3,
         drained.as_secs_f64() * 1e3,
     ));
@@ -1119,6 +1164,7 @@ fn service(summary: &mut Vec<String>) -> Value {
         "memory_per_task_kib": round1(per_task_kib),
         "memory_per_task_anon_kib": round1(per_task_anon_kib),
         "memory_per_task_pss_kib": round1(per_task_pss_kib),
+        "second_wave_per_task_kib": marginal.map(|(rss, pss)| json!({ "vmrss": round1(rss), "pss": round1(pss) })),
         "beat_ms": beat_ms,
         "removed_ms": round1(removed_at.as_secs_f64() * 1e3),
         "live_tasks_at_removal": live_at_removal,

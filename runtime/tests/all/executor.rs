@@ -39,6 +39,35 @@ async fn logs_are_readable_while_running_and_stop_ends_the_task() {
     }
 }
 
+/// `samples/wat/heartbeat.wat`, the guest the memory benchmark holds by
+/// the thousand: it beats at once, is blocked in `poll_oneoff` a second
+/// between beats, and ends only when stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wat_heartbeat_beats_once_a_second_until_stopped() {
+    let rt = runtime();
+    let executor = Executor::new(rt.clone(), 4);
+    let artifact = rt
+        .load_file(&wharf_testkit::wat("heartbeat"))
+        .unwrap()
+        .artifact;
+    let (spec, logs) = spec(&[]);
+    let started = std::time::Instant::now();
+    let task = executor.spawn(artifact, spec);
+    tokio::time::timeout(Duration::from_secs(10), logs.wait_for(1))
+        .await
+        .expect("a second beat within 10s");
+    let between = started.elapsed();
+    assert!(between >= Duration::from_millis(900), "{between:?}");
+    let lines: Vec<String> = logs.lines().into_iter().map(|l| l.text).collect();
+    assert_eq!(&lines[..2], ["heartbeat", "heartbeat"]);
+    assert_eq!(task.phase(), TaskPhase::Running);
+    task.stop();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), task.wait())
+        .await
+        .unwrap();
+    assert_eq!(outcome.stop_code, StopCode::UserStopped, "{outcome:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_interrupts_a_busy_loop() {
     let rt = runtime();
