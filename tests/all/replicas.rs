@@ -541,10 +541,29 @@ fn ingresses_relay_to_the_leader_and_a_node_moves_on_when_the_leader_dies() {
         let logs = s.api("GET", &format!("/v1/tasks/{id}/logs"), None).json();
         logs["lines"].as_array().map_or(0, Vec::len)
     };
-    let before = eventually(Duration::from_secs(15), "the node's output", || {
+    let waited = std::time::Instant::now();
+    let before = loop {
         let n = beats(&c);
-        (n > 0).then_some(n)
-    });
+        if n > 0 {
+            break n;
+        }
+        // What each replica says, for a failure that is rare.
+        if waited.elapsed() > Duration::from_secs(15) {
+            let say = |s: &Server, path: &str| {
+                let r = s.api("GET", path, None);
+                format!("{path}: {} {}", r.status, String::from_utf8_lossy(&r.body))
+            };
+            panic!(
+                "timed out waiting for the node's output; C: {}; {}; {}; B: {}; {}",
+                say(&c, &format!("/v1/tasks/{id}/logs")),
+                say(&c, &format!("/v1/tasks/{id}")),
+                say(&c, "/v1/replicas"),
+                say(&b, &format!("/v1/tasks/{id}/logs")),
+                say(&b, "/v1/nodes/edge1"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     eventually(
         Duration::from_secs(15),
         "more output after the move",
