@@ -111,6 +111,21 @@ pub fn memory_kib(pid: u32) -> BTreeMap<&'static str, u64> {
     out
 }
 
+/// `name` in a directory of `PATH`.
+pub fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The peer `wasmtime` (wasmtime-cli): `WASMTIME`, else `wasmtime` on
+/// `PATH`; `None` when there is none (its rows are skipped).
+pub fn wasmtime_bin() -> Option<std::path::PathBuf> {
+    std::env::var_os("WASMTIME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| find_on_path("wasmtime"))
+}
+
 /// The `wharf` binary the end-to-end harnesses drive: `WHARF_BIN`, else
 /// the workspace's release build.
 pub fn wharf_bin() -> std::path::PathBuf {

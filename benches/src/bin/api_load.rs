@@ -41,7 +41,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wharf_bench::{memory_kib, percentile, spawn_server, wharf_bin};
+use wharf_bench::{find_on_path, memory_kib, percentile, spawn_server, wasmtime_bin, wharf_bin};
 use wharf_testkit::{Target, wasm};
 
 /// Sequential runs before the latency is timed (the first compiles and
@@ -487,12 +487,6 @@ fn run_and_wait(server: &Server, body: &Value) -> (Duration, Duration) {
     (posted, t.elapsed() - posted)
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 /// Wall times of [`PEER_RUNS`] processes, each from spawn to its
 /// successful exit, after [`PEER_WARMUP`] untimed ones.
 fn time_process(program: &Path, args: &[std::ffi::OsString]) -> Vec<Duration> {
@@ -598,9 +592,7 @@ fn latency(server: &Server, summary: &mut Vec<String>) -> Value {
     let run_dir = tempfile::tempdir().unwrap();
     let mut peers = serde_json::Map::new();
     let mut peer_lines = Vec::new();
-    let wasmtime = std::env::var_os("WASMTIME")
-        .map(PathBuf::from)
-        .or_else(|| find_on_path("wasmtime"));
+    let wasmtime = wasmtime_bin();
     // (name, program, arguments); a peer without a program is skipped.
     let candidates: [(&str, Option<PathBuf>, Vec<std::ffi::OsString>); 2] = [
         (

@@ -14,7 +14,7 @@
 //! Results and method: `docs/PERFORMANCE.md`, "HTTP serving".
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -308,14 +308,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let component = wasm("http_hello", Target::P2);
-    let wasmtime: Option<PathBuf> = std::env::var_os("WASMTIME").map(PathBuf::from).or_else(|| {
-        Command::new("wasmtime")
-            .arg("--version")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| PathBuf::from("wasmtime"))
-    });
+    let wasmtime = wharf_bench::wasmtime_bin();
     let data = tempfile::tempdir().unwrap();
     const INGRESS: &str = "wharf server ingress, 2 tasks";
     let mut rows: Vec<(&str, Vec<Sample>)> = vec![("wharf serve", Vec::new())];

@@ -5,7 +5,10 @@
 //! each holding `--tasks` heartbeat tasks in a process of its own (this
 //! binary run again with `--arm`), the two arms alternated round by round.
 //! What the server adds on top (the control plane's record, the task's
-//! driver) is `api_load PARTS=service` with the same guest.
+//! driver) is `api_load PARTS=service` with the same guest. Beside them,
+//! the peer a user would otherwise run, `wasmtime run` (wasmtime-cli,
+//! `WASMTIME` or on `PATH`; skipped without it): a process a task,
+//! `--processes` of them (default 100), their summed Pss per process.
 //!
 //! Each arm: one short run first (the artifact compiled, one pool slot
 //! warm), then two waves of `--tasks` tasks, each started, seen beating
@@ -19,19 +22,20 @@
 //! /proc/self/smaps).
 //!
 //! `cargo run --release -p wharf-bench --bin task_memory -- [--tasks N]
-//! [--rounds R] [--guest heartbeat|wat] [--json]`: `heartbeat` is the Rust
+//! [--rounds R] [--guest heartbeat|wat] [--processes P] [--json]`: `heartbeat` is the Rust
 //! sample (`wasm32-wasip1`, a line a second), `wat` is
 //! `samples/wat/heartbeat.wat` (one page of linear memory, no allocator).
 //! Method and results: docs/PERFORMANCE.md, "memory per task".
 
 use std::collections::BTreeMap;
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wharf_bench::memory_kib;
 use wharf_bench::raw::Raw;
+use wharf_bench::{memory_kib, wasmtime_bin};
 use wharf_runtime::{Executor, LogBuffer, Runtime, RuntimeConfig, TaskSpec};
 use wharf_testkit::Target;
 
@@ -70,8 +74,15 @@ fn main() {
         std::process::exit(0);
     }
     let rounds: usize = arg("--rounds").map_or(3, |r| r.parse().expect("--rounds R"));
+    let processes: usize = arg("--processes").map_or(100, |p| p.parse().expect("--processes P"));
+    let wasmtime = wasmtime_bin();
     let mut rows: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for round in 0..rounds {
+        if let Some(wasmtime) = &wasmtime {
+            let row = processes_arm(wasmtime, processes, &guest);
+            eprintln!("round {round}: {row}");
+            rows.entry("wasmtime run").or_default().push(row);
+        }
         let order = if round % 2 == 0 {
             ["raw", "executor"]
         } else {
@@ -127,6 +138,14 @@ fn report(rows: &BTreeMap<&str, Vec<Value>>, tasks: usize, guest: &str) {
         let (r, w) = (stat(&rows["raw"], key), stat(&rows["executor"], key));
         println!("| {name} | {} | {} | {:+.1} |", fmt(r), fmt(w), w.0 - r.0);
     }
+    match rows.get("wasmtime run") {
+        Some(peer) => println!(
+            "\n`wasmtime run`, a process a task ({} of them): PSS {} KiB per task",
+            peer[0]["tasks"],
+            fmt(stat(peer, "pss"))
+        ),
+        None => println!("\n`wasmtime run`: skipped (set WASMTIME or put it on PATH)"),
+    }
     if std::env::args().any(|a| a == "--json") {
         println!(
             "{}",
@@ -136,11 +155,15 @@ fn report(rows: &BTreeMap<&str, Vec<Value>>, tasks: usize, guest: &str) {
 }
 
 /// `/proc/self/smaps`: the Pss of the fiber stacks (anonymous rw
-/// mappings of exactly `FIBER_STACK` bytes) and how many there are.
+/// mappings of exactly `FIBER_STACK` bytes) and how many there are. Read
+/// a line at a time: the whole file is megabytes with thousands of
+/// tasks, which a sample must not add to what it measures.
 fn stacks_pss_kib() -> (u64, u64) {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let smaps = std::fs::File::open("/proc/self/smaps").expect("smaps");
     let (mut pss, mut count, mut stack) = (0, 0, false);
-    for line in smaps.lines() {
+    let mut reader = BufReader::new(smaps);
+    let mut line = String::new();
+    while reader.read_line(&mut line).expect("smaps is readable") > 0 {
         let mut fields = line.split_whitespace();
         let first = fields.next().unwrap_or_default();
         if let Some((lo, hi)) = first.split_once('-')
@@ -156,6 +179,7 @@ fn stacks_pss_kib() -> (u64, u64) {
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0);
         }
+        line.clear();
     }
     (pss, count)
 }
@@ -168,6 +192,61 @@ fn task(log: &Arc<LogBuffer>, args: &[&str]) -> TaskSpec {
     spec.limits.memory = Some(8 << 20);
     spec.limits.fuel = Some(1_000_000_000);
     spec
+}
+
+/// Peer processes, killed when dropped (also when a check panics).
+struct Processes(Vec<std::process::Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The peer: `processes` runs of `wasmtime run` on the same guest, each
+/// seen beating once, held 10 s; their summed Pss (which shares the
+/// binary's pages between them) per process, the median of 5 samples.
+fn processes_arm(wasmtime: &std::path::Path, processes: usize, guest: &str) -> Value {
+    let file = match guest {
+        "wat" => wharf_testkit::wat("heartbeat"),
+        _ => wharf_testkit::wasm("heartbeat", Target::P1),
+    };
+    let mut children = Processes(Vec::with_capacity(processes));
+    children.0.extend((0..processes).map(|_| {
+        Command::new(wasmtime)
+            .arg("run")
+            .arg(&file)
+            .arg("1000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start wasmtime run")
+    }));
+    // Each has beaten once; the rest of its output is drained.
+    for child in &mut children.0 {
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let first = lines.next().expect("a beat").expect("readable stdout");
+        assert!(first.starts_with("heartbeat"), "{first}");
+        std::thread::spawn(move || for _ in lines {});
+    }
+    std::thread::sleep(Duration::from_secs(HOLD_SECONDS as u64 / 2));
+    let mut sums: Vec<u64> = (0..5)
+        .map(|_| {
+            std::thread::sleep(Duration::from_secs(1));
+            children.0.iter().map(|c| memory_kib(c.id())["Pss"]).sum()
+        })
+        .collect();
+    sums.sort_unstable();
+    drop(children);
+    json!({
+        "arm": "wasmtime run",
+        "guest": guest,
+        "tasks": processes,
+        "pss": sums[sums.len() / 2] as f64 / processes as f64,
+    })
 }
 
 /// Pss, VmRSS, RssAnon and the fiber stacks' Pss of this process, in
