@@ -1114,8 +1114,17 @@ impl Tasks {
         self.finish(&entry, outcome).await;
     }
 
-    async fn finish(&self, entry: &Arc<TaskEntry>, outcome: Outcome) {
-        self.finish_durably(entry, outcome).await;
+    /// Records a task's outcome (see [`finish_durably`](Self::finish_durably)).
+    /// Boxed: every driver awaits it once, at its end, and inline its ~900
+    /// bytes would size each running task's driver for its whole life.
+    fn finish<'a>(
+        &'a self,
+        entry: &'a Arc<TaskEntry>,
+        outcome: Outcome,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            self.finish_durably(entry, outcome).await;
+        })
     }
 
     /// [`finish`](Self::finish); whether the final record was committed.

@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -288,7 +289,7 @@ enum Ended<T> {
 }
 
 async fn supervise<F: Future<Output = Result<(), Failure>>>(
-    run: F,
+    run: Pin<&mut F>,
     timeout: Option<Duration>,
     stop: &StopSignal,
 ) -> Ended<F::Output> {
@@ -380,8 +381,10 @@ pub(crate) async fn run(
             };
             let state = P1State { wasi, limiter };
             let mut store = new_store(engine, state, fuel, deadline, stop);
-            let ended = supervise(
-                async {
+            let ended = {
+                // Pinned here and lent to `supervise`: moved into it, the
+                // guest's future would be kept twice in the task's future.
+                let run = pin!(async {
                     // Boxed: instantiation's state (~1 KiB) is not kept in
                     // the task's future for as long as the guest runs.
                     let instance = Box::pin(pre.instantiate_async(&mut store))
@@ -392,11 +395,9 @@ pub(crate) async fn run(
                         .get_typed_func::<(), ()>(&mut store, "_start")
                         .map_err(Failure::Start)?;
                     start.call_async(&mut store, ()).await.map_err(Failure::Run)
-                },
-                spec.limits.timeout,
-                stop,
-            )
-            .await;
+                });
+                supervise(run, spec.limits.timeout, stop).await
+            };
             finish(
                 ended,
                 &mut store,
@@ -417,8 +418,10 @@ pub(crate) async fn run(
                 limiter,
             };
             let mut store = new_store(engine, state, fuel, deadline, stop);
-            let ended = supervise(
-                async {
+            let ended = {
+                // Pinned here and lent to `supervise`: moved into it, the
+                // guest's future would be kept twice in the task's future.
+                let run = pin!(async {
                     let command = Box::pin(pre.instantiate_async(&mut store))
                         .await
                         .map_err(Failure::Start)?;
@@ -430,11 +433,9 @@ pub(crate) async fn run(
                         Ok(Err(())) => Err(Failure::Run(I32Exit(1).into())),
                         Err(e) => Err(Failure::Run(e)),
                     }
-                },
-                spec.limits.timeout,
-                stop,
-            )
-            .await;
+                });
+                supervise(run, spec.limits.timeout, stop).await
+            };
             finish(
                 ended,
                 &mut store,
