@@ -955,7 +955,8 @@ impl Tasks {
                     }
                     Some(Update::Finished(outcome, done)) => {
                         close(&entry);
-                        let durable = self.finish_durably(&entry, outcome).await;
+                        // Boxed, as `finish` is: not carried for the task's life.
+                        let durable = Box::pin(self.finish_durably(&entry, outcome)).await;
                         node.release(&task_id);
                         // Only a durable outcome is acknowledged: the node
                         // keeps the others in its outbox.
@@ -1115,7 +1116,7 @@ impl Tasks {
     }
 
     /// Records a task's outcome (see [`finish_durably`](Self::finish_durably)).
-    /// Boxed: every driver awaits it once, at its end, and inline its ~900
+    /// Boxed: every driver awaits it once, at its end, and inline its ~1,000
     /// bytes would size each running task's driver for its whole life.
     fn finish<'a>(
         &'a self,

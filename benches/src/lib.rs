@@ -96,7 +96,9 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 /// pages once per task).
 pub fn memory_kib(pid: u32) -> BTreeMap<&'static str, u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    // Read or fail: a process that is gone must not count as 0 KiB.
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
     let field = |text: &str, key: &str| -> u64 {
         text.lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
@@ -109,6 +111,24 @@ pub fn memory_kib(pid: u32) -> BTreeMap<&'static str, u64> {
     }
     out.insert("Pss", field(&rollup, "Pss"));
     out
+}
+
+/// `samples/wat/heartbeat.wat` compiled with its beat every
+/// `interval_ms` instead of every second: the module's one clock
+/// subscription is data, its timeout the 8 bytes after the clock id.
+pub fn wat_heartbeat(interval_ms: u64) -> Vec<u8> {
+    let path = wharf_testkit::wat("heartbeat");
+    let text = std::fs::read_to_string(&path).expect("heartbeat.wat");
+    let second = r"\01\00\00\00\00\00\00\00\00\ca\9a\3b\00\00\00\00";
+    assert!(text.contains(second), "heartbeat.wat's subscription moved");
+    let ns = interval_ms.saturating_mul(1_000_000);
+    let timeout: String = ns
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("\\{b:02x}"))
+        .collect();
+    let text = text.replace(second, &format!(r"\01\00\00\00\00\00\00\00{timeout}"));
+    wat::parse_str(&text).expect("heartbeat.wat compiles")
 }
 
 /// `name` in a directory of `PATH`.

@@ -28,8 +28,8 @@
 //! match), `BEAT_MS` (the service's beat interval, default 1,000: 10 fills
 //! each task's 64 KiB of retained output within the hold), `SERVICE_GUEST`
 //! (`heartbeat`, the Rust sample, by default; `wat` runs
-//! `samples/wat/heartbeat.wat`, a beat a second whatever `BEAT_MS` says,
-//! the guest that holds least beside the host's own memory), `SECOND_WAVE=1`
+//! `samples/wat/heartbeat.wat` with its interval set to `BEAT_MS`, the
+//! guest that holds least beside the host's own memory), `SECOND_WAVE=1`
 //! (after the hold, the service scales to twice its tasks and the memory
 //! they add is reported too: the marginal cost of a task).
 //! Prints a summary and writes `target/bench-results/api_load.json`.
@@ -944,9 +944,9 @@ fn service(summary: &mut Vec<String>) -> Value {
     let pid = server.pid();
     let wat = std::env::var("SERVICE_GUEST").is_ok_and(|g| g == "wat");
     let artifact = if wat {
-        // `wharf push` takes binary Wasm.
+        // `wharf push` takes binary Wasm; the interval is compiled in.
         let wasm = server._dir.path().join("heartbeat-wat.wasm");
-        let bytes = wat::parse_file(wharf_testkit::wat("heartbeat")).expect("heartbeat.wat");
+        let bytes = wharf_bench::wat_heartbeat(beat_ms as u64);
         std::fs::write(&wasm, bytes).expect("write the module");
         server.push_file("heartbeat-wat", &wasm)
     } else {
@@ -1108,7 +1108,7 @@ fn service(summary: &mut Vec<String>) -> Value {
     let h_start = Hist::delta(&before, &after, "wharf_task_start_latency_seconds", &[]);
 
     summary.push(format!(
-        "## 3. service of {service_tasks} {} tasks (a beat every {beat_ms} ms, 8 MiB, fresh server)\n\
+        "## 3. service of {service_tasks} {} tasks (a beat every {beat_ms} ms, 8 MiB, fresh server{})\n\
          - converged (running_count = {service_tasks}) in {:.1} ms ({polls} polls of GET /v1/services/s); task accepted → slot {}\n\
          - held {HOLD_SECONDS} s, sampled each second: running {}–{}, pending {}–{}, stops during the hold {hold_stops:?}: {}\n\
          - server CPU while holding: {:.3} cores\n\
@@ -1117,6 +1117,11 @@ fn service(summary: &mut Vec<String>) -> Value {
          - deleted: service removed (GET 404) after {:.1} ms with {live_at_removal} tasks still live; \
            every task stopped after {:.1} ms; stops {codes:?}",
         if wat { "WAT heartbeat" } else { "heartbeat" },
+        if second_wave {
+            format!("; then {most}: the drain below is theirs")
+        } else {
+            String::new()
+        },
         converge.as_secs_f64() * 1e3,
         h_start.describe(),
         running.iter().min().unwrap(),

@@ -22,7 +22,8 @@
 //! /proc/self/smaps).
 //!
 //! `cargo run --release -p wharf-bench --bin task_memory -- [--tasks N]
-//! [--rounds R] [--guest heartbeat|wat] [--processes P] [--json]`: `heartbeat` is the Rust
+//! [--rounds R] [--guest heartbeat|wat] [--beat-ms MS] [--processes P] [--json]`:
+//! `heartbeat` is the Rust
 //! sample (`wasm32-wasip1`, a line a second), `wat` is
 //! `samples/wat/heartbeat.wat` (one page of linear memory, no allocator).
 //! Method and results: docs/PERFORMANCE.md, "memory per task".
@@ -44,8 +45,8 @@ use wharf_testkit::Target;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// How long the started tasks are held, sampled once a second.
-const HOLD_SECONDS: usize = 20;
+/// How long each wave of tasks is held, sampled once a second.
+const WAVE_SECONDS: usize = 10;
 /// wasmtime's default `async_stack_size`: the fiber stack of a task.
 const FIBER_STACK: u64 = 2 << 20;
 /// Output kept per task, as a server keeps by default.
@@ -63,12 +64,16 @@ fn arg(name: &str) -> Option<String> {
 fn main() {
     let tasks: usize = arg("--tasks").map_or(1_000, |t| t.parse().expect("--tasks N"));
     let guest = arg("--guest").unwrap_or_else(|| "heartbeat".into());
+    // A beat a second by default. A beat an hour (`--beat-ms 3600000`)
+    // keeps every task's log still while it is measured: with a beat a
+    // second, the first wave's logs grow while the second is sampled.
+    let beat_ms: u64 = arg("--beat-ms").map_or(1_000, |b| b.parse().expect("--beat-ms MS"));
     assert!(
         guest == "heartbeat" || guest == "wat",
         "--guest heartbeat|wat"
     );
     if let Some(arm) = arg("--arm") {
-        let row = hold(&arm, tasks, &guest);
+        let row = hold(&arm, tasks, &guest, beat_ms);
         println!("{row}");
         // Exit without tearing thousands of tasks down.
         std::process::exit(0);
@@ -79,7 +84,7 @@ fn main() {
     let mut rows: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for round in 0..rounds {
         if let Some(wasmtime) = &wasmtime {
-            let row = processes_arm(wasmtime, processes, &guest);
+            let row = processes_arm(wasmtime, processes, &guest, beat_ms);
             eprintln!("round {round}: {row}");
             rows.entry("wasmtime run").or_default().push(row);
         }
@@ -97,6 +102,8 @@ fn main() {
                     &tasks.to_string(),
                     "--guest",
                     &guest,
+                    "--beat-ms",
+                    &beat_ms.to_string(),
                 ])
                 .output()
                 .expect("run an arm");
@@ -110,7 +117,7 @@ fn main() {
             rows.entry(arm).or_default().push(row);
         }
     }
-    report(&rows, tasks, &guest);
+    report(&rows, tasks, &guest, beat_ms);
 }
 
 /// Median and range of `key` over an arm's rows.
@@ -120,10 +127,10 @@ fn stat(rows: &[Value], key: &str) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn report(rows: &BTreeMap<&str, Vec<Value>>, tasks: usize, guest: &str) {
+fn report(rows: &BTreeMap<&str, Vec<Value>>, tasks: usize, guest: &str, beat_ms: u64) {
     let fmt = |(m, lo, hi): (f64, f64, f64)| format!("{m:.1} ({lo:.1}–{hi:.1})");
     println!(
-        "2 × {tasks} {guest} tasks, KiB per task, median (range) of {} rounds\n",
+        "2 × {tasks} {guest} tasks, a beat every {beat_ms} ms, KiB per task, median (range) of {} rounds\n",
         rows["raw"].len()
     );
     println!("| | raw wasmtime | Wharf executor | executor − raw |");
@@ -155,12 +162,13 @@ fn report(rows: &BTreeMap<&str, Vec<Value>>, tasks: usize, guest: &str) {
 }
 
 /// `/proc/self/smaps`: the Pss of the fiber stacks (anonymous rw
-/// mappings of exactly `FIBER_STACK` bytes) and how many there are. Read
+/// mappings of exactly `FIBER_STACK` bytes: the pool maps every slot's
+/// stack up front, so only their Pss says how many are in use). Read
 /// a line at a time: the whole file is megabytes with thousands of
 /// tasks, which a sample must not add to what it measures.
-fn stacks_pss_kib() -> (u64, u64) {
+fn stacks_pss_kib() -> u64 {
     let smaps = std::fs::File::open("/proc/self/smaps").expect("smaps");
-    let (mut pss, mut count, mut stack) = (0, 0, false);
+    let (mut pss, mut stack) = (0, false);
     let mut reader = BufReader::new(smaps);
     let mut line = String::new();
     while reader.read_line(&mut line).expect("smaps is readable") > 0 {
@@ -172,7 +180,6 @@ fn stacks_pss_kib() -> (u64, u64) {
             let perms = fields.next().unwrap_or_default();
             let named = fields.nth(3).is_some();
             stack = hi - lo == FIBER_STACK && perms == "rw-p" && !named;
-            count += u64::from(stack);
         } else if stack && first == "Pss:" {
             pss += fields
                 .next()
@@ -181,7 +188,7 @@ fn stacks_pss_kib() -> (u64, u64) {
         }
         line.clear();
     }
-    (pss, count)
+    pss
 }
 
 /// A task as the server runs the benchmark's service: output captured,
@@ -207,11 +214,17 @@ impl Drop for Processes {
 }
 
 /// The peer: `processes` runs of `wasmtime run` on the same guest, each
-/// seen beating once, held 10 s; their summed Pss (which shares the
-/// binary's pages between them) per process, the median of 5 samples.
-fn processes_arm(wasmtime: &std::path::Path, processes: usize, guest: &str) -> Value {
+/// seen beating once, then left 10 s; their summed Pss (which shares the
+/// binary's pages between them) per process, the median of 5 samples a
+/// second apart.
+fn processes_arm(wasmtime: &std::path::Path, processes: usize, guest: &str, beat_ms: u64) -> Value {
+    let dir = tempfile::tempdir().expect("a directory for the module");
     let file = match guest {
-        "wat" => wharf_testkit::wat("heartbeat"),
+        "wat" => {
+            let file = dir.path().join("heartbeat.wasm");
+            std::fs::write(&file, wharf_bench::wat_heartbeat(beat_ms)).expect("write it");
+            file
+        }
         _ => wharf_testkit::wasm("heartbeat", Target::P1),
     };
     let mut children = Processes(Vec::with_capacity(processes));
@@ -219,7 +232,7 @@ fn processes_arm(wasmtime: &std::path::Path, processes: usize, guest: &str) -> V
         Command::new(wasmtime)
             .arg("run")
             .arg(&file)
-            .arg("1000")
+            .arg(beat_ms.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -232,10 +245,14 @@ fn processes_arm(wasmtime: &std::path::Path, processes: usize, guest: &str) -> V
         assert!(first.starts_with("heartbeat"), "{first}");
         std::thread::spawn(move || for _ in lines {});
     }
-    std::thread::sleep(Duration::from_secs(HOLD_SECONDS as u64 / 2));
+    std::thread::sleep(Duration::from_secs(WAVE_SECONDS as u64));
     let mut sums: Vec<u64> = (0..5)
         .map(|_| {
             std::thread::sleep(Duration::from_secs(1));
+            for child in &mut children.0 {
+                let ended = child.try_wait().expect("wait on wasmtime run");
+                assert!(ended.is_none(), "a wasmtime run ended: {ended:?}");
+            }
             children.0.iter().map(|c| memory_kib(c.id())["Pss"]).sum()
         })
         .collect();
@@ -250,26 +267,23 @@ fn processes_arm(wasmtime: &std::path::Path, processes: usize, guest: &str) -> V
 }
 
 /// Pss, VmRSS, RssAnon and the fiber stacks' Pss of this process, in
-/// KiB, with at least `stacks` stacks in use.
-fn sample(pid: u32, stacks: usize) -> [u64; 4] {
-    let (stacks_pss, count) = stacks_pss_kib();
-    assert!(
-        count as usize >= stacks,
-        "{count} fiber stacks for {stacks} tasks"
-    );
+/// KiB.
+fn sample(pid: u32) -> [u64; 4] {
+    // The totals first: reading smaps allocates a little.
     let m = memory_kib(pid);
+    let stacks_pss = stacks_pss_kib();
     [m["Pss"], m["VmRSS"], m["RssAnon"], stacks_pss]
 }
 
 /// One arm in this process: `tasks` heartbeats held; its JSON row.
-fn hold(arm: &str, tasks: usize, guest: &str) -> Value {
+fn hold(arm: &str, tasks: usize, guest: &str, beat_ms: u64) -> Value {
     let rt = Runtime::new(RuntimeConfig {
         max_instances: u32::try_from((2 * tasks).max(1_000)).expect("tasks fit u32"),
         ..RuntimeConfig::default()
     })
     .expect("runtime");
     let bytes = match guest {
-        "wat" => wat::parse_file(wharf_testkit::wat("heartbeat")).expect("heartbeat.wat"),
+        "wat" => wharf_bench::wat_heartbeat(beat_ms),
         _ => wharf_testkit::wasm_bytes("heartbeat", Target::P1),
     };
     let guests = tokio::runtime::Builder::new_multi_thread()
@@ -277,9 +291,9 @@ fn hold(arm: &str, tasks: usize, guest: &str) -> Value {
         .enable_all()
         .build()
         .expect("tokio");
-    // A beat a second, until stopped (the WAT guest takes no arguments
-    // and beats once a second).
-    let beat: Vec<&str> = vec!["heartbeat", "1000"];
+    // A beat every `beat_ms`, until stopped (the WAT guest's interval is
+    // compiled in).
+    let beat: Vec<String> = vec!["heartbeat".into(), beat_ms.to_string()];
     let pid = std::process::id();
     let warm = Duration::from_millis(300);
     let executor = Executor::new(rt.clone(), 2 * tasks);
@@ -305,7 +319,7 @@ fn hold(arm: &str, tasks: usize, guest: &str) -> Value {
         }
     });
     std::thread::sleep(Duration::from_secs(1));
-    let before = sample(pid, 0);
+    let before = sample(pid);
 
     // Two equal waves: the second's growth is the marginal cost of a task,
     // free of heap the process freed before the baseline (compiling a
@@ -313,7 +327,7 @@ fn hold(arm: &str, tasks: usize, guest: &str) -> Value {
     let mut handles = Vec::with_capacity(2 * tasks);
     let mut steady = Vec::new();
     let mut started_ms = Vec::new();
-    for wave in 1..=2 {
+    for _wave in 1..=2 {
         let started = Instant::now();
         guests.block_on(async {
             match arm {
@@ -323,7 +337,10 @@ fn hold(arm: &str, tasks: usize, guest: &str) -> Value {
                         let (raw, out) = (raw.clone(), Raw::output());
                         outs.push(out.clone());
                         let args = beat.clone();
-                        tokio::spawn(async move { raw.run_with(&args, &out).await });
+                        tokio::spawn(async move {
+                            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                            raw.run_with(&args, &out).await
+                        });
                     }
                     while outs.iter().any(|o| o.contents().is_empty()) {
                         assert!(started.elapsed() < START_LIMIT, "raw tasks did not beat");
@@ -334,12 +351,15 @@ fn hold(arm: &str, tasks: usize, guest: &str) -> Value {
                     let mut logs = Vec::with_capacity(tasks);
                     for _ in 0..tasks {
                         let log = LogBuffer::new(RETAINED);
-                        handles.push(executor.spawn(artifact.clone(), task(&log, &beat[1..])));
+                        handles.push(executor.spawn(artifact.clone(), task(&log, &[&beat[1]])));
                         logs.push(log);
                     }
+                    // `wait_for` also returns once a log is closed: a task
+                    // that ended must not pass for one that beats.
                     let beating = async {
                         for log in &logs {
                             log.wait_for(0).await;
+                            assert!(!log.lines().is_empty(), "a task ended without a beat");
                         }
                     };
                     tokio::time::timeout(START_LIMIT, beating)
@@ -349,10 +369,10 @@ fn hold(arm: &str, tasks: usize, guest: &str) -> Value {
             }
         });
         started_ms.push(started.elapsed().as_millis() as u64);
-        let mut samples: Vec<[u64; 4]> = (0..HOLD_SECONDS / 2)
+        let mut samples: Vec<[u64; 4]> = (0..WAVE_SECONDS)
             .map(|_| {
                 std::thread::sleep(Duration::from_secs(1));
-                sample(pid, wave * tasks)
+                sample(pid)
             })
             .collect();
         // The median of each figure.
