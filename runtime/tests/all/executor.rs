@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wharf_runtime::{Executor, StopCode, TaskPhase};
+use wharf_runtime::{Executor, StopCode, TaskHandle, TaskPhase};
 use wharf_testkit::Target;
 
 use crate::{load, runtime, spec};
@@ -28,12 +28,7 @@ async fn logs_are_readable_while_running_and_stop_ends_the_task() {
             seen.extend(page.lines.into_iter().map(|l| l.text));
         }
         assert_eq!(&seen[..3], ["heartbeat 0", "heartbeat 1", "heartbeat 2"]);
-        assert_eq!(task.phase(), TaskPhase::Running);
-        task.stop();
-        let outcome = tokio::time::timeout(Duration::from_secs(10), task.wait())
-            .await
-            .unwrap();
-        assert_eq!(outcome.stop_code, StopCode::UserStopped, "{outcome:?}");
+        stop_a_running_task(task).await;
         // The log is closed once the outcome is known: followers end.
         assert!(logs.read_from(next, usize::MAX).closed);
     }
@@ -60,6 +55,12 @@ async fn the_wat_heartbeat_beats_once_a_second_until_stopped() {
     assert!(between >= Duration::from_millis(900), "{between:?}");
     let lines: Vec<String> = logs.lines().into_iter().map(|l| l.text).collect();
     assert_eq!(&lines[..2], ["heartbeat", "heartbeat"]);
+    stop_a_running_task(task).await;
+}
+
+/// Asserts `task` is running, stops it, and asserts it ended
+/// `UserStopped` within 10 s.
+async fn stop_a_running_task(task: TaskHandle) {
     assert_eq!(task.phase(), TaskPhase::Running);
     task.stop();
     let outcome = tokio::time::timeout(Duration::from_secs(10), task.wait())
