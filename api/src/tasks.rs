@@ -9,6 +9,7 @@
 //! its task asks right after it stopped).
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -955,8 +956,7 @@ impl Tasks {
                     }
                     Some(Update::Finished(outcome, done)) => {
                         close(&entry);
-                        // Boxed, as `finish` is: not carried for the task's life.
-                        let durable = Box::pin(self.finish_durably(&entry, outcome)).await;
+                        let durable = self.finish_durably(&entry, outcome).await;
                         node.release(&task_id);
                         // Only a durable outcome is acknowledged: the node
                         // keeps the others in its outbox.
@@ -1115,21 +1115,32 @@ impl Tasks {
         self.finish(&entry, outcome).await;
     }
 
-    /// Records a task's outcome (see [`finish_durably`](Self::finish_durably)).
-    /// Boxed: every driver awaits it once, at its end, and inline its ~1,000
-    /// bytes would size each running task's driver for its whole life.
+    /// Records a task's outcome ([`finish_durably`](Self::finish_durably)
+    /// without its answer).
     fn finish<'a>(
         &'a self,
         entry: &'a Arc<TaskEntry>,
         outcome: Outcome,
-    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        Box::pin(async move {
-            self.finish_durably(entry, outcome).await;
-        })
+    ) -> impl Future<Output = ()> + Send + 'a {
+        let durable = self.finish_durably(entry, outcome);
+        async move {
+            durable.await;
+        }
     }
 
-    /// [`finish`](Self::finish); whether the final record was committed.
-    async fn finish_durably(&self, entry: &Arc<TaskEntry>, mut outcome: Outcome) -> bool {
+    /// Records a task's outcome; whether the final record was committed.
+    /// Boxed: every task's driver or follower awaits it once, at its end,
+    /// and inline its ~1,000 bytes would size that future for the task's
+    /// whole life.
+    fn finish_durably<'a>(
+        &'a self,
+        entry: &'a Arc<TaskEntry>,
+        outcome: Outcome,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(self.record_outcome(entry, outcome))
+    }
+
+    async fn record_outcome(&self, entry: &Arc<TaskEntry>, mut outcome: Outcome) -> bool {
         let now = SystemTime::now();
         let (task, from, committed) = {
             let mut st = entry.state.lock().expect("task lock");

@@ -288,6 +288,10 @@ enum Ended<T> {
     Stopped,
 }
 
+/// Races the guest's `run` against the stop signal and the timeout. The
+/// caller pins `run` and lends it: moved in, the guest's future would be
+/// kept twice in every task's future, as this one's argument and inside
+/// its `select!`.
 async fn supervise<F: Future<Output = Result<(), Failure>>>(
     run: Pin<&mut F>,
     timeout: Option<Duration>,
@@ -382,8 +386,6 @@ pub(crate) async fn run(
             let state = P1State { wasi, limiter };
             let mut store = new_store(engine, state, fuel, deadline, stop);
             let ended = {
-                // Pinned here and lent to `supervise`: moved into it, the
-                // guest's future would be kept twice in the task's future.
                 let run = pin!(async {
                     // Boxed: instantiation's state (~1 KiB) is not kept in
                     // the task's future for as long as the guest runs.
@@ -419,8 +421,6 @@ pub(crate) async fn run(
             };
             let mut store = new_store(engine, state, fuel, deadline, stop);
             let ended = {
-                // Pinned here and lent to `supervise`: moved into it, the
-                // guest's future would be kept twice in the task's future.
                 let run = pin!(async {
                     let command = Box::pin(pre.instantiate_async(&mut store))
                         .await

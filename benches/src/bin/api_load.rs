@@ -31,7 +31,8 @@
 //! `samples/wat/heartbeat.wat` with its interval set to `BEAT_MS`, the
 //! guest that holds least beside the host's own memory), `SECOND_WAVE=1`
 //! (after the hold, the service scales to twice its tasks and the memory
-//! they add is reported too: the marginal cost of a task).
+//! they add is reported too: the marginal cost of a task; the server gets
+//! slots for both waves, so above 500 tasks it starts with `--slots`).
 //! Prints a summary and writes `target/bench-results/api_load.json`.
 //! Results and method: `docs/PERFORMANCE.md`, "Control plane".
 

@@ -16,17 +16,18 @@
 //! wave's median − the first's) / tasks: the marginal cost of a task,
 //! which the heap freed by compiling (megabytes the first tasks reuse)
 //! does not flatter. `pss_from_baseline` is the older method's figure,
-//! (second wave − before the first) / all tasks. Beside the totals, the resident part of
-//! the 2 MiB fiber stacks the guests run on (wasmtime's
+//! (second wave − before the first) / all tasks. Beside the totals, the
+//! resident part of the 2 MiB fiber stacks the guests run on (wasmtime's
 //! `async_stack_size`: one mapping a pool slot, counted by Pss in
 //! /proc/self/smaps).
 //!
 //! `cargo run --release -p wharf-bench --bin task_memory -- [--tasks N]
-//! [--rounds R] [--guest heartbeat|wat] [--beat-ms MS] [--processes P] [--json]`:
-//! `heartbeat` is the Rust
-//! sample (`wasm32-wasip1`, a line a second), `wat` is
-//! `samples/wat/heartbeat.wat` (one page of linear memory, no allocator).
-//! Method and results: docs/PERFORMANCE.md, "memory per task".
+//! [--rounds R] [--guest heartbeat|wat] [--beat-ms MS] [--processes P]
+//! [--json]`: `heartbeat` is the Rust sample (`wasm32-wasip1`), `wat` is
+//! `samples/wat/heartbeat.wat` (one page of linear memory, no allocator),
+//! either beating every `--beat-ms` (default 1,000; 3,600,000 keeps the
+//! logs still while they are measured). Method and results:
+//! docs/PERFORMANCE.md, "Session 32: memory per task, layer by layer".
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
